@@ -1,0 +1,17 @@
+"""ComfyUI entry point of InfiniteTalk Multi: node mappings and the web directory, nothing else.
+
+ComfyUI imports this folder as a package; the `infinitetalk` library beside it is made importable by
+its own name (it is unique; `nodes` is not, so node modules are only ever imported relatively).
+"""
+import os
+import sys
+
+_here = os.path.dirname(os.path.abspath(__file__))
+if _here not in sys.path:
+    sys.path.append(_here)
+
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+
+WEB_DIRECTORY = "./web"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

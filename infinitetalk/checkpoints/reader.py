@@ -1,0 +1,217 @@
+"""Lazy, validating access to checkpoint files as users have them on disk.
+
+Every loader goes through :func:`open_checkpoint`, so all formats get the same checks: a truncated
+safetensors file, a pickle posing as safetensors, or a `.pth` that needs arbitrary unpickling is
+refused with an error naming the file, before any tensor is materialised.
+
+Supported containers:
+- `.safetensors` (single file; tensors read one at a time through a memory map),
+- sharded safetensors with a `*.safetensors.index.json` (`weight_map`), given the index or its folder,
+- `.pth`/`.pt`/`.bin` torch files, read with `torch.load(weights_only=True, mmap=True)`; a dict wrapped
+  in `state_dict` / `model` / `module` is unwrapped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+__all__ = ["CheckpointError", "Checkpoint", "open_checkpoint"]
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message always names the file."""
+
+    def __init__(self, path: str | os.PathLike, message: str):
+        self.path = str(path)
+        super().__init__(f"{self.path}: {message}")
+
+
+class Checkpoint(Mapping[str, torch.Tensor]):
+    """A read-only mapping name -> tensor whose tensors are loaded on access.
+
+    `shape(key)` and `dtype(key)` answer from the header without reading data, so formats and
+    configs can be recognised from a multi-GB file in milliseconds.
+    """
+
+    def __init__(self, path: Path, entries: dict[str, tuple[torch.Size, torch.dtype, object]],
+                 loader, metadata: dict[str, str]):
+        self.path = path
+        self._entries = entries  # key -> (shape, dtype, locator)
+        self._loader = loader
+        self.metadata = metadata
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._entries:
+            raise KeyError(key)
+        return self._loader(key, self._entries[key][2])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def shape(self, key: str) -> torch.Size:
+        return self._entries[key][0]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._entries[key][1]
+
+    def nbytes(self) -> int:
+        total = 0
+        for shape, dtype, _ in self._entries.values():
+            total += shape.numel() * dtype.itemsize
+        return total
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, {len(self)} tensors)"
+
+
+def _sniff(path: Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if len(head) < 8:
+        raise CheckpointError(path, "file is empty or truncated (fewer than 8 bytes)")
+    if head[:4] == b"PK\x03\x04":
+        return "torch_zip"
+    if head[0] == 0x80 and head[1] in range(2, 6):
+        return "pickle"
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > 0 and head[8:9] == b"{":
+        return "safetensors"
+    if head.lstrip()[:1] == b"{":
+        return "json"
+    raise CheckpointError(path, "not a safetensors, torch (.pth) or index.json checkpoint (unrecognised header)")
+
+
+def _read_safetensors_header(path: Path) -> tuple[dict, int]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8 or n > 512 * 1024 * 1024:
+            raise CheckpointError(path, f"safetensors header length {n} exceeds the file size {size}: truncated or corrupt")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(path, f"safetensors header is not valid JSON ({exc}): corrupt file") from exc
+    data_len = size - 8 - n
+    end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            end = max(end, int(info["data_offsets"][1]))
+        except (KeyError, TypeError, IndexError, ValueError) as exc:
+            raise CheckpointError(path, f"safetensors entry {key!r} has no valid data_offsets") from exc
+    if end > data_len:
+        raise CheckpointError(
+            path, f"truncated: tensors need {end} data bytes but the file holds {data_len} (incomplete download?)")
+    return header, 8 + n
+
+
+def _open_safetensors(path: Path) -> Checkpoint:
+    from safetensors import safe_open
+
+    header, _ = _read_safetensors_header(path)
+    metadata = dict(header.pop("__metadata__", None) or {})
+    entries = {}
+    for key, info in header.items():
+        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(path, f"tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
+        entries[key] = (torch.Size(info["shape"]), dtype, path)
+    handles: dict[Path, object] = {}
+
+    def load(key: str, shard: Path) -> torch.Tensor:
+        h = handles.get(shard)
+        if h is None:
+            h = handles[shard] = safe_open(str(shard), framework="pt", device="cpu")
+        return h.get_tensor(key)
+
+    return Checkpoint(path, entries, load, metadata)
+
+
+def _open_index(path: Path) -> Checkpoint:
+    try:
+        index = json.loads(path.read_text())
+        weight_map: dict[str, str] = index["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(path, f"not a sharded-checkpoint index (expected a JSON object with 'weight_map'): {exc}") from exc
+    shards: dict[str, Checkpoint] = {}
+    entries = {}
+    metadata: dict[str, str] = dict(index.get("metadata") or {})
+    for key, shard_name in weight_map.items():
+        shard_path = path.parent / shard_name
+        if shard_name not in shards:
+            if not shard_path.is_file():
+                raise CheckpointError(path, f"shard {shard_name!r} listed in the index is missing")
+            shards[shard_name] = _open_safetensors(shard_path)
+        shard = shards[shard_name]
+        if key not in shard:
+            raise CheckpointError(shard_path, f"tensor {key!r} listed in the index is not in this shard")
+        entries[key] = (shard.shape(key), shard.dtype(key), shard)
+
+    def load(key: str, shard: Checkpoint) -> torch.Tensor:
+        return shard[key]
+
+    return Checkpoint(path, entries, load, metadata)
+
+
+def _open_torch(path: Path, kind: str) -> Checkpoint:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=(kind == "torch_zip"))
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a plain tensor file"
+        raise CheckpointError(
+            path, f"cannot be read as a plain tensor checkpoint (refusing full unpickling): {type(exc).__name__}: {exc}"
+        ) from exc
+    for _ in range(2):
+        if isinstance(obj, dict):
+            for wrapper in _WRAPPER_KEYS:
+                if isinstance(obj.get(wrapper), dict):
+                    obj = obj[wrapper]
+                    break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(path, "torch file does not hold a flat name -> tensor state dict")
+    entries = {k: (v.shape, v.dtype, v) for k, v in obj.items()}
+    return Checkpoint(path, entries, lambda key, t: t, {})
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Open a checkpoint file (or a folder holding one sharded set) for lazy, validated reading."""
+    p = Path(path)
+    if p.is_dir():
+        indexes = sorted(p.glob("*.safetensors.index.json"))
+        singles = sorted(p.glob("*.safetensors"))
+        if len(indexes) == 1:
+            p = indexes[0]
+        elif len(singles) == 1:
+            p = singles[0]
+        else:
+            raise CheckpointError(p, "folder must hold exactly one *.safetensors.index.json or one *.safetensors file")
+    if not p.is_file():
+        raise CheckpointError(p, "no such file")
+    kind = _sniff(p)
+    if kind == "safetensors":
+        return _open_safetensors(p)
+    if kind == "json":
+        return _open_index(p)
+    if p.suffix == ".safetensors":
+        raise CheckpointError(p, f"named .safetensors but holds a {kind.replace('_', ' ')} file (mislabelled)")
+    return _open_torch(p, kind)

@@ -1,0 +1,1 @@
+"""One module per golden-case component kind; each exposes `run(case) -> Outputs`."""
