@@ -89,7 +89,10 @@ def load_module(
         del t
     module.load_state_dict(state, strict=False, assign=True)
     for owner, scale in scales.items():
-        sub = module.get_submodule(owner)
+        try:
+            sub = module.get_submodule(owner)
+        except AttributeError:
+            continue
         if getattr(sub, "weight", None) is not None and sub.weight.dtype in FP8_DTYPES:
             sub.weight_scale = scale.to(device=device, dtype=torch.float32)
     leftover = [n for n, p in module.named_parameters() if p.is_meta]
