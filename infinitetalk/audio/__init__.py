@@ -1,0 +1,1 @@
+"""Audio input: PyAV decoding, resampling, loudness normalisation, speaker placement by order."""

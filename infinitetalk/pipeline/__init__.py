@@ -1,0 +1,1 @@
+"""The long-video generation job: request -> windows -> sampling -> streamed mp4."""

@@ -1,0 +1,1 @@
+"""umT5 tokenizer (sentencepiece) and prompt defaults."""

@@ -1,0 +1,1 @@
+"""Image/video input at 25 fps and the streaming mp4 writer (PyAV)."""
