@@ -1,0 +1,98 @@
+"""The job engine inside ComfyUI: its own prompt queue runs the graphs, its history reports them.
+
+Written against ComfyUI's `server.PromptServer` / `execution.PromptQueue` (checked on 0.33); the
+queue item layout `(number, prompt_id, prompt, extra_data, outputs_to_execute[, sensitive])` is the
+same one `POST /prompt` uses.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+import uuid
+from typing import Any
+
+from .contract import ApiError
+from .jobs import EngineState
+
+_VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv")
+
+
+def _node_error_summary(node_errors: dict) -> str:
+    parts = []
+    for node_id, info in (node_errors or {}).items():
+        for err in info.get("errors", [])[:2]:
+            parts.append(f"node {node_id} ({info.get('class_type', '?')}): {err.get('message', '')} {err.get('details', '')}".strip())
+    return "; ".join(parts[:4])
+
+
+def outputs_of(history_entry: dict) -> list[dict[str, str]]:
+    """Video files a finished prompt wrote: [{filename, subfolder, type}]."""
+    found = []
+    for node_out in (history_entry.get("outputs") or {}).values():
+        for items in node_out.values():
+            if not isinstance(items, list):
+                continue
+            for item in items:
+                if isinstance(item, dict) and str(item.get("filename", "")).lower().endswith(_VIDEO_SUFFIXES):
+                    found.append({"filename": item["filename"], "subfolder": item.get("subfolder", ""),
+                                  "type": item.get("type", "output")})
+    return found
+
+
+def _inference_ms(messages: list) -> int | None:
+    start = end = None
+    for event, data in messages or []:
+        if event == "execution_start":
+            start = data.get("timestamp")
+        elif event in ("execution_success", "execution_error", "execution_interrupted"):
+            end = data.get("timestamp")
+    return int(end - start) if start is not None and end is not None else None
+
+
+def _error_text(messages: list) -> str:
+    for event, data in messages or []:
+        if event == "execution_error":
+            return f"{data.get('node_type', 'node')}: {data.get('exception_message', '').strip()}"
+        if event == "execution_interrupted":
+            return "the job was interrupted on the server"
+    return "the job failed"
+
+
+class ComfyEngine:
+    def __init__(self, server: Any):
+        self.server = server
+
+    async def queue(self, graph: dict, job_id: str) -> str:
+        import execution  # ComfyUI's module; only importable inside the server
+
+        prompt_id = str(uuid.uuid4())
+        valid = execution.validate_prompt(prompt_id, graph, None)
+        if inspect.isawaitable(valid):
+            valid = await valid
+        if not valid[0]:
+            message = (valid[1] or {}).get("message", "invalid graph")
+            raise ApiError(400, f"the job graph was refused: {message}. {_node_error_summary(valid[3])}".strip())
+        number = self.server.number
+        self.server.number += 1
+        extra = {"create_time": int(time.time() * 1000), "infinitetalk_job": job_id}
+        self.server.prompt_queue.put((number, prompt_id, graph, extra, valid[2], {}))
+        return prompt_id
+
+    def state(self, prompt_id: str) -> EngineState:
+        q = self.server.prompt_queue
+        hist = q.get_history(prompt_id=prompt_id).get(prompt_id)
+        if hist is not None:
+            status = hist.get("status") or {}
+            messages = status.get("messages") or []
+            if status.get("status_str") == "success" and status.get("completed", True):
+                return EngineState("completed", outputs_of(hist), inference_ms=_inference_ms(messages))
+            return EngineState("failed", [], error=_error_text(messages), inference_ms=_inference_ms(messages))
+        running, queued = q.get_current_queue_volatile()
+        if any(item[1] == prompt_id for item in running):
+            return EngineState("running", [])
+        if any(item[1] == prompt_id for item in queued):
+            return EngineState("queued", [])
+        return EngineState("unknown", [])
+
+    def cancel(self, prompt_id: str) -> bool:
+        return bool(self.server.prompt_queue.delete_queue_item(lambda item: item[1] == prompt_id))

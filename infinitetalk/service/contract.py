@@ -1,0 +1,133 @@
+"""The hosted InfiniteTalk-multi REST contract: request fields, validation, response envelope, billing.
+
+Same field names and semantics as the hosted offerings (WaveSpeed `infinitetalk/*-multi`), so a
+pipeline written against them can point at a ComfyUI server running this package.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from ..pipeline.request import MAX_SEED, ORDERS, RESOLUTIONS
+
+MODELS = {
+    "image-to-video-multi": "infinitetalk/image-to-video-multi",
+    "video-to-video-multi": "infinitetalk/video-to-video-multi",
+}
+STATUSES = ("created", "processing", "completed", "failed")
+MAX_SECONDS = 600.0
+BILLING_MIN_SECONDS = 5
+BILLING_CAP_SECONDS = 600
+MAX_PROMPT_CHARS = 4000
+# Size caps while streaming an input (bytes).
+SIZE_CAPS = {"image": 50 * 2**20, "mask_image": 50 * 2**20, "video": 100 * 2**20,
+             "left_audio": 50 * 2**20, "right_audio": 50 * 2**20}
+MEDIA_FIELDS = ("image", "video", "mask_image", "left_audio", "right_audio")
+
+
+class ApiError(Exception):
+    """A refusal in the contract's shape: HTTP status = `code`, `message` says what and why."""
+
+    def __init__(self, code: int, message: str):
+        self.code = code
+        self.message = message
+        super().__init__(f"{code}: {message}")
+
+
+@dataclass
+class JobRequest:
+    """A validated submission (media fields still as given: URL, data URI or input-folder name)."""
+
+    kind: str  # key of MODELS
+    media: dict[str, str]
+    prompt: str
+    order: str
+    resolution: str
+    seed: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model(self) -> str:
+        return MODELS[self.kind]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "media": self.media, "prompt": self.prompt, "order": self.order,
+                "resolution": self.resolution, "seed": self.seed}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "JobRequest":
+        return cls(kind=d["kind"], media=dict(d["media"]), prompt=d["prompt"], order=d["order"],
+                   resolution=d["resolution"], seed=int(d["seed"]))
+
+
+def _string(body: dict, name: str, required: bool) -> str | None:
+    value = body.get(name)
+    if value is None or value == "":
+        if required:
+            raise ApiError(400, f"missing required field '{name}'")
+        return None
+    if not isinstance(value, str):
+        raise ApiError(400, f"field '{name}' must be a string (https URL, data: URI or uploaded file name)")
+    return value
+
+
+def validate_request(kind: str, body: Any) -> JobRequest:
+    """Check a submission body against the contract; raises ApiError(400) naming the field."""
+    if kind not in MODELS:
+        raise ApiError(404, f"unknown model route '{kind}'; available: {', '.join(MODELS)}")
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    visual = "image" if kind == "image-to-video-multi" else "video"
+    other = "video" if visual == "image" else "image"
+    if body.get(other) not in (None, ""):
+        raise ApiError(400, f"field '{other}' is not accepted by {kind}; send '{visual}'")
+    media = {visual: _string(body, visual, True)}
+    media["left_audio"] = _string(body, "left_audio", True)
+    media["right_audio"] = _string(body, "right_audio", True)
+    mask = _string(body, "mask_image", False)
+    if mask is not None:
+        media["mask_image"] = mask
+    prompt = body.get("prompt", "")
+    if prompt is None:
+        prompt = ""
+    if not isinstance(prompt, str):
+        raise ApiError(400, "field 'prompt' must be a string")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ApiError(400, f"field 'prompt' is longer than {MAX_PROMPT_CHARS} characters")
+    order = body.get("order") or ("meanwhile" if visual == "video" else "left_right")
+    if order not in ORDERS:
+        raise ApiError(400, f"field 'order' must be one of {', '.join(ORDERS)}; got {order!r}")
+    resolution = body.get("resolution") or "480p"
+    if resolution not in RESOLUTIONS:
+        raise ApiError(400, f"field 'resolution' must be one of {', '.join(RESOLUTIONS)}; got {resolution!r}")
+    seed = body.get("seed", -1)
+    if isinstance(seed, bool) or not isinstance(seed, (int, float)) or (isinstance(seed, float) and not seed.is_integer()):
+        raise ApiError(400, f"field 'seed' must be an integer in -1 .. {MAX_SEED}; got {seed!r}")
+    seed = int(seed)
+    if not (-1 <= seed <= MAX_SEED):
+        raise ApiError(400, f"field 'seed' must be in -1 .. {MAX_SEED} (-1 = random); got {seed}")
+    return JobRequest(kind=kind, media=media, prompt=prompt, order=order, resolution=resolution, seed=seed)
+
+
+def billed_seconds(video_seconds: float) -> int:
+    """Per started second, at least 5 s, at most 600 s."""
+    return int(min(BILLING_CAP_SECONDS, max(BILLING_MIN_SECONDS, math.ceil(max(0.0, video_seconds) - 1e-9))))
+
+
+def audio_seconds_for(order: str, left_seconds: float, right_seconds: float) -> float:
+    """Duration of the placed audio (= the video) for a speaking order."""
+    return max(left_seconds, right_seconds) if order == "meanwhile" else left_seconds + right_seconds
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def envelope(data: Any = None, code: int = 200, message: str = "success") -> dict[str, Any]:
+    return {"code": code, "message": message, "data": data}
+
+
+def error_envelope(err: ApiError) -> dict[str, Any]:
+    return envelope(None, err.code, err.message)

@@ -1,0 +1,227 @@
+"""The job API end to end over HTTP on 127.0.0.1, with a fake engine in place of ComfyUI's queue."""
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from infinitetalk.service.contract import ApiError, billed_seconds, validate_request
+from infinitetalk.service.inputs import InputSettings
+from infinitetalk.service.jobs import EngineState, JobService
+from infinitetalk.service.routes import JobApi
+from infinitetalk.service.store import JobStore
+from service_support import FakeEngine, write_long_wav, write_png, write_wav
+
+TEMPLATE = {
+    "1": {"class_type": "LoadImage", "inputs": {"image": "x.png"}, "_meta": {"title": "image"}},
+    "2": {"class_type": "LoadTwoAudios", "inputs": {"left_audio": "a.wav", "right_audio": "b.wav"}},
+    "3": {"class_type": "LoadImageMask", "inputs": {"image": "m.png", "channel": "alpha"}, "_meta": {"title": "mask_image"}},
+    "4": {"class_type": "InfiniteTalkMultiSampler", "inputs": {
+        "prompt": "", "order": "left_right", "resolution": "480p", "seed": 0,
+        "image": ["1", 0], "left_audio": ["2", 0], "right_audio": ["2", 1], "mask": ["3", 0]}},
+    "5": {"class_type": "InfiniteTalkVideoCombine", "inputs": {"filename_prefix": "x", "video": ["4", 0]}},
+}
+KEY = "secret-key-123"
+
+
+@pytest.fixture()
+def env(tmp_path):
+    inputs = tmp_path / "input"
+    inputs.mkdir()
+    write_wav(inputs / "left.wav", 1.0)
+    write_wav(inputs / "right.wav", 0.6, freq=330)
+    write_png(inputs / "two.png")
+    (inputs / "broken.wav").write_bytes(b"RIFF....not really audio")
+    engine = FakeEngine()
+    store_path = tmp_path / "user" / "jobs.sqlite3"
+    service = JobService(JobStore(store_path), engine, InputSettings(input_dir=inputs), {
+        "image-to-video-multi": TEMPLATE, "video-to-video-multi": TEMPLATE})
+    return {"inputs": inputs, "engine": engine, "service": service, "store_path": store_path, "tmp": tmp_path}
+
+
+def call(service, requests, keys=()):
+    """Run `requests(client)` against a loopback server hosting the API; returns its result."""
+    async def main():
+        app = web.Application(client_max_size=200 * 2**20)  # ComfyUI allows large bodies too
+        app.add_routes(JobApi(service, keys=lambda: tuple(keys)).routes())
+        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+            return await requests(client)
+    return asyncio.run(main())
+
+
+def body(**over):
+    b = {"image": "two.png", "left_audio": "left.wav", "right_audio": "right.wav", "prompt": "two friends chat"}
+    b.update(over)
+    return {k: v for k, v in b.items() if v is not None}
+
+
+async def post(client, path, payload, headers=None):
+    resp = await client.post(path, json=payload, headers=headers or {})
+    return resp.status, await resp.json()
+
+
+def test_validation_refusals_name_the_field():
+    cases = [
+        ({"left_audio": "a", "right_audio": "b"}, "image"),
+        ({"image": "i", "right_audio": "b"}, "left_audio"),
+        ({"image": "i", "left_audio": "a", "right_audio": "b", "order": "both"}, "order"),
+        ({"image": "i", "left_audio": "a", "right_audio": "b", "resolution": "1080p"}, "resolution"),
+        ({"image": "i", "left_audio": "a", "right_audio": "b", "seed": 2**31}, "seed"),
+        ({"image": "i", "left_audio": "a", "right_audio": "b", "seed": -2}, "seed"),
+        ({"image": "i", "left_audio": "a", "right_audio": "b", "seed": 1.5}, "seed"),
+        ({"image": "i", "left_audio": "a", "right_audio": "b", "seed": True}, "seed"),
+        ({"image": "i", "left_audio": "a", "right_audio": "b", "video": "v"}, "video"),
+        ({"image": 5, "left_audio": "a", "right_audio": "b"}, "image"),
+    ]
+    for payload, field in cases:
+        with pytest.raises(ApiError) as info:
+            validate_request("image-to-video-multi", payload)
+        assert info.value.code == 400 and field in info.value.message
+
+
+def test_defaults_follow_the_contract():
+    assert validate_request("image-to-video-multi", body()).order == "left_right"
+    req = validate_request("video-to-video-multi", {"video": "v.mp4", "left_audio": "a", "right_audio": "b"})
+    assert (req.order, req.resolution, req.seed) == ("meanwhile", "480p", -1)
+
+
+@pytest.mark.parametrize("seconds,billed", [(0.2, 5), (4.99, 5), (5.0, 5), (5.01, 6), (59.5, 60), (900, 600)])
+def test_billing_per_second_with_minimum_and_cap(seconds, billed):
+    assert billed_seconds(seconds) == billed
+
+
+def test_submit_poll_complete_result(env):
+    async def flow(client):
+        status, reply = await post(client, "/infinitetalk/v1/image-to-video-multi", body(seed=-1))
+        assert status == 200 and reply["code"] == 200, reply
+        data = reply["data"]
+        assert data["status"] == "created" and data["model"] == "infinitetalk/image-to-video-multi"
+        assert data["urls"]["get"].endswith(f"/infinitetalk/v1/predictions/{data['id']}/result")
+        assert data["created_at"].endswith("Z") and data["billed_seconds"] == 5
+        pid = env["service"].get(data["id"]).prompt_id
+        graph = env["engine"].graphs[pid]
+        assert graph["1"]["inputs"]["image"] == "two.png"
+        assert graph["2"]["inputs"] == {"left_audio": "left.wav", "right_audio": "right.wav"}
+        assert "3" not in graph and "mask" not in graph["4"]["inputs"]  # no mask_image: node and link removed
+        assert 0 <= graph["4"]["inputs"]["seed"] <= 2**31 - 1 and graph["4"]["inputs"]["order"] == "left_right"
+        assert graph["5"]["inputs"]["filename_prefix"] == f"infinitetalk_api/{data['id']}"
+        env["engine"].states[pid] = EngineState("running", [])
+        r = await (await client.get(f"/infinitetalk/v1/predictions/{data['id']}/status")).json()
+        assert r["data"]["status"] == "processing"
+        env["engine"].finish(pid, "clip_00001.mp4")
+        r = await (await client.get(f"/infinitetalk/v1/predictions/{data['id']}/result")).json()
+        assert r["data"]["status"] == "completed" and r["data"]["timings"]["inference"] == 1234
+        assert r["data"]["outputs"] == [str(client.make_url("/view")) + "?filename=clip_00001.mp4&subfolder=infinitetalk_api&type=output"]
+        return data["id"]
+    job_id = call(env["service"], flow)
+    # Records survive a restart: a new store on the same file still knows the finished job.
+    reopened = JobStore(env["store_path"]).get(job_id)
+    assert reopened.status == "completed" and reopened.outputs[0]["filename"] == "clip_00001.mp4"
+
+
+def test_cancel_queued_but_not_running(env):
+    async def flow(client):
+        _, a = await post(client, "/infinitetalk/v1/image-to-video-multi", body())
+        _, b = await post(client, "/infinitetalk/v1/image-to-video-multi", body(seed=7))
+        s, r = await post(client, f"/infinitetalk/v1/predictions/{a['data']['id']}/cancel", {})
+        assert s == 200 and r["data"]["status"] == "failed" and "cancelled" in r["data"]["error"]
+        pid = env["service"].get(b["data"]["id"]).prompt_id
+        env["engine"].states[pid] = EngineState("running", [])
+        s, r = await post(client, f"/infinitetalk/v1/predictions/{b['data']['id']}/cancel", {})
+        assert s == 409 and r["code"] == 409 and "running" in r["message"] and r["data"] is None
+        s, r = await post(client, "/infinitetalk/v1/predictions/nope/cancel", {})
+        assert s == 404 and r["code"] == 404
+    call(env["service"], flow)
+
+
+def test_refusals_in_contract_shape(env):
+    long_wav = write_long_wav(env["inputs"] / "long.wav", 601)
+    assert long_wav.exists()
+
+    async def flow(client):
+        refusals = {
+            "bad scheme": (body(left_audio="file:///etc/passwd"), 400, "scheme"),
+            "private address": (body(left_audio="http://10.0.0.8/a.wav"), 400, "private"),
+            "over 10 minutes": (body(left_audio="long.wav"), 400, "600"),
+            "bad order": (body(order="both"), 400, "order"),
+            "bad resolution": (body(resolution="4k"), 400, "resolution"),
+            "bad seed": (body(seed="42"), 400, "seed"),
+            "missing field": (body(right_audio=None), 400, "right_audio"),
+            "path escape": (body(image="../secrets.png"), 400, "input folder"),
+            "corrupt audio": (body(right_audio="broken.wav"), 400, "right_audio"),
+            "oversize data uri": (body(image="data:image/png;base64," + "A" * (70 * 2**20)), 413, "50 MB"),
+        }
+        for name, (payload, code, words) in refusals.items():
+            status, reply = await post(client, "/infinitetalk/v1/image-to-video-multi", payload)
+            assert status == code and reply["code"] == code and reply["data"] is None, (name, reply)
+            assert words in reply["message"], (name, reply["message"])
+        resp = await client.post("/infinitetalk/v1/image-to-video-multi", data=b"{not json")
+        assert resp.status == 400 and "JSON" in (await resp.json())["message"]
+    call(env["service"], flow)
+    # 1 s + 0.6 s sequential is fine; the 601 s one was refused before any job was queued.
+    assert env["engine"].counter == 0
+
+
+def test_data_uri_input_is_written_into_the_input_folder(env):
+    png = (env["inputs"] / "two.png").read_bytes()
+
+    async def flow(client):
+        uri = "data:image/png;base64," + base64.b64encode(png).decode()
+        status, reply = await post(client, "/infinitetalk/v1/image-to-video-multi", body(image=uri))
+        assert status == 200, reply
+        return reply["data"]["id"]
+    job_id = call(env["service"], flow)
+    saved = env["inputs"] / "infinitetalk_api" / job_id / "image.png"
+    assert saved.read_bytes() == png
+    graph = env["engine"].graphs[env["service"].get(job_id).prompt_id]
+    assert graph["1"]["inputs"]["image"] == f"infinitetalk_api/{job_id}/image.png"
+
+
+def test_bearer_auth(env):
+    async def flow(client):
+        path = "/infinitetalk/v1/image-to-video-multi"
+        s, r = await post(client, path, body())
+        assert s == 401 and r["code"] == 401 and "Bearer" in r["message"]
+        s, r = await post(client, path, body(), {"Authorization": "Bearer wrong"})
+        assert s == 401 and "invalid" in r["message"]
+        s, r = await post(client, path, body(), {"Authorization": f"Bearer {KEY}"})
+        assert s == 200, r
+        resp = await client.get(f"/infinitetalk/v1/predictions/{r['data']['id']}/status")
+        assert resp.status == 401
+    call(env["service"], flow, keys=(KEY,))
+
+
+def test_no_keys_means_loopback_only():
+    from infinitetalk.service.auth import authorize, load_keys
+
+    authorize(None, "127.0.0.1", ())
+    authorize(None, "::1", ())
+    with pytest.raises(ApiError) as info:
+        authorize(None, "192.0.2.10", ())
+    assert info.value.code == 401 and "loopback" in info.value.message
+    assert load_keys({"INFINITETALK_API_KEYS": " a , b ,"}) == ("a", "b")
+
+
+def test_twenty_jobs_at_once_none_lost(env):
+    async def flow(client):
+        replies = await asyncio.gather(*[
+            post(client, "/infinitetalk/v1/image-to-video-multi", body(seed=i)) for i in range(20)])
+        assert all(s == 200 for s, _ in replies), replies
+        ids = [r["data"]["id"] for _, r in replies]
+        assert len(set(ids)) == 20
+        for i, job_id in enumerate(ids):
+            pid = env["service"].get(job_id).prompt_id
+            if i % 2:
+                env["engine"].finish(pid, f"clip_{i}.mp4")
+            else:
+                env["engine"].states[pid] = EngineState("failed", [], error="boom")
+        finals = []
+        for job_id in ids:
+            r = await (await client.get(f"/infinitetalk/v1/predictions/{job_id}/status")).json()
+            finals.append(r["data"]["status"])
+        return finals
+    finals = call(env["service"], flow)
+    assert finals.count("completed") == 10 and finals.count("failed") == 10
