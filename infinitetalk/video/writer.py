@@ -1,0 +1,195 @@
+"""Streaming mp4 writer (PyAV): H.264 video written frame by frame, AAC audio trimmed to the video, atomic finish.
+
+Frames go into a hidden temp file next to the output (`.NAME.partial.mp4`); `close()` encodes the audio
+(trimmed or silence-padded to exactly frames/fps seconds), finishes the file and renames it onto the final
+name. `abort()` — also called by `with` on an exception — deletes the temp file, so nothing half-written ever
+sits under the output name.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Mapping
+
+import av
+import numpy as np
+import torch
+
+from ..audio.io import AudioClip, resample
+from ..errors import InputError
+
+__all__ = ["Mp4Writer", "pick_video_encoder", "to_uint8_frames"]
+
+log = logging.getLogger(__name__)
+
+# Sample rates the AAC encoder accepts; other rates are resampled to 48 kHz.
+_AAC_RATES = frozenset({96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350})
+
+# Preferred H.264 encoders, best first; mpeg4 is the last resort (plays everywhere, bigger files).
+_ENCODERS = ("libx264", "libopenh264", "mpeg4")
+
+
+def pick_video_encoder() -> str:
+    """The best available encoder of `_ENCODERS` in this PyAV build (warns when it is not libx264)."""
+    available = av.codecs_available
+    for name in _ENCODERS:
+        if name in available:
+            try:
+                av.codec.Codec(name, "w")
+            except Exception:  # noqa: BLE001 - listed but unusable
+                continue
+            if name != "libx264":
+                log.warning("PyAV has no libx264 encoder; writing video with %s instead", name)
+            return name
+    raise RuntimeError("this PyAV build has no usable video encoder (tried %s)" % ", ".join(_ENCODERS))
+
+
+def to_uint8_frames(frames: torch.Tensor | np.ndarray) -> np.ndarray:
+    """`[n, H, W, 3]` (or one `[H, W, 3]`) uint8, or float in 0..1 → contiguous uint8 numpy `[n, H, W, 3]`."""
+    x = torch.as_tensor(frames).detach()
+    if x.dim() == 3:
+        x = x[None]
+    if x.dim() != 4 or x.shape[-1] != 3:
+        raise ValueError(f"expected frames [n, H, W, 3], got {tuple(x.shape)}")
+    if x.dtype != torch.uint8:
+        x = (x.float().clamp(0, 1) * 255.0).round().to(torch.uint8)
+    return np.ascontiguousarray(x.cpu().numpy())
+
+
+class Mp4Writer:
+    """Write an mp4 incrementally: `write(frames)` any number of times, then `close()` (or `abort()`).
+
+    audio: an AudioClip (or `(samples [C, T], sample_rate)`) muxed as AAC, cut to exactly the video length.
+    metadata: stored as container metadata tags (e.g. seed, prompt), readable with any mp4 tool.
+    """
+
+    def __init__(self, path: str | os.PathLike, width: int, height: int, fps: int = 25, crf: int = 19,
+                 pix_fmt: str = "yuv420p", audio: AudioClip | tuple[Any, int] | None = None,
+                 metadata: Mapping[str, Any] | None = None, audio_bitrate: int = 192_000):
+        self.path = Path(path)
+        self.width, self.height, self.fps = int(width), int(height), int(fps)
+        if self.width < 2 or self.height < 2 or (pix_fmt == "yuv420p" and (self.width % 2 or self.height % 2)):
+            raise InputError("size", f"video size must be even for {pix_fmt}, got {self.width}×{self.height}")
+        if isinstance(audio, tuple):
+            audio = AudioClip(torch.as_tensor(audio[0], dtype=torch.float32), int(audio[1]))
+        if audio is not None and audio.sample_rate not in _AAC_RATES:
+            audio = AudioClip(resample(audio.samples, audio.sample_rate, 48000), 48000)
+        self.audio = audio
+        self.frames_written = 0
+        self._closed = False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.temp_path = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix or '.mp4'}")
+        self.codec = pick_video_encoder()
+        self._container = av.open(str(self.temp_path), mode="w", format="mp4",
+                                  options={"movflags": "+faststart+use_metadata_tags"})
+        try:
+            for key, value in (metadata or {}).items():
+                self._container.metadata[str(key)] = str(value)
+            options = {"crf": str(crf), "preset": "medium"} if self.codec == "libx264" else {}
+            self._video = self._container.add_stream(self.codec, rate=Fraction(self.fps), options=options)
+            self._video.width, self._video.height = self.width, self.height
+            self._video.pix_fmt = pix_fmt
+            if self.codec == "mpeg4":
+                self._video.bit_rate = 8_000_000
+            self._tag_bt709 = pix_fmt.startswith("yuv")
+            if self._tag_bt709:   # convert and tag as BT.709 limited range: what players assume for HD video
+                cc = self._video.codec_context
+                cc.colorspace, cc.color_primaries, cc.color_trc, cc.color_range = 1, 1, 1, 1
+            self._audio = None
+            if audio is not None:
+                channels = min(2, audio.channels)
+                self._audio = self._container.add_stream("aac", rate=int(audio.sample_rate),
+                                                         layout="mono" if channels == 1 else "stereo")
+                self._audio.bit_rate = audio_bitrate
+        except Exception:
+            self.abort()
+            raise
+
+    def write(self, frames: torch.Tensor | np.ndarray) -> None:
+        """Append frames `[n, H, W, 3]` (uint8, or float 0..1) of this writer's size."""
+        if self._closed:
+            raise RuntimeError("writer is closed")
+        arr = to_uint8_frames(frames)
+        if arr.shape[1:3] != (self.height, self.width):
+            raise ValueError(f"frames are {arr.shape[2]}×{arr.shape[1]}, the video is {self.width}×{self.height}")
+        for img in arr:
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            if self._tag_bt709:
+                frame = frame.reformat(format=self._video.pix_fmt, dst_colorspace="itu709", dst_color_range="MPEG")
+            frame.pts = self.frames_written
+            frame.time_base = Fraction(1, self.fps)
+            for packet in self._video.encode(frame):
+                self._container.mux(packet)
+            self.frames_written += 1
+
+    @property
+    def duration(self) -> float:
+        """Seconds of video written so far."""
+        return self.frames_written / self.fps
+
+    def _encode_audio(self) -> None:
+        clip = self.audio
+        n = int(round(self.frames_written * clip.sample_rate / self.fps))
+        x = clip.samples.to(torch.float32)
+        if x.shape[0] > 2:
+            x = x.mean(0, keepdim=True).expand(2, -1)
+        x = x[:, :n]
+        if x.shape[1] < n:
+            x = torch.nn.functional.pad(x, (0, n - x.shape[1]))
+        x = np.ascontiguousarray(x.clamp(-1, 1).numpy())
+        stream = self._audio
+        step = stream.codec_context.frame_size or 1024
+        layout = "mono" if x.shape[0] == 1 else "stereo"
+        for pos in range(0, n, step):
+            piece = np.ascontiguousarray(x[:, pos:pos + step])
+            frame = av.AudioFrame.from_ndarray(piece, format="fltp", layout=layout)
+            frame.sample_rate = clip.sample_rate
+            frame.pts = pos
+            frame.time_base = Fraction(1, clip.sample_rate)
+            for packet in stream.encode(frame):
+                self._container.mux(packet)
+        for packet in stream.encode(None):
+            self._container.mux(packet)
+
+    def close(self) -> Path:
+        """Flush video, encode the audio, finish the file and move it onto the output name."""
+        if self._closed:
+            return self.path
+        try:
+            if self.frames_written == 0:
+                raise RuntimeError("no frames were written")
+            for packet in self._video.encode(None):
+                self._container.mux(packet)
+            if self._audio is not None:
+                self._encode_audio()
+            self._container.close()
+            self._closed = True
+            os.replace(self.temp_path, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        return self.path
+
+    def abort(self) -> None:
+        """Stop and delete the temp file; the output name is left untouched."""
+        if not self._closed:
+            self._closed = True
+            try:
+                self._container.close()
+            except Exception:  # noqa: BLE001 - the file is being thrown away
+                pass
+        try:
+            self.temp_path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> "Mp4Writer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
