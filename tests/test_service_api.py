@@ -225,3 +225,14 @@ def test_twenty_jobs_at_once_none_lost(env):
         return finals
     finals = call(env["service"], flow)
     assert finals.count("completed") == 10 and finals.count("failed") == 10
+
+
+def test_graph_fill_with_mask_and_unknown_parameter():
+    from infinitetalk.service.graph import build_graph
+
+    g = build_graph(TEMPLATE, {"image": "a.png", "mask_image": "m.png", "seed": 3}, filename_prefix="p")
+    assert g["3"]["inputs"] == {"image": "m.png", "channel": "alpha"} and g["4"]["inputs"]["mask"] == ["3", 0]
+    assert g["4"]["inputs"]["seed"] == 3 and TEMPLATE["4"]["inputs"]["seed"] == 0  # template untouched
+    with pytest.raises(ApiError) as info:
+        build_graph(TEMPLATE, {"video": "v.mp4"})
+    assert info.value.code == 500 and "video" in info.value.message

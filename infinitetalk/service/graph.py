@@ -13,6 +13,10 @@ from typing import Any
 from .contract import ApiError
 
 
+# The input a titled loader node takes its value in, when it has several literal inputs.
+_VALUE_INPUTS = ("image", "audio", "video", "file", "value", "text")
+
+
 def _is_link(value: Any) -> bool:
     return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
 
@@ -27,10 +31,14 @@ def parameter_slots(graph: dict) -> dict[str, tuple[str, str]]:
     for node_id, node in graph.items():
         title = (node.get("_meta") or {}).get("title")
         literals = _literal_inputs(node)
-        if title and title in literals:
+        if not title:
+            continue
+        if title in literals:
             slots[title] = (node_id, title)
-        elif title and len(literals) == 1 and title not in slots:
-            slots[title] = (node_id, literals[0])
+        elif title not in slots:
+            usual = [k for k in literals if k in _VALUE_INPUTS]
+            if len(literals) == 1 or len(usual) == 1:
+                slots[title] = (node_id, literals[0] if len(literals) == 1 else usual[0])
     for node_id, node in graph.items():
         for name in _literal_inputs(node):
             slots.setdefault(name, (node_id, name))
@@ -51,9 +59,8 @@ def build_graph(template: dict, params: dict[str, Any], optional: tuple[str, ...
     graph = copy.deepcopy(template)
     slots = parameter_slots(graph)
     for name in optional:
-        if params.get(name) is None and name in slots:
-            node_id, _ = slots[name]
-            if (graph[node_id].get("_meta") or {}).get("title") == name:
+        if params.get(name) is None:
+            for node_id in [i for i, n in graph.items() if (n.get("_meta") or {}).get("title") == name]:
                 _remove_node(graph, node_id)
     slots = parameter_slots(graph)
     for name, value in params.items():
