@@ -1,3 +1,26 @@
-"""ComfyUI nodes (classic API): thin classes that validate inputs and call into `infinitetalk`."""
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+"""ComfyUI nodes (classic API): thin classes that validate inputs and call into `infinitetalk`.
+
+Node modules import siblings relatively (ComfyUI has its own top-level `nodes` module) and nothing
+from ComfyUI at import time; ComfyUI services are reached through `bridge`.
+"""
+from .audio_nodes import LoadTwoAudios
+from .mask_nodes import MaskFromRegion
+from .model_nodes import InfiniteTalkModelLoader
+from .sampler_nodes import InfiniteTalkMultiSampler
+from .video_nodes import InfiniteTalkVideoCombine
+
+NODE_CLASS_MAPPINGS: dict = {
+    "LoadTwoAudios": LoadTwoAudios,
+    "MaskFromRegion": MaskFromRegion,
+    "InfiniteTalkModelLoader": InfiniteTalkModelLoader,
+    "InfiniteTalkMultiSampler": InfiniteTalkMultiSampler,
+    "InfiniteTalkVideoCombine": InfiniteTalkVideoCombine,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS: dict = {
+    "LoadTwoAudios": "Load Two Audios (left / right speaker)",
+    "MaskFromRegion": "InfiniteTalk Mask From Region",
+    "InfiniteTalkModelLoader": "InfiniteTalk Model Loader",
+    "InfiniteTalkMultiSampler": "InfiniteTalk Multi Sampler (long video)",
+    "InfiniteTalkVideoCombine": "InfiniteTalk Video Combine (mp4)",
+}

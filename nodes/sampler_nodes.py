@@ -1,0 +1,221 @@
+"""InfiniteTalkMultiSampler: the whole long-video job (all windows) in one node, streamed to an mp4."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from infinitetalk.errors import InputError
+from infinitetalk.pipeline.request import MAX_SEED, ORDERS, PRESETS, RESOLUTIONS, GenerationRequest
+
+from . import bridge, media
+from .types import InfiniteTalkVideo
+
+DEFAULT_PROMPT = "Two people are talking to each other."
+FRAMES_LIMIT_MB = 2048
+
+
+def _frames_fit(frames: int, height: int, width: int, limit_mb: int) -> bool:
+    """Whether `frames` IMAGE frames (float32) stay under the user's RAM limit."""
+    return limit_mb > 0 and frames * height * width * 3 * 4 <= limit_mb * 2**20
+
+
+class _FrameCollector:
+    """Keeps finished windows' frames while they fit under the limit; drops them all once they do not."""
+
+    def __init__(self, limit_mb: int):
+        self.limit_mb = limit_mb
+        self.chunks: list[np.ndarray] = []
+        self.count = 0
+        self.overflow = limit_mb <= 0
+
+    def add(self, frames: np.ndarray) -> None:
+        if self.overflow:
+            return
+        n, h, w = frames.shape[:3]
+        if not _frames_fit(self.count + n, h, w, self.limit_mb):
+            self.overflow, self.chunks = True, []
+            return
+        self.chunks.append(np.ascontiguousarray(frames))
+        self.count += n
+
+    def image(self, keep: int, placeholder: np.ndarray | None) -> torch.Tensor:
+        """IMAGE [N,H,W,3] of the first `keep` frames, or a 1-frame placeholder when they did not fit."""
+        if not self.overflow and self.chunks:
+            frames = np.concatenate(self.chunks)[:keep]
+            return torch.from_numpy(frames).float().div_(255.0)
+        if placeholder is None:
+            placeholder = np.zeros((64, 64, 3), np.uint8)
+        return torch.from_numpy(np.ascontiguousarray(placeholder))[None].float().div_(255.0)
+
+
+class InfiniteTalkMultiSampler:
+    """Two people, one picture (or video), two voices: the full lip-synced video, however long the audio."""
+
+    DESCRIPTION = ("Generates the whole two-person talking video in one go: the audio decides the length, the "
+                   "job runs window after window (81 frames, 9 overlapping) with one progress bar, a preview per "
+                   "finished window and Cancel honoured between steps. Frames are streamed into an mp4 in the "
+                   "temp folder, so a 10-minute video never sits in RAM; connect 'video' to InfiniteTalk Video "
+                   "Combine to save it.")
+    CATEGORY = "InfiniteTalk"
+    FUNCTION = "generate"
+    RETURN_TYPES = ("INFINITETALK_VIDEO", "IMAGE", "AUDIO", "VIDEO", "FLOAT", "INT")
+    RETURN_NAMES = ("video", "frames", "audio", "comfy_video", "fps", "seed")
+    OUTPUT_TOOLTIPS = (
+        "The finished mp4 (temp folder) with its frame count, fps, length and seed: connect to InfiniteTalk Video Combine.",
+        "The frames as an IMAGE batch when they fit under frames_limit_mb; otherwise ONE placeholder frame "
+        "(the last frame), so long videos never fill the RAM. Use 'video' for the full result.",
+        "The mixed audio track of the video (left and right voices placed by 'order').",
+        "The same mp4 as a core VIDEO (for Save Video / Get Video Components).",
+        "Frames per second of the video (25).",
+        "The seed actually used (a drawn one when seed is -1).",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "models": ("INFINITETALK_MODELS", {"tooltip": "The models from InfiniteTalk Model Loader."}),
+                "left_audio": ("AUDIO", {"tooltip": "Voice of the person on the LEFT of the picture."}),
+                "right_audio": ("AUDIO", {"tooltip": "Voice of the person on the RIGHT of the picture."}),
+                "prompt": ("STRING", {"default": DEFAULT_PROMPT, "multiline": True,
+                                      "tooltip": "What the scene looks like and what happens (English or Chinese)."}),
+                "negative_prompt": ("STRING", {"default": "", "multiline": True,
+                                               "tooltip": "What to avoid; empty = the model's standard negative prompt."}),
+                "order": (list(ORDERS), {"default": "left_right", "tooltip":
+                          "meanwhile: both tracks play at the same time (length = longer track); left_right: left "
+                          "speaks first, then right (length = sum); right_left: right first, then left."}),
+                "resolution": (list(RESOLUTIONS), {"default": "480p", "tooltip":
+                               "Output size bucket (aspect ratio kept from the picture): 480p is the model's "
+                               "trained size and fast; 720p is sharper and ~2.5x slower."}),
+                "seed": ("INT", {"default": 42, "min": -1, "max": MAX_SEED, "control_after_generate": True,
+                                 "tooltip": "Noise seed; -1 draws a random one (reported on the 'seed' output)."}),
+                "preset": (list(PRESETS), {"default": "fast", "tooltip":
+                           "fast: 6 steps, needs the lightx2v/FusionX distill LoRA in the loader; quality: 40 "
+                           "steps with full text+audio guidance (no LoRA), about 10x slower."}),
+                "steps": ("INT", {"default": 0, "min": 0, "max": 100, "tooltip": "Sampling steps; 0 = the preset's."}),
+                "text_scale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1,
+                                         "tooltip": "Text guidance scale; 0 = the preset's (5 quality, 1 fast)."}),
+                "audio_scale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1,
+                                          "tooltip": "Audio (lip-sync) guidance scale; 0 = the preset's (4 quality, 2 fast)."}),
+                "color_strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
+                                             "How strongly each window's colours are matched to the reference "
+                                             "(stops colour drift on long videos); 0 = off."}),
+            },
+            "optional": {
+                "image": ("IMAGE", {"tooltip": "Picture of the two people (give this OR video)."}),
+                "video": ("VIDEO,IMAGE", {"tooltip": "Video of the two people to re-animate (a core VIDEO or an "
+                                          "IMAGE batch at 25 fps); give this OR image."}),
+                "left_mask": ("MASK", {"tooltip": "Where the LEFT person is (white = that person), e.g. from "
+                                       "InfiniteTalk Mask From Region; default: the left half."}),
+                "right_mask": ("MASK", {"tooltip": "Where the RIGHT person is; default: the right half."}),
+                "mask_image": ("MASK,IMAGE", {"tooltip": "Regions allowed to move (white); everything else is "
+                                              "kept as in the input. Optional."}),
+                "size_scale": ("FLOAT", {"default": 1.0, "min": 0.05, "max": 1.0, "step": 0.05, "advanced": True,
+                                         "tooltip": "Shrinks the output size (quick previews, tests); 1.0 for real use."}),
+                "frames_limit_mb": ("INT", {"default": FRAMES_LIMIT_MB, "min": 0, "max": 1 << 20, "advanced": True,
+                                            "tooltip": "Largest 'frames' IMAGE output in MB (float32); longer videos give "
+                                            "a 1-frame placeholder. 0 = never return frames."}),
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, seed: int, steps: int) -> bool | str:
+        if not -1 <= int(seed) <= MAX_SEED:
+            return f"seed: {seed} is outside -1 .. {MAX_SEED}"
+        if not 0 <= int(steps) <= 100:
+            return f"steps: {steps} is outside 0 .. 100 (0 = preset)"
+        return True
+
+    def generate(self, models: Any, left_audio: dict, right_audio: dict, prompt: str, negative_prompt: str,
+                 order: str, resolution: str, seed: int, preset: str, steps: int, text_scale: float,
+                 audio_scale: float, color_strength: float, image: Any = None, video: Any = None,
+                 left_mask: Any = None, right_mask: Any = None, mask_image: Any = None, size_scale: float = 1.0,
+                 frames_limit_mb: int = FRAMES_LIMIT_MB) -> tuple:
+        from infinitetalk.pipeline.generate import generate
+
+        if (image is None) == (video is None):
+            raise InputError("image/video", "connect exactly one of 'image' (a picture) or 'video' showing the two people")
+        out = media.temp_file(".mp4", "infinitetalk")
+        request = GenerationRequest(
+            left_audio=media.audio_to_file(left_audio, "left_audio"),
+            right_audio=media.audio_to_file(right_audio, "right_audio"),
+            out=out,
+            image=media.image_to_file(image, "image") if image is not None else None,
+            video=media.video_to_file(video, "video") if video is not None else None,
+            mask_image=_mask_image_file(mask_image),
+            prompt=prompt.strip() or DEFAULT_PROMPT,
+            negative_prompt=negative_prompt.strip() or None,
+            order=order, resolution=resolution, seed=int(seed), preset=preset,
+            steps=int(steps) or None,
+            text_scale=float(text_scale) or None,
+            audio_scale=float(audio_scale) or None,
+            color_strength=float(color_strength),
+            size_scale=float(size_scale),
+            **_speaker_masks(left_mask, right_mask),
+        )
+        request.validate()
+        bundle = models.load(preset) if hasattr(models, "load") else models
+        request.job_dir = _job_dir(request, bundle)
+        bar: list[bridge.Progress] = []
+        collector = _FrameCollector(int(frames_limit_mb))
+        last = {}
+
+        def progress(done: int, total: int) -> None:
+            if not bar:
+                bar.append(bridge.Progress(total))
+            bar[0].update(done, total)
+
+        def on_window(index: int, frames: np.ndarray) -> None:
+            frames = frames.cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+            last["frame"] = frames[-1]
+            collector.add(frames)
+            if bar:
+                bar[0].preview(frames[-1])
+
+        bridge.free_memory_for_job()
+        result = bridge.guarded(lambda: generate(request, bundle, progress=progress, cancel=bridge.interrupted,
+                                                 on_window=on_window))
+        bridge.soft_empty_cache()
+        info = InfiniteTalkVideo.from_file(Path(result.path), seed=int(result.seed))
+        frames = collector.image(info.frames, last.get("frame"))
+        return (info, frames, info.audio(), bridge.core_video(info.path), float(info.fps), int(info.seed))
+
+
+def _job_dir(request: GenerationRequest, bundle: Any) -> Path:
+    """A job folder named by the job's content, so re-queueing a cancelled job resumes its finished windows."""
+    from infinitetalk.pipeline.job import fingerprint
+
+    identity = bundle.identity() if hasattr(bundle, "identity") else type(bundle).__name__
+    return bridge.temp_dir() / "infinitetalk" / "jobs" / fingerprint(request, identity)[:24]
+
+
+def _mask_image_file(mask_image: Any) -> Path | None:
+    """mask_image may be a MASK or an IMAGE (white = may move); written as a grey PNG."""
+    if mask_image is None:
+        return None
+    t = torch.as_tensor(mask_image)
+    if t.ndim == 4:  # IMAGE [B,H,W,C]: luminance
+        t = t[0, ..., :3].float().mean(dim=-1)
+    return media.mask_to_file(t, "mask_image")
+
+
+def _speaker_masks(left_mask: Any, right_mask: Any) -> dict:
+    """Explicit speaker masks go to the pipeline as grey PNG files (request.left_mask / right_mask)."""
+    if (left_mask is None) != (right_mask is None):
+        missing = "right_mask" if right_mask is None else "left_mask"
+        raise InputError(missing, "connect both left_mask and right_mask, or neither (then the halves of the frame are used)")
+    if left_mask is None:
+        return {}
+    left = media.mask_float(left_mask, "left_mask")
+    right = media.mask_float(right_mask, "right_mask")
+    for name, m in (("left_mask", left), ("right_mask", right)):
+        if float(m.max()) <= 0.5:
+            raise InputError(name, "the mask is empty (no white pixels): it must cover that person's face")
+    if left.shape != right.shape:
+        raise InputError("right_mask", f"size {right.shape[::-1]} differs from left_mask's {left.shape[::-1]}")
+    return {"left_mask": media.mask_to_file(left_mask, "left_mask"),
+            "right_mask": media.mask_to_file(right_mask, "right_mask")}
+

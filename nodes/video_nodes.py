@@ -1,0 +1,127 @@
+"""InfiniteTalkVideoCombine: frames and/or a finished InfiniteTalk video (+ audio) -> mp4 in the output folder."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from infinitetalk.errors import InputError
+
+from . import bridge, media
+from .types import InfiniteTalkVideo
+
+PIX_FMTS = ("yuv420p", "yuv444p")
+
+
+def _trimmed(chunks: Iterator[np.ndarray], limit: int | None) -> Iterator[np.ndarray]:
+    sent = 0
+    for chunk in chunks:
+        if limit is not None:
+            chunk = chunk[: max(0, limit - sent)]
+        if len(chunk):
+            sent += len(chunk)
+            yield chunk
+        if limit is not None and sent >= limit:
+            return
+
+
+def _image_chunks(images: Any, height: int, width: int, chunk: int = 16) -> Iterator[np.ndarray]:
+    for start in range(0, int(images.shape[0]), chunk):
+        yield media.image_uint8(images[start:start + chunk], "images")[:, :height, :width]
+
+
+class InfiniteTalkVideoCombine:
+    """Saves an mp4 (h264 + aac) with ComfyUI's filename counter and shows it in the node."""
+
+    DESCRIPTION = ("Saves the video to ComfyUI's output folder as mp4 (h264 video, aac audio) and previews it. "
+                   "Takes the sampler's 'video' (streamed from disk, any length) and/or an IMAGE batch, plus "
+                   "optional audio. A sampler video without new frames or audio is copied as is (no re-encode).")
+    CATEGORY = "InfiniteTalk"
+    FUNCTION = "combine"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("path",)
+    OUTPUT_TOOLTIPS = ("Full path of the saved mp4.",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "filename_prefix": ("STRING", {"default": "InfiniteTalk/video", "tooltip":
+                                    "File name prefix in the output folder (a counter is appended; folders allowed)."}),
+                "fps": ("INT", {"default": 25, "min": 1, "max": 120,
+                                  "tooltip": "Frame rate for IMAGE frames (InfiniteTalk makes 25 fps); a connected video keeps its own."}),
+                "crf": ("INT", {"default": 19, "min": 0, "max": 51, "tooltip":
+                                "h264 quality: lower = better and bigger (19 is visually lossless-ish)."}),
+                "pix_fmt": (list(PIX_FMTS), {"default": "yuv420p", "tooltip":
+                            "yuv420p plays everywhere; yuv444p keeps full colour detail (fewer players)."}),
+                "trim_to_audio": ("BOOLEAN", {"default": True, "tooltip":
+                                  "Cut the video to the audio's length (else the audio is cut or padded with silence to the video's)."}),
+            },
+            "optional": {
+                "video": ("INFINITETALK_VIDEO", {"tooltip": "The InfiniteTalk sampler's finished video."}),
+                "images": ("IMAGE", {"tooltip": "Frames to encode; replace the video's frames when both are connected."}),
+                "audio": ("AUDIO", {"tooltip": "Audio to mux; replaces the video's own audio."}),
+            },
+            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
+        }
+
+    def combine(self, filename_prefix: str, fps: int, crf: int, pix_fmt: str, trim_to_audio: bool,
+                video: InfiniteTalkVideo | None = None, images: Any = None, audio: dict | None = None,
+                prompt: Any = None, extra_pnginfo: Any = None) -> dict:
+        if video is None and images is None:
+            raise InputError("images/video", "connect the sampler's 'video' or an IMAGE batch")
+        if pix_fmt not in PIX_FMTS:
+            raise InputError("pix_fmt", f"{pix_fmt!r} is not one of {', '.join(PIX_FMTS)}")
+        if images is not None:
+            height, width, fps = int(images.shape[1]), int(images.shape[2]), float(fps)
+            if pix_fmt == "yuv420p":  # h264 4:2:0 needs even sizes: drop the odd last row/column
+                height, width = height - height % 2, width - width % 2
+        else:
+            height, width, fps = video.height, video.width, video.fps
+        folder, stem, subfolder = bridge.save_path(filename_prefix, width, height)
+        path = folder / f"{stem}.mp4"
+        if images is None and audio is None:
+            shutil.copyfile(video.path, path)
+        else:
+            self._encode(path, width, height, fps, crf, pix_fmt, trim_to_audio, video, images, audio,
+                         _metadata(prompt, extra_pnginfo))
+        item = {"filename": path.name, "subfolder": subfolder, "type": "output", "format": "video/h264-mp4"}
+        return {"ui": {"images": [item], "animated": (True,)}, "result": (str(path),)}
+
+    @staticmethod
+    def _encode(path: Path, width: int, height: int, fps: float, crf: int, pix_fmt: str, trim_to_audio: bool,
+                video: InfiniteTalkVideo | None, images: Any, audio: dict | None, metadata: dict) -> None:
+        from infinitetalk.video.writer import Mp4Writer
+
+        frame_count = int(images.shape[0]) if images is not None else video.frames
+        if audio is None and video is not None and video.has_audio:
+            audio = video.audio()
+        sound = media.audio_parts(audio, "audio") if audio is not None else None
+        if sound is not None and trim_to_audio:
+            # enough frames to carry all of the audio (the writer pads the last partial frame with silence)
+            frame_count = min(frame_count, max(1, math.ceil(sound[0].shape[1] / sound[1] * fps - 1e-6)))
+        chunks = _image_chunks(images, height, width) if images is not None else video.iter_frames()
+        writer = Mp4Writer(path, width, height, fps=int(round(fps)), crf=int(crf), pix_fmt=pix_fmt, audio=sound, metadata=metadata)
+        try:
+            for chunk in _trimmed(chunks, frame_count):
+                writer.write(chunk)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+
+
+def _metadata(prompt: Any, extra_pnginfo: Any) -> dict:
+    """The graph that made the video, as core SaveVideo stores it (drag the mp4 back into ComfyUI)."""
+    meta = {}
+    if prompt is not None:
+        meta["prompt"] = json.dumps(prompt)
+    if isinstance(extra_pnginfo, dict):
+        for key, value in extra_pnginfo.items():
+            meta[key] = json.dumps(value)
+    return meta

@@ -1,0 +1,106 @@
+"""Helpers for the real-ComfyUI tier: a server with this package installed, on 127.0.0.1 (needs COMFYUI_DIR; skipped otherwise).
+
+COMFYUI_DIR: a ComfyUI source tree (>= 0.10); COMFYUI_PYTHON: a Python that runs it (default: this one).
+The server gets a temp --base-directory (custom_nodes/ with a symlink to this repository, input/ with
+tiny media), --extra-model-paths-config pointing at the tiny models, --cpu --cache-none.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
+MODEL_FOLDERS = ("diffusion_models", "model_patches", "loras", "audio_encoders", "wav2vec2", "text_encoders",
+                 "clip_vision", "vae")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_args(base: Path, models: Path) -> list[str]:
+    config = base / "extra_model_paths.yaml"
+    lines = ["infinitetalk_tiny:", f"    base_path: {models}"] + [f"    {f}: {f}" for f in MODEL_FOLDERS]
+    config.write_text("\n".join(lines) + "\n")
+    return ["main.py", "--cpu", "--disable-auto-launch", "--cache-none", "--base-directory", str(base),
+            "--extra-model-paths-config", str(config)]
+
+
+def make_base(base: Path) -> Path:
+    (base / "custom_nodes").mkdir(parents=True)
+    (base / "custom_nodes" / "infinitetalk_multi").symlink_to(ROOT, target_is_directory=True)
+    for d in ("input", "output", "temp", "user", "models"):
+        (base / d).mkdir()
+    return base
+
+
+class Server:
+    def __init__(self, url: str, process: subprocess.Popen, base: Path, log: Path):
+        self.url, self.process, self.base, self.log = url, process, base, log
+
+    def get(self, path: str) -> dict:
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, body: dict) -> tuple[int, dict]:
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                raw = r.read()
+                return r.status, json.loads(raw) if raw.strip() else {}
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read() or b"{}")
+
+    def run(self, graph: dict, timeout: float = 900.0) -> dict:
+        """Queue an API graph and wait for its history entry (completed or error)."""
+        status, body = self.post("/prompt", {"prompt": graph, "client_id": "infinitetalk-tests"})
+        assert status == 200, body
+        prompt_id = body["prompt_id"]
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
+            if entry and (entry["status"].get("completed") or entry["status"].get("status_str") == "error"):
+                return entry
+            assert self.process.poll() is None, "the server died:\n" + self.log.read_text()[-4000:]
+            time.sleep(1.0)
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s")
+
+
+def start_server(tiny_models: Path, base: Path):
+    """Generator: yields a running Server, stops it (by its own PID) afterwards."""
+    make_base(base)
+    port = _free_port()
+    log = base / "server.log"
+    args = [COMFYUI_PYTHON, *server_args(base, tiny_models), "--listen", "127.0.0.1", "--port", str(port)]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(args, cwd=COMFYUI_DIR, stdout=out, stderr=subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}", process, base, log)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                server.get("/system_stats")
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if process.poll() is not None or time.time() > deadline:
+                    raise RuntimeError("ComfyUI did not start:\n" + log.read_text()[-4000:])
+                time.sleep(0.5)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()

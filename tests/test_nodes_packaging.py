@@ -1,0 +1,35 @@
+"""Packaging: Comfy Registry metadata in pyproject.toml, requirements.txt mirroring the runtime deps."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+tomllib = pytest.importorskip("tomllib")
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_registry_metadata_is_complete():
+    data = _pyproject()
+    project, comfy = data["project"], data["tool"]["comfy"]
+    assert project["name"][0].isalpha() and "comfyui" not in project["name"].lower()
+    assert project["version"].count(".") == 2 and all(p.isdigit() for p in project["version"].split("."))
+    assert project["urls"]["Repository"].startswith("https://")
+    for key in ("PublisherId", "DisplayName", "Icon", "includes", "requires-comfyui"):
+        assert comfy.get(key) not in (None, ""), key
+    assert comfy["Icon"].startswith("https://") and comfy["Icon"].endswith("web/icon.svg")
+    assert (ROOT / "web" / "icon.svg").is_file()
+    for path in comfy["includes"]:
+        assert (ROOT / path).exists(), path
+    assert any(d.startswith("comfyui-frontend-package") for d in project["dependencies"])
+
+
+def test_requirements_mirror_the_runtime_dependencies():
+    deps = [d for d in _pyproject()["project"]["dependencies"] if not d.startswith("comfyui-frontend-package")]
+    lines = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    reqs = [line for line in lines if line and not line.startswith("#")]
+    assert reqs == deps

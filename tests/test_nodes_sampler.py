@@ -1,0 +1,224 @@
+"""Model loader + sampler + video combine driven directly with the tiny models (no ComfyUI)."""
+from __future__ import annotations
+
+import math
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from infinitetalk.errors import InputError
+
+PATCH = "tiny_wan2.1_infiniteTalk_multi_fp16.safetensors"
+LOADER = {
+    "diffusion_model": "tiny_wan2.1_i2v_480p_bf16.safetensors",
+    "infinitetalk_patch": PATCH,
+    "lora": "none",
+    "lora_strength": 1.0,
+    "audio_encoder": "wav2vec2-chinese-base_fp16.safetensors",
+    "text_encoder": "umt5_xxl_fp16.safetensors",
+    "clip_vision": "clip_vision_h.safetensors",
+    "vae": "wan_2.1_vae.safetensors",
+    "precision": "fp32",
+    "offload": "off",
+}
+SAMPLER = {"prompt": "two people talking", "negative_prompt": "", "order": "left_right", "resolution": "480p",
+           "seed": 3, "preset": "quality", "steps": 2, "text_scale": 0.0, "audio_scale": 0.0,
+           "color_strength": 1.0, "size_scale": 0.05}
+
+
+@pytest.fixture()
+def env(custom_node_package, tiny_models, tmp_path):
+    from infinitetalk_multi_pkg.nodes import bridge
+
+    bridge.configure(models_dir=tiny_models, input_dir=tmp_path, output_dir=tmp_path / "output",
+                     temp_dir=tmp_path / "temp")
+    return custom_node_package.NODE_CLASS_MAPPINGS
+
+
+def _audio(seconds: float, freq: float, rate: int = 16000) -> dict:
+    t = torch.arange(int(seconds * rate)) / rate
+    return {"waveform": (0.3 * torch.sin(2 * math.pi * freq * t))[None, None], "sample_rate": rate}
+
+
+def test_loader_names_a_file_holding_another_model(env, tiny_models, tmp_path):
+    from infinitetalk_multi_pkg.nodes import bridge, model_nodes
+
+    (tmp_path / "m" / "vae").mkdir(parents=True)
+    (tmp_path / "m" / "vae" / "looks_like_a_vae.safetensors").symlink_to(tiny_models / "clip_vision" / "clip_vision_h.safetensors")
+    bridge.configure(models_dir=tmp_path / "m")
+    path = model_nodes.resolve("vae", "looks_like_a_vae.safetensors")
+    with pytest.raises(InputError, match="clip_vision checkpoint") as err:
+        model_nodes.check_component("vae", path)
+    assert err.value.input_name == "vae"
+
+
+def test_loader_lists_checks_and_names_the_wrong_file(env):
+    loader = env["InfiniteTalkModelLoader"]
+    types = loader.INPUT_TYPES()["required"]
+    assert PATCH in types["infinitetalk_patch"][0] and types["infinitetalk_patch"][0][0] == "none"
+    assert types["lora"][0][0] == "none" and any("lightx2v" in n for n in types["lora"][0])
+    assert "chinese-wav2vec2-base/model.safetensors" in types["audio_encoder"][0]  # wav2vec2/ folder too
+    assert not any(n.endswith("config.json") for n in types["audio_encoder"][0])
+    shard = "tiny_Wan2.1-I2V-14B-480P/diffusion_pytorch_model-00002-of-00003.safetensors"
+    assert shard in types["diffusion_model"][0]  # a shard stands for its whole sharded checkpoint
+    (models,) = loader().load(**dict(LOADER, diffusion_model=shard))
+    assert models.overrides["dit"].name == "diffusion_pytorch_model.safetensors.index.json"
+    (models,) = loader().load(**LOADER)
+    assert models.overrides["patch"].name == PATCH and models.overrides["loras"] == [] and not models.has_lora
+
+    bad = dict(LOADER, vae="clip_vision_h.safetensors")
+    assert loader.VALIDATE_INPUTS(**{k: bad[k] for k in ("diffusion_model", "infinitetalk_patch", "lora",
+                                     "audio_encoder", "text_encoder", "clip_vision", "vae")}).startswith("vae")
+    with pytest.raises(InputError) as err:  # exists in no vae folder
+        loader().load(**bad)
+    assert err.value.input_name == "vae"
+    with pytest.raises(InputError) as err:  # a base DiT without InfiniteTalk needs the patch
+        loader().load(**dict(LOADER, infinitetalk_patch="none"))
+    assert err.value.input_name == "infinitetalk_patch"
+    with pytest.raises(InputError) as err:
+        models.load("fast")  # fast preset without a distill LoRA
+    assert err.value.input_name == "preset"
+
+
+@pytest.fixture(scope="module")
+def image_job(custom_node_package, tiny_models, tmp_path_factory):
+    """ONE real tiny job (the expensive part of this file): image + MaskFromRegion masks, left_right."""
+    from infinitetalk_multi_pkg.nodes import bridge
+
+    root = tmp_path_factory.mktemp("image_job")
+    bridge.configure(models_dir=tiny_models, input_dir=root, output_dir=root / "output", temp_dir=root / "temp")
+    nodes = custom_node_package.NODE_CLASS_MAPPINGS
+    (models,) = nodes["InfiniteTalkModelLoader"]().load(**LOADER)
+    image = torch.rand(1, 64, 96, 3)
+    masks = nodes["MaskFromRegion"]().make(image, "halves", 0.05, "", "")
+    outputs = nodes["InfiniteTalkMultiSampler"]().generate(
+        models, _audio(0.5, 200.0), _audio(0.3, 330.0, rate=22050), image=image, left_mask=masks[0],
+        right_mask=masks[1], **SAMPLER)
+    return nodes, outputs
+
+
+def test_sampler_image_job_end_to_end(image_job, tmp_path):
+    from infinitetalk_multi_pkg.nodes import bridge
+
+    nodes, (video, frames, audio, core_video, fps, seed) = image_job
+    # left_right: the tracks one after the other = 0.8 s = 20 frames at 25 fps
+    assert fps == 25.0 and seed == 3 and video.seed == 3
+    assert video.frames == 20 and video.seconds == pytest.approx(0.8) and video.has_audio
+    assert frames.shape == (20, video.height, video.width, 3) and 0 <= float(frames.min()) <= float(frames.max()) <= 1
+    assert audio["waveform"].shape[-1] / audio["sample_rate"] == pytest.approx(0.8, abs=0.05)
+    assert str(core_video) == str(video.path) and video.path.is_file()
+    with av.open(str(video.path)) as c:  # the IMAGE output matches the mp4 (up to h264 loss)
+        decoded = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    assert decoded.shape[0] == 20 and np.abs(decoded / 255.0 - frames.numpy()).mean() < 0.08
+
+    bridge.configure(output_dir=tmp_path)
+    saved = nodes["InfiniteTalkVideoCombine"]().combine("it/test", 25, 19, "yuv420p", True, video=video)
+    with av.open(saved["result"][0]) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 20 and c.streams.audio
+
+
+def _fake_generate(frames_per_window: int, windows: int, size=(16, 24), seed: int = 11):
+    """A stand-in for the pipeline that calls the hooks like the real one and writes a real mp4."""
+    from infinitetalk.pipeline.generate import GenerationResult
+    from infinitetalk_multi_pkg.nodes import media
+
+    def fake(request, models, progress=None, cancel=None, on_window=None):
+        fake.job_dirs.append(request.job_dir)
+        h, w = size
+        steps, chunks = 2, []
+        for k in range(windows):
+            for s in range(steps):
+                progress(k * steps + s + 1, windows * steps)
+                if cancel():
+                    from infinitetalk.errors import JobCancelled
+                    raise JobCancelled("cancelled")
+            chunk = torch.full((frames_per_window, h, w, 3), 40 * k, dtype=torch.uint8)
+            on_window(k, chunk)
+            chunks.append(chunk.numpy())
+        n = frames_per_window * windows - 3  # the real loop trims the last window to the audio
+        media.frames_to_mp4(np.concatenate(chunks)[:n], request.out, audio=(np.zeros((1, n * 640), np.float32), 16000))
+        return GenerationResult(path=request.out, frames=n, seconds=n / 25, seed=seed, width=w, height=h, windows=windows)
+
+    fake.job_dirs = []
+    return fake
+
+
+def test_sampler_frames_output_respects_the_limit(env, monkeypatch):
+    import infinitetalk.pipeline.generate as gen
+
+    sampler, image = env["InfiniteTalkMultiSampler"](), torch.rand(1, 64, 96, 3)
+    fake = _fake_generate(8, 3)
+    monkeypatch.setattr(gen, "generate", fake)
+    models = object()  # the fake ignores models
+    video, frames, audio, _, _, seed = sampler.generate(models, _audio(0.5, 200.0), _audio(0.5, 300.0),
+                                                        image=image, **SAMPLER)
+    assert seed == 11 and video.frames == 21 and frames.shape == (21, 16, 24, 3)
+    assert float(frames[20, 0, 0, 0]) == pytest.approx(80 / 255) and float(frames[0, 0, 0, 0]) == 0.0
+    # 21 frames of 16x24 float32 = 96 KiB: a 0 MB limit gives the placeholder (the last frame)
+    _, frames, _, _, _, _ = sampler.generate(models, _audio(0.5, 200.0), _audio(0.5, 300.0), image=image,
+                                             frames_limit_mb=0, **SAMPLER)
+    assert frames.shape == (1, 16, 24, 3) and float(frames[0, 0, 0, 0]) == pytest.approx(80 / 255)
+    # the job folder is named by the job's content: the same job again resumes in the same folder
+    sampler.generate(models, _audio(0.5, 200.0), _audio(0.5, 300.0), image=image, **dict(SAMPLER, seed=4))
+    assert fake.job_dirs[0] == fake.job_dirs[1] != fake.job_dirs[2]
+
+
+def test_sampler_cancel_becomes_comfyui_interrupt(env, monkeypatch):
+    import sys
+    import types
+
+    import infinitetalk.pipeline.generate as gen
+    from infinitetalk.errors import JobCancelled
+
+    class Interrupted(Exception):
+        pass
+
+    calls = {"n": 0}
+
+    def processing_interrupted():
+        calls["n"] += 1
+        return calls["n"] >= 3
+
+    def throw_exception_if_processing_interrupted():
+        if processing_interrupted():
+            raise Interrupted()
+
+    fake_mm = types.SimpleNamespace(processing_interrupted=processing_interrupted, get_torch_device=lambda: "cpu",
+                                    throw_exception_if_processing_interrupted=throw_exception_if_processing_interrupted,
+                                    unload_all_models=lambda: None, soft_empty_cache=lambda: None)
+    comfy = types.ModuleType("comfy")
+    comfy.model_management = fake_mm
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setitem(sys.modules, "comfy.model_management", fake_mm)
+    monkeypatch.setattr(gen, "generate", _fake_generate(8, 3))
+    with pytest.raises(Interrupted):
+        env["InfiniteTalkMultiSampler"]().generate(object(), _audio(0.5, 200.0), _audio(0.5, 300.0),
+                                                   image=torch.rand(1, 8, 8, 3), **SAMPLER)
+    assert calls["n"] >= 3
+    monkeypatch.setattr(gen, "generate", lambda *a, **k: (_ for _ in ()).throw(JobCancelled("x")))
+    calls["n"] = -100  # not interrupted by the user: the pipeline's own cancel propagates
+    with pytest.raises(JobCancelled):
+        env["InfiniteTalkMultiSampler"]().generate(object(), _audio(0.5, 200.0), _audio(0.5, 300.0),
+                                                   image=torch.rand(1, 8, 8, 3), **SAMPLER)
+
+
+def test_sampler_names_bad_inputs(env):
+    (models,) = env["InfiniteTalkModelLoader"]().load(**LOADER)
+    sampler = env["InfiniteTalkMultiSampler"]()
+    image = torch.rand(1, 64, 96, 3)
+    cases = [
+        (dict(), "image/video"),                                              # neither image nor video
+        (dict(image=image, video=image), "image/video"),                      # both
+        (dict(image=image, left_mask=torch.ones(1, 64, 96)), "right_mask"),   # one speaker mask only
+        (dict(image=image, left_mask=torch.zeros(1, 64, 96), right_mask=torch.ones(1, 64, 96)), "left_mask"),
+    ]
+    for extra, name in cases:
+        with pytest.raises(InputError) as err:
+            sampler.generate(models, _audio(0.5, 200.0), _audio(0.5, 300.0), **SAMPLER, **extra)
+        assert err.value.input_name == name
+    with pytest.raises(InputError) as err:
+        sampler.generate(models, {"waveform": torch.zeros(1, 1, 0), "sample_rate": 16000}, _audio(0.5, 300.0),
+                         image=image, **SAMPLER)
+    assert err.value.input_name == "left_audio"

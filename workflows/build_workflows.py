@@ -1,0 +1,240 @@
+"""Writes the shipped workflows from one description each: UI format (example_workflows/) + API format (workflows/).
+
+Run `python workflows/build_workflows.py` after changing a node's inputs; tests/test_workflows.py checks
+the files are what this script writes and that each UI graph and its API twin agree.
+
+Hosted-API parameters (image/video, left_audio, right_audio, mask_image, prompt, order, resolution,
+seed) are found in the API graphs by the convention of `infinitetalk/service/graph.py`: the node titled
+P (`_meta.title`) with an input P or a single literal input, else the node with a literal input named P.
+`workflows/parameters.json` spells the resulting mapping out.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VERSION = "0.1.0"
+CORE_VERSION = "0.33.0"
+HF = "https://huggingface.co"
+REPACK = f"{HF}/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files"
+
+# The files the loader widgets name, with where to download them (frontend `properties.models`).
+MODEL_FILES = {
+    "diffusion_model": ("wan2.1_i2v_480p_14B_fp8_scaled.safetensors",
+                        f"{REPACK}/diffusion_models/wan2.1_i2v_480p_14B_fp8_scaled.safetensors", "diffusion_models"),
+    "infinitetalk_patch": ("wan2.1_infiniteTalk_multi_fp16.safetensors",
+                           f"{REPACK}/model_patches/wan2.1_infiniteTalk_multi_fp16.safetensors", "model_patches"),
+    "lora": ("lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors",
+             f"{HF}/Kijai/WanVideo_comfy/resolve/main/Lightx2v/lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors",
+             "loras"),
+    "audio_encoder": ("wav2vec2-chinese-base_fp16.safetensors",
+                      f"{REPACK}/audio_encoders/wav2vec2-chinese-base_fp16.safetensors", "audio_encoders"),
+    "text_encoder": ("umt5_xxl_fp8_e4m3fn_scaled.safetensors",
+                     f"{REPACK}/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors", "text_encoders"),
+    "clip_vision": ("clip_vision_h.safetensors", f"{REPACK}/clip_vision/clip_vision_h.safetensors", "clip_vision"),
+    "vae": ("wan_2.1_vae.safetensors", f"{REPACK}/vae/wan_2.1_vae.safetensors", "vae"),
+}
+
+# Core node types used, with their widget names in UI order and their socket outputs.
+CORE_NODES = {
+    "LoadImage": {"widgets": ["image", "upload"], "outputs": [("IMAGE", "IMAGE"), ("MASK", "MASK")], "inputs": []},
+    "LoadVideo": {"widgets": ["file", "upload"], "outputs": [("VIDEO", "VIDEO")], "inputs": []},
+    "PreviewImage": {"widgets": [], "outputs": [], "inputs": [("images", "IMAGE")]},
+}
+NOTE_TYPES = ("Note", "MarkdownNote")  # frontend-only nodes, never in API graphs
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
+
+
+def _package():
+    name = "infinitetalk_multi_pkg"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def node_schema(class_type: str) -> dict:
+    """widgets (UI order, seed's control value noted), socket inputs and outputs of a node type."""
+    if class_type in CORE_NODES:
+        spec = CORE_NODES[class_type]
+        return {"widgets": [(w, False) for w in spec["widgets"]], "inputs": spec["inputs"], "outputs": spec["outputs"]}
+    cls = _package().NODE_CLASS_MAPPINGS[class_type]
+    types = cls.INPUT_TYPES()
+    widgets, inputs = [], []
+    for section in ("required", "optional"):
+        for name, (kind, *rest) in types.get(section, {}).items():
+            opts = rest[0] if rest else {}
+            if isinstance(kind, list) or kind in WIDGET_TYPES:
+                widgets.append((name, bool(opts.get("control_after_generate"))))
+            else:
+                inputs.append((name, kind))
+    outputs = list(zip(cls.RETURN_NAMES, cls.RETURN_TYPES))
+    return {"widgets": widgets, "inputs": inputs, "outputs": outputs}
+
+
+# -- the two graphs --------------------------------------------------------------------------------
+SAMPLER_COMMON = {
+    "prompt": "Two people are talking to each other in a bright room, natural head and hand movements.",
+    "negative_prompt": "", "resolution": "480p", "seed": 42, "preset": "fast", "steps": 0,
+    "text_scale": 0.0, "audio_scale": 0.0, "color_strength": 1.0, "size_scale": 1.0, "frames_limit_mb": 2048,
+}
+LOADER = {role: spec[0] for role, spec in MODEL_FILES.items()} | {"lora_strength": 1.0, "precision": "auto",
+                                                                   "offload": "auto"}
+
+
+def image_graph() -> dict:
+    return {
+        "name": "infinitetalk_multi_image",
+        "note": ("InfiniteTalk Multi, picture -> two-person talking video.\n"
+                 "1. Load the picture of the two people and their two voices (left person = left_audio).\n"
+                 "2. Check the mask preview: red = left voice, blue = right voice.\n"
+                 "3. order: left_right = left speaks first, then right; meanwhile = both tracks at once.\n"
+                 "4. preset fast needs the lightx2v LoRA; quality (40 steps) needs none.\n"
+                 "The video is as long as the audio, any length; it is streamed to disk window by window.\n"
+                 "mask_image (bypassed): enable it to limit motion to white regions."),
+        "nodes": [
+            (1, "LoadImage", "image", {"image": "infinitetalk_two_people.png", "upload": "image"}, {}),
+            (2, "LoadTwoAudios", "Left and right audio", {"left_audio": "infinitetalk_left.wav",
+                                                          "right_audio": "infinitetalk_right.wav"}, {}),
+            (3, "InfiniteTalkModelLoader", "Models", dict(LOADER), {}),
+            (4, "MaskFromRegion", "Who speaks where", {"mode": "halves", "margin": 0.05, "left_region": "5,45",
+                                                       "right_region": "55,95"}, {"image": (1, 0)}),
+            (5, "PreviewImage", "Mask preview", {}, {"images": (4, 3)}),
+            (6, "LoadImage", "mask_image", {"image": "infinitetalk_mask.png", "upload": "image"}, {}),
+            (7, "InfiniteTalkMultiSampler", "Generate", dict(SAMPLER_COMMON, order="left_right"),
+             {"models": (3, 0), "left_audio": (2, 0), "right_audio": (2, 1), "image": (1, 0), "left_mask": (4, 0),
+              "right_mask": (4, 1), "mask_image": (6, 0)}),
+            (8, "InfiniteTalkVideoCombine", "Save video", {"filename_prefix": "InfiniteTalk/multi_image", "fps": 25,
+                                                           "crf": 19, "pix_fmt": "yuv420p", "trim_to_audio": True},
+             {"video": (7, 0)}),
+        ],
+        "bypassed": [6],
+    }
+
+
+def video_graph() -> dict:
+    return {
+        "name": "infinitetalk_multi_video",
+        "note": ("InfiniteTalk Multi, video -> the same two people lip-synced to new voices.\n"
+                 "1. Load the video of the two people and their two voices (left person = left_audio).\n"
+                 "2. order meanwhile = both tracks at once (dubbing); left_right / right_left = one after the other.\n"
+                 "3. Speakers are bound to the left and right halves of the frame; connect InfiniteTalk Mask From "
+                 "Region masks to left_mask/right_mask for other layouts.\n"
+                 "4. preset fast needs the lightx2v LoRA; quality (40 steps) needs none.\n"
+                 "The source video is read window by window (never whole into RAM).\n"
+                 "mask_image (bypassed): enable it to limit motion to white regions."),
+        "nodes": [
+            (1, "LoadVideo", "video", {"file": "infinitetalk_two_people.mp4", "upload": "image"}, {}),
+            (2, "LoadTwoAudios", "Left and right audio", {"left_audio": "infinitetalk_left.wav",
+                                                          "right_audio": "infinitetalk_right.wav"}, {}),
+            (3, "InfiniteTalkModelLoader", "Models", dict(LOADER), {}),
+            (6, "LoadImage", "mask_image", {"image": "infinitetalk_mask.png", "upload": "image"}, {}),
+            (7, "InfiniteTalkMultiSampler", "Generate", dict(SAMPLER_COMMON, order="meanwhile"),
+             {"models": (3, 0), "left_audio": (2, 0), "right_audio": (2, 1), "video": (1, 0), "mask_image": (6, 0)}),
+            (8, "InfiniteTalkVideoCombine", "Save video", {"filename_prefix": "InfiniteTalk/multi_video", "fps": 25,
+                                                           "crf": 19, "pix_fmt": "yuv420p", "trim_to_audio": True},
+             {"video": (7, 0)}),
+        ],
+        "bypassed": [6],
+    }
+
+
+# -- writers ---------------------------------------------------------------------------------------
+def to_api(graph: dict) -> dict:
+    api = {}
+    for node_id, class_type, title, values, links in graph["nodes"]:
+        schema = node_schema(class_type)
+        inputs = {name: values[name] for name, _ in schema["widgets"] if name in values and name != "upload"}
+        inputs.update({name: [str(src), slot] for name, (src, slot) in links.items()})
+        api[str(node_id)] = {"class_type": class_type, "inputs": inputs, "_meta": {"title": title}}
+    return api
+
+
+def to_ui(graph: dict) -> dict:
+    links, link_id = [], 0
+    out_links: dict[tuple[int, int], list[int]] = {}
+    in_links: dict[tuple[int, str], int] = {}
+    schemas = {nid: node_schema(ct) for nid, ct, *_ in graph["nodes"]}
+    for node_id, _, _, _, node_links in graph["nodes"]:
+        for name, (src, slot) in node_links.items():
+            link_id += 1
+            to_slot = [n for n, _ in schemas[node_id]["inputs"]].index(name)
+            links.append([link_id, src, slot, node_id, to_slot, schemas[src]["outputs"][slot][1]])
+            out_links.setdefault((src, slot), []).append(link_id)
+            in_links[(node_id, name)] = link_id
+    nodes = []
+    for order, (node_id, class_type, title, values, _) in enumerate(graph["nodes"]):
+        schema = schemas[node_id]
+        widgets_values = []
+        for name, control in schema["widgets"]:
+            widgets_values.append(values[name])
+            if control:
+                widgets_values.append("fixed")
+        ours = class_type not in CORE_NODES
+        properties = {"Node name for S&R": class_type, "cnr_id": "infinitetalk-multi" if ours else "comfy-core",
+                      "ver": VERSION if ours else CORE_VERSION}
+        if class_type == "InfiniteTalkModelLoader":
+            properties["models"] = [{"name": n, "url": u, "directory": d} for n, u, d in MODEL_FILES.values()]
+        nodes.append({
+            "id": node_id, "type": class_type, "title": title,
+            "pos": [40 + 380 * (order % 4), 60 + 420 * (order // 4)], "size": [340, 260 if ours else 320],
+            "flags": {}, "order": order, "mode": 4 if node_id in graph.get("bypassed", ()) else 0,
+            "inputs": [{"name": n, "type": t, "link": in_links.get((node_id, n))} for n, t in schema["inputs"]],
+            "outputs": [{"name": n, "type": t, "links": out_links.get((node_id, i), []), "slot_index": i}
+                        for i, (n, t) in enumerate(schema["outputs"])],
+            "properties": properties, "widgets_values": widgets_values,
+        })
+    note_id = max(n["id"] for n in nodes) + 1
+    nodes.append({"id": note_id, "type": "Note", "title": "Read me", "pos": [40, -260], "size": [720, 220],
+                  "flags": {}, "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
+                  "properties": {}, "widgets_values": [graph["note"]]})
+    return {"id": f"infinitetalk-{graph['name']}", "revision": 0, "last_node_id": note_id, "last_link_id": link_id,
+            "nodes": nodes, "links": links, "groups": [], "config": {},
+            "extra": {"ds": {"scale": 0.75, "offset": [0, 0]}}, "version": 0.4}
+
+
+def parameter_map(api: dict) -> dict:
+    """parameter -> {node, class_type, input} by the service convention (see module docstring)."""
+    wanted = ("image", "video", "left_audio", "right_audio", "mask_image", "prompt", "order", "resolution", "seed")
+    out = {}
+    for param in wanted:
+        for node_id, node in api.items():
+            literals = [k for k, v in node["inputs"].items() if not isinstance(v, list)]
+            title = node["_meta"]["title"]
+            if title == param and (param in literals or len(literals) == 1):
+                out[param] = {"node": node_id, "class_type": node["class_type"],
+                              "input": param if param in literals else literals[0]}
+        if param not in out:
+            for node_id, node in api.items():
+                if node["_meta"]["title"] in wanted:  # that node belongs to its own parameter
+                    continue
+                if param in node["inputs"] and not isinstance(node["inputs"][param], list):
+                    out[param] = {"node": node_id, "class_type": node["class_type"], "input": param}
+                    break
+        if param == "mask_image" and param in out:
+            out[param]["optional"] = True
+    return out
+
+
+def build() -> dict[Path, str]:
+    files: dict[Path, str] = {}
+    params = {}
+    for graph in (image_graph(), video_graph()):
+        api = to_api(graph)
+        files[ROOT / "example_workflows" / f"{graph['name']}.json"] = json.dumps(to_ui(graph), indent=2) + "\n"
+        files[ROOT / "workflows" / f"{graph['name']}_api.json"] = json.dumps(api, indent=2) + "\n"
+        params[f"{graph['name']}_api.json"] = parameter_map(api)
+    files[ROOT / "workflows" / "parameters.json"] = json.dumps(params, indent=2) + "\n"
+    return files
+
+
+if __name__ == "__main__":
+    for path, text in build().items():
+        path.write_text(text)
+        print(path.relative_to(ROOT))
