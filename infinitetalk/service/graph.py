@@ -39,8 +39,12 @@ def parameter_slots(graph: dict) -> dict[str, tuple[str, str]]:
             usual = [k for k in literals if k in _VALUE_INPUTS]
             if len(literals) == 1 or len(usual) == 1:
                 slots[title] = (node_id, literals[0] if len(literals) == 1 else usual[0])
+    titles = {(n.get("_meta") or {}).get("title") for n in graph.values()}
     for node_id, node in graph.items():
+        title = (node.get("_meta") or {}).get("title")
         for name in _literal_inputs(node):
+            if title in titles and title in slots and title != name:
+                continue  # a loader titled for another parameter (e.g. mask_image's LoadImage.image)
             slots.setdefault(name, (node_id, name))
     return slots
 
