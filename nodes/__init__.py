@@ -8,6 +8,7 @@ from .mask_nodes import MaskFromRegion
 from .model_nodes import InfiniteTalkModelLoader
 from .sampler_nodes import InfiniteTalkMultiSampler
 from .video_nodes import InfiniteTalkVideoCombine
+from .bridge import register_job_api
 
 NODE_CLASS_MAPPINGS: dict = {
     "LoadTwoAudios": LoadTwoAudios,
@@ -24,3 +25,5 @@ NODE_DISPLAY_NAME_MAPPINGS: dict = {
     "InfiniteTalkMultiSampler": "InfiniteTalk Multi Sampler (long video)",
     "InfiniteTalkVideoCombine": "InfiniteTalk Video Combine (mp4)",
 }
+
+register_job_api()

@@ -229,3 +229,18 @@ def core_video(path: Path) -> Any:
     if api is not None and hasattr(api, "InputImpl"):
         return api.InputImpl.VideoFromFile(str(path))
     return str(path)
+
+
+def register_job_api() -> bool:
+    """Serve the hosted job API (/infinitetalk/v1/...) from the running ComfyUI server, if any."""
+    if not in_comfyui():
+        return False
+    import logging
+
+    try:
+        from infinitetalk.service.routes import register_with_comfyui
+
+        return register_with_comfyui()
+    except Exception:  # noqa: BLE001 - the nodes must load even if the API cannot start
+        logging.getLogger("infinitetalk").exception("InfiniteTalk job API could not be registered")
+        return False

@@ -26,6 +26,7 @@ from .store import JobStore
 PREFIX = "/infinitetalk/v1"
 ENV_ALLOW_HOSTS = "INFINITETALK_API_ALLOW_HOSTS"
 ENV_FETCH_TIMEOUT = "INFINITETALK_API_FETCH_TIMEOUT"
+ENV_WORKFLOWS = "INFINITETALK_API_WORKFLOWS"  # a folder with customised copies of the two API workflows
 WORKFLOW_FILES = {
     "image-to-video-multi": "infinitetalk_multi_image_api.json",
     "video-to-video-multi": "infinitetalk_multi_video_api.json",
@@ -122,10 +123,10 @@ def register_with_comfyui() -> bool:
         return False
     from .comfy_engine import ComfyEngine
 
-    repo = Path(__file__).resolve().parents[2]
+    workflows = Path(os.environ.get(ENV_WORKFLOWS) or Path(__file__).resolve().parents[2] / "workflows")
     store = JobStore(Path(folder_paths.get_user_directory()) / "infinitetalk_api" / "jobs.sqlite3")
     service = JobService(store, ComfyEngine(server), input_settings(Path(folder_paths.get_input_directory())),
-                         load_workflows(repo / "workflows"))
+                         load_workflows(workflows))
     for route in JobApi(service).routes():
         server.routes.route(route.method, route.path)(route.handler)
     log.info("InfiniteTalk job API registered under %s", PREFIX)
