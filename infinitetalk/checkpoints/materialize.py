@@ -73,13 +73,14 @@ def load_module(
             raise CheckpointError(
                 source, f"tensor {name!r} has shape {tuple(t.shape)}, the model expects {tuple(ref.shape)}")
         owner = name.rpartition(".")[0]
-        if t.dtype in FP8_DTYPES:
-            if keep_fp8 and _is_quantizable_weight(module, name):
-                state[name] = t.to(device)
-                continue
+        if t.dtype in FP8_DTYPES and keep_fp8 and _is_quantizable_weight(module, name):
+            state[name] = t.to(device)
+            continue
+        if owner in scales and name.endswith(".weight"):
+            # dequantise here (fp8 outside a Linear, or a scale that came with a non-fp8 weight)
+            t = t.to(torch.float32) * scales.pop(owner).to(torch.float32)
+        elif t.dtype in FP8_DTYPES:
             t = t.to(torch.float32)
-            if owner in scales and name.endswith(".weight"):
-                t = t * scales.pop(owner).to(torch.float32)
         if t.is_floating_point():
             target = torch.float32 if keep_fp32(name) else dtype
             t = t.to(device=device, dtype=target)

@@ -5,7 +5,7 @@ safetensors file, a pickle posing as safetensors, or a `.pth` that needs arbitra
 refused with an error naming the file, before any tensor is materialised.
 
 Supported containers:
-- `.safetensors` (single file; tensors read one at a time through a memory map),
+- `.safetensors` (single file; tensors read one at a time with plain file reads into their own memory),
 - sharded safetensors with a `*.safetensors.index.json` (`weight_map`), given the index or its folder,
 - `.pth`/`.pt`/`.bin` torch files, read with `torch.load(weights_only=True, mmap=True)`; a dict wrapped
   in `state_dict` / `model` / `module` is unwrapped.
@@ -28,6 +28,10 @@ _SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+# Storage types of quantised formats: readable, so that the layout check can name the format it refuses.
+for _name, _attr in (("F8_E8M0", "float8_e8m0fnu"), ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _attr):
+        _SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
 _WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict")
 
 
@@ -88,13 +92,15 @@ def _sniff(path: Path) -> str:
         head = f.read(16)
     if len(head) < 8:
         raise CheckpointError(path, "file is empty or truncated (fewer than 8 bytes)")
+    if head[:4] == b"GGUF":
+        raise CheckpointError(path, "GGUF files are not supported; use the safetensors (fp16/bf16/fp8) version of this model")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > 0 and head[8:9] == b"{":  # before the pickle test: a header length like 0x0280 starts with 80 02
+        return "safetensors"
     if head[:4] == b"PK\x03\x04":
         return "torch_zip"
     if head[0] == 0x80 and head[1] in range(2, 6):
         return "pickle"
-    (n,) = struct.unpack("<Q", head[:8])
-    if n > 0 and head[8:9] == b"{":
-        return "safetensors"
     if head.lstrip()[:1] == b"{":
         return "json"
     raise CheckpointError(path, "not a safetensors, torch (.pth) or index.json checkpoint (unrecognised header)")
@@ -126,24 +132,41 @@ def _read_safetensors_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def _open_safetensors(path: Path) -> Checkpoint:
-    from safetensors import safe_open
+def _read_into(path: Path, offset: int, out: torch.Tensor) -> None:
+    """Fill the uint8 tensor `out` with the bytes of `path` starting at `offset` (short reads looped)."""
+    view = memoryview(out.numpy()).cast("B")
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        done = 0
+        while done < len(view):
+            got = f.readinto(view[done:])
+            if not got:
+                raise CheckpointError(path, f"unexpected end of file at byte {offset + done} (file changed or truncated)")
+            done += got
 
-    header, _ = _read_safetensors_header(path)
+
+def _open_safetensors(path: Path) -> Checkpoint:
+    """Tensors are read with plain file reads into fresh memory, not memory-mapped: the loaded model
+    owns its memory (no dependency on the file staying in place, no file pages counted twice while
+    converting dtypes), and peak memory is the model plus one tensor in flight."""
+    header, data_start = _read_safetensors_header(path)
     metadata = dict(header.pop("__metadata__", None) or {})
     entries = {}
     for key, info in header.items():
         dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
         if dtype is None:
             raise CheckpointError(path, f"tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
-        entries[key] = (torch.Size(info["shape"]), dtype, path)
-    handles: dict[Path, object] = {}
+        shape = torch.Size(info["shape"])
+        begin, end = (int(x) for x in info["data_offsets"])
+        if end - begin != shape.numel() * dtype.itemsize:
+            raise CheckpointError(path, f"tensor {key!r}: {end - begin} data bytes for shape {tuple(shape)} {dtype}")
+        entries[key] = (shape, dtype, data_start + begin)
 
-    def load(key: str, shard: Path) -> torch.Tensor:
-        h = handles.get(shard)
-        if h is None:
-            h = handles[shard] = safe_open(str(shard), framework="pt", device="cpu")
-        return h.get_tensor(key)
+    def load(key: str, offset: int) -> torch.Tensor:
+        shape, dtype, _ = entries[key]
+        raw = torch.empty(shape.numel() * dtype.itemsize, dtype=torch.uint8)
+        _read_into(path, offset, raw)
+        return raw.view(dtype).reshape(shape)
 
     return Checkpoint(path, entries, load, metadata)
 
@@ -167,6 +190,9 @@ def _open_index(path: Path) -> Checkpoint:
         if key not in shard:
             raise CheckpointError(shard_path, f"tensor {key!r} listed in the index is not in this shard")
         entries[key] = (shard.shape(key), shard.dtype(key), shard)
+    for shard in shards.values():  # shard metadata fills in what the index does not say
+        for k, v in shard.metadata.items():
+            metadata.setdefault(k, v)
 
     def load(key: str, shard: Checkpoint) -> torch.Tensor:
         return shard[key]

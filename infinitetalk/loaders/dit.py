@@ -99,7 +99,7 @@ def _view(ckpt: Checkpoint, anchors: Sequence[str]) -> CanonicalView:
         prefix = name[: -len(anchor)]
         names = {k[len(prefix):]: v for k, v in view.names.items() if k.startswith(prefix)}
         scales = {k[len(prefix):]: v for k, v in view.scale_keys.items() if k.startswith(prefix)}
-        return CanonicalView(ckpt=ckpt, names=names, scale_keys=scales, prefix=view.prefix + prefix)
+        return dataclasses.replace(view, names=names, scale_keys=scales, prefix=view.prefix + prefix)
     return view
 
 
@@ -172,14 +172,14 @@ def infer_dit_config(tensors: _Merged, metadata: Sequence[Mapping[str, str]] = (
         raise CheckpointError(source, str(exc)) from exc
 
 
-def _require_parts(tensors: _Merged, base_path: str, patch_given: bool) -> None:
+def _require_parts(tensors: _Merged, base_path: str, patch_path: str | None) -> None:
     missing_base = [a for a in BASE_ANCHORS + ("img_emb.proj.1.weight",) if a not in tensors]
     if missing_base:
         raise CheckpointError(base_path, f"not a Wan2.1 I2V DiT: missing {', '.join(missing_base)} "
                                          "(an InfiniteTalk patch or a text-to-video model given as the base?)")
     if not all(a in tensors for a in PATCH_ANCHORS + ("audio_proj.proj1_vf.weight", "audio_proj.proj3.weight")):
-        where = "the patch file given has" if patch_given else "the base model has"
-        raise CheckpointError(base_path, f"{where} no InfiniteTalk audio tensors (audio_proj.*, "
+        where = "the patch file given has" if patch_path else "the base model has"
+        raise CheckpointError(patch_path or base_path, f"{where} no InfiniteTalk audio tensors (audio_proj.*, "
                                          "blocks.N.audio_cross_attn.*): the InfiniteTalk patch file is needed "
                                          "(e.g. infinitetalk_single.safetensors / infinitetalk_multi.safetensors)")
 
@@ -222,7 +222,7 @@ def load_dit(base: PathLike | Sequence[PathLike], patch: PathLike | None = None,
         metadata.insert(0, patch_ckpt.metadata)
     tensors = _Merged(views)
     source = str(base_ckpt.path)
-    _require_parts(tensors, str(patch) if patch is not None else source, patch is not None)
+    _require_parts(tensors, source, str(patch) if patch is not None else None)
     cfg = infer_dit_config(tensors, metadata, overrides, source=source)
     scales: dict[str, torch.Tensor] = {}
     for view in views:
@@ -233,6 +233,7 @@ def load_dit(base: PathLike | Sequence[PathLike], patch: PathLike | None = None,
             from ..checkpoints.lora import apply_loras
         except ImportError as exc:
             raise InputError("loras", "LoRA support (infinitetalk.checkpoints.lora) is not available") from exc
-        merged, scales = apply_loras(tensors, scales, [(p, float(s)) for p, s in loras], dtype=dtype)
+        merged, scales = apply_loras(tensors, scales, [(p, float(s)) for p, s in loras], dtype=dtype,
+                                     device=device)
     model = build_on_meta(lambda: InfiniteTalkDiT(cfg, compute_dtype=dtype, attention=attention))
     return load_module(model, merged, dtype=dtype, device=device, scales=scales, source=source)

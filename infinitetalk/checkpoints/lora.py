@@ -1,0 +1,250 @@
+"""LoRA merging at load time, lazily, one tensor at a time.
+
+`apply_loras(tensors, scales, loras)` wraps a canonical view: reading a weight that a LoRA targets
+returns `W + sum(strength * delta)` computed in float32, so merging never holds a second copy of the
+model. Accepted key styles (those of the lightx2v / FusionX distill LoRAs and common trainers):
+
+- prefixes `diffusion_model.` (lightx2v, MeiGen), `model.diffusion_model.`, `transformer.`, none, and
+  kohya's `lora_unet_<module path with '_' for '.'>`;
+- `<m>.lora_down.weight` + `<m>.lora_up.weight` (or PEFT `lora_A`/`lora_B`), optional `<m>.alpha`:
+  delta = up @ down * alpha / rank (ComfyUI's convention; the MeiGen reference ignores alpha, which is
+  the same whenever alpha == rank or alpha is absent);
+- `<m>.diff`: full delta of `<m>.weight` (or of the parameter `<m>` itself, e.g. a modulation table);
+- `<m>.diff_b`: delta of `<m>.bias`.
+`<block>.diff_m` (modulation deltas in some lightx2v files) is skipped, as both ComfyUI and the MeiGen
+reference skip it. An fp8 layer that a LoRA touches is dequantised (scale applied) before the merge;
+its scale is dropped from the returned scales, since the merged weight is no longer fp8.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .reader import Checkpoint, CheckpointError, open_checkpoint
+
+__all__ = ["apply_loras", "LoraMergedView", "is_lora_key"]
+
+_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "base_model.model.")
+_KOHYA_PREFIX = "lora_unet_"
+_PAIRS = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"))
+_SINGLE = (".diff_b", ".diff")
+_SKIPPED = (".diff_m",)
+_UNSUPPORTED = {".dora_scale": "DoRA", ".lora_mid.weight": "LoCon/Tucker (lora_mid)", ".hada_w1_a": "LoHa",
+                ".lokr_w1": "LoKr"}
+
+
+def is_lora_key(key: str) -> bool:
+    """True for a tensor name that only LoRA files have."""
+    return (key.startswith(_KOHYA_PREFIX) or any(key.endswith(s) for pair in _PAIRS for s in pair)
+            or key.endswith(_SINGLE + _SKIPPED + (".alpha",)))
+
+
+@dataclass
+class _Term:
+    strength: float
+    ckpt: Checkpoint
+    kind: str  # "lora" | "diff"
+    keys: tuple[str, ...]  # (down, up) or (diff,)
+    alpha_key: str | None = None
+
+    def delta(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        if self.kind == "diff":
+            return self.ckpt[self.keys[0]].to(device=device, dtype=torch.float32).reshape(shape)
+        down = self.ckpt[self.keys[0]].to(device=device, dtype=torch.float32)
+        up = self.ckpt[self.keys[1]].to(device=device, dtype=torch.float32)
+        rank = down.shape[0]
+        d = (up.flatten(1) @ down.flatten(1)).reshape(shape)
+        if self.alpha_key is not None:
+            d = d * (float(self.ckpt[self.alpha_key].to(torch.float32).reshape(-1)[0]) / rank)
+        return d
+
+
+def _shape(tensors: Mapping[str, torch.Tensor], key: str) -> torch.Size:
+    getter = getattr(tensors, "shape", None)
+    return getter(key) if callable(getter) else tensors[key].shape
+
+
+def _dtype(tensors: Mapping[str, torch.Tensor], key: str) -> torch.dtype:
+    getter = getattr(tensors, "dtype", None)
+    return getter(key) if callable(getter) else tensors[key].dtype
+
+
+class LoraMergedView(Mapping[str, torch.Tensor]):
+    """The base tensors with LoRA deltas added on read (float32 math, result in `dtype`)."""
+
+    def __init__(self, base: Mapping[str, torch.Tensor], scales: Mapping[str, torch.Tensor],
+                 terms: dict[str, list[_Term]], dtype: torch.dtype, kept_scales: Mapping[str, torch.Tensor],
+                 device: torch.device):
+        self.base = base
+        self.device = device
+        self._scales = scales
+        self._kept = dict(kept_scales)
+        self.terms = terms
+        self.out_dtype = dtype
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        t = self.base[key]
+        terms = self.terms.get(key)
+        if not terms:
+            return t
+        # fp8 payloads dequantise here (scale 1 when the file has none)
+        w = t.to(device=self.device, dtype=torch.float32, copy=True)
+        layer = key[: -len(".weight")] if key.endswith(".weight") else None
+        if layer is not None and layer in self._scales:
+            w.mul_(self._scales[layer].to(device=self.device, dtype=torch.float32))
+        for term in terms:
+            w.add_(term.delta(w.shape, self.device), alpha=term.strength)
+        return w.to(self.out_dtype)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.base
+
+    def shape(self, key: str) -> torch.Size:
+        return _shape(self.base, key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.out_dtype if key in self.terms else _dtype(self.base, key)
+
+    def scales(self) -> dict[str, torch.Tensor]:
+        """fp8 scales of the layers no LoRA touched (merged layers are no longer fp8)."""
+        return dict(self._kept)
+
+    def __getattr__(self, name: str):
+        # path / metadata of the wrapped view stay reachable
+        if name in ("base", "_scales", "_kept", "terms", "out_dtype", "device"):
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+
+def _module_of(key: str, underscore_map: dict[str, str]) -> tuple[str | None, str]:
+    """(canonical module path or None, suffix) of a LoRA key."""
+    suffix = next((s for pair in _PAIRS for s in pair if key.endswith(s)), None)
+    if suffix is None:
+        suffix = next((s for s in _SINGLE + _SKIPPED + (".alpha",) if key.endswith(s)), None)
+    if suffix is None:
+        return None, ""
+    module = key[: -len(suffix)]
+    if module.startswith(_KOHYA_PREFIX):
+        return underscore_map.get(module[len(_KOHYA_PREFIX):], module), suffix
+    for p in _PREFIXES:
+        if module.startswith(p):
+            return module[len(p):], suffix
+    return module, suffix
+
+
+def _open_lora(path: Path) -> Checkpoint:
+    ckpt = open_checkpoint(path)
+    for key in ckpt:
+        for suffix, name in _UNSUPPORTED.items():
+            if key.endswith(suffix):
+                raise CheckpointError(path, f"{name} LoRAs are not supported (key {key!r}); use a plain LoRA "
+                                      "(lora_down/lora_up, diff, diff_b)")
+    return ckpt
+
+
+def _collect(path: Path, ckpt: Checkpoint, strength: float, tensors: Mapping[str, torch.Tensor],
+             underscore_map: dict[str, str], terms: dict[str, list[_Term]]) -> None:
+    groups: dict[str, dict[str, str]] = {}
+    unknown_form: list[str] = []
+    for key in ckpt:
+        module, suffix = _module_of(key, underscore_map)
+        if module is None:
+            unknown_form.append(key)
+        elif suffix not in _SKIPPED:
+            groups.setdefault(module, {})[suffix] = key
+    if unknown_form:
+        raise CheckpointError(path, f"not a LoRA file (or an unsupported LoRA style): {len(unknown_form)} key(s) "
+                              f"are not lora_down/lora_up/alpha/diff/diff_b, e.g. {', '.join(unknown_form[:3])}")
+    if not groups:
+        raise CheckpointError(path, "LoRA file holds no LoRA tensors")
+    missing: list[str] = []
+    mismatched: list[str] = []
+    found: list[tuple[str, _Term]] = []
+    for module, parts in sorted(groups.items()):
+        pair = next((p for p in _PAIRS if p[0] in parts or p[1] in parts), None)
+        if pair is not None:
+            if pair[0] not in parts or pair[1] not in parts:
+                raise CheckpointError(path, f"LoRA for {module!r} has only one of {pair[0][1:]} / {pair[1][1:]}")
+            target = module + ".weight"
+            down_shape, up_shape = ckpt.shape(parts[pair[0]]), ckpt.shape(parts[pair[1]])
+            term = _Term(strength, ckpt, "lora", (parts[pair[0]], parts[pair[1]]), parts.get(".alpha"))
+            if target not in tensors:
+                missing.append(target)
+            else:
+                w = _shape(tensors, target)
+                if (len(down_shape) < 2 or up_shape[0] != w[0] or down_shape[0] != up_shape[1]
+                        or up_shape[0] * math.prod(down_shape[1:]) != math.prod(w)):
+                    mismatched.append(f"{target}: weight {tuple(w)}, LoRA up {tuple(up_shape)} down {tuple(down_shape)}")
+                else:
+                    found.append((target, term))
+        for suffix, default_target in ((".diff", ".weight"), (".diff_b", ".bias")):
+            if suffix not in parts:
+                continue
+            target = module + default_target
+            if suffix == ".diff" and target not in tensors and module in tensors:
+                target = module
+            if target not in tensors:
+                missing.append(target)
+                continue
+            w, d = _shape(tensors, target), ckpt.shape(parts[suffix])
+            if math.prod(w) != math.prod(d):
+                mismatched.append(f"{target}: weight {tuple(w)}, LoRA {suffix[1:]} {tuple(d)}")
+            else:
+                found.append((target, _Term(strength, ckpt, "diff", (parts[suffix],))))
+        if pair is None and not any(s in parts for s in _SINGLE):
+            raise CheckpointError(path, f"LoRA key {parts.get('.alpha')!r} has an alpha but no weights")
+    if not found:
+        sample = ", ".join((missing + mismatched)[:3])
+        raise CheckpointError(path, "this LoRA does not fit the model (a LoRA for another architecture or model "
+                              f"size?): none of its {len(missing) + len(mismatched)} targets match, e.g. {sample}")
+    if mismatched:
+        raise CheckpointError(path, f"{len(mismatched)} LoRA target(s) have the wrong shape for this model (another "
+                              f"model size?), e.g. {'; '.join(mismatched[:3])}")
+    if missing:
+        raise CheckpointError(path, f"{len(missing)} LoRA target(s) are not in the model, e.g. {', '.join(missing[:5])}")
+    for target, term in found:
+        terms.setdefault(target, []).append(term)
+
+
+def apply_loras(tensors: Mapping[str, torch.Tensor], scales: dict[str, torch.Tensor],
+                loras: Sequence[tuple[str | os.PathLike, float]], *, dtype: torch.dtype = torch.float32,
+                device: torch.device | str = "cpu") -> tuple[Mapping[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Merge `loras` [(file, strength), ...] into canonical `tensors` on read.
+
+    Returns (merged view, scales without the merged fp8 layers). Every LoRA file is checked against
+    the tensors' names and shapes here, from headers only: a key style we do not know, a target the
+    model lacks or a shape that does not fit raises CheckpointError naming the LoRA file. Merged
+    tensors come back in `dtype` (float32 by default; `load_module` then casts each one to the model's
+    storage dtype, so only one merged tensor exists at a time). `device`: where the merge math runs
+    and merged tensors are returned (pass the model's device: a GPU merges a 14B distill LoRA in
+    seconds, a CPU takes minutes).
+    """
+    if not loras:
+        return tensors, dict(scales)
+    underscore_map: dict[str, str] = {}
+    for name in tensors:
+        for module in {name, name.rpartition(".")[0]}:
+            underscore_map.setdefault(module.replace(".", "_"), module)
+    terms: dict[str, list[_Term]] = {}
+    for path, strength in loras:
+        path = Path(path)
+        _collect(path, _open_lora(path), float(strength), tensors, underscore_map, terms)
+    kept = dict(scales)
+    merged_scales = {}
+    for target in terms:
+        if target.endswith(".weight"):
+            layer = target[: -len(".weight")]
+            if layer in kept:
+                merged_scales[layer] = kept.pop(layer)
+    return LoraMergedView(tensors, merged_scales, terms, dtype, kept, torch.device(device)), kept
