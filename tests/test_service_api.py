@@ -236,3 +236,46 @@ def test_graph_fill_with_mask_and_unknown_parameter():
     with pytest.raises(ApiError) as info:
         build_graph(TEMPLATE, {"video": "v.mp4"})
     assert info.value.code == 500 and "video" in info.value.message
+
+
+def test_unknown_model_route_answers_404_in_contract_shape(env):
+    async def flow(client):
+        s, r = await post(client, "/infinitetalk/v1/text-to-video", body(), {"Authorization": f"Bearer {KEY}"})
+        assert s == 404 and r["code"] == 404 and r["data"] is None, r
+        assert "text-to-video" in r["message"] and "image-to-video-multi" in r["message"]
+        s, r = await post(client, "/infinitetalk/v1/text-to-video", body(), {"Authorization": "Bearer wrong"})
+        assert s == 401, r  # auth first: no route list for strangers
+    call(env["service"], flow, keys=(KEY,))
+    assert env["engine"].counter == 0
+
+
+def test_bad_input_file_names_its_field_once(env):
+    async def flow(client):
+        return await post(client, "/infinitetalk/v1/image-to-video-multi", body(right_audio="broken.wav"))
+    status, reply = call(env["service"], flow)
+    assert status == 400 and reply["message"].startswith("field 'right_audio': ")
+    assert reply["message"].count("right_audio") == 1, reply["message"]
+
+
+def test_job_finished_unobserved_before_a_restart_reports_its_saved_video(env, tmp_path):
+    from infinitetalk.service.comfy_engine import find_saved_videos
+
+    out = tmp_path / "output"
+    service, engine = env["service"], env["engine"]
+    engine.saved_outputs = lambda prefix: find_saved_videos(out, prefix)
+
+    async def flow(client):
+        ids = []
+        for seed in (1, 2):
+            s, r = await post(client, "/infinitetalk/v1/image-to-video-multi", body(seed=seed))
+            assert s == 200, r
+            ids.append(r["data"]["id"])
+        (out / "infinitetalk_api").mkdir(parents=True)
+        (out / "infinitetalk_api" / f"{ids[0]}_00001_.mp4").write_bytes(b"mp4")
+        (out / "infinitetalk_api" / f".{ids[1]}_00001_.partial.mp4").write_bytes(b"half")  # never finished
+        engine.states.clear()  # the engine forgot both (its history lives in memory)
+        return ids, [(await (await client.get(f"/infinitetalk/v1/predictions/{i}/status")).json())["data"] for i in ids]
+    ids, (done, lost) = call(service, flow)
+    assert done["status"] == "completed" and done["error"] == ""
+    assert done["outputs"][0].endswith(f"/view?filename={ids[0]}_00001_.mp4&subfolder=infinitetalk_api&type=output")
+    assert lost["status"] == "failed" and "lost" in lost["error"] and lost["outputs"] == []

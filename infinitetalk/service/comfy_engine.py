@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from .contract import ApiError
@@ -37,6 +38,16 @@ def outputs_of(history_entry: dict) -> list[dict[str, str]]:
                     found.append({"filename": item["filename"], "subfolder": item.get("subfolder", ""),
                                   "type": item.get("type", "output")})
     return found
+
+
+def find_saved_videos(output_dir: Path, prefix: str) -> list[dict[str, str]]:
+    """Videos named `<prefix>_<counter>_.<ext>` in `output_dir` (the save node's naming), oldest counter first."""
+    sub, _, stem = prefix.rpartition("/")
+    folder = output_dir / sub
+    if not folder.is_dir():
+        return []
+    names = sorted(p.name for p in folder.glob(f"{stem}_*") if p.is_file() and p.suffix.lower() in _VIDEO_SUFFIXES)
+    return [{"filename": n, "subfolder": sub, "type": "output"} for n in names]
 
 
 def _inference_ms(messages: list) -> int | None:
@@ -93,6 +104,12 @@ class ComfyEngine:
         if any(item[1] == prompt_id for item in queued):
             return EngineState("queued", [])
         return EngineState("unknown", [])
+
+    def saved_outputs(self, prefix: str) -> list[dict[str, str]]:
+        """Finished videos under `prefix` in the output folder (the writer renames them into place when done)."""
+        import folder_paths  # ComfyUI's module
+
+        return find_saved_videos(Path(folder_paths.get_output_directory()), prefix)
 
     def cancel(self, prompt_id: str) -> bool:
         return bool(self.server.prompt_queue.delete_queue_item(lambda item: item[1] == prompt_id))

@@ -34,6 +34,13 @@ class Engine(Protocol):
     async def queue(self, graph: dict, job_id: str) -> str: ...
     def state(self, prompt_id: str) -> EngineState: ...
     def cancel(self, prompt_id: str) -> bool: ...
+    # Optional: `saved_outputs(prefix) -> [{filename, subfolder, type}]`, the videos already written under
+    # an output prefix; lets a job that finished unobserved before a restart still report its video.
+
+
+def output_prefix(job_id: str) -> str:
+    """Where a job's videos go in the output folder (ComfyUI adds a counter)."""
+    return f"infinitetalk_api/{job_id}"
 
 
 def _probe(field: str, path: Path) -> float | None:
@@ -73,7 +80,8 @@ class JobService:
             try:
                 seconds[field_name] = await loop.run_in_executor(None, _probe, field_name, path)
             except InputError as exc:
-                raise ApiError(400, f"field '{field_name}': {exc}") from exc
+                detail = str(exc).removeprefix(f"{exc.input_name}: ")  # the field is named once
+                raise ApiError(400, f"field '{field_name}': {detail}") from exc
         total = audio_seconds_for(req.order, seconds["left_audio"] or 0.0, seconds["right_audio"] or 0.0)
         if total > MAX_SECONDS:
             raise ApiError(400, f"the audio lasts {total:.1f} s with order '{req.order}'; clips are limited to "
@@ -84,7 +92,7 @@ class JobService:
         root = Path(self.settings.input_dir).resolve()
         params: dict[str, Any] = {f: path.resolve().relative_to(root).as_posix() for f, path in local.items()}
         params.update(prompt=req.prompt, order=req.order, resolution=req.resolution, seed=seed)
-        graph = build_graph(self.workflows[kind], params, filename_prefix=f"infinitetalk_api/{job_id}")
+        graph = build_graph(self.workflows[kind], params, filename_prefix=output_prefix(job_id))
         record = JobRecord(id=job_id, model=req.model, request={**req.to_json(), "seed": seed}, status="created",
                            created_at=now_iso(), video_seconds=total, billed_seconds=billed_seconds(total))
         self.store.insert(record)
@@ -120,8 +128,13 @@ class JobService:
         elif st.status == "failed":
             changes.update(status="failed", completed_at=now_iso(), error=st.error or "the job failed")
         elif st.status == "unknown":
-            changes.update(status="failed", completed_at=now_iso(),
-                           error="the job was lost (the server restarted before it finished)")
+            saved = getattr(self.engine, "saved_outputs", None)
+            outputs = saved(output_prefix(rec.id)) if saved else []
+            if outputs:  # it finished, but the engine's history of it is gone (a restart)
+                changes.update(status="completed", outputs=outputs, completed_at=now_iso())
+            else:
+                changes.update(status="failed", completed_at=now_iso(),
+                               error="the job was lost (the server restarted before it finished)")
         if changes:
             self.store.update(job_id, **changes)
             rec = self.get(job_id)

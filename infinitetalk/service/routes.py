@@ -43,6 +43,7 @@ class JobApi:
 
     def routes(self) -> list[web.RouteDef]:
         out = [web.post(f"{PREFIX}/{kind}", self._submit_handler(kind)) for kind in MODELS]
+        out.append(web.post(PREFIX + "/{kind}", self._reply(self._unknown_model)))  # 404 in the contract's shape
         out += [
             web.get(PREFIX + "/predictions/{id}/result", self._reply(self._status)),
             web.get(PREFIX + "/predictions/{id}/status", self._reply(self._status)),
@@ -85,6 +86,11 @@ class JobApi:
             rec = await self.service.submit(kind, body)
             return self.service.describe(rec, self._base(request))
         return submit
+
+    async def _unknown_model(self, request: web.Request):
+        self._check(request)
+        kind = request.match_info["kind"]
+        raise ApiError(404, f"unknown model route '{kind}'; available: {', '.join(MODELS)}")
 
     async def _status(self, request: web.Request):
         self._check(request)

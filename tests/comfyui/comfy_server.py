@@ -104,3 +104,40 @@ def start_server(tiny_models: Path, base: Path):
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def spawn_server(tiny_models: Path, base: Path, env: dict[str, str] | None = None, fresh: bool = True) -> Server:
+    """Start a server (extra environment `env`) and wait until it answers; `fresh=False` reuses `base`.
+
+    The caller stops it with `stop_server` (by its own PID).
+    """
+    if fresh:
+        make_base(base)
+    port = _free_port()
+    log = base / f"server-{port}.log"
+    args = [COMFYUI_PYTHON, *server_args(base, tiny_models), "--listen", "127.0.0.1", "--port", str(port)]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(args, cwd=COMFYUI_DIR, stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **(env or {})})
+    server = Server(f"http://127.0.0.1:{port}", process, base, log)
+    deadline = time.time() + 120
+    while True:
+        try:
+            server.get("/system_stats")
+            return server
+        except (urllib.error.URLError, ConnectionError, OSError):
+            if process.poll() is not None or time.time() > deadline:
+                stop_server(server)
+                raise RuntimeError("ComfyUI did not start:\n" + log.read_text()[-4000:])
+            time.sleep(0.5)
+
+
+def stop_server(server: Server) -> None:
+    """Terminate the server process (its own PID only) and wait for it."""
+    if server.process.poll() is None:
+        server.process.terminate()
+        try:
+            server.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            server.process.wait(timeout=20)
