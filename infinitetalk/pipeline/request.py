@@ -44,7 +44,7 @@ class GenerationRequest:
     out: Path
     image: Path | None = None
     video: Path | None = None
-    mask_image: Path | None = None
+    mask_image: Path | None = None  # white = may move (both speakers); outside it stays as the source
     prompt: str = "Two people are talking to each other."
     negative_prompt: str | None = None  # None: the reference's default negative prompt
     order: str | None = None  # None: "meanwhile" for video input, "left_right" for image input
@@ -62,6 +62,11 @@ class GenerationRequest:
     job_dir: Path | None = None  # resumable state; None: a folder beside `out`
     size_scale: float = 1.0  # shrinks the resolution buckets (tests, previews); 1.0 for real use
     extra: dict = field(default_factory=dict)
+    # Per-speaker region images (white = that speaker); default: the reference's left/right halves, or the
+    # halves of `mask_image` when one is given.
+    left_mask: Path | None = None
+    right_mask: Path | None = None
+    keep_job: bool = False  # keep the job folder after success (otherwise removed once the mp4 is in place)
 
     # -- resolved values -------------------------------------------------------------------------
     def resolved(self) -> "GenerationRequest":
@@ -98,5 +103,11 @@ class GenerationRequest:
             raise InputError("frame_num/motion_frames", "both must be 4n+1 and motion_frames < frame_num (81 / 9)")
         if not (0.0 < self.size_scale <= 1.0):
             raise InputError("size_scale", f"{self.size_scale} is outside (0, 1]")
+        if (self.left_mask is None) != (self.right_mask is None):
+            raise InputError("left_mask/right_mask", "give both speaker masks or neither")
+        if not (0 <= int(self.crf) <= 51):
+            raise InputError("crf", f"{self.crf} is outside 0 .. 51")
+        if self.shift is not None and not self.shift > 0:
+            raise InputError("shift", f"{self.shift} must be positive")
         if Path(self.out).suffix.lower() != ".mp4":
             raise InputError("out", f"{self.out} must end in .mp4")

@@ -1,0 +1,260 @@
+"""The long-video job: one request in, one finished mp4 out (reference `generate_infinitetalk`, §5).
+
+Reads top to bottom like the method:
+1. check every input before any model work (audio, picture, masks, length, output) -> InputError;
+2. open the job folder (resume after the last finished window, same seed);
+3. audio features per speaker (loudness −23 LUFS, wav2vec2 at 25 fps), prompt embeddings;
+4. per window of 81 frames (72 new + 9 motion frames from the previous window):
+   reference frame -> CLIP + y; motion latents; audio window; guided Euler sampling from a per-window
+   seeded noise; decode frame by frame, colour-match to the first reference, stream into the window's
+   segment; keep the last 9 frames for the next window; commit;
+5. join the segments with the placed audio mix into the final file (atomic rename), drop the job folder.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import JobCancelled
+from .conditioning import motion_latents, reference_condition, to_model_frames, to_uint8_frames
+from .job import JobFolder, JobState, default_job_dir, fingerprint
+from .request import GenerationRequest
+from .sampler import Guidance, KeepRegion, WindowConditioning, sample_window, window_noise
+from .schedule import shift_for, timesteps
+
+__all__ = ["generate", "GenerationResult", "ProgressHook", "CancelHook", "WindowHook"]
+
+ProgressHook = Callable[[int, int], None]           # (done, total) over windows × steps
+CancelHook = Callable[[], bool]                     # True: stop at the next step boundary
+WindowHook = Callable[[int, torch.Tensor], None]    # (window index, uint8 frames [n, H, W, 3])
+
+
+@dataclass
+class GenerationResult:
+    path: Path
+    frames: int
+    seconds: float
+    seed: int
+    width: int
+    height: int
+    windows: int
+    resumed_windows: int = 0
+    elapsed_s: float = 0.0
+    settings: dict = field(default_factory=dict)
+
+
+def generate(request: GenerationRequest, models, progress: ProgressHook | None = None,
+             cancel: CancelHook | None = None, on_window: WindowHook | None = None) -> GenerationResult:
+    """Run one job to a finished mp4 at `request.out` (see module docstring).
+
+    Raises InputError (bad input, nothing written), JobCancelled (the job folder keeps finished windows;
+    rerun the same request to resume). Nothing appears under the output name unless the job completed.
+    """
+    from .inputs import prepare_inputs
+
+    t_start = time.perf_counter()
+    req = request.resolved()
+    inputs = prepare_inputs(req)                           # every InputError happens here
+    try:
+        return _generate(request, req, inputs, models, progress, cancel, on_window, t_start)
+    finally:
+        inputs.source.close()
+
+
+def _generate(request, req, inputs, models, progress, cancel, on_window, t_start) -> GenerationResult:
+    plan, (height, width) = inputs.plan, inputs.size
+
+    # -- job folder: resume or start -------------------------------------------------------------
+    job = JobFolder(Path(req.job_dir) if req.job_dir else default_job_dir(req.out))
+    job_id = fingerprint(request, models.identity())
+    state = job.load(job_id)
+    resumed = state.windows_done if state else 0
+    if state is None:
+        state = JobState(fingerprint=job_id, seed=req.seed, windows_total=plan.num_chunks,
+                         info={"frames": plan.final_frames, "size": [height, width]})
+        job.start(state)
+    seed = state.seed
+    settings = _settings(req, seed, height, width, plan.final_frames)
+
+    steps = int(req.steps)
+    times = timesteps(steps, req.shift if req.shift is not None else shift_for(req.resolution))
+    guidance = Guidance(float(req.text_scale), float(req.audio_scale))
+    total = plan.num_chunks * steps
+    done = [resumed * steps]
+
+    def on_step(_: int) -> None:
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], total)
+        if cancel is not None and cancel():
+            raise JobCancelled("cancelled; finished windows are kept in the job folder for resume")
+
+    if cancel is not None and cancel():
+        raise JobCancelled("cancelled before the first window")
+    if progress is not None:
+        progress(done[0], total)
+
+    if state.windows_done < plan.num_chunks:
+        _run_windows(req, models, inputs, job, state, times, guidance, on_step, on_window)
+
+    # -- finish: one file, atomic ------------------------------------------------------------------
+    from ..video.segments import concat_segments
+
+    out = Path(req.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    concat_segments(job.segments(plan.num_chunks), out, frames=plan.final_frames, audio=inputs.mix,
+                    metadata={"comment": json.dumps(settings, sort_keys=True)})
+    if not req.keep_job:
+        job.remove()
+    return GenerationResult(path=out, frames=plan.final_frames, seconds=plan.final_frames / 25.0, seed=seed,
+                            width=width, height=height, windows=plan.num_chunks, resumed_windows=resumed,
+                            elapsed_s=time.perf_counter() - t_start, settings=settings)
+
+
+def _settings(req: GenerationRequest, seed: int, height: int, width: int, frames: int) -> dict:
+    """What the output's metadata records (enough to reproduce the video)."""
+    return {
+        "generator": "infinitetalk-multi", "seed": seed, "preset": req.preset, "steps": req.steps,
+        "text_scale": req.text_scale, "audio_scale": req.audio_scale,
+        "shift": req.shift if req.shift is not None else shift_for(req.resolution),
+        "resolution": req.resolution, "size": [height, width], "order": req.order, "frames": frames,
+        "prompt": req.prompt, "color_strength": req.color_strength,
+    }
+
+
+@torch.no_grad()
+def _run_windows(req, models, inputs, job: JobFolder, state: JobState, times, guidance, on_step, on_window) -> None:
+    from ..video.writer import Mp4Writer
+    from .color import match_and_blend_colors
+    from .windows import gather_audio_windows
+
+    plan, (height, width) = inputs.plan, inputs.size
+    device, dtype = models.device, models.dtype
+    frame_num, n_motion_frames = plan.frame_num, plan.motion_frames
+
+    features = _speaker_features(models, inputs)            # [N, L, C] per speaker, CPU float32
+    context, context_null = _prompt_embeddings(models, req)
+    _release_host_memory()   # the audio encoder's scratch grows with the audio length: give it back
+    speaker_masks = inputs.latent_speaker_masks.to(device)  # [3, h, w]
+    first_reference = to_model_frames(inputs.source.frame(0)).to(device)   # colour target of every window
+
+    cached: dict = {}  # image input: the reference conditioning is the same for every window
+    tail = job.load_tail(state.windows_done - 1).to(device) if state.windows_done else None
+
+    for k in range(state.windows_done, plan.num_chunks):
+        start, _ = plan.windows[k]
+        ref_y, ref_latent, clip_fea = _reference(models, inputs, start, frame_num, cached)
+        motion = ref_latent if k == 0 else motion_latents(models.vae, tail)
+        audio = gather_audio_windows(features, start, frame_num).to(device, dtype)
+        cond = WindowConditioning(context=context, context_null=context_null, clip_fea=clip_fea,
+                                  y=ref_y.to(dtype), audio=audio, ref_target_masks=speaker_masks)
+        noise = window_noise(state.seed, k, (ref_latent.shape[0], *ref_y.shape[1:]), device)
+        keep, keep_frames = _keep_region(models, inputs, start, frame_num, cached)
+
+        latent = sample_window(models.dit, noise, cond, times, guidance, motion, keep=keep, on_step=on_step)
+
+        # decode frame by frame, colour-match, stream the kept frames into this window's segment
+        lo, hi = plan.kept_range(k)
+        writer = Mp4Writer(job.segment(k), width, height, fps=25, crf=req.crf)
+        tail_parts, preview, index = [], [], 0
+        try:
+            for chunk in models.vae.decode_stream(latent):
+                chunk = match_and_blend_colors(chunk[None], first_reference[None, :, None], req.color_strength)[0]
+                n = chunk.shape[1]
+                if keep_frames is not None:   # pixels outside the mask: exactly the source
+                    weight = inputs.pixel_keep_weight[0].to(chunk.device)
+                    src = to_model_frames(keep_frames[index:index + n]).to(chunk.device)
+                    chunk = weight[:, None] * chunk + (1.0 - weight[:, None]) * src
+                a, b = max(lo, index), min(hi, index + n)
+                if a < b:
+                    frames = to_uint8_frames(chunk[:, a - index:b - index]).cpu()
+                    writer.write(frames)
+                    if on_window is not None:
+                        preview.append(frames)
+                if index + n > frame_num - n_motion_frames:
+                    tail_parts.append(chunk[:, max(0, frame_num - n_motion_frames - index):].clone())
+                index += n
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        tail = torch.cat(tail_parts, dim=1)
+        job.save_tail(k, tail)
+        state.windows_done = k + 1
+        state.frames_done = hi if k == 0 else start + hi
+        job.commit(state)
+        if on_window is not None and preview:
+            on_window(k, torch.cat(preview))
+
+
+def _release_host_memory() -> None:
+    """Return freed heap pages to the OS (glibc keeps them otherwise, so transient peaks would stack)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc: nothing to do
+        pass
+
+
+def _speaker_features(models, inputs) -> list[torch.Tensor]:
+    """wav2vec2 features `[N, L, C]` of each speaker's placed, loudness-normalised 16 kHz track."""
+    from ..audio.loudness import normalize_loudness
+    from ..models.wav2vec2 import normalize_waveform
+
+    out = []
+    with models.using("wav2vec2") as w2v:
+        for track in inputs.speaker_tracks:
+            x = normalize_loudness(np.asarray(track, dtype=np.float32), 16000, target=-23.0)
+            wave = normalize_waveform(torch.as_tensor(np.asarray(x, dtype=np.float32)))
+            device = next(w2v.parameters()).device
+            feats = w2v(wave.to(device, torch.float32), inputs.plan.audio_frames)
+            out.append(feats.float().cpu())
+    return out
+
+
+def _prompt_embeddings(models, req) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..text.prompts import DEFAULT_NEGATIVE_PROMPT
+
+    negative = req.negative_prompt if req.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT
+    with models.using("text_encoder") as t5:
+        context = t5.encode(req.prompt)
+        context_null = t5.encode(negative)
+    return context.to(models.device, models.dtype), context_null.to(models.device, models.dtype)
+
+
+def _reference(models, inputs, start: int, frame_num: int, cached: dict):
+    """(y, clean reference latent, CLIP features) of the window starting at `start`."""
+    if "reference" in cached:
+        return cached["reference"]
+    ref = to_model_frames(inputs.source.frame(start)).to(models.device)
+    with models.using("clip_vision") as clip:
+        clip_fea = clip(ref.to(clip.dtype))[None].to(models.dtype)
+    y, ref_latent = reference_condition(models.vae, ref, frame_num)
+    result = (y, ref_latent, clip_fea)
+    if inputs.source.is_still:
+        cached["reference"] = result
+    return result
+
+
+def _keep_region(models, inputs, start: int, frame_num: int, cached: dict):
+    """What must not move (only with a mask image): the source latents + latent mask for the sampler, and the
+    window's source frames (uint8) for the pixel composite after decoding. (None, None) without a mask."""
+    if inputs.latent_keep_mask is None:
+        return None, None
+    if "keep" in cached:
+        return cached["keep"]
+    frames = inputs.source.frames(start, frame_num)
+    latents = models.vae.encode(to_model_frames(frames).to(models.device))
+    result = (KeepRegion(latents=latents, mask=inputs.latent_keep_mask.to(models.device)), frames)
+    if inputs.source.is_still:
+        cached["keep"] = result
+    return result
