@@ -214,7 +214,9 @@ def _speaker_features(models, inputs) -> list[torch.Tensor]:
     with models.using("wav2vec2") as w2v:
         for track in inputs.speaker_tracks:
             x = normalize_loudness(np.asarray(track, dtype=np.float32), 16000, target=-23.0)
-            wave = normalize_waveform(torch.as_tensor(np.asarray(x, dtype=np.float32)))
+            wave = torch.as_tensor(np.asarray(x, dtype=np.float32))
+            if w2v.normalize_input:  # the checkpoint's `do_normalize` (off for chinese-wav2vec2-base)
+                wave = normalize_waveform(wave)
             device = next(w2v.parameters()).device
             feats = w2v(wave.to(device, torch.float32), inputs.plan.audio_frames)
             out.append(feats.float().cpu())
