@@ -6,9 +6,13 @@ from __future__ import annotations
 import math
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import av
 import numpy as np
+
+if TYPE_CHECKING:
+    from .pipeline.generate import GenerationResult, ProgressHook
 
 __all__ = ["two_faces_image", "synthetic_voice", "write_png", "make_demo_inputs", "run_demo"]
 
@@ -75,8 +79,9 @@ def make_demo_inputs(folder: Path, seconds: float = 4.0) -> dict[str, Path]:
     }
 
 
-def run_demo(out: Path = Path("demo.mp4"), cache_dir: Path | None = None, seconds: float = 4.0, progress=None,
-             steps: int = 2, size_scale: float = 0.125, frame_num: int = 81, motion_frames: int = 9):
+def run_demo(out: Path = Path("demo.mp4"), cache_dir: Path | None = None, seconds: float = 4.0,
+             progress: ProgressHook | None = None, steps: int = 2, size_scale: float = 0.125,
+             frame_num: int = 81, motion_frames: int = 9) -> GenerationResult:
     """Tiny models (made once into `cache_dir`, or a temporary folder), synthetic inputs, one CPU job."""
     from .pipeline.generate import generate
     from .pipeline.models import load_models

@@ -111,14 +111,9 @@ def frames_to_mp4(frames: np.ndarray, path: Path, fps: float = 25.0, crf: int = 
     from infinitetalk.video.writer import Mp4Writer
 
     n, h, w, _ = frames.shape
-    writer = Mp4Writer(path, w, h, fps=fps, crf=crf, pix_fmt=pix_fmt, audio=audio, metadata=metadata or {})
-    try:
+    with Mp4Writer(path, w, h, fps=fps, crf=crf, pix_fmt=pix_fmt, audio=audio, metadata=metadata or {}) as writer:
         for start in range(0, n, 16):
             writer.write(frames[start:start + 16])
-    except BaseException:
-        writer.abort()
-        raise
-    writer.close()
     return Path(path)
 
 

@@ -6,6 +6,7 @@ VIDEO (`get_stream_source`, `get_components`, `save_to`, `get_dimensions`) for c
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -41,7 +42,7 @@ class InfiniteTalkVideo:
             width, height = stream.codec_context.width, stream.codec_context.height
         return cls(Path(path), frames, fps, width, height, frames / fps, has_audio, seed)
 
-    def iter_frames(self, chunk: int = 16):
+    def iter_frames(self, chunk: int = 16) -> Iterator[np.ndarray]:
         """uint8 [n,H,W,3] chunks of the decoded video, in order (bounded memory)."""
         import av
 

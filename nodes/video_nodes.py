@@ -106,14 +106,10 @@ class InfiniteTalkVideoCombine:
             # enough frames to carry all of the audio (the writer pads the last partial frame with silence)
             frame_count = min(frame_count, max(1, math.ceil(sound[0].shape[1] / sound[1] * fps - 1e-6)))
         chunks = _image_chunks(images, height, width) if images is not None else video.iter_frames()
-        writer = Mp4Writer(path, width, height, fps=int(round(fps)), crf=int(crf), pix_fmt=pix_fmt, audio=sound, metadata=metadata)
-        try:
+        with Mp4Writer(path, width, height, fps=int(round(fps)), crf=int(crf), pix_fmt=pix_fmt, audio=sound,
+                       metadata=metadata) as writer:
             for chunk in _trimmed(chunks, frame_count):
                 writer.write(chunk)
-        except BaseException:
-            writer.abort()
-            raise
-        writer.close()
 
 
 def _metadata(prompt: Any, extra_pnginfo: Any) -> dict:

@@ -128,7 +128,7 @@ def integrated_loudness(x: np.ndarray | torch.Tensor, rate: float) -> float:
         return float(-0.691 + 10.0 * np.log10((weights[:, 0] * z[:, gated].mean(axis=1)).sum()))
 
 
-def normalize_loudness(x: np.ndarray | torch.Tensor, rate: float, target: float = -23.0):
+def normalize_loudness(x: np.ndarray | torch.Tensor, rate: float, target: float = -23.0) -> np.ndarray | torch.Tensor:
     """`x` scaled to `target` LUFS (same type, dtype and device as `x`); unchanged when the measured
     loudness is beyond ±100 LUFS (silence) or the audio is shorter than one 400 ms block.
 

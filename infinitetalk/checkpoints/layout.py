@@ -17,12 +17,15 @@ naming the layer and the format. fp8 weights stay fp8: `layers.Linear` dequantis
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from .lazy import LazyTensors
 from .reader import Checkpoint, CheckpointError
 
 __all__ = ["CanonicalView", "canonical_view", "KNOWN_PREFIXES", "SUPPORTED_QUANT_FORMATS"]
@@ -41,7 +44,7 @@ _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @dataclass
-class CanonicalView(Mapping[str, torch.Tensor]):
+class CanonicalView(LazyTensors):
     """Read-only mapping canonical name -> tensor over a Checkpoint, plus fp8 scales by layer name.
 
     `quant_formats` tells which layers the file declares quantised (layer -> format); `fp8_storage`
@@ -56,19 +59,14 @@ class CanonicalView(Mapping[str, torch.Tensor]):
     fp8_views: dict[str, torch.dtype] = field(default_factory=dict)  # fp8 weights stored as uint8 bytes
     fp8_storage: torch.dtype | None = None
 
-    def __getitem__(self, key: str) -> torch.Tensor:
-        t = self.ckpt[self.names[key]]
+    @property
+    def _index(self) -> dict[str, str]:
+        return self.names
+
+    def _load(self, key: str, stored_key: str) -> torch.Tensor:
+        t = self.ckpt[stored_key]
         view = self.fp8_views.get(key)
         return t.view(view) if view is not None else t
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.names
 
     def shape(self, key: str) -> torch.Size:
         return self.ckpt.shape(self.names[key])
@@ -77,12 +75,20 @@ class CanonicalView(Mapping[str, torch.Tensor]):
         return self.fp8_views.get(key) or self.ckpt.dtype(self.names[key])
 
     @property
-    def path(self):
+    def path(self) -> Path:
         return self.ckpt.path
 
     @property
     def metadata(self) -> dict[str, str]:
         return self.ckpt.metadata
+
+    def strip_prefix(self, prefix: str) -> CanonicalView:
+        """The tensors under a further wrapper `prefix` (one `canonical_view` does not know), without it."""
+        def under(d: dict) -> dict:
+            return {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
+        return dataclasses.replace(self, names=under(self.names), scale_keys=under(self.scale_keys),
+                                   quant_formats=under(self.quant_formats), fp8_views=under(self.fp8_views),
+                                   prefix=self.prefix + prefix)
 
     def scales(self) -> dict[str, torch.Tensor]:
         """fp8 dequantisation scales, layer name -> float32 tensor.

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .lazy import LazyTensors, dtype_of, shape_of
 from .reader import Checkpoint, CheckpointError, open_checkpoint
 
 __all__ = ["apply_loras", "LoraMergedView", "is_lora_key"]
@@ -64,22 +65,13 @@ class _Term:
         return d
 
 
-def _shape(tensors: Mapping[str, torch.Tensor], key: str) -> torch.Size:
-    getter = getattr(tensors, "shape", None)
-    return getter(key) if callable(getter) else tensors[key].shape
-
-
-def _dtype(tensors: Mapping[str, torch.Tensor], key: str) -> torch.dtype:
-    getter = getattr(tensors, "dtype", None)
-    return getter(key) if callable(getter) else tensors[key].dtype
-
-
-class LoraMergedView(Mapping[str, torch.Tensor]):
+class LoraMergedView(LazyTensors):
     """The base tensors with LoRA deltas added on read (float32 math, result in `dtype`)."""
 
     def __init__(self, base: Mapping[str, torch.Tensor], scales: Mapping[str, torch.Tensor],
                  terms: dict[str, list[_Term]], dtype: torch.dtype, kept_scales: Mapping[str, torch.Tensor],
                  device: torch.device):
+        super().__init__(base)  # reading the index gives the stored tensor the deltas are added to
         self.base = base
         self.device = device
         self._scales = scales
@@ -87,8 +79,7 @@ class LoraMergedView(Mapping[str, torch.Tensor]):
         self.terms = terms
         self.out_dtype = dtype
 
-    def __getitem__(self, key: str) -> torch.Tensor:
-        t = self.base[key]
+    def _load(self, key: str, t: torch.Tensor) -> torch.Tensor:
         terms = self.terms.get(key)
         if not terms:
             return t
@@ -101,20 +92,11 @@ class LoraMergedView(Mapping[str, torch.Tensor]):
             w.add_(term.delta(w.shape, self.device), alpha=term.strength)
         return w.to(self.out_dtype)
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.base)
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.base
-
     def shape(self, key: str) -> torch.Size:
-        return _shape(self.base, key)
+        return shape_of(self.base, key)
 
     def dtype(self, key: str) -> torch.dtype:
-        return self.out_dtype if key in self.terms else _dtype(self.base, key)
+        return self.out_dtype if key in self.terms else dtype_of(self.base, key)
 
     def scales(self) -> dict[str, torch.Tensor]:
         """fp8 scales of the layers no LoRA touched (merged layers are no longer fp8)."""
@@ -122,7 +104,7 @@ class LoraMergedView(Mapping[str, torch.Tensor]):
 
     def __getattr__(self, name: str):
         # path / metadata of the wrapped view stay reachable
-        if name in ("base", "_scales", "_kept", "terms", "out_dtype", "device"):
+        if name in ("_index", "base", "_scales", "_kept", "terms", "out_dtype", "device"):
             raise AttributeError(name)
         return getattr(self.base, name)
 
@@ -182,7 +164,7 @@ def _collect(path: Path, ckpt: Checkpoint, strength: float, tensors: Mapping[str
             if target not in tensors:
                 missing.append(target)
             else:
-                w = _shape(tensors, target)
+                w = shape_of(tensors, target)
                 if (len(down_shape) < 2 or up_shape[0] != w[0] or down_shape[0] != up_shape[1]
                         or up_shape[0] * math.prod(down_shape[1:]) != math.prod(w)):
                     mismatched.append(f"{target}: weight {tuple(w)}, LoRA up {tuple(up_shape)} down {tuple(down_shape)}")
@@ -197,7 +179,7 @@ def _collect(path: Path, ckpt: Checkpoint, strength: float, tensors: Mapping[str
             if target not in tensors:
                 missing.append(target)
                 continue
-            w, d = _shape(tensors, target), ckpt.shape(parts[suffix])
+            w, d = shape_of(tensors, target), ckpt.shape(parts[suffix])
             if math.prod(w) != math.prod(d):
                 mismatched.append(f"{target}: weight {tuple(w)}, LoRA {suffix[1:]} {tuple(d)}")
             else:

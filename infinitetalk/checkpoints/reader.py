@@ -15,12 +15,15 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["CheckpointError", "Checkpoint", "open_checkpoint"]
+from .lazy import LazyTensors
+
+__all__ = ["CheckpointError", "Checkpoint", "open_checkpoint", "join_shards"]
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -43,7 +46,7 @@ class CheckpointError(ValueError):
         super().__init__(f"{self.path}: {message}")
 
 
-class Checkpoint(Mapping[str, torch.Tensor]):
+class Checkpoint(LazyTensors):
     """A read-only mapping name -> tensor whose tensors are loaded on access.
 
     `shape(key)` and `dtype(key)` answer from the header without reading data, so formats and
@@ -51,37 +54,20 @@ class Checkpoint(Mapping[str, torch.Tensor]):
     """
 
     def __init__(self, path: Path, entries: dict[str, tuple[torch.Size, torch.dtype, object]],
-                 loader, metadata: dict[str, str]):
+                 loader: Callable[[str, Any], torch.Tensor], metadata: dict[str, str]):
+        super().__init__(entries)  # key -> (shape, dtype, locator)
         self.path = path
-        self._entries = entries  # key -> (shape, dtype, locator)
         self._loader = loader
         self.metadata = metadata
 
-    def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._entries:
-            raise KeyError(key)
-        return self._loader(key, self._entries[key][2])
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._entries
+    def _load(self, key: str, entry: tuple[torch.Size, torch.dtype, object]) -> torch.Tensor:
+        return self._loader(key, entry[2])
 
     def shape(self, key: str) -> torch.Size:
-        return self._entries[key][0]
+        return self._index[key][0]
 
     def dtype(self, key: str) -> torch.dtype:
-        return self._entries[key][1]
-
-    def nbytes(self) -> int:
-        total = 0
-        for shape, dtype, _ in self._entries.values():
-            total += shape.numel() * dtype.itemsize
-        return total
+        return self._index[key][1]
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {len(self)} tensors)"
@@ -178,7 +164,7 @@ def _open_index(path: Path) -> Checkpoint:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(path, f"not a sharded-checkpoint index (expected a JSON object with 'weight_map'): {exc}") from exc
     shards: dict[str, Checkpoint] = {}
-    entries = {}
+    owner: dict[str, Checkpoint] = {}
     metadata: dict[str, str] = dict(index.get("metadata") or {})
     for key, shard_name in weight_map.items():
         shard_path = path.parent / shard_name
@@ -189,15 +175,17 @@ def _open_index(path: Path) -> Checkpoint:
         shard = shards[shard_name]
         if key not in shard:
             raise CheckpointError(shard_path, f"tensor {key!r} listed in the index is not in this shard")
-        entries[key] = (shard.shape(key), shard.dtype(key), shard)
+        owner[key] = shard
     for shard in shards.values():  # shard metadata fills in what the index does not say
         for k, v in shard.metadata.items():
             metadata.setdefault(k, v)
+    return join_shards(path, owner, metadata)
 
-    def load(key: str, shard: Checkpoint) -> torch.Tensor:
-        return shard[key]
 
-    return Checkpoint(path, entries, load, metadata)
+def join_shards(path: Path, owner: Mapping[str, Checkpoint], metadata: dict[str, str]) -> Checkpoint:
+    """One checkpoint named `path` over tensors spread across shards (`owner`: key -> its shard)."""
+    entries = {key: (shard.shape(key), shard.dtype(key), shard) for key, shard in owner.items()}
+    return Checkpoint(path, entries, lambda key, shard: shard[key], metadata)
 
 
 def _open_torch(path: Path, kind: str) -> Checkpoint:

@@ -5,35 +5,28 @@ loader can hand a foreign-named multi-GB file to `load_module` without materiali
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 
 import torch
 
+from ..checkpoints.lazy import LazyTensors
+
 __all__ = ["TensorMap"]
 
+_Entry = tuple[torch.Size, Callable[[], torch.Tensor]]
 
-class TensorMap(Mapping[str, torch.Tensor]):
+
+class TensorMap(LazyTensors):
     """name -> tensor, each value computed by its getter when read; shapes known without reading."""
 
     def __init__(self) -> None:
-        self._getters: dict[str, Callable[[], torch.Tensor]] = {}
-        self._shapes: dict[str, torch.Size] = {}
+        super().__init__({})
 
     def add(self, name: str, shape: torch.Size | tuple[int, ...], getter: Callable[[], torch.Tensor]) -> None:
-        self._getters[name] = getter
-        self._shapes[name] = torch.Size(shape)
+        self._index[name] = (torch.Size(shape), getter)
 
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self._getters[name]()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._getters)
-
-    def __len__(self) -> int:
-        return len(self._getters)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._getters
+    def _load(self, name: str, entry: _Entry) -> torch.Tensor:
+        return entry[1]()
 
     def shape(self, name: str) -> torch.Size:
-        return self._shapes[name]
+        return self._index[name][0]

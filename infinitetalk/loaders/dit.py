@@ -13,20 +13,21 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..checkpoints.lazy import LazyTensors
 from ..checkpoints.layout import CanonicalView, canonical_view
 from ..checkpoints.materialize import build_on_meta, load_module
-from ..checkpoints.reader import Checkpoint, CheckpointError, open_checkpoint
+from ..checkpoints.reader import Checkpoint, CheckpointError, join_shards, open_checkpoint
 from ..errors import InputError
 from ..models.attention import ATTENTION_BACKENDS
 from ..models.dit import DiTConfig, InfiniteTalkDiT
 
-__all__ = ["load_dit", "infer_dit_config", "BASE_ANCHORS", "PATCH_ANCHORS", "REAL_HEAD_DIM"]
+__all__ = ["load_dit", "infer_dit_config", "is_audio_key", "BASE_ANCHORS", "PATCH_ANCHORS", "REAL_HEAD_DIM"]
 
 PathLike = str | os.PathLike
 BASE_ANCHORS = ("head.modulation", "patch_embedding.weight")
@@ -40,32 +41,25 @@ _SHAPE_FIELDS = ("dim", "ffn_dim", "num_layers", "in_dim", "out_dim", "text_dim"
                  "norm_output_audio", "audio_window", "audio_channels")
 
 
-class _Merged(Mapping[str, torch.Tensor]):
+def is_audio_key(name: str) -> bool:
+    """True for a canonical name of the InfiniteTalk additions (audio projector, audio cross-attention, its norm)."""
+    return _AUDIO_KEY.match(name) is not None
+
+
+class _Merged(LazyTensors):
     """Canonical name -> tensor over several canonical views; later views win."""
 
     def __init__(self, views: Sequence[CanonicalView]):
-        self._where: dict[str, CanonicalView] = {}
-        for view in views:
-            for name in view:
-                self._where[name] = view
+        super().__init__({name: view for view in views for name in view})
 
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self._where[key][key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._where
+    def _load(self, key: str, view: CanonicalView) -> torch.Tensor:
+        return view[key]
 
     def shape(self, key: str) -> torch.Size:
-        return self._where[key].shape(key)
+        return self._index[key].shape(key)
 
     def dtype(self, key: str) -> torch.dtype:
-        return self._where[key].dtype(key)
+        return self._index[key].dtype(key)
 
 
 def _open_base(base: PathLike | Sequence[PathLike]) -> Checkpoint:
@@ -77,14 +71,14 @@ def _open_base(base: PathLike | Sequence[PathLike]) -> Checkpoint:
         raise InputError("base", "expected a DiT file, a folder or a non-empty list of shard files")
     if len(shards) == 1:
         return shards[0]
-    entries: dict[str, tuple] = {}
+    owner: dict[str, Checkpoint] = {}
     for shard in shards:
         for key in shard:
-            if key in entries:
-                raise CheckpointError(shard.path, f"tensor {key!r} also appears in {entries[key][2].path}")
-            entries[key] = (shard.shape(key), shard.dtype(key), shard)
+            if key in owner:
+                raise CheckpointError(shard.path, f"tensor {key!r} also appears in {owner[key].path}")
+            owner[key] = shard
     metadata = {k: v for shard in shards for k, v in shard.metadata.items()}
-    return Checkpoint(Path(shards[0].path), entries, lambda key, shard: shard[key], metadata)
+    return join_shards(Path(shards[0].path), owner, metadata)
 
 
 def _view(ckpt: Checkpoint, anchors: Sequence[str]) -> CanonicalView:
@@ -96,10 +90,7 @@ def _view(ckpt: Checkpoint, anchors: Sequence[str]) -> CanonicalView:
         anchor = next((a for a in anchors if name.endswith("." + a)), None)
         if anchor is None:
             continue
-        prefix = name[: -len(anchor)]
-        names = {k[len(prefix):]: v for k, v in view.names.items() if k.startswith(prefix)}
-        scales = {k[len(prefix):]: v for k, v in view.scale_keys.items() if k.startswith(prefix)}
-        return dataclasses.replace(view, names=names, scale_keys=scales, prefix=view.prefix + prefix)
+        return view.strip_prefix(name[: -len(anchor)])
     return view
 
 
@@ -120,7 +111,7 @@ def _meta_int(metas: Sequence[Mapping[str, str]], key: str, source: str) -> int 
     return None
 
 
-def infer_dit_config(tensors: _Merged, metadata: Sequence[Mapping[str, str]] = (),
+def infer_dit_config(tensors: LazyTensors, metadata: Sequence[Mapping[str, str]] = (),
                      overrides: Mapping[str, Any] | None = None, source: str = "checkpoint") -> DiTConfig:
     """DiTConfig from tensor shapes; `overrides` set what shapes cannot tell and must agree elsewhere."""
     shape = tensors.shape
@@ -172,7 +163,7 @@ def infer_dit_config(tensors: _Merged, metadata: Sequence[Mapping[str, str]] = (
         raise CheckpointError(source, str(exc)) from exc
 
 
-def _require_parts(tensors: _Merged, base_path: str, patch_path: str | None) -> None:
+def _require_parts(tensors: LazyTensors, base_path: str, patch_path: str | None) -> None:
     missing_base = [a for a in BASE_ANCHORS + ("img_emb.proj.1.weight",) if a not in tensors]
     if missing_base:
         raise CheckpointError(base_path, f"not a Wan2.1 I2V DiT: missing {', '.join(missing_base)} "
@@ -212,12 +203,12 @@ def load_dit(base: PathLike | Sequence[PathLike], patch: PathLike | None = None,
         patch_ckpt = open_checkpoint(patch)
         _check_not_quanto(patch_ckpt)
         patch_view = _view(patch_ckpt, PATCH_ANCHORS)
-        patch_view.names = {k: v for k, v in patch_view.names.items() if _AUDIO_KEY.match(k)}
-        patch_view.scale_keys = {k: v for k, v in patch_view.scale_keys.items() if _AUDIO_KEY.match(k)}
+        patch_view.names = {k: v for k, v in patch_view.names.items() if is_audio_key(k)}
+        patch_view.scale_keys = {k: v for k, v in patch_view.scale_keys.items() if is_audio_key(k)}
         if not patch_view.names:
             raise CheckpointError(patch_ckpt.path, "holds no InfiniteTalk audio tensors (audio_proj.*, "
                                                    "blocks.N.audio_cross_attn.*, blocks.N.norm_x.*)")
-        views[0].scale_keys = {k: v for k, v in views[0].scale_keys.items() if not _AUDIO_KEY.match(k)}
+        views[0].scale_keys = {k: v for k, v in views[0].scale_keys.items() if not is_audio_key(k)}
         views.append(patch_view)
         metadata.insert(0, patch_ckpt.metadata)
     tensors = _Merged(views)

@@ -130,8 +130,8 @@ def infer_t5_config(tensors: TensorMap) -> T5Config:
         num_heads=heads, num_layers=_block_count(tensors), num_buckets=buckets)
 
 
-def _build(view: CanonicalView, config: T5Config | None, dtype: torch.dtype, device) -> T5Encoder:
-    tensors, scales, _ = t5_tensors(view)
+def _build(view: CanonicalView, tensors: TensorMap, scales: dict[str, torch.Tensor], config: T5Config | None,
+           dtype: torch.dtype, device: torch.device | str) -> T5Encoder:
     cfg = config or infer_t5_config(tensors)
     if cfg.dim_attn % cfg.num_heads:
         raise CheckpointError(view.path, f"attention width {cfg.dim_attn} is not divisible by {cfg.num_heads} heads")
@@ -142,7 +142,9 @@ def _build(view: CanonicalView, config: T5Config | None, dtype: torch.dtype, dev
 def load_t5_encoder(path: str | os.PathLike, *, config: T5Config | None = None, dtype: torch.dtype = torch.bfloat16,
                     device: torch.device | str = "cpu") -> T5Encoder:
     """The umT5 encoder module alone (config inferred from shapes unless given)."""
-    return _build(canonical_view(open_checkpoint(path)), config, dtype, device)
+    view = canonical_view(open_checkpoint(path))
+    tensors, scales, _ = t5_tensors(view)
+    return _build(view, tensors, scales, config, dtype, device)
 
 
 def _tokenizer_in_folder(folder: Path) -> Path | None:
@@ -181,9 +183,9 @@ def load_text_encoder(path: str | os.PathLike, tokenizer: UMT5Tokenizer | str | 
                       dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu") -> TextEncoder:
     """umT5 checkpoint (+ tokenizer) -> ready `TextEncoder`; the tokenizer is resolved before the weights load."""
     view = canonical_view(open_checkpoint(path))
-    t5_tensors(view)  # refuse a wrong file before looking for a tokenizer
+    tensors, scales, _ = t5_tensors(view)  # refuses a wrong file before looking for a tokenizer
     tok = find_tokenizer(view, tokenizer)
-    model = _build(view, None, dtype, device)
+    model = _build(view, tensors, scales, None, dtype, device)
     if tok.vocab_size > model.config.vocab:
         raise CheckpointError(tok.source, (
             f"tokenizer has {tok.vocab_size} pieces but the text encoder {path} only {model.config.vocab} "

@@ -9,12 +9,14 @@ The architecture (dim, dim_mult, res blocks, attention, temporal downsampling) i
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Mapping
 
 import torch
 
+from ..checkpoints.lazy import shape_of
 from ..checkpoints.layout import CanonicalView, canonical_view
 from ..checkpoints.materialize import build_on_meta, load_module
 from ..checkpoints.reader import CheckpointError, open_checkpoint
@@ -26,33 +28,14 @@ ANCHORS = ("decoder.conv1.weight", "encoder.conv1.weight", "decoder.head.0.gamma
 _REQUIRED = ("encoder.conv1.weight", "conv1.weight", "conv2.weight", "decoder.conv1.weight", "decoder.head.2.weight")
 
 
-class _Renamed(Mapping[str, torch.Tensor]):
-    """A view with an extra prefix stripped (wrappers canonical_view does not know, e.g. `vae.`)."""
-
-    def __init__(self, view: CanonicalView, prefix: str):
-        self.view = view
-        self.names = {k[len(prefix):]: k for k in view if k.startswith(prefix)}
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self.view[self.names[key]]
-
-    def __iter__(self):
-        return iter(self.names)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def shape(self, key: str) -> torch.Size:
-        return self.view.shape(self.names[key])
-
-
-def _vae_tensors(path: str) -> Mapping[str, torch.Tensor]:
+def _vae_tensors(path: str) -> CanonicalView:
+    """The VAE's tensors, also under a wrapper prefix canonical_view does not know (e.g. `vae.`)."""
     view = canonical_view(open_checkpoint(path), anchors=ANCHORS)
     if all(k in view for k in _REQUIRED):
         return view
     for key in view:
         if key.endswith("decoder.head.0.gamma"):
-            renamed = _Renamed(view, key[: -len("decoder.head.0.gamma")])
+            renamed = view.strip_prefix(key[: -len("decoder.head.0.gamma")])
             if all(k in renamed for k in _REQUIRED):
                 return renamed
     missing = [k for k in _REQUIRED if k not in view]
@@ -62,7 +45,7 @@ def _vae_tensors(path: str) -> Mapping[str, torch.Tensor]:
 
 def infer_vae_config(tensors: Mapping[str, torch.Tensor], source: str = "checkpoint") -> VAEConfig:
     """Read the `WanVAE_` constructor arguments from tensor shapes (encoder side)."""
-    shape = tensors.shape if hasattr(tensors, "shape") else (lambda k: tensors[k].shape)
+    shape = functools.partial(shape_of, tensors)
     z_dim = int(shape("conv2.weight")[0])
     if z_dim != 16 or "decoder.upsamples.0.upsamples.0.residual.0.gamma" in tensors:
         raise CheckpointError(source, f"latent channels {z_dim}: this is not a Wan2.1 VAE "

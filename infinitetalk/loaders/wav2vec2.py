@@ -51,28 +51,27 @@ def _resolve_file(path: Path) -> Path:
     return path  # open_checkpoint handles a folder with one *.safetensors or one index
 
 
-def _read_config_json(file: Path) -> dict[str, Any] | None:
-    p = file.parent / "config.json"
+def _read_json_beside(file: Path, name: str) -> Any:
+    """The JSON file `name` in the checkpoint's folder, or None when there is none."""
+    p = file.parent / name
     if not p.is_file():
         return None
     try:
-        d = json.loads(p.read_text())
+        return json.loads(p.read_text())
     except (OSError, ValueError) as exc:
-        raise CheckpointError(p, f"unreadable config.json: {exc}") from exc
+        raise CheckpointError(p, f"unreadable {name}: {exc}") from exc
+
+
+def _read_config_json(file: Path) -> dict[str, Any] | None:
+    d = _read_json_beside(file, "config.json")
     if not isinstance(d, dict) or (d.get("model_type") != "wav2vec2" and "conv_kernel" not in d):
-        return None  # a config.json of something else sharing the folder
+        return None  # none, or a config.json of something else sharing the folder
     return d
 
 
 def _read_do_normalize(file: Path) -> bool | None:
     """`do_normalize` of a Hugging Face `preprocessor_config.json` beside the file, if there is one."""
-    p = file.parent / "preprocessor_config.json"
-    if not p.is_file():
-        return None
-    try:
-        d = json.loads(p.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(p, f"unreadable preprocessor_config.json: {exc}") from exc
+    d = _read_json_beside(file, "preprocessor_config.json")
     value = d.get("do_normalize") if isinstance(d, dict) else None
     return bool(value) if value is not None else None
 

@@ -34,7 +34,8 @@ def _axis_angles(n: int, complex_dims: int, device) -> torch.Tensor:
     return torch.outer(torch.arange(n, dtype=torch.float64, device=device), inv)
 
 
-def video_rope_tables(grid: tuple[int, int, int], head_dim: int, device=None) -> torch.Tensor:
+def video_rope_tables(grid: tuple[int, int, int], head_dim: int,
+                      device: torch.device | str | None = None) -> torch.Tensor:
     """Unit rotations `[f·h·w, 1, head_dim/2]` (complex128) for tokens in (frame, row, col) order.
 
     Positions start at 0 on each axis; each axis has its own frequency ladder.

@@ -2,7 +2,12 @@
 features, motion latents, and the pixel <-> model conversions around them."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from ..models.vae import WanVAE
 
 __all__ = ["to_model_frames", "to_uint8_frames", "first_frame_mask", "reference_condition", "motion_latents"]
 
@@ -19,7 +24,7 @@ def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
     return x.permute(1, 2, 3, 0).contiguous()
 
 
-def first_frame_mask(latent_frames: int, h: int, w: int, device=None) -> torch.Tensor:
+def first_frame_mask(latent_frames: int, h: int, w: int, device: torch.device | str | None = None) -> torch.Tensor:
     """The 4 mask channels of y: `[4, T, h, w]`, 1 on latent frame 0 (the reference frame), 0 elsewhere.
 
     The reference builds it per video frame (frame 0 repeated 4×, then 80 frames, regrouped by 4), which
@@ -31,7 +36,7 @@ def first_frame_mask(latent_frames: int, h: int, w: int, device=None) -> torch.T
 
 
 @torch.no_grad()
-def reference_condition(vae, reference: torch.Tensor, frame_num: int) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_condition(vae: WanVAE, reference: torch.Tensor, frame_num: int) -> tuple[torch.Tensor, torch.Tensor]:
     """y `[20, T, h, w]` from VAE.encode([reference, zeros × (frame_num − 1)]) and the clean reference
     latent `[16, 1, h, w]` (the first window's motion latent; the encoder is causal, so it equals
     encoding the reference alone)."""
@@ -44,6 +49,6 @@ def reference_condition(vae, reference: torch.Tensor, frame_num: int) -> tuple[t
 
 
 @torch.no_grad()
-def motion_latents(vae, tail: torch.Tensor) -> torch.Tensor:
+def motion_latents(vae: WanVAE, tail: torch.Tensor) -> torch.Tensor:
     """Latents `[16, n, h, w]` of the previous window's last frames `[3, 4n−3, H, W]` (after colour match)."""
     return vae.encode(tail)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,9 @@ from .job import JobFolder, JobState, default_job_dir, fingerprint
 from .request import GenerationRequest
 from .sampler import Guidance, KeepRegion, WindowConditioning, sample_window, window_noise
 from .schedule import shift_for, timesteps
+
+if TYPE_CHECKING:
+    from .models import ModelBundle
 
 __all__ = ["generate", "GenerationResult", "ProgressHook", "CancelHook", "WindowHook"]
 
@@ -49,7 +53,7 @@ class GenerationResult:
     settings: dict = field(default_factory=dict)
 
 
-def generate(request: GenerationRequest, models, progress: ProgressHook | None = None,
+def generate(request: GenerationRequest, models: ModelBundle, progress: ProgressHook | None = None,
              cancel: CancelHook | None = None, on_window: WindowHook | None = None) -> GenerationResult:
     """Run one job to a finished mp4 at `request.out` (see module docstring).
 
@@ -161,9 +165,8 @@ def _run_windows(req, models, inputs, job: JobFolder, state: JobState, times, gu
 
         # decode frame by frame, colour-match, stream the kept frames into this window's segment
         lo, hi = plan.kept_range(k)
-        writer = Mp4Writer(job.segment(k), width, height, fps=25, crf=req.crf)
         tail_parts, preview, index = [], [], 0
-        try:
+        with Mp4Writer(job.segment(k), width, height, fps=25, crf=req.crf) as writer:
             for chunk in models.vae.decode_stream(latent):
                 chunk = match_and_blend_colors(chunk[None], first_reference[None, :, None], req.color_strength)[0]
                 n = chunk.shape[1]
@@ -180,10 +183,6 @@ def _run_windows(req, models, inputs, job: JobFolder, state: JobState, times, gu
                 if index + n > frame_num - n_motion_frames:
                     tail_parts.append(chunk[:, max(0, frame_num - n_motion_frames - index):].clone())
                 index += n
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
         tail = torch.cat(tail_parts, dim=1)
         job.save_tail(k, tail)
         state.windows_done = k + 1

@@ -7,6 +7,7 @@ second and leaves nothing behind.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import torch
@@ -15,6 +16,9 @@ import torch.nn.functional as F
 from ..errors import InputError
 from .resolution import resize_cover_crop, select_bucket
 from .windows import ChunkPlan, plan_chunks
+
+if TYPE_CHECKING:
+    from .request import GenerationRequest
 
 __all__ = ["PreparedInputs", "ReferenceSource", "prepare_inputs"]
 
@@ -112,7 +116,7 @@ def _keep_masks(req, src_h: int, src_w: int, size: tuple[int, int]) -> tuple[tor
     return lat, torch.maximum(pix, ramp)
 
 
-def prepare_inputs(req) -> PreparedInputs:
+def prepare_inputs(req: GenerationRequest) -> PreparedInputs:
     """Read and check every input of a resolved request (see module docstring)."""
     from ..audio.io import load_audio
     from ..audio.placement import place_speakers

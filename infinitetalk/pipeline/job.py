@@ -14,8 +14,12 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .request import GenerationRequest
 
 __all__ = ["JobState", "JobFolder", "fingerprint", "default_job_dir"]
 
@@ -36,7 +40,7 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def fingerprint(request, models_id: str = "") -> str:
+def fingerprint(request: GenerationRequest, models_id: str = "") -> str:
     """Identity of a job: every parameter that changes the frames, the input files' content and the models.
 
     The output path and the job folder are left out (moving the output does not invalidate the work); an

@@ -7,6 +7,7 @@ fp32 like the reference. On the CPU everything is simply resident.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +76,7 @@ class ModelBundle:
         return f"{base}:{self.dtype}"
 
     @contextmanager
-    def using(self, name: str):
+    def using(self, name: str) -> Iterator[torch.nn.Module]:
         """The named module, on the compute device while the block runs (and back on the CPU after, for
         the encoders that only visit when offloading)."""
         module = getattr(self, name)

@@ -22,6 +22,8 @@ import torch
 
 from .schedule import euler_step
 
+DiTCall = Callable[..., torch.Tensor]  # InfiniteTalkDiT.forward(x, t, context, clip_fea, y, audio, masks)
+
 __all__ = ["Guidance", "WindowConditioning", "KeepRegion", "guided_velocity", "sample_window", "window_noise"]
 
 
@@ -80,11 +82,12 @@ def window_noise(seed: int, window_index: int, shape: tuple[int, ...], device: t
     return torch.randn(shape, generator=g, dtype=torch.float32).to(device)
 
 
-def _model(dit, x, t, context, cond: WindowConditioning, audio) -> torch.Tensor:
+def _model(dit: DiTCall, x, t, context, cond: WindowConditioning, audio) -> torch.Tensor:
     return dit(x, t, context, cond.clip_fea, cond.y, audio, cond.ref_target_masks).float()
 
 
-def guided_velocity(dit, x: torch.Tensor, t: torch.Tensor, cond: WindowConditioning, guidance: Guidance) -> torch.Tensor:
+def guided_velocity(dit: DiTCall, x: torch.Tensor, t: torch.Tensor, cond: WindowConditioning,
+                    guidance: Guidance) -> torch.Tensor:
     """The guided flow velocity at time t (2 or 3 model calls)."""
     v_cond = _model(dit, x, t, cond.context, cond, cond.audio)
     if guidance.text_free:
@@ -98,7 +101,7 @@ def guided_velocity(dit, x: torch.Tensor, t: torch.Tensor, cond: WindowCondition
 
 @torch.no_grad()
 def sample_window(
-    dit,
+    dit: DiTCall,
     noise: torch.Tensor,
     cond: WindowConditioning,
     times: torch.Tensor,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["SHIFT_BY_RESOLUTION", "shift_for", "timesteps", "sigmas", "euler_step"]
+__all__ = ["SHIFT_BY_RESOLUTION", "shift_for", "timesteps", "euler_step"]
 
 # Default shift per resolution bucket family (the reference's `--sample_shift` for each `--size`).
 SHIFT_BY_RESOLUTION: dict[str, float] = {"480p": 7.0, "720p": 11.0}
@@ -37,11 +37,6 @@ def timesteps(steps: int, shift: float, num_timesteps: int = 1000) -> torch.Tens
     s = np.float32(shift)
     shifted = s * sigma / (np.float32(1) + (s - np.float32(1)) * sigma) * np.float32(num_timesteps)
     return torch.from_numpy(shifted.astype(np.float32))
-
-
-def sigmas(ts: torch.Tensor, num_timesteps: int = 1000) -> torch.Tensor:
-    """Noise levels σ = t / num_timesteps for a timestep tensor (x_t = (1−σ)·x0 + σ·noise)."""
-    return ts / num_timesteps
 
 
 def euler_step(x: torch.Tensor, v: torch.Tensor, t: float | torch.Tensor, t_next: float | torch.Tensor,

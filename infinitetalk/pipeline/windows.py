@@ -20,7 +20,7 @@ from ..errors import InputError
 __all__ = [
     "FPS", "MAX_SECONDS", "MAX_FRAMES", "FRAME_NUM", "MOTION_FRAMES", "AUDIO_WINDOW", "MIRROR_EXTRA_ROWS",
     "ChunkPlan", "plan_chunks", "check_chunk_sizes", "gather_audio_window", "gather_audio_windows", "mirror_pad_rows",
-    "frames_for_samples", "frames_for_seconds", "seconds_for_frames",
+    "frames_for_samples", "frames_for_seconds",
 ]
 
 FPS = 25                      # video frames per second everywhere (audio features are resampled to it)
@@ -40,11 +40,6 @@ def frames_for_samples(num_samples: int, sample_rate: int) -> int:
 def frames_for_seconds(seconds: float) -> int:
     """Video frames in `seconds` of audio (floor of seconds·25, robust to float noise like 3.2·25)."""
     return int(seconds * FPS + 1e-9)
-
-
-def seconds_for_frames(frames: int) -> float:
-    """Exact duration of `frames` video frames at 25 fps."""
-    return frames / FPS
 
 
 @dataclass(frozen=True)
@@ -68,9 +63,6 @@ class ChunkPlan:
     @property
     def num_chunks(self) -> int:
         return len(self.windows)
-
-    def is_last(self, k: int) -> bool:
-        return k == len(self.windows) - 1
 
     def kept_range(self, k: int) -> tuple[int, int]:
         """Local frame range [lo, hi) of chunk k's decoded frames that go into the final video (may be empty).

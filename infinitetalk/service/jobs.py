@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from urllib.parse import urlencode
 
 from ..errors import InputError
-from .contract import MAX_SECONDS, ApiError, JobRequest, audio_seconds_for, billed_seconds, now_iso, validate_request
+from .contract import MAX_SECONDS, ApiError, audio_seconds_for, billed_seconds, now_iso, validate_request
 from .graph import build_graph
 from .inputs import InputSettings, resolve_media
 from .store import JobRecord, JobStore
@@ -167,7 +167,3 @@ class JobService:
             "billed_seconds": rec.billed_seconds,
             "seed": rec.request.get("seed"),
         }
-
-
-def job_request_of(rec: JobRecord) -> JobRequest:
-    return JobRequest.from_json(rec.request)

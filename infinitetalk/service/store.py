@@ -90,7 +90,3 @@ class JobStore:
         d["outputs"] = json.loads(d["outputs"])
         return JobRecord(**d)
 
-    def ids_with_status(self, *statuses: str) -> list[str]:
-        marks = ", ".join("?" * len(statuses))
-        with self._lock:
-            return [r[0] for r in self._db.execute(f"SELECT id FROM jobs WHERE status IN ({marks}) ORDER BY created_at", statuses)]

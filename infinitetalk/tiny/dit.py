@@ -26,15 +26,20 @@ cannot read off tensor shapes; real files do not need them because the real size
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..checkpoints.materialize import build_on_meta
+from ..loaders.dit import is_audio_key
 from . import spec
 from .layouts import (
     linear_weight_names, random_lora, random_state_dict, save_fp8_comfy_quant, save_fp8_legacy, save_lora,
     save_safetensors, save_sharded,
 )
+
+if TYPE_CHECKING:
+    from ..models.dit import DiTConfig, InfiniteTalkDiT
 
 __all__ = ["write", "tiny_config", "tiny_state", "is_audio_key", "METADATA"]
 
@@ -42,7 +47,7 @@ METADATA = {"infinitetalk.num_heads": str(spec.DIT_HEADS), "infinitetalk.audio_l
 LORA_RANK = 4
 
 
-def tiny_config():
+def tiny_config() -> DiTConfig:
     """The tiny DiTConfig matching the other tiny components (text/image/audio widths from spec)."""
     from ..models.dit import DiTConfig
 
@@ -52,12 +57,7 @@ def tiny_config():
                      audio_layers=spec.AUDIO_LAYERS, audio_channels=spec.AUDIO_CHANNELS)
 
 
-def is_audio_key(name: str) -> bool:
-    """True for the InfiniteTalk additions (audio projector, audio cross-attention, its norm)."""
-    return name.startswith("audio_proj.") or ".audio_cross_attn." in name or ".norm_x." in name
-
-
-def tiny_state(seed: int = 0):
+def tiny_state(seed: int = 0) -> tuple[InfiniteTalkDiT, dict[str, torch.Tensor]]:
     """(meta-built model, full float32 state dict) of the tiny InfiniteTalk DiT."""
     from ..models.dit import InfiniteTalkDiT
 

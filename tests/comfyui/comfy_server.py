@@ -21,6 +21,14 @@ COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
 MODEL_FOLDERS = ("diffusion_models", "model_patches", "loras", "audio_encoders", "wav2vec2", "text_encoders",
                  "clip_vision", "vae")
+# loader widget values selecting the tiny models tree (what the workflows' loader node gets in tests)
+TINY_LOADER = {
+    "diffusion_model": "tiny_wan2.1_i2v_480p_bf16.safetensors",
+    "infinitetalk_patch": "tiny_wan2.1_infiniteTalk_multi_fp16.safetensors",
+    "lora": "none", "audio_encoder": "wav2vec2-chinese-base_fp16.safetensors",
+    "text_encoder": "umt5_xxl_fp16.safetensors", "clip_vision": "clip_vision_h.safetensors",
+    "vae": "wan_2.1_vae.safetensors", "precision": "fp32", "offload": "off",
+}
 
 
 def _free_port() -> int:

@@ -26,19 +26,12 @@ import av
 import numpy as np
 import pytest
 
-from comfy_server import COMFYUI_DIR, ROOT, spawn_server, stop_server
+from comfy_server import COMFYUI_DIR, ROOT, TINY_LOADER, spawn_server, stop_server
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
               pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set (no ComfyUI source tree)")]
 
 KEY = "api-test-key-7f3c"
-TINY_LOADER = {
-    "diffusion_model": "tiny_wan2.1_i2v_480p_bf16.safetensors",
-    "infinitetalk_patch": "tiny_wan2.1_infiniteTalk_multi_fp16.safetensors",
-    "lora": "none", "audio_encoder": "wav2vec2-chinese-base_fp16.safetensors",
-    "text_encoder": "umt5_xxl_fp16.safetensors", "clip_vision": "clip_vision_h.safetensors",
-    "vae": "wan_2.1_vae.safetensors", "precision": "fp32", "offload": "off",
-}
 TINY_SAMPLER = {"preset": "quality", "steps": 1, "size_scale": 0.05}
 WORKFLOW_FILES = ("infinitetalk_multi_image_api.json", "infinitetalk_multi_video_api.json")
 RATE = 16000

@@ -13,20 +13,13 @@ import av
 import numpy as np
 import pytest
 
-from comfy_server import COMFYUI_DIR, COMFYUI_PYTHON, ROOT, make_base, server_args, start_server
+from comfy_server import COMFYUI_DIR, COMFYUI_PYTHON, ROOT, TINY_LOADER, make_base, server_args, start_server
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
               pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set (no ComfyUI source tree)")]
 
 OUR_NODES = ("LoadTwoAudios", "MaskFromRegion", "InfiniteTalkModelLoader", "InfiniteTalkMultiSampler",
              "InfiniteTalkVideoCombine")
-TINY_LOADER = {
-    "diffusion_model": "tiny_wan2.1_i2v_480p_bf16.safetensors",
-    "infinitetalk_patch": "tiny_wan2.1_infiniteTalk_multi_fp16.safetensors",
-    "lora": "none", "audio_encoder": "wav2vec2-chinese-base_fp16.safetensors",
-    "text_encoder": "umt5_xxl_fp16.safetensors", "clip_vision": "clip_vision_h.safetensors",
-    "vae": "wan_2.1_vae.safetensors", "precision": "fp32", "offload": "off",
-}
 LEFT_S, RIGHT_S = 0.48, 0.32  # 12 and 8 frames at 25 fps
 
 
