@@ -122,9 +122,9 @@ def test_hosted_parameters_are_machine_readable(name, inputs):
     for param in (*inputs, "mask_image"):  # file parameters: a node titled with the parameter name
         assert api[mapping[param]["node"]]["_meta"]["title"] == param
     assert mapping["mask_image"].get("optional") is True
-    # the mask node is bypassed in the UI graph (optional), active in the API twin (removed when unused)
+    # the mask node is muted in the UI graph (optional; mode 2 = never), active in the API twin (removed when unused)
     ui = _load(ROOT / "example_workflows" / f"{name}.json")
-    assert next(n for n in ui["nodes"] if n.get("title") == "mask_image")["mode"] == 4
+    assert next(n for n in ui["nodes"] if n.get("title") == "mask_image")["mode"] == 2
 
 
 @pytest.mark.parametrize("name,inputs", PAIRS)
@@ -146,3 +146,13 @@ def test_checked_in_files_are_what_the_builder_writes(custom_node_package):
     spec.loader.exec_module(builder)
     for path, text in builder.build().items():
         assert path.read_text() == text, f"{path.relative_to(ROOT)} is stale: run python workflows/build_workflows.py"
+
+
+@pytest.mark.parametrize("name,_", PAIRS)
+def test_nodes_do_not_overlap_on_the_canvas(name, _):
+    """Each node's box (title bar included, 30 px) is clear of every other, so the graph opens readable."""
+    boxes = [(n["pos"][0], n["pos"][1] - 30, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1], n["title"])
+             for n in _load(ROOT / "example_workflows" / f"{name}.json")["nodes"]]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], f"{a[4]} overlaps {b[4]}"

@@ -31,6 +31,7 @@ function addUploadButton(node, widgetName, label) {
   document.body.append(picker);
   const button = node.addWidget("button", `upload_${widgetName}`, null, () => picker.click(), { serialize: false });
   button.label = label;
+  button.serialize = false; // keep it out of the saved workflow's widgets_values (options.serialize only covers the prompt)
   const onRemoved = node.onRemoved;
   node.onRemoved = function () {
     picker.remove();

@@ -42,9 +42,17 @@ MODEL_FILES = {
 CORE_NODES = {
     "LoadImage": {"widgets": ["image", "upload"], "outputs": [("IMAGE", "IMAGE"), ("MASK", "MASK")], "inputs": []},
     "LoadVideo": {"widgets": ["file", "upload"], "outputs": [("VIDEO", "VIDEO")], "inputs": []},
-    "PreviewImage": {"widgets": [], "outputs": [], "inputs": [("images", "IMAGE")]},
+    "PreviewImage": {"widgets": [], "outputs": [("images", "IMAGE")], "inputs": [("images", "IMAGE")]},
 }
 NOTE_TYPES = ("Note", "MarkdownNote")  # frontend-only nodes, never in API graphs
+MUTED = 2  # LiteGraph mode "never": the node and its links are left out of the prompt (Ctrl+M toggles it);
+# bypass (4) would make the frontend look for a pass-through input a loader does not have, and warn.
+# Node size per type [w, h] (at least what frontend 1.49 computes, so it keeps them) and the view a graph opens with.
+SIZES = {"LoadImage": [300, 330], "LoadVideo": [300, 330], "LoadTwoAudios": [340, 200],
+         "InfiniteTalkModelLoader": [420, 280], "MaskFromRegion": [320, 210], "PreviewImage": [320, 300],
+         "InfiniteTalkMultiSampler": [380, 550], "InfiniteTalkVideoCombine": [340, 420]}
+NOTE_SIZE = [760, 170]
+VIEW = (1400, 820, 90, 100)  # fit the graph into this many screen pixels, top-left margin (sidebar, menu bar)
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 
 
@@ -97,7 +105,8 @@ def image_graph() -> dict:
                  "3. order: left_right = left speaks first, then right; meanwhile = both tracks at once.\n"
                  "4. preset fast needs the lightx2v LoRA; quality (40 steps) needs none.\n"
                  "The video is as long as the audio, any length; it is streamed to disk window by window.\n"
-                 "mask_image (bypassed): enable it to limit motion to white regions."),
+                 "mask_image (muted, grey): select it and press Ctrl+M to limit motion to the white parts of a "
+                 "mask picture."),
         "nodes": [
             (1, "LoadImage", "image", {"image": "infinitetalk_two_people.png", "upload": "image"}, {}),
             (2, "LoadTwoAudios", "Left and right audio", {"left_audio": "infinitetalk_left.wav",
@@ -114,7 +123,10 @@ def image_graph() -> dict:
                                                            "crf": 19, "pix_fmt": "yuv420p", "trim_to_audio": True},
              {"video": (7, 0)}),
         ],
-        "bypassed": [6],
+        "muted": [6],
+        # columns left to right: inputs | audio + models | speaker masks | sampler | output
+        "layout": {1: (0, 230), 6: (0, 600), 2: (330, 230), 3: (330, 470), 4: (790, 230), 5: (790, 480),
+                   7: (1150, 230), 8: (1570, 230)},
     }
 
 
@@ -128,7 +140,8 @@ def video_graph() -> dict:
                  "Region masks to left_mask/right_mask for other layouts.\n"
                  "4. preset fast needs the lightx2v LoRA; quality (40 steps) needs none.\n"
                  "The source video is read window by window (never whole into RAM).\n"
-                 "mask_image (bypassed): enable it to limit motion to white regions."),
+                 "mask_image (muted, grey): select it and press Ctrl+M to limit motion to the white parts of a "
+                 "mask picture."),
         "nodes": [
             (1, "LoadVideo", "video", {"file": "infinitetalk_two_people.mp4", "upload": "image"}, {}),
             (2, "LoadTwoAudios", "Left and right audio", {"left_audio": "infinitetalk_left.wav",
@@ -141,7 +154,8 @@ def video_graph() -> dict:
                                                            "crf": 19, "pix_fmt": "yuv420p", "trim_to_audio": True},
              {"video": (7, 0)}),
         ],
-        "bypassed": [6],
+        "muted": [6],
+        "layout": {1: (0, 230), 6: (0, 600), 2: (330, 230), 3: (330, 470), 7: (790, 230), 8: (1210, 230)},
     }
 
 
@@ -169,7 +183,7 @@ def to_ui(graph: dict) -> dict:
             out_links.setdefault((src, slot), []).append(link_id)
             in_links[(node_id, name)] = link_id
     nodes = []
-    for order, (node_id, class_type, title, values, _) in enumerate(graph["nodes"]):
+    for order, (node_id, class_type, title, values, _) in enumerate(graph["nodes"]):  # listed sources first
         schema = schemas[node_id]
         widgets_values = []
         for name, control in schema["widgets"]:
@@ -183,20 +197,30 @@ def to_ui(graph: dict) -> dict:
             properties["models"] = [{"name": n, "url": u, "directory": d} for n, u, d in MODEL_FILES.values()]
         nodes.append({
             "id": node_id, "type": class_type, "title": title,
-            "pos": [40 + 380 * (order % 4), 60 + 420 * (order // 4)], "size": [340, 260 if ours else 320],
-            "flags": {}, "order": order, "mode": 4 if node_id in graph.get("bypassed", ()) else 0,
+            "pos": list(graph["layout"][node_id]), "size": list(SIZES[class_type]),
+            "flags": {}, "order": order, "mode": MUTED if node_id in graph.get("muted", ()) else 0,
             "inputs": [{"name": n, "type": t, "link": in_links.get((node_id, n))} for n, t in schema["inputs"]],
             "outputs": [{"name": n, "type": t, "links": out_links.get((node_id, i), []), "slot_index": i}
                         for i, (n, t) in enumerate(schema["outputs"])],
             "properties": properties, "widgets_values": widgets_values,
         })
     note_id = max(n["id"] for n in nodes) + 1
-    nodes.append({"id": note_id, "type": "Note", "title": "Read me", "pos": [40, -260], "size": [720, 220],
+    nodes.append({"id": note_id, "type": "Note", "title": "Read me", "pos": [0, 0], "size": list(NOTE_SIZE),
                   "flags": {}, "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
-                  "properties": {}, "widgets_values": [graph["note"]]})
+                  "properties": {}, "widgets_values": [graph["note"]], "color": "#432", "bgcolor": "#653"})
     return {"id": f"infinitetalk-{graph['name']}", "revision": 0, "last_node_id": note_id, "last_link_id": link_id,
             "nodes": nodes, "links": links, "groups": [], "config": {},
-            "extra": {"ds": {"scale": 0.75, "offset": [0, 0]}}, "version": 0.4}
+            "extra": {"ds": view(nodes)}, "version": 0.4}
+
+
+def view(nodes: list[dict]) -> dict:
+    """The canvas scale and offset that show every node (LiteGraph: screen = (pos + offset) * scale)."""
+    width, height, left, top = VIEW
+    x0, y0 = min(n["pos"][0] for n in nodes), min(n["pos"][1] for n in nodes)
+    x1 = max(n["pos"][0] + n["size"][0] for n in nodes)
+    y1 = max(n["pos"][1] + n["size"][1] for n in nodes)
+    scale = min(1.0, int(20 * min(width / (x1 - x0), height / (y1 - y0))) / 20)
+    return {"scale": scale, "offset": [round(left / scale - x0), round(top / scale - y0)]}
 
 
 def parameter_map(api: dict) -> dict:
