@@ -61,7 +61,7 @@ def _ui_as_api(pkg, ui: dict) -> dict:
 @pytest.mark.parametrize("name,_", PAIRS)
 def test_ui_graph_and_api_twin_agree(custom_node_package, name, _):
     ui = _load(ROOT / "example_workflows" / f"{name}.json")
-    api = _load(ROOT / "workflows" / f"{name}_api.json")
+    api = _load(ROOT / "workflows" / "api" / f"{name}_api.json")
     assert _ui_as_api(custom_node_package, ui) == api
     assert {n["type"] for n in ui["nodes"]} & set(FRONTEND_ONLY), "the UI graph has a Note"
     # links are consistent in the UI format itself (ids, output lists, slot types)
@@ -78,7 +78,7 @@ def test_ui_graph_and_api_twin_agree(custom_node_package, name, _):
 @pytest.mark.parametrize("name,_", PAIRS)
 def test_every_node_type_exists_and_widget_values_are_valid(custom_node_package, name, _):
     ours = custom_node_package.NODE_CLASS_MAPPINGS
-    api = _load(ROOT / "workflows" / f"{name}_api.json")
+    api = _load(ROOT / "workflows" / "api" / f"{name}_api.json")
     for node_id, node in api.items():
         kind = node["class_type"]
         assert kind in ours or kind in CORE_WIDGETS, f"{node_id}: unknown node type {kind}"
@@ -112,8 +112,8 @@ def test_model_download_hints(name, _):
 
 @pytest.mark.parametrize("name,inputs", PAIRS)
 def test_hosted_parameters_are_machine_readable(name, inputs):
-    api = _load(ROOT / "workflows" / f"{name}_api.json")
-    mapping = _load(ROOT / "workflows" / "parameters.json")[f"{name}_api.json"]
+    api = _load(ROOT / "workflows" / "api" / f"{name}_api.json")
+    mapping = _load(ROOT / "workflows" / "api" / "parameters.json")[f"{name}_api.json"]
     assert set(mapping) == set(inputs) | set(HOSTED)
     for param, where in mapping.items():
         node = api[where["node"]]
@@ -134,9 +134,9 @@ def test_service_convention_finds_the_same_slots(name, inputs):
         from infinitetalk.service.graph import parameter_slots
     except ImportError:
         pytest.skip("infinitetalk.service.graph is not available")
-    api = _load(ROOT / "workflows" / f"{name}_api.json")
+    api = _load(ROOT / "workflows" / "api" / f"{name}_api.json")
     slots = parameter_slots(api)
-    for param, where in _load(ROOT / "workflows" / "parameters.json")[f"{name}_api.json"].items():
+    for param, where in _load(ROOT / "workflows" / "api" / "parameters.json")[f"{name}_api.json"].items():
         assert slots[param] == (where["node"], where["input"]), param
 
 

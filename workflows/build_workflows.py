@@ -6,7 +6,7 @@ the files are what this script writes and that each UI graph and its API twin ag
 Hosted-API parameters (image/video, left_audio, right_audio, mask_image, prompt, order, resolution,
 seed) are found in the API graphs by the convention of `infinitetalk/service/graph.py`: the node titled
 P (`_meta.title`) with an input P or a single literal input, else the node with a literal input named P.
-`workflows/parameters.json` spells the resulting mapping out.
+`workflows/api/parameters.json` spells the resulting mapping out.
 """
 from __future__ import annotations
 
@@ -252,9 +252,9 @@ def build() -> dict[Path, str]:
     for graph in (image_graph(), video_graph()):
         api = to_api(graph)
         files[ROOT / "example_workflows" / f"{graph['name']}.json"] = json.dumps(to_ui(graph), indent=2) + "\n"
-        files[ROOT / "workflows" / f"{graph['name']}_api.json"] = json.dumps(api, indent=2) + "\n"
+        files[ROOT / "workflows" / "api" / f"{graph['name']}_api.json"] = json.dumps(api, indent=2) + "\n"
         params[f"{graph['name']}_api.json"] = parameter_map(api)
-    files[ROOT / "workflows" / "parameters.json"] = json.dumps(params, indent=2) + "\n"
+    files[ROOT / "workflows" / "api" / "parameters.json"] = json.dumps(params, indent=2) + "\n"
     return files
 
 

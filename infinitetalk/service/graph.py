@@ -1,6 +1,6 @@
 """Fill a shipped API-format workflow with a job's parameters.
 
-Convention (shared with `workflows/*_api.json`): a parameter P sets the literal input named P of the
+Convention (shared with `workflows/api/*_api.json`): a parameter P sets the literal input named P of the
 node titled P (`_meta.title`), or else of the node that has a literal input named P. A parameter left
 out of the job removes its titled node and the links to it (those inputs are optional in the graph).
 Every output node with a `filename_prefix` input gets the job's prefix so its files are found later.

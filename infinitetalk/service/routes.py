@@ -129,7 +129,7 @@ def register_with_comfyui() -> bool:
         return False
     from .comfy_engine import ComfyEngine
 
-    workflows = Path(os.environ.get(ENV_WORKFLOWS) or Path(__file__).resolve().parents[2] / "workflows")
+    workflows = Path(os.environ.get(ENV_WORKFLOWS) or Path(__file__).resolve().parents[2] / "workflows" / "api")
     store = JobStore(Path(folder_paths.get_user_directory()) / "infinitetalk_api" / "jobs.sqlite3")
     service = JobService(store, ComfyEngine(server), input_settings(Path(folder_paths.get_input_directory())),
                          load_workflows(workflows))

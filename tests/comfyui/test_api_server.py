@@ -119,7 +119,7 @@ def _media(folder: Path, package) -> dict[str, bytes]:
 def _tiny_workflows(folder: Path) -> Path:
     folder.mkdir()
     for name in WORKFLOW_FILES:
-        graph = json.loads((ROOT / "workflows" / name).read_text())
+        graph = json.loads((ROOT / "workflows" / "api" / name).read_text())
         kinds = {node["class_type"] for node in graph.values()}
         assert {"InfiniteTalkModelLoader", "InfiniteTalkMultiSampler"} <= kinds, name
         for node in graph.values():

@@ -51,7 +51,7 @@ def _write_inputs(folder: Path) -> None:
 
 
 def _graph(name: str, seed: int) -> dict:
-    graph = json.loads((ROOT / "workflows" / f"{name}_api.json").read_text())
+    graph = json.loads((ROOT / "workflows" / "api" / f"{name}_api.json").read_text())
     for node in graph.values():
         if node["class_type"] == "InfiniteTalkModelLoader":
             node["inputs"].update(TINY_LOADER)
@@ -167,13 +167,17 @@ def test_bad_inputs_name_the_input_and_the_server_keeps_serving(server):
 def test_cancel_interrupts_the_job_and_the_server_keeps_serving(server):
     import time
 
-    status, body = server.post("/prompt", {"prompt": _graph("infinitetalk_multi_image", seed=8), "client_id": "t"})
+    graph = _graph("infinitetalk_multi_image", seed=8)
+    for node in graph.values():   # a long job (100 steps, larger frames), so the interrupt lands inside it
+        if node["class_type"] == "InfiniteTalkMultiSampler":
+            node["inputs"].update(steps=100, size_scale=0.1)
+    status, body = server.post("/prompt", {"prompt": graph, "client_id": "t"})
     assert status == 200
     prompt_id = body["prompt_id"]
     deadline = time.time() + 120
     while not server.get("/queue")["queue_running"] and time.time() < deadline:
         time.sleep(0.2)
-    time.sleep(3.0)  # inside the job (model loading / first steps)
+    time.sleep(1.0)  # inside the job (model loading / first steps)
     assert server.post("/interrupt", {})[0] == 200
     while time.time() < deadline:
         entry = server.get(f"/history/{prompt_id}").get(prompt_id)
