@@ -77,8 +77,7 @@ def _collect(store: dict):
 
 
 def test_image_left_right_480p_exact_length_seed_and_resume(models, media, tmp_path):
-    """Exact frames are compared before encoding (on_window): x264 itself is not bit-reproducible on
-    frames this small (it reads uninitialised memory below 96 px width), so the mp4s are compared loosely."""
+    """Frames are compared before encoding (on_window) and the finished files byte for byte."""
     seen, progress = {}, []
     req = _request(media, tmp_path, "a.mp4", seed=11, order="left_right")
     a = generate(req, models, progress=lambda d, t: progress.append((d, t)), on_window=_collect(seen))
@@ -106,8 +105,8 @@ def test_image_left_right_480p_exact_length_seed_and_resume(models, media, tmp_p
     assert b.resumed_windows == 1 and b.seed == 11 and list(resumed) == [1]
     assert torch.equal(first[0], seen[0]) and torch.equal(resumed[1], seen[1])   # same seed, same frames
     frames_b, _, _ = _read(b.path)
-    assert frames_b.shape == frames_a.shape
-    assert np.abs(frames_a.astype(np.float32) - frames_b).mean() < 2.0
+    assert np.array_equal(frames_b, frames_a)
+    assert b.path.read_bytes() == a.path.read_bytes()                # the resumed job writes the same file
 
 
 def test_real_window_sizes_right_left_random_seed(models, media, tmp_path):

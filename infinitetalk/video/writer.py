@@ -7,8 +7,10 @@ sits under the output name.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import platform
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Mapping
@@ -29,6 +31,33 @@ _AAC_RATES = frozenset({96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 
 
 # Preferred H.264 encoders, best first; mpeg4 is the last resort (plays everywhere, bigger files).
 _ENCODERS = ("libx264", "libopenh264", "mpeg4")
+
+
+# /proc/cpuinfo flag -> x264 CPU name, for the instruction sets below AVX-512 (see x264_cpu_flags).
+_X264_CPU_NAMES = (("mmxext", "MMX2"), ("sse", "SSE"), ("sse2", "SSE2"), ("pni", "SSE3"), ("ssse3", "SSSE3"),
+                   ("sse4_1", "SSE4.1"), ("sse4_2", "SSE4.2"), ("abm", "LZCNT"), ("avx", "AVX"), ("fma", "FMA3"),
+                   ("bmi1", "BMI1"), ("bmi2", "BMI2"), ("avx2", "AVX2"))
+
+
+@functools.lru_cache(maxsize=1)
+def x264_cpu_flags() -> str | None:
+    """x264 `asm=` value that leaves out AVX-512, or None to keep x264's own detection.
+
+    x264's AVX-512 kernels in the PyAV wheels make the output differ from run to run for identical frames
+    (seen on AVX-512 CPUs at several frame sizes, also single-threaded; without AVX-512 it is bit-stable),
+    which would break "same seed -> same file" and resume. Only the CPU's own flags are passed.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return None
+    if "avx512f" not in flags:
+        return None
+    names = [name for flag, name in _X264_CPU_NAMES if flag in flags]
+    return ",".join(names) if "sse2" in flags else None
 
 
 def pick_video_encoder() -> str:
@@ -88,6 +117,8 @@ class Mp4Writer:
             for key, value in (metadata or {}).items():
                 self._container.metadata[str(key)] = str(value)
             options = {"crf": str(crf), "preset": "medium"} if self.codec == "libx264" else {}
+            if self.codec == "libx264" and x264_cpu_flags():
+                options["x264-params"] = f"asm={x264_cpu_flags()}"
             self._video = self._container.add_stream(self.codec, rate=Fraction(self.fps), options=options)
             self._video.width, self._video.height = self.width, self.height
             self._video.pix_fmt = pix_fmt
