@@ -181,7 +181,7 @@ class InfiniteTalkMultiSampler:
         bridge.soft_empty_cache()
         info = InfiniteTalkVideo.from_file(Path(result.path), seed=int(result.seed))
         frames = collector.image(info.frames, last.get("frame"))
-        return (info, frames, info.audio(), bridge.core_video(info.path), float(info.fps), int(info.seed))
+        return (info, frames, media.audio_from_clip(*result.audio), bridge.core_video(info.path), float(info.fps), int(info.seed))
 
 
 def _job_dir(request: GenerationRequest, bundle: Any) -> Path:

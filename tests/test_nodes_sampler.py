@@ -138,8 +138,10 @@ def _fake_generate(frames_per_window: int, windows: int, size=(16, 24), seed: in
             on_window(k, chunk)
             chunks.append(chunk.numpy())
         n = frames_per_window * windows - 3  # the real loop trims the last window to the audio
-        media.frames_to_mp4(np.concatenate(chunks)[:n], request.out, audio=(np.zeros((1, n * 640), np.float32), 16000))
-        return GenerationResult(path=request.out, frames=n, seconds=n / 25, seed=seed, width=w, height=h, windows=windows)
+        mix = (0.25 * np.sin(np.arange(n * 640, dtype=np.float32) * 0.05))[None]
+        media.frames_to_mp4(np.concatenate(chunks)[:n], request.out, audio=(mix, 16000))
+        return GenerationResult(path=request.out, frames=n, seconds=n / 25, seed=seed, width=w, height=h, windows=windows,
+                                audio=(mix, 16000))
 
     fake.job_dirs = []
     return fake
@@ -155,6 +157,9 @@ def test_sampler_frames_output_respects_the_limit(env, monkeypatch):
     video, frames, audio, _, _, seed = sampler.generate(models, _audio(0.5, 200.0), _audio(0.5, 300.0),
                                                         image=image, **SAMPLER)
     assert seed == 11 and video.frames == 21 and frames.shape == (21, 16, 24, 3)
+    # the AUDIO output is the placed mix itself (not the AAC in the mp4 decoded again)
+    assert audio["sample_rate"] == 16000 and audio["waveform"].shape == (1, 1, 21 * 640)
+    assert torch.equal(audio["waveform"][0, 0], torch.as_tensor(0.25 * np.sin(np.arange(21 * 640, dtype=np.float32) * 0.05)))
     assert float(frames[20, 0, 0, 0]) == pytest.approx(80 / 255) and float(frames[0, 0, 0, 0]) == 0.0
     # 21 frames of 16x24 float32 = 96 KiB: a 0 MB limit gives the placeholder (the last frame)
     _, frames, _, _, _, _ = sampler.generate(models, _audio(0.5, 200.0), _audio(0.5, 300.0), image=image,

@@ -51,6 +51,7 @@ class GenerationResult:
     resumed_windows: int = 0
     elapsed_s: float = 0.0
     settings: dict = field(default_factory=dict)
+    audio: tuple | None = None  # the muxed mix before AAC: (samples [C, T] float32, sample rate)
 
 
 def generate(request: GenerationRequest, models: ModelBundle, progress: ProgressHook | None = None,
@@ -118,7 +119,7 @@ def _generate(request, req, inputs, models, progress, cancel, on_window, t_start
         job.remove()
     return GenerationResult(path=out, frames=plan.final_frames, seconds=plan.final_frames / 25.0, seed=seed,
                             width=width, height=height, windows=plan.num_chunks, resumed_windows=resumed,
-                            elapsed_s=time.perf_counter() - t_start, settings=settings)
+                            elapsed_s=time.perf_counter() - t_start, settings=settings, audio=inputs.mix)
 
 
 def _settings(req: GenerationRequest, seed: int, height: int, width: int, frames: int) -> dict:
