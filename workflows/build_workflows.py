@@ -56,7 +56,8 @@ VIEW = (1400, 820, 90, 100)  # fit the graph into this many screen pixels, top-l
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 
 
-def _package():
+def import_package():
+    """The repository imported as a ComfyUI custom-node package (relative imports intact), once."""
     name = "infinitetalk_multi_pkg"
     if name in sys.modules:
         return sys.modules[name]
@@ -72,7 +73,7 @@ def node_schema(class_type: str) -> dict:
     if class_type in CORE_NODES:
         spec = CORE_NODES[class_type]
         return {"widgets": [(w, False) for w in spec["widgets"]], "inputs": spec["inputs"], "outputs": spec["outputs"]}
-    cls = _package().NODE_CLASS_MAPPINGS[class_type]
+    cls = import_package().NODE_CLASS_MAPPINGS[class_type]
     types = cls.INPUT_TYPES()
     widgets, inputs = [], []
     for section in ("required", "optional"):
