@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from .checkpoints.reader import CheckpointError
 
-__all__ = ["InputError", "CheckpointError", "JobCancelled"]
+import os
+from pathlib import Path
+
+__all__ = ["InputError", "CheckpointError", "JobCancelled", "require_file"]
 
 
 class InputError(ValueError):
@@ -16,3 +19,13 @@ class InputError(ValueError):
 
 class JobCancelled(RuntimeError):
     """Raised between steps when the caller's cancel hook says stop."""
+
+
+def require_file(path: str | os.PathLike, name: str) -> Path:
+    """`path` as a Path, or InputError(name) when it is missing or empty (checked before decoding)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(name, f"file not found: {p}")
+    if p.stat().st_size == 0:
+        raise InputError(name, f"the file is empty: {p}")
+    return p

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError
+from ..errors import InputError, require_file
 from ..pipeline.windows import MAX_SECONDS
 
 __all__ = ["AudioClip", "FEATURE_RATE", "load_audio", "to_mono", "resample", "write_wav", "AudioSource"]
@@ -49,11 +49,7 @@ def _describe(source: AudioSource) -> str:
 
 def _open(source: AudioSource, name: str):
     if isinstance(source, (str, os.PathLike)):
-        p = Path(source)
-        if not p.is_file():
-            raise InputError(name, f"file not found: {p}")
-        if p.stat().st_size == 0:
-            raise InputError(name, f"the file is empty: {p}")
+        require_file(source, name)
     try:
         return av.open(source if not isinstance(source, os.PathLike) else os.fspath(source), mode="r")
     except (av.FFmpegError, OSError, ValueError) as exc:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..audio.io import AudioClip, load_audio
-from ..errors import InputError
+from ..errors import InputError, require_file
 from ..pipeline.windows import FPS
 
 __all__ = ["MIN_SIDE", "load_image", "load_image_with_alpha", "VideoSource"]
@@ -27,11 +27,7 @@ _SEEK_AHEAD = Fraction(2)  # seconds: jumps further ahead than this seek instead
 
 
 def _open(path: str | os.PathLike, name: str):
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(name, f"file not found: {p}")
-    if p.stat().st_size == 0:
-        raise InputError(name, f"the file is empty: {p}")
+    p = require_file(path, name)
     try:
         return av.open(str(p), mode="r")
     except (av.FFmpegError, OSError, ValueError) as exc:
