@@ -19,6 +19,8 @@ from pathlib import Path
 
 import aiohttp
 
+from comfy_server import stop_process
+
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0")
@@ -143,11 +145,6 @@ class Browser:
     async def __aexit__(self, *exc) -> None:
         if getattr(self, "session", None) is not None:
             await self.session.close()
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        if self.process is not None:
+            stop_process(self.process, timeout=10)
         shutil.rmtree(self.profile, ignore_errors=True)

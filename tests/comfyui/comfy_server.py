@@ -140,12 +140,16 @@ def spawn_server(tiny_models: Path, base: Path, env: dict[str, str] | None = Non
             time.sleep(0.5)
 
 
-def stop_server(server: Server) -> None:
-    """Terminate the server process (its own PID only) and wait for it."""
-    if server.process.poll() is None:
-        server.process.terminate()
+def stop_process(process: subprocess.Popen, timeout: float = 20.0) -> None:
+    """Terminate a process this test started (its own PID only), killing it if it lingers."""
+    if process.poll() is None:
+        process.terminate()
         try:
-            server.process.wait(timeout=20)
+            process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait(timeout=20)
+            process.kill()
+            process.wait(timeout=timeout)
+
+
+def stop_server(server: Server) -> None:
+    stop_process(server.process)
