@@ -1,0 +1,43 @@
+"""How a job runs on its hardware: one object shared by the CLI, the ComfyUI loader node and the Python API.
+
+Everything here changes speed and memory, never the maths (within the dtype's rounding)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..errors import InputError
+
+__all__ = ["RuntimeOptions", "ATTENTION_CHOICES", "FP8_MATMUL_CHOICES"]
+
+ATTENTION_CHOICES = ("sdpa", "flash", "sage", "math")
+FP8_MATMUL_CHOICES = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """`vram_gb`: GPU memory the job may use (None or 0 = free memory of the device minus a margin);
+    `attention`: attention kernel by name; `fp8_matmul`: `torch._scaled_mm` for fp8 weights (auto = where the
+    GPU supports it); `compile`: torch.compile the transformer blocks; `batch_guidance`: run a step's 2–3
+    guidance calls as one batch when the budget allows."""
+
+    vram_gb: float | None = None
+    attention: str = "sdpa"
+    fp8_matmul: str = "auto"
+    compile: bool = False
+    batch_guidance: bool = True
+
+    def __post_init__(self) -> None:
+        if self.vram_gb is not None and not (self.vram_gb >= 0):
+            raise InputError("vram", f"{self.vram_gb} must be a number of GB >= 0 (0 = automatic)")
+        if self.attention not in ATTENTION_CHOICES:
+            raise InputError("attention", f"{self.attention!r} is not one of {', '.join(ATTENTION_CHOICES)}")
+        if self.fp8_matmul not in FP8_MATMUL_CHOICES:
+            raise InputError("fp8_matmul", f"{self.fp8_matmul!r} is not one of {', '.join(FP8_MATMUL_CHOICES)}")
+
+    @property
+    def budget_bytes(self) -> int | None:
+        """The explicit budget in bytes, None when automatic."""
+        return None if not self.vram_gb else int(self.vram_gb * 2**30)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
