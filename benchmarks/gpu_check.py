@@ -222,37 +222,41 @@ def section_dit(cfg: DiTConfig, device: torch.device, dtype: torch.dtype, sizes:
 
 def section_budget(cfg: DiTConfig, device: torch.device, dtype: torch.dtype, size: tuple[int, int, int],
                    budgets: list[float | None], smoke: bool) -> dict:
-    """fp8 DiT under VRAM budgets: the runtime streams the blocks that do not fit."""
-    from infinitetalk.runtime import streaming
+    """fp8 DiT under VRAM budgets, placed by the runtime exactly as a job is (`ModelBundle.prepare`): the blocks
+    that do not fit stream from pinned host memory, prefetched on a side stream."""
+    from infinitetalk.pipeline.models import ModelBundle
+    from infinitetalk.runtime.budget import JobShape
 
     out: dict = {}
     f, h, w = size
-    host = torch.device("cpu") if device.type == "cuda" else device
+    model = build_dit(cfg, device, dtype)
+    quantize_fp8(model)
+    configure(model, device, fp8_matmul="auto")
+    bundle = ModelBundle(dit=model, wav2vec2=None, text_encoder=None, clip_vision=None, vae=None, device=device,
+                         dtype=dtype)
+    job = JobShape.for_window(h * 8, w * 8, 4 * (f - 1) + 1, calls_per_step=FAST_CALLS)
+    inputs = dit_inputs(cfg, f, h, w, device, dtype)
     base = None
     for budget in budgets:
-        model = build_dit(cfg, device, dtype)
-        quantize_fp8(model)
-        configure(model, device, fp8_matmul="auto")
-        if budget is not None:
-            model = model.to(host)
+        bundle.budget = None if budget is None else int(budget * GIB)
+        plan = bundle.prepare(job)
         _free()
+        resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
         _reset_peak(device)
-        placement = streaming.place_dit(model, device=device, budget_bytes=None if budget is None else int(budget * GIB),
-                                        tokens=f * (h // 2) * (w // 2))
-        inputs = dit_inputs(cfg, f, h, w, device, dtype)
         with torch.inference_mode():
             s, y = _timed(lambda: model(*inputs), device, warmup=1, iters=1 if smoke else 2)
         assert torch.isfinite(y).all()
         label = "unlimited" if budget is None else f"{budget:g}GB"
         base = s if budget is None else base
-        out[label] = {"s_per_call": round(s, 4), "peak_gib": _gib(_peak_bytes(device)),
-                      "placement": str(placement)}
-        streaming.release(model)
-        del model, inputs
-        _free()
+        p = plan.placement
+        out[label] = {"s_per_call": round(s, 4), "streamed_blocks": len(p.streamed), "of": p.num_blocks,
+                      "guidance_batch": p.max_guidance_batch, "fits": p.fits,
+                      "predicted_dit_peak_gib": round(p.dit_peak / GIB, 2), "resident_gib": _gib(resident),
+                      "peak_gib": _gib(_peak_bytes(device))}
     for row in out.values():
         if base:
             row["slowdown"] = round(row["s_per_call"] / base, 3)
+    del model, bundle, inputs
     return out
 
 
@@ -294,12 +298,12 @@ def section_e2e(cfg: DiTConfig, device: torch.device, dtype: torch.dtype, size: 
     times = timesteps(steps, 7.0)
     motion = torch.zeros(cfg.out_dim, 1, h, w, device=device)
     with torch.inference_mode():
-        s, latent = _timed(lambda: sample_window(model, x.float(), cond, times, Guidance(1.0, 2.0), motion),
-                           device, warmup=0, iters=1)
+        s, latent = _timed(lambda: sample_window(model, x.float(), cond, times, Guidance(1.0, 2.0), motion,
+                                                 batch=FAST_CALLS), device, warmup=0, iters=1)
     assert torch.isfinite(latent).all()
     total = s + (vae_s or 0.0)
     video_s = NEW_FRAMES_PER_WINDOW / FPS
-    return {"steps": steps, "calls_per_step": FAST_CALLS, "sampling_s": round(s, 3), "vae_decode_s": vae_s,
+    return {"steps": steps, "calls_per_step": FAST_CALLS, "guidance_batch": FAST_CALLS, "dit": "fp8" if not smoke else "fp32", "sampling_s": round(s, 3), "vae_decode_s": vae_s,
             "window_s": round(total, 3), "video_s_per_window": video_s,
             "s_per_video_second": round(total / video_s, 3)}
 
