@@ -129,7 +129,7 @@ def main() -> int:
             wall = time.perf_counter() - t
             row = {"preset": preset, "resolution": args.resolution, "size": [r.height, r.width],
                    "video_s": r.seconds, "windows": r.windows, "steps": r.settings["steps"],
-                   "calls_per_step": 2 if r.settings["text_scale"] == 1.0 else 3, "wall_s": round(wall, 1),
+                   "calls_per_step": 2 if r.settings["text_guidance"] == 1.0 else 3, "wall_s": round(wall, 1),
                    "s_per_video_s": round(wall / r.seconds, 2), "device": str(dev)}
             if dev.type == "cuda":
                 row["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 1)

@@ -1,4 +1,4 @@
-"""Command line: `python -m infinitetalk {generate,demo,make-tiny-models} ...`."""
+"""Command line: `infinitetalk {generate,plan,demo,make-tiny-models} ...` (or `python -m infinitetalk ...`)."""
 from __future__ import annotations
 
 import argparse
@@ -8,8 +8,14 @@ from pathlib import Path
 
 
 def _make_tiny_models(args: argparse.Namespace) -> int:
+    from .errors import InputError, require_writable_folder
     from .tiny import make_tiny_models
 
+    try:
+        require_writable_folder(args.dir, "dir")
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     files = make_tiny_models(Path(args.dir), seed=args.seed)
     for f in files:
         print(f)
@@ -17,84 +23,160 @@ def _make_tiny_models(args: argparse.Namespace) -> int:
 
 
 class ProgressBar:
-    """A one-line text progress bar on stderr over windows × steps (no dependency)."""
+    """A one-line progress bar on stderr over every stage of a job (pipeline/progress.py), no dependency.
+
+    The ETA is honest: each stage's time per unit is measured as it runs and multiplied by the units left
+    of it; while a stage that still has work (say, the first VAE decode) has not been timed yet, the ETA is
+    shown as a lower bound (`eta >40s`). Called as (done, total) or (done, total, ProgressInfo).
+    """
 
     def __init__(self, label: str = "generating", stream=None, width: int = 30):
         self.label, self.stream, self.width = label, stream or sys.stderr, width
-        self.t0 = time.perf_counter()
-        self.first = None
+        self.t0 = self.last_t = time.perf_counter()
+        self.last_done: int | None = None
+        self.first: tuple[int, float] | None = None      # plain calls: (done, time) of the first one
+        self.spent: dict[str, tuple[float, int]] = {}   # stage -> (seconds, units) measured
+        self.announced = False
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int, info=None) -> None:
         now = time.perf_counter()
         if self.first is None:
             self.first = (done, now)
+        if info is not None and not self.announced:
+            self.announced = True
+            if info.resumed_windows:
+                self.stream.write(f"resuming: {info.resumed_windows} of {info.windows} windows were already "
+                                  "finished in the job folder\n")
+        if info is not None and self.last_done is not None and done > self.last_done:
+            seconds, units = self.spent.get(info.stage, (0.0, 0))
+            self.spent[info.stage] = (seconds + now - self.last_t, units + done - self.last_done)
+        self.last_done, self.last_t = done, now
         frac = done / total if total else 1.0
         fill = int(self.width * frac)
-        d0, t0 = self.first
-        eta = ""
-        if done > d0:
-            eta = f" eta {(now - t0) / (done - d0) * (total - done):5.0f}s"
+        where = ""
+        if info is not None:
+            stage = {"start": "starting", "write": "writing"}.get(info.stage, info.stage)
+            where = f" window {min(info.window + 1, info.windows)}/{info.windows} {stage:8s}"
         end = "\n" if done >= total else ""
-        self.stream.write(f"\r{self.label} [{'#' * fill}{'.' * (self.width - fill)}] {done}/{total} steps "
-                          f"{now - self.t0:5.0f}s{eta}{end}")
+        self.stream.write(f"\r{self.label} [{'#' * fill}{'.' * (self.width - fill)}] {100 * frac:3.0f}%{where} "
+                          f"{now - self.t0:5.0f}s{self._eta(done, total, info)}{end}")
         self.stream.flush()
+
+    def _eta(self, done: int, total: int, info) -> str:
+        if done >= total:
+            return ""
+        if info is None:   # plain (done, total): one rate over everything since the first call
+            d0, t0 = self.first
+            return f" eta {(self.last_t - t0) / (done - d0) * (total - done):.0f}s" if done > d0 else ""
+        seconds, unknown = 0.0, False
+        for stage, left in info.remaining.items():
+            if left <= 0 or stage == "write":   # the final join is a remux: seconds at most
+                continue
+            spent, units = self.spent.get(stage, (0.0, 0))
+            if units == 0:
+                unknown = True
+            else:
+                seconds += spent / units * left
+        if unknown and seconds == 0.0:
+            return " eta ?"
+        return f" eta {'>' if unknown else ''}{seconds:.0f}s"
 
 
 def _request_from_args(args: argparse.Namespace):
     from .pipeline.request import GenerationRequest
+    from .text.prompts import DEFAULT_PROMPT
 
     return GenerationRequest(
-        left_audio=Path(args.left_audio), right_audio=Path(args.right_audio), out=Path(args.out),
+        left_audio=Path(args.left_audio) if args.left_audio else None,
+        right_audio=Path(args.right_audio) if args.right_audio else None, out=Path(args.out),
+        stereo_audio=Path(args.stereo_audio) if args.stereo_audio else None,
         image=Path(args.image) if args.image else None, video=Path(args.video) if args.video else None,
         mask_image=Path(args.mask) if args.mask else None,
         left_mask=Path(args.left_mask) if args.left_mask else None,
         right_mask=Path(args.right_mask) if args.right_mask else None,
-        prompt=args.prompt, negative_prompt=args.negative_prompt, order=args.order, resolution=args.resolution,
-        seed=args.seed, preset=args.preset, steps=args.steps, text_scale=args.text_scale,
-        audio_scale=args.audio_scale, shift=args.shift, color_strength=args.color_strength, crf=args.crf,
+        prompt="\n".join(args.prompt or [DEFAULT_PROMPT]), negative_prompt=args.negative_prompt, order=args.order, resolution=args.resolution,
+        seed=args.seed, preset=args.preset, steps=args.steps, text_guidance=args.text_guidance,
+        audio_guidance=args.audio_guidance, shift=args.shift, color_strength=args.color_strength, crf=args.crf,
         job_dir=Path(args.job_dir) if args.job_dir else None, size_scale=args.size_scale, keep_job=args.keep_job,
-        frame_num=args.frame_num, motion_frames=args.motion_frames,
+        frame_num=args.frame_num, motion_frames=args.motion_frames, teacache=args.teacache,
     )
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .errors import CheckpointError, InputError, JobCancelled
+    from .errors import CheckpointError, InputError, JobCancelled, WorkerLost
     from .pipeline.generate import generate
     from .pipeline.inputs import prepare_inputs
     from .pipeline.models import load_models
+    from .runtime.launch import LeaderSampler, join_as_leader, launch_env, run_follower
 
+    world = None
     try:
-        request = _request_from_args(args)
-        prepare_inputs(request.resolved()).source.close()   # fail on bad inputs before loading gigabytes of weights
+        runtime = _runtime_from_args(args)
+        if not args.quiet:   # the memory plan every job logs at its start (runtime/plan.py)
+            _log_to_stderr("infinitetalk.runtime")
         overrides = {"dit": args.dit, "patch": args.patch, "wav2vec2": args.wav2vec2,
                      "text_encoder": args.text_encoder, "clip_vision": args.clip_vision, "vae": args.vae,
                      "tokenizer": args.tokenizer, "lora_strength": args.lora_strength,
                      "loras": [(p, args.lora_strength) for p in args.lora or []]}
+        env = launch_env()                          # torchrun: rank 0 does all I/O, the others hold only the DiT
+        if env is not None and not env.is_main:
+            return run_follower(lambda device: load_models(args.models, preset=args.preset, device=device,
+                                                           dtype=args.dtype, overrides=overrides,
+                                                           components=("dit",), runtime=runtime), args.device)
+        world = join_as_leader(args.device) if env is not None else None
+        request = _request_from_args(args)
+        prepare_inputs(request.resolved()).source.close()   # fail on bad inputs before loading gigabytes of weights
+        _warn_full_size_on_cpu(args)
         t0 = time.perf_counter()
-        models = load_models(args.models, preset=args.preset, device=args.device, dtype=args.dtype,
-                             overrides=overrides)
+        models = load_models(args.models, preset=args.preset, device=world.device if world else args.device,
+                             dtype=args.dtype, overrides=overrides, runtime=runtime)
+        models.sampler = LeaderSampler(world, models) if world else None
         print(f"models loaded in {time.perf_counter() - t0:.1f}s on {models.device} ({models.dtype})", file=sys.stderr)
+        for lora, strength in getattr(models.paths, "loras", None) or []:
+            print(f"LoRA: {Path(lora).name} (strength {strength:g})", file=sys.stderr)
         result = generate(request, models, progress=None if args.quiet else ProgressBar())
     except (InputError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except WorkerLost as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except JobCancelled as exc:
         print(f"stopped: {exc}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("\nstopped; rerun the same command to resume after the last finished window", file=sys.stderr)
         return 130
+    finally:
+        if world is not None:
+            world.close()
     print(f"{result.path}  {result.frames} frames ({result.seconds:.2f} s) {result.width}x{result.height} "
           f"seed {result.seed}  in {result.elapsed_s:.1f}s")
     return 0
 
 
+def _warn_full_size_on_cpu(args: argparse.Namespace) -> None:
+    """A full-size job on a CPU takes hours per window: say so before loading, with the way out."""
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cpu") and args.size_scale >= 1.0:
+        print(f"warning: generating at full {args.resolution} size on a CPU takes hours per 81-frame window; "
+              "for a preview add --size-scale 0.125 (or use a CUDA GPU)", file=sys.stderr)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .errors import InputError, require_writable_folder
 
-    result = run_demo(Path(args.out), cache_dir=Path(args.cache) if args.cache else None, seconds=args.seconds,
-                      progress=None if args.quiet else ProgressBar("demo"), steps=args.steps, size_scale=args.size_scale,
-                      frame_num=args.frame_num, motion_frames=args.motion_frames)
+    try:
+        require_writable_folder(Path(args.out).resolve().parent, "out")
+        result = run_demo(Path(args.out), cache_dir=Path(args.cache) if args.cache else None, seconds=args.seconds,
+                          progress=None if args.quiet else ProgressBar("demo"), steps=args.steps,
+                          size_scale=args.size_scale, frame_num=args.frame_num, motion_frames=args.motion_frames)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"{result.path}  {result.frames} frames ({result.seconds:.2f} s) {result.width}x{result.height} "
           f"seed {result.seed}  in {result.elapsed_s:.1f}s")
     return 0
@@ -112,14 +194,18 @@ def _add_generate(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", help="picture showing both people (left and right)")
     src.add_argument("--video", help="video showing both people (read at 25 fps; dubbing)")
-    p.add_argument("--left-audio", required=True, help="what the person on the left says")
-    p.add_argument("--right-audio", required=True, help="what the person on the right says")
+    p.add_argument("--left-audio", help="what the person on the left says")
+    p.add_argument("--right-audio", help="what the person on the right says")
+    p.add_argument("--stereo-audio", help="instead of --left/right-audio: one stereo conversation file, left channel "
+                                          "= the person on the left, right channel = the person on the right")
     p.add_argument("--out", required=True, help="output .mp4 (appears only when complete)")
     p.add_argument("--models", help="ComfyUI-style models folder (diffusion_models/, loras/, vae/, ...)")
     p.add_argument("--mask", help="mask image: white = may move (both speakers); the rest is kept from the source")
     p.add_argument("--left-mask", help="region of the left speaker (white); needs --right-mask")
     p.add_argument("--right-mask", help="region of the right speaker (white); needs --left-mask")
-    p.add_argument("--prompt", default="Two people are talking to each other.")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="what the scene looks like (repeatable, or one per line: successive windows of 81 frames "
+                        "(3.2 s) take successive prompts, the last one repeating); default: two people talking")
     p.add_argument("--negative-prompt", default=None, help="default: the reference's negative prompt")
     p.add_argument("--order", choices=("meanwhile", "left_right", "right_left"), default=None,
                    help="who speaks when (default: left_right for an image, meanwhile for a video)")
@@ -128,9 +214,15 @@ def _add_generate(sub) -> None:
     p.add_argument("--preset", choices=("quality", "fast"), default="quality",
                    help="quality: 40 steps, 3 model calls/step; fast: distill LoRA, 6 steps, 2 calls/step")
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--text-scale", type=float, default=None)
-    p.add_argument("--audio-scale", type=float, default=None)
+    p.add_argument("--text-guidance", "--text-scale", type=float, default=None,
+                   help="text CFG strength (default: the preset's, 5 quality / 1 fast); --text-scale is the old name")
+    p.add_argument("--audio-guidance", "--audio-scale", type=float, default=None,
+                   help="audio (lip-sync) CFG strength (default: the preset's, 4 quality / 2 fast); "
+                        "--audio-scale is the old name")
     p.add_argument("--shift", type=float, default=None, help="default 7 at 480p, 11 at 720p")
+    p.add_argument("--teacache", type=float, default=0.0,
+                   help="TeaCache step-skipping threshold for the quality preset (0 = off; 0.1 ≈ 2×, 0.2 ≈ 3× faster, "
+                        "approximate)")
     p.add_argument("--color-strength", type=float, default=1.0, help="colour match to the first frame, 0..1")
     p.add_argument("--size-scale", type=float, default=1.0, help="shrink the output size (previews); 1 = full")
     p.add_argument("--crf", type=int, default=19, help="h264 quality (lower = better, bigger)")
@@ -147,13 +239,82 @@ def _add_generate(sub) -> None:
     p.add_argument("--lora", action="append", help="LoRA file (repeatable); the fast preset needs a distill LoRA")
     p.add_argument("--lora-strength", type=float, default=1.0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_runtime_args(p)
     p.set_defaults(func=_generate)
 
 
+def _add_runtime_args(p: argparse.ArgumentParser, kernels: bool = True) -> None:
+    """The RuntimeOptions flags (docs/runtime.md): budget, kernels, guidance batching."""
+    from .runtime.options import ATTENTION_CHOICES, FP8_MATMUL_CHOICES
+
+    p.add_argument("--vram", type=float, default=None, metavar="GB",
+                   help="GPU memory the job may use; DiT blocks that do not fit stream from host memory "
+                        "(default / 0: free memory of the device minus a margin)")
+    if kernels:
+        p.add_argument("--attention", choices=ATTENTION_CHOICES, default="sdpa", help="attention kernel")
+        p.add_argument("--fp8-matmul", choices=FP8_MATMUL_CHOICES, default="auto",
+                       help="fp8 weights through fp8 matmuls (auto: on GPUs that have them)")
+        p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    p.add_argument("--no-batch-guidance", action="store_true",
+                   help="run a step's guidance calls one by one even when a batch would fit")
+
+
+def _log_to_stderr(name: str) -> None:
+    import logging
+
+    log = logging.getLogger(name)
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
+def _runtime_from_args(args: argparse.Namespace):
+    from .runtime.options import RuntimeOptions
+
+    return RuntimeOptions(vram_gb=args.vram, attention=getattr(args, "attention", "sdpa"),
+                          fp8_matmul=getattr(args, "fp8_matmul", "auto"), compile=getattr(args, "compile", False),
+                          batch_guidance=not args.no_batch_guidance)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from .errors import CheckpointError, InputError
+    from .runtime.plan import plan_from_files
+
+    try:
+        runtime = _runtime_from_args(args)
+        plan = plan_from_files(args.models, preset=args.preset, resolution=args.resolution, vram_gb=runtime.vram_gb,
+                               overrides={"loras": [(p, 1.0) for p in args.lora or []]}, frame_num=args.frame_num,
+                               batch_guidance=runtime.batch_guidance)
+    except (InputError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.text())
+    return 0 if plan.fits else 1
+
+
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="print the memory plan of a job from the model files' headers (no weights loaded)",
+                       description="Per component: bytes by dtype and where it lives; the predicted peak GPU memory "
+                                   "of a DiT step and of a VAE decode; whether the job fits. Exit status 1 when not.")
+    p.add_argument("--models", required=True, help="ComfyUI-style models folder")
+    p.add_argument("--preset", choices=("quality", "fast"), default="quality")
+    p.add_argument("--resolution", choices=("480p", "720p"), default="480p")
+    p.add_argument("--frame-num", type=int, default=81, help="frames per window")
+    p.add_argument("--lora", action="append", help="LoRA file (repeatable)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_runtime_args(p, kernels=False)
+    p.set_defaults(func=_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m infinitetalk", description="InfiniteTalk Multi: two-person lip-synced video.")
+    ap = argparse.ArgumentParser(prog="infinitetalk", description="InfiniteTalk Multi: two-person lip-synced video.")
     sub = ap.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_plan(sub)
     d = sub.add_parser("demo", help="end-to-end run on tiny random models with a synthetic picture and voices (CPU, seconds)")
     d.add_argument("--out", default="demo.mp4")
     d.add_argument("--cache", default=None, help="folder for the tiny models (default: a temporary folder)")

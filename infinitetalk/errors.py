@@ -4,9 +4,12 @@ from __future__ import annotations
 from .checkpoints.reader import CheckpointError
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["InputError", "CheckpointError", "JobCancelled", "require_file"]
+__all__ = ["InputError", "CheckpointError", "JobCancelled", "WorkerLost", "OutOfSpace", "is_out_of_space", "removed_on_failure",
+           "require_file", "require_writable_folder"]
 
 
 class InputError(ValueError):
@@ -17,8 +20,41 @@ class InputError(ValueError):
         super().__init__(f"{input_name}: {message}")
 
 
+class OutOfSpace(InputError):
+    """The disk holding `folder` is full (or over quota): names the folder; the partial file is already removed
+    and a job folder keeps its finished windows, so rerunning the same command after freeing space resumes."""
+
+    def __init__(self, folder: str | os.PathLike, what: str):
+        self.folder = Path(folder)
+        super().__init__("disk", f"no space left on the device holding {self.folder} while writing {what}; "
+                                     f"free some space there and run the same job again (finished windows are kept)")
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    """Whether an exception (OSError, PyAV's OSError subclasses) means the disk is full or over quota."""
+    import errno
+
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextmanager
+def removed_on_failure(temp: Path, folder: str | os.PathLike, what: str) -> Iterator[None]:
+    """Around writing `temp`: on any failure delete it, and turn a full disk into OutOfSpace(folder, what)."""
+    try:
+        yield
+    except BaseException as exc:
+        temp.unlink(missing_ok=True)
+        if is_out_of_space(exc):
+            raise OutOfSpace(folder, what) from None
+        raise
+
+
 class JobCancelled(RuntimeError):
     """Raised between steps when the caller's cancel hook says stop."""
+
+
+class WorkerLost(RuntimeError):
+    """Another process of a multi-process job died or stopped answering; the job folder keeps finished windows."""
 
 
 def require_file(path: str | os.PathLike, name: str) -> Path:
@@ -28,4 +64,19 @@ def require_file(path: str | os.PathLike, name: str) -> Path:
         raise InputError(name, f"file not found: {p}")
     if p.stat().st_size == 0:
         raise InputError(name, f"the file is empty: {p}")
+    return p
+
+
+def require_writable_folder(folder: str | os.PathLike, name: str) -> Path:
+    """`folder`, created if missing, or InputError(name) when it cannot be created or written (checked before
+    any model work, so an unwritable output does not fail after minutes of loading and sampling)."""
+    p = Path(folder)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(name, f"cannot create the folder {p} ({exc.strerror or exc})") from None
+    if not p.is_dir():
+        raise InputError(name, f"{p} is not a folder")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise InputError(name, f"the folder {p} is not writable")
     return p

@@ -30,6 +30,7 @@ class LoadTwoAudios:
                    "mp4...). A connected AUDIO input overrides the file chosen for that side. Outputs each track "
                    "at its own sample rate plus its length in seconds.")
     CATEGORY = "InfiniteTalk"
+    SEARCH_ALIASES = ["InfiniteTalk", "two audios", "left right speaker audio", "load audio"]  # node search matches
     FUNCTION = "load"
     RETURN_TYPES = ("AUDIO", "AUDIO", "FLOAT", "FLOAT")
     RETURN_NAMES = ("left_audio", "right_audio", "left_seconds", "right_seconds")

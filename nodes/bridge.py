@@ -175,6 +175,18 @@ class Progress:
         self.update(self.value, self.total)
 
 
+def progress_text(text: str) -> None:
+    """A status line shown on the running node (ComfyUI's progress text); ignored outside ComfyUI."""
+    if not in_comfyui():
+        return
+    server, context = _comfy("server"), _comfy("comfy_execution.utils")
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    running = getattr(context, "get_executing_context", lambda: None)()
+    if instance is None or running is None or not hasattr(instance, "send_progress_text"):
+        return
+    instance.send_progress_text(text, running.node_id)
+
+
 def interrupted() -> bool:
     """True once the user pressed Cancel in ComfyUI (the pipeline's cancel hook)."""
     mm = _comfy("comfy.model_management")
@@ -221,6 +233,12 @@ def guarded(fn: Callable[[], Any]) -> Any:
     except JobCancelled:
         raise_if_interrupted()
         raise
+
+
+def blocked_output(message: str) -> Any:
+    """An output value that stops any node reading it with `message` (ComfyUI's ExecutionBlocker)."""
+    graph_utils = _comfy("comfy_execution.graph_utils")
+    return graph_utils.ExecutionBlocker(message) if graph_utils is not None else None  # outside: no reader
 
 
 def core_video(path: Path) -> Any:

@@ -40,6 +40,7 @@ class MaskFromRegion:
                    "the right person. Check the preview: red = left voice, blue = right voice, dimmed = "
                    "background (never lip-synced). Pixels covered by both speakers belong to neither.")
     CATEGORY = "InfiniteTalk"
+    SEARCH_ALIASES = ["InfiniteTalk", "speaker mask", "mask from region"]  # the node search also matches these
     FUNCTION = "make"
     RETURN_TYPES = ("MASK", "MASK", "MASK", "IMAGE")
     RETURN_NAMES = ("left_mask", "right_mask", "background", "preview")

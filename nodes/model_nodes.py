@@ -1,18 +1,23 @@
 """InfiniteTalkModelLoader: pick the files from ComfyUI's model folders; load them once, on first use."""
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from infinitetalk.errors import InputError
+from infinitetalk.runtime.options import ATTENTION_CHOICES, FP8_MATMUL_CHOICES, RuntimeOptions
 
 from . import bridge
 
 NONE = "none"
-SHARD = re.compile(r"^(.*)-\d{5}-of-\d{5}\.safetensors$")
+SHARD = re.compile(r"^(.*)-(\d{5})-of-\d{5}\.safetensors$")
+MAX_GPUS = 16
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 OFFLOADS = ("auto", "on", "off")
 
@@ -30,13 +35,50 @@ ROLES: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
     "vae": (("vae",), ("vae",), "the Wan2.1 VAE, e.g. wan_2.1_vae.safetensors"),
 }
 OPTIONAL_ROLES = ("infinitetalk_patch", "lora")
+GGUF_ROLES = ("diffusion_model", "infinitetalk_patch")  # the roles whose loaders read .gguf
+CONTENT_FILTERED = ("infinitetalk_patch",)  # dropdowns that list only files holding their component
+
+_components: dict[tuple[str, int, int], str] = {}  # (path, mtime, size) -> component, for the dropdowns
+
+
+def gguf_supported(role: str) -> bool:
+    """.gguf files are offered only where they load: the DiT and the InfiniteTalk weights, once GGUF reading exists."""
+    return role in GGUF_ROLES and importlib.util.find_spec("infinitetalk.checkpoints.gguf") is not None
+
+
+def _component_of(path: Path) -> str:
+    """detect_component, cached by file identity (the dropdown is rebuilt on every page load)."""
+    from infinitetalk.checkpoints.detect import detect_component
+
+    stat = path.stat()
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if key not in _components:
+        try:
+            _components[key] = detect_component(path)
+        except (ValueError, OSError):  # CheckpointError: unreadable files are not offered
+            _components[key] = "unknown"
+    return _components[key]
+
+
+def _listed(role: str, folder: str, name: str) -> bool:
+    """Whether a file of `folder` belongs in `role`'s dropdown (a sharded model shows as its first shard)."""
+    if name.lower().endswith(".gguf") and not gguf_supported(role):
+        return False
+    shard = SHARD.match(Path(name).name)
+    if shard and (role in CONTENT_FILTERED or shard.group(2) != "00001"):
+        return False
+    if role in CONTENT_FILTERED:
+        path = bridge.model_path(folder, name)
+        return path is not None and _component_of(path) in ROLES[role][1]
+    return True
 
 
 def choices(role: str) -> list[str]:
+    """The dropdown of one loader input: its folders' weight files ('none' first for optional ones)."""
     folders = ROLES[role][0]
     names: list[str] = []
     for folder in folders:
-        names += [n for n in bridge.list_models(folder) if n not in names]
+        names += [n for n in bridge.list_models(folder) if n not in names and _listed(role, folder, n)]
     return ([NONE] if role in OPTIONAL_ROLES else []) + names
 
 
@@ -84,6 +126,8 @@ class ModelChoice:
     dtype: str | None
     offload: bool | None
     has_lora: bool
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    gpus: int = 1  # GPUs the sampler's job is spread over (runtime/workers.py); 1 = this process only
     _bundle: Any = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -96,9 +140,27 @@ class ModelChoice:
                                        "loader's 'lora' (e.g. lightx2v I2V 480p rank64) or use preset 'quality'")
         with self._lock:
             if self._bundle is None:
+                extra = {"runtime": self.runtime} if "runtime" in inspect.signature(load_models).parameters else {}
+                names = ", ".join(Path(p).name for p in self._files())
+                bridge.progress_text(f"Loading models (first run, may take minutes): {names}")
+                start = time.monotonic()
+                if self.gpus > 1:   # the DiT lives in `gpus` worker processes, started once (runtime/workers.py)
+                    from infinitetalk.runtime.workers import FRONT_COMPONENTS, WorkerPool
+
+                    pool = WorkerPool(self.gpus, dict(models_dir=None, preset=preset, dtype=self.dtype,
+                                                      overrides=self.overrides, **extra),
+                                      device_type=bridge.torch_device().type)
+                    extra["components"] = FRONT_COMPONENTS
                 self._bundle = load_models(None, preset=preset, device=bridge.torch_device(), dtype=self.dtype,
-                                           overrides=self.overrides, offload=self.offload)
+                                           overrides=self.overrides, offload=self.offload, **extra)
+                if self.gpus > 1:
+                    self._bundle.sampler = pool
+                bridge.progress_text(f"Models loaded in {time.monotonic() - start:.0f} s; sampling...")
             return self._bundle
+
+    def _files(self) -> list[Path]:
+        files = [p for k, p in self.overrides.items() if k != "loras" and p is not None]
+        return files + [p for p, _ in self.overrides.get("loras", [])]
 
 
 class InfiniteTalkModelLoader:
@@ -108,6 +170,7 @@ class InfiniteTalkModelLoader:
                    "content (a wrong file is reported here, naming the input). Weights are loaded on first use "
                    "by the sampler and kept while this node's output is cached.")
     CATEGORY = "InfiniteTalk"
+    SEARCH_ALIASES = ["InfiniteTalk", "wan infinitetalk loader"]  # the node search also matches these
     FUNCTION = "load"
     RETURN_TYPES = ("INFINITETALK_MODELS",)
     RETURN_NAMES = ("models",)
@@ -141,6 +204,21 @@ class InfiniteTalkModelLoader:
                             "Keep the text and CLIP encoders in CPU RAM and move them to the GPU only while they "
                             "encode (auto = on with a GPU). Saves ~7 GB of VRAM."}),
             },
+            "optional": {  # runtime settings: speed and memory only, never the result's maths
+                "vram_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5, "advanced": True,
+                                      "tooltip": "GPU memory the job may use in GB; 0 = automatic (free memory "
+                                      "minus a margin). Lower it to stream DiT blocks from RAM on small GPUs."}),
+                "attention": (list(ATTENTION_CHOICES), {"default": "sdpa", "advanced": True, "tooltip":
+                              "Attention kernel: sdpa (PyTorch, default), flash (flash-attn), sage "
+                              "(sageattention), math (plain reference maths, slow). flash/sage need their package."}),
+                "fp8_matmul": (list(FP8_MATMUL_CHOICES), {"default": "auto", "advanced": True, "tooltip":
+                               "Multiply fp8 weights in fp8 (torch._scaled_mm): auto = where the GPU supports it "
+                               "(Ada/Hopper+), on, or off (upcast to the compute precision)."}),
+                "compile": ("BOOLEAN", {"default": False, "advanced": True, "tooltip":
+                            "torch.compile the transformer blocks: slower first window, faster after."}),
+                "gpus": ("INT", {"default": 1, "min": 1, "max": MAX_GPUS, "advanced": True, "tooltip":
+                         "GPUs to spread each job over (sequence/guidance parallel); 1 = only ComfyUI's GPU."}),
+            },
         }
 
     @classmethod
@@ -157,7 +235,8 @@ class InfiniteTalkModelLoader:
 
     def load(self, diffusion_model: str, infinitetalk_patch: str, lora: str, lora_strength: float,
              audio_encoder: str, text_encoder: str, clip_vision: str, vae: str, precision: str = "auto",
-             offload: str = "auto") -> tuple:
+             offload: str = "auto", vram_gb: float = 0.0, attention: str = "sdpa", fp8_matmul: str = "auto",
+             compile: bool = False, gpus: int = 1) -> tuple:
         values = {"diffusion_model": diffusion_model, "infinitetalk_patch": infinitetalk_patch, "lora": lora,
                   "audio_encoder": audio_encoder, "text_encoder": text_encoder, "clip_vision": clip_vision, "vae": vae}
         paths = {role: resolve(role, name) for role, name in values.items()}
@@ -169,11 +248,15 @@ class InfiniteTalkModelLoader:
             raise InputError("precision", f"{precision!r} is not one of {', '.join(PRECISIONS)}")
         if offload not in OFFLOADS:
             raise InputError("offload", f"{offload!r} is not one of {', '.join(OFFLOADS)}")
+        if not 1 <= int(gpus) <= MAX_GPUS:
+            raise InputError("gpus", f"{gpus} is outside 1 .. {MAX_GPUS}")
+        runtime = RuntimeOptions(vram_gb=float(vram_gb) or None, attention=attention, fp8_matmul=fp8_matmul,
+                                 compile=bool(compile))
         overrides = {"dit": paths["diffusion_model"], "patch": paths["infinitetalk_patch"],
                      "wav2vec2": paths["audio_encoder"], "text_encoder": paths["text_encoder"],
                      "clip_vision": paths["clip_vision"], "vae": paths["vae"],
                      "loras": [(paths["lora"], float(lora_strength))] if paths["lora"] is not None else []}
         choice = ModelChoice(overrides=overrides, dtype=None if precision == "auto" else precision,
                              offload=None if offload == "auto" else offload == "on",
-                             has_lora=paths["lora"] is not None)
+                             has_lora=paths["lora"] is not None, runtime=runtime, gpus=int(gpus))
         return (choice,)

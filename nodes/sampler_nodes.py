@@ -8,13 +8,43 @@ import numpy as np
 import torch
 
 from infinitetalk.errors import InputError
-from infinitetalk.pipeline.request import MAX_SEED, ORDERS, PRESETS, RESOLUTIONS, GenerationRequest
+from infinitetalk.pipeline.request import MAX_GUIDANCE, MAX_SEED, ORDERS, PRESETS, RESOLUTIONS, GenerationRequest
 
 from . import bridge, media
 from .types import InfiniteTalkVideo
 
 DEFAULT_PROMPT = "Two people are talking to each other."
 FRAMES_LIMIT_MB = 2048
+DEFAULT_PRESET = "fast"
+FRAMES_OUTPUT = 1  # index of 'frames' in RETURN_TYPES
+FPS = 25
+
+
+def preset_values() -> dict[str, dict]:
+    """preset -> the widget values it stands for; the web extension fills them in when the preset changes."""
+    return {name: {"steps": p.steps, "text_guidance": p.text_guidance, "audio_guidance": p.audio_guidance}
+            for name, p in PRESETS.items()}
+
+
+def frames_output_used(prompt: Any, unique_id: Any) -> bool:
+    """Whether any node of the queued graph reads this node's 'frames' output (True when unknown)."""
+    if not isinstance(prompt, dict) or unique_id is None:
+        return True
+    for node in prompt.values():
+        for value in (node.get("inputs") or {}).values() if isinstance(node, dict) else ():
+            if isinstance(value, list) and len(value) == 2 and str(value[0]) == str(unique_id) \
+                    and value[1] == FRAMES_OUTPUT:
+                return True
+    return False
+
+
+def frames_limit_error(frames: int, height: int, width: int, limit_mb: int) -> InputError:
+    """The error for a 'frames' output that would not fit: says how many MB to allow instead."""
+    need_mb = -(-frames * height * width * 3 * 4 // 2**20)
+    return InputError("frames_limit_mb", f"the 'frames' output ({frames} frames of {width}x{height}, float32) needs "
+                                         f"about {need_mb} MB but frames_limit_mb is {limit_mb}: raise frames_limit_mb "
+                                         f"to {need_mb} or more, or disconnect 'frames' and use 'video' (streamed "
+                                         "from disk). Finished windows are kept: queueing again resumes.")
 
 
 def _frames_fit(frames: int, height: int, width: int, limit_mb: int) -> bool:
@@ -23,27 +53,29 @@ def _frames_fit(frames: int, height: int, width: int, limit_mb: int) -> bool:
 
 
 class _FrameCollector:
-    """Keeps finished windows' frames while they fit under the limit; drops them all once they do not."""
+    """Keeps finished windows' frames for the 'frames' output; an error naming frames_limit_mb when the
+    whole video (estimated from the audio length at the first window) or the frames so far would not fit.
 
-    def __init__(self, limit_mb: int):
-        self.limit_mb = limit_mb
+    `expected` is the estimated frame count; `used` False (output not connected) collects nothing."""
+
+    def __init__(self, limit_mb: int, expected: int, used: bool = True):
+        self.limit_mb, self.expected, self.used = int(limit_mb), int(expected), used
         self.chunks: list[np.ndarray] = []
         self.count = 0
-        self.overflow = limit_mb <= 0
 
     def add(self, frames: np.ndarray) -> None:
-        if self.overflow:
+        if not self.used:
             return
         n, h, w = frames.shape[:3]
-        if not _frames_fit(self.count + n, h, w, self.limit_mb):
-            self.overflow, self.chunks = True, []
-            return
+        total = max(self.count + n, self.expected)
+        if not _frames_fit(total, h, w, self.limit_mb):
+            raise frames_limit_error(total, h, w, self.limit_mb)
         self.chunks.append(np.ascontiguousarray(frames))
         self.count += n
 
     def image(self, keep: int, placeholder: np.ndarray | None) -> torch.Tensor:
-        """IMAGE [N,H,W,3] of the first `keep` frames, or a 1-frame placeholder when they did not fit."""
-        if not self.overflow and self.chunks:
+        """IMAGE [N,H,W,3] of the first `keep` frames; the last frame alone when the output is not connected."""
+        if self.used and self.chunks:
             frames = np.concatenate(self.chunks)[:keep]
             return torch.from_numpy(frames).float().div_(255.0)
         if placeholder is None:
@@ -60,13 +92,14 @@ class InfiniteTalkMultiSampler:
                    "temp folder, so a 10-minute video never sits in RAM; connect 'video' to InfiniteTalk Video "
                    "Combine to save it.")
     CATEGORY = "InfiniteTalk"
+    SEARCH_ALIASES = ["InfiniteTalk", "talking video", "lip sync", "multitalk"]  # the node search also matches these
     FUNCTION = "generate"
     RETURN_TYPES = ("INFINITETALK_VIDEO", "IMAGE", "AUDIO", "VIDEO", "FLOAT", "INT")
     RETURN_NAMES = ("video", "frames", "audio", "comfy_video", "fps", "seed")
     OUTPUT_TOOLTIPS = (
         "The finished mp4 (temp folder) with its frame count, fps, length and seed: connect to InfiniteTalk Video Combine.",
-        "The frames as an IMAGE batch when they fit under frames_limit_mb; otherwise ONE placeholder frame "
-        "(the last frame), so long videos never fill the RAM. Use 'video' for the full result.",
+        "All frames as an IMAGE batch (float32 in RAM: ~4.6 MB a frame at 832x480). Past frames_limit_mb the job "
+        "stops with an error saying what to raise; use 'video' (streamed from disk) for long videos.",
         "The mixed audio track of the video (left and right voices placed by 'order').",
         "The same mp4 as a core VIDEO (for Save Video / Get Video Components).",
         "Frames per second of the video (25).",
@@ -75,6 +108,7 @@ class InfiniteTalkMultiSampler:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
+        fast = PRESETS[DEFAULT_PRESET]
         return {
             "required": {
                 "models": ("INFINITETALK_MODELS", {"tooltip": "The models from InfiniteTalk Model Loader."}),
@@ -92,14 +126,21 @@ class InfiniteTalkMultiSampler:
                                "trained size and fast; 720p is sharper and ~2.5x slower."}),
                 "seed": ("INT", {"default": 42, "min": -1, "max": MAX_SEED, "control_after_generate": True,
                                  "tooltip": "Noise seed; -1 draws a random one (reported on the 'seed' output)."}),
-                "preset": (list(PRESETS), {"default": "fast", "tooltip":
-                           "fast: 6 steps, needs the lightx2v/FusionX distill LoRA in the loader; quality: 40 "
-                           "steps with full text+audio guidance (no LoRA), about 10x slower."}),
-                "steps": ("INT", {"default": 0, "min": 0, "max": 100, "tooltip": "Sampling steps; 0 = the preset's."}),
-                "text_scale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1,
-                                         "tooltip": "Text guidance scale; 0 = the preset's (5 quality, 1 fast)."}),
-                "audio_scale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1,
-                                          "tooltip": "Audio (lip-sync) guidance scale; 0 = the preset's (4 quality, 2 fast)."}),
+                "preset": (list(PRESETS), {"default": DEFAULT_PRESET, "presets": preset_values(), "tooltip":
+                           "fast: 6 steps, text guidance 1, audio guidance 2; needs the lightx2v/FusionX distill "
+                           "LoRA in the loader. quality: 40 steps, text guidance 5, audio guidance 4, no LoRA, "
+                           "about 10x slower. Choosing a preset fills steps and both guidances; edit them after "
+                           "to override."}),
+                "steps": ("INT", {"default": fast.steps, "min": 1, "max": 100, "tooltip":
+                                  "Denoising steps per window (fast 6, quality 40); set by the preset."}),
+                "text_guidance": ("FLOAT", {"default": fast.text_guidance, "min": 0.0, "max": MAX_GUIDANCE,
+                                            "step": 0.1, "tooltip":
+                                            "Text CFG: how strongly the prompt is followed (fast 1 = off, one "
+                                            "model call saved; quality 5). Set by the preset."}),
+                "audio_guidance": ("FLOAT", {"default": fast.audio_guidance, "min": 0.0, "max": MAX_GUIDANCE,
+                                             "step": 0.1, "tooltip":
+                                             "Audio CFG: how strongly the lips follow the voices (fast 2, quality "
+                                             "4). Not the audio's loudness. Set by the preset."}),
                 "color_strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
                                              "How strongly each window's colours are matched to the reference "
                                              "(stops colour drift on long videos); 0 = off."}),
@@ -116,24 +157,28 @@ class InfiniteTalkMultiSampler:
                 "size_scale": ("FLOAT", {"default": 1.0, "min": 0.05, "max": 1.0, "step": 0.05, "advanced": True,
                                          "tooltip": "Shrinks the output size (quick previews, tests); 1.0 for real use."}),
                 "frames_limit_mb": ("INT", {"default": FRAMES_LIMIT_MB, "min": 0, "max": 1 << 20, "advanced": True,
-                                            "tooltip": "Largest 'frames' IMAGE output in MB (float32); longer videos give "
-                                            "a 1-frame placeholder. 0 = never return frames."}),
+                                            "tooltip": "Largest 'frames' IMAGE output in MB (float32). A longer "
+                                            "video with 'frames' connected stops with an error saying what to "
+                                            "set; with 'frames' unconnected nothing is kept in RAM."}),
             },
+            # 'prompt' is the text prompt here, so the queued graph comes in as 'queued_graph'
+            "hidden": {"queued_graph": "PROMPT", "unique_id": "UNIQUE_ID"},
         }
 
     @classmethod
     def VALIDATE_INPUTS(cls, seed: int, steps: int) -> bool | str:
         if not -1 <= int(seed) <= MAX_SEED:
             return f"seed: {seed} is outside -1 .. {MAX_SEED}"
-        if not 0 <= int(steps) <= 100:
-            return f"steps: {steps} is outside 0 .. 100 (0 = preset)"
+        if not 1 <= int(steps) <= 100:
+            return f"steps: {steps} is outside 1 .. 100"
         return True
 
+
     def generate(self, models: Any, left_audio: dict, right_audio: dict, prompt: str, negative_prompt: str,
-                 order: str, resolution: str, seed: int, preset: str, steps: int, text_scale: float,
-                 audio_scale: float, color_strength: float, image: Any = None, video: Any = None,
+                 order: str, resolution: str, seed: int, preset: str, steps: int, text_guidance: float,
+                 audio_guidance: float, color_strength: float, image: Any = None, video: Any = None,
                  left_mask: Any = None, right_mask: Any = None, mask_image: Any = None, size_scale: float = 1.0,
-                 frames_limit_mb: int = FRAMES_LIMIT_MB) -> tuple:
+                 frames_limit_mb: int = FRAMES_LIMIT_MB, queued_graph: Any = None, unique_id: Any = None) -> tuple:
         from infinitetalk.pipeline.generate import generate
 
         if (image is None) == (video is None):
@@ -149,9 +194,9 @@ class InfiniteTalkMultiSampler:
             prompt=prompt.strip() or DEFAULT_PROMPT,
             negative_prompt=negative_prompt.strip() or None,
             order=order, resolution=resolution, seed=int(seed), preset=preset,
-            steps=int(steps) or None,
-            text_scale=float(text_scale) or None,
-            audio_scale=float(audio_scale) or None,
+            steps=int(steps),
+            text_guidance=float(text_guidance),
+            audio_guidance=float(audio_guidance),
             color_strength=float(color_strength),
             size_scale=float(size_scale),
             **_speaker_masks(left_mask, right_mask),
@@ -160,7 +205,8 @@ class InfiniteTalkMultiSampler:
         bundle = models.load(preset) if hasattr(models, "load") else models
         request.job_dir = _job_dir(request, bundle)
         bar: list[bridge.Progress] = []
-        collector = _FrameCollector(int(frames_limit_mb))
+        collector = _FrameCollector(int(frames_limit_mb), _expected_frames(left_audio, right_audio, request.order),
+                                    frames_output_used(queued_graph, unique_id))
         last = {}
 
         def progress(done: int, total: int) -> None:
@@ -180,8 +226,17 @@ class InfiniteTalkMultiSampler:
                                                  on_window=on_window))
         bridge.soft_empty_cache()
         info = InfiniteTalkVideo.from_file(Path(result.path), seed=int(result.seed))
-        frames = collector.image(info.frames, last.get("frame"))
+        frames = collector.image(info.frames, last.get("frame")) if collector.used else bridge.blocked_output(
+            "InfiniteTalk Multi Sampler's 'frames' output was not connected when this video was made, so its frames "
+            "were not kept: change any sampler input (e.g. seed) to make it again, or use 'video'.")
         return (info, frames, media.audio_from_clip(*result.audio), bridge.core_video(info.path), float(info.fps), int(info.seed))
+
+
+def _expected_frames(left_audio: dict, right_audio: dict, order: str | None) -> int:
+    """Frames the video will have, from the audio lengths (25 fps): the sum one after the other, else the longer."""
+    left, right = media.audio_seconds(left_audio), media.audio_seconds(right_audio)
+    seconds = max(left, right) if order == "meanwhile" else left + right
+    return int(seconds * FPS)
 
 
 def _job_dir(request: GenerationRequest, bundle: Any) -> Path:

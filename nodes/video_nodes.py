@@ -14,7 +14,9 @@ from infinitetalk.errors import InputError
 from . import bridge, media
 from .types import InfiniteTalkVideo
 
-PIX_FMTS = ("yuv420p", "yuv444p")
+PIX_FMTS = ("yuv420p", "yuv444p", "yuv420p10le")
+CODECS = {"h264": None, "h265": "libx265"}  # name -> PyAV encoder (None: the best H.264 one available)
+STREAM_NAMES = {"h264": "h264", "h265": "hevc"}  # name -> the decoder's name of such a stream
 
 
 def _trimmed(chunks: Iterator[np.ndarray], limit: int | None) -> Iterator[np.ndarray]:
@@ -35,12 +37,14 @@ def _image_chunks(images: Any, height: int, width: int, chunk: int = 16) -> Iter
 
 
 class InfiniteTalkVideoCombine:
-    """Saves an mp4 (h264 + aac) with ComfyUI's filename counter and shows it in the node."""
+    """Saves an mp4 (h264 or h265 + aac) with ComfyUI's filename counter and shows it in the node."""
 
-    DESCRIPTION = ("Saves the video to ComfyUI's output folder as mp4 (h264 video, aac audio) and previews it. "
-                   "Takes the sampler's 'video' (streamed from disk, any length) and/or an IMAGE batch, plus "
-                   "optional audio. A sampler video without new frames or audio is copied as is (no re-encode).")
+    DESCRIPTION = ("Saves the video to ComfyUI's output folder as mp4 (h264 or h265 video, 8 or 10 bit, aac audio) "
+                   "and previews it. Takes the sampler's 'video' (streamed from disk, any length) and/or an IMAGE "
+                   "batch, plus optional audio. A video already in the chosen codec and pixel format, without new "
+                   "frames or audio, is copied as is (no re-encode).")
     CATEGORY = "InfiniteTalk"
+    SEARCH_ALIASES = ["InfiniteTalk", "save mp4", "video combine"]  # the node search also matches these
     FUNCTION = "combine"
     OUTPUT_NODE = True
     RETURN_TYPES = ("STRING",)
@@ -53,12 +57,18 @@ class InfiniteTalkVideoCombine:
             "required": {
                 "filename_prefix": ("STRING", {"default": "InfiniteTalk/video", "tooltip":
                                     "File name prefix in the output folder (a counter is appended; folders allowed)."}),
-                "fps": ("INT", {"default": 25, "min": 1, "max": 120,
-                                  "tooltip": "Frame rate for IMAGE frames (InfiniteTalk makes 25 fps); a connected video keeps its own."}),
+                "fps": ("FLOAT", {"default": 25.0, "min": 1.0, "max": 120.0, "step": 0.01, "round": 0.001,
+                                  "tooltip": "Frame rate for IMAGE frames, decimals allowed (29.97, 23.976); "
+                                  "InfiniteTalk makes 25 fps. A connected video keeps its own."}),
+                "codec": (list(CODECS), {"default": "h264", "tooltip":
+                          "h264 plays everywhere; h265 (HEVC) is about half the size at the same quality but "
+                          "slower to encode and not played by some browsers."}),
                 "crf": ("INT", {"default": 19, "min": 0, "max": 51, "tooltip":
-                                "h264 quality: lower = better and bigger (19 is visually lossless-ish)."}),
+                                "Quality: lower = better and bigger (h264 19 is visually lossless-ish; h265 "
+                                "reaches the same near 23)."}),
                 "pix_fmt": (list(PIX_FMTS), {"default": "yuv420p", "tooltip":
-                            "yuv420p plays everywhere; yuv444p keeps full colour detail (fewer players)."}),
+                            "yuv420p plays everywhere; yuv444p keeps full colour detail; yuv420p10le is 10-bit "
+                            "(smoother gradients, for h265 or editing; many players lack 10-bit h264)."}),
                 "trim_to_audio": ("BOOLEAN", {"default": True, "tooltip":
                                   "Cut the video to the audio's length (else the audio is cut or padded with silence to the video's)."}),
             },
@@ -70,32 +80,36 @@ class InfiniteTalkVideoCombine:
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }
 
-    def combine(self, filename_prefix: str, fps: int, crf: int, pix_fmt: str, trim_to_audio: bool,
-                video: InfiniteTalkVideo | None = None, images: Any = None, audio: dict | None = None,
-                prompt: Any = None, extra_pnginfo: Any = None) -> dict:
+    def combine(self, filename_prefix: str, fps: float, crf: int, pix_fmt: str, trim_to_audio: bool,
+                codec: str = "h264", video: InfiniteTalkVideo | None = None, images: Any = None,
+                audio: dict | None = None, prompt: Any = None, extra_pnginfo: Any = None) -> dict:
         if video is None and images is None:
             raise InputError("images/video", "connect the sampler's 'video' or an IMAGE batch")
         if pix_fmt not in PIX_FMTS:
             raise InputError("pix_fmt", f"{pix_fmt!r} is not one of {', '.join(PIX_FMTS)}")
+        if codec not in CODECS:
+            raise InputError("codec", f"{codec!r} is not one of {', '.join(CODECS)}")
+        if not 1.0 <= float(fps) <= 120.0:
+            raise InputError("fps", f"{fps} is outside 1 .. 120")
         if images is not None:
             height, width, fps = int(images.shape[1]), int(images.shape[2]), float(fps)
-            if pix_fmt == "yuv420p":  # h264 4:2:0 needs even sizes: drop the odd last row/column
+            if pix_fmt.startswith("yuv420p"):  # 4:2:0 needs even sizes: drop the odd last row/column
                 height, width = height - height % 2, width - width % 2
         else:
             height, width, fps = video.height, video.width, video.fps
         folder, stem, subfolder = bridge.save_path(filename_prefix, width, height)
         path = folder / f"{stem}.mp4"
-        if images is None and audio is None:
+        if images is None and audio is None and _stream_format(video.path) == (STREAM_NAMES[codec], pix_fmt):
             shutil.copyfile(video.path, path)
         else:
-            self._encode(path, width, height, fps, crf, pix_fmt, trim_to_audio, video, images, audio,
+            self._encode(path, width, height, fps, crf, pix_fmt, codec, trim_to_audio, video, images, audio,
                          _metadata(prompt, extra_pnginfo))
-        item = {"filename": path.name, "subfolder": subfolder, "type": "output", "format": "video/h264-mp4"}
+        item = {"filename": path.name, "subfolder": subfolder, "type": "output", "format": f"video/{codec}-mp4"}
         return {"ui": {"images": [item], "animated": (True,)}, "result": (str(path),)}
 
     @staticmethod
-    def _encode(path: Path, width: int, height: int, fps: float, crf: int, pix_fmt: str, trim_to_audio: bool,
-                video: InfiniteTalkVideo | None, images: Any, audio: dict | None, metadata: dict) -> None:
+    def _encode(path: Path, width: int, height: int, fps: float, crf: int, pix_fmt: str, codec: str,
+                trim_to_audio: bool, video: InfiniteTalkVideo | None, images: Any, audio: dict | None, metadata: dict) -> None:
         from infinitetalk.video.writer import Mp4Writer
 
         frame_count = int(images.shape[0]) if images is not None else video.frames
@@ -106,10 +120,19 @@ class InfiniteTalkVideoCombine:
             # enough frames to carry all of the audio (the writer pads the last partial frame with silence)
             frame_count = min(frame_count, max(1, math.ceil(sound[0].shape[1] / sound[1] * fps - 1e-6)))
         chunks = _image_chunks(images, height, width) if images is not None else video.iter_frames()
-        with Mp4Writer(path, width, height, fps=int(round(fps)), crf=int(crf), pix_fmt=pix_fmt, audio=sound,
-                       metadata=metadata) as writer:
+        with Mp4Writer(path, width, height, fps=fps, crf=int(crf), pix_fmt=pix_fmt, audio=sound,
+                       metadata=metadata, codec=CODECS[codec]) as writer:
             for chunk in _trimmed(chunks, frame_count):
                 writer.write(chunk)
+
+
+def _stream_format(path: Path) -> tuple[str, str]:
+    """(codec, pixel format) of a video file's first video stream: a file already so is copied, not re-encoded."""
+    import av
+
+    with av.open(str(path)) as container:
+        context = container.streams.video[0].codec_context
+        return context.name, context.pix_fmt
 
 
 def _metadata(prompt: Any, extra_pnginfo: Any) -> dict:

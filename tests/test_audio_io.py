@@ -173,3 +173,51 @@ def test_place_speakers_errors_and_duration_rule():
     assert p.frames == 26 and p.mix.samples.shape[1] == 44100 + 1764
     loud = place_speakers(AudioClip(torch.ones(1, 16000) * 0.8, 16000), AudioClip(torch.ones(1, 16000) * 0.8, 16000))
     assert float(loud.mix.samples.abs().max()) <= 1.0 and float(loud.tracks[0].max()) == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize("sr_from", [8000, 22050, 44100, 48000, 96000])
+def test_resample_matches_soxr_hq_as_librosa_uses_it(sr_from):
+    import soxr
+
+    gen = torch.Generator().manual_seed(sr_from)
+    x = (torch.randn(2, int(0.7 * sr_from) + 3, generator=gen) * 0.2).float()
+    y = resample(x, sr_from, 16000)
+    n = math.ceil(x.shape[1] * 16000 / sr_from)
+    assert y.shape == (2, n) and y.dtype == torch.float32
+    for ch in range(2):
+        want = soxr.resample(x[ch].numpy(), sr_from, 16000, "HQ")
+        want = np.pad(want, (0, max(0, n - want.shape[0])))[:n]                # librosa's fix_length
+        rel = np.linalg.norm(y[ch].numpy() - want) / np.linalg.norm(want)
+        assert rel <= 1e-6, (sr_from, ch, rel)
+
+
+def _wav_bytes(path, channels: int, rate: int, frames: int, width: int = 2) -> None:
+    """A PCM wav written with the stdlib (no encoder limits on rate or channel count)."""
+    import wave
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(width)
+        w.setframerate(rate)
+        w.writeframes((np.arange(frames * channels) % 200 - 100).astype("<i2").tobytes())
+
+
+@pytest.mark.parametrize("channels", [6, 8, 9, 12])
+def test_many_channel_wav_decodes_without_native_crash(tmp_path, channels):
+    # planar float conversion of ≥ 8 channels crashed the process in PyAV; packed conversion is safe
+    _wav_bytes(tmp_path / "multi.wav", channels, 16000, 4000)
+    clip = load_audio(tmp_path / "multi.wav", "left_audio")
+    assert clip.samples.shape == (channels, 4000)
+    want = (np.arange(4000 * channels) % 200 - 100).reshape(4000, channels).T / 32768.0
+    assert np.allclose(clip.samples.numpy(), want, atol=1e-7)
+
+
+def test_audio_limits_refuse_with_field_value_and_limit(tmp_path):
+    _wav_bytes(tmp_path / "short.wav", 1, 16000, 480)                          # 30 ms
+    with pytest.raises(InputError, match=r"right_audio: .*30 ms.*at least 100 ms"):
+        load_audio(tmp_path / "short.wav", "right_audio")
+    _wav_bytes(tmp_path / "fast.wav", 1, 384000, 38400)
+    with pytest.raises(InputError, match=r"left_audio: .*384000 Hz.*192000 Hz"):
+        load_audio(tmp_path / "fast.wav", "left_audio")
+    _wav_bytes(tmp_path / "wide.wav", 33, 8000, 800)
+    with pytest.raises(InputError, match=r"left_audio: .*33 channels.*32"):
+        load_audio(tmp_path / "wide.wav", "left_audio")

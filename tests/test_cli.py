@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import av
+import numpy as np
 import pytest
 
 from infinitetalk.audio.io import write_wav
@@ -45,7 +46,7 @@ def test_generate_fast_preset_finds_models_and_distill_lora_by_content(tiny_mode
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     frames, meta = _read(out)
-    assert frames == 30 and meta["seed"] == 4 and meta["preset"] == "fast" and meta["text_scale"] == 1.0
+    assert frames == 30 and meta["seed"] == 4 and meta["preset"] == "fast" and meta["text_guidance"] == 1.0
     assert "2/2 steps" in captured.err                                # progress bar over windows x steps
     assert str(out) in captured.out
 
@@ -82,7 +83,141 @@ def test_progress_bar_draws_on_the_given_stream():
     bar = ProgressBar("x", stream=buf, width=10)
     for d in range(5):
         bar(d, 4)
-    assert "4/4 steps" in buf.getvalue() and "#" * 10 in buf.getvalue()
+    assert "100%" in buf.getvalue() and "#" * 10 in buf.getvalue() and buf.getvalue().endswith("\n")
+
+
+def test_progress_bar_eta_is_measured_per_stage_and_a_lower_bound_until_every_stage_ran(monkeypatch):
+    """1 of 2 windows left: 1 encode + 4 steps + 2 decode units; steps take 1 s, decode units 5 s."""
+    import io
+
+    from infinitetalk.pipeline.progress import JobProgress
+
+    clock = [100.0]
+    monkeypatch.setattr("infinitetalk.cli.time.perf_counter", lambda: clock[0])
+    buf = io.StringIO()
+    bar = ProgressBar("x", stream=buf, width=10)
+    job = JobProgress(bar, windows=2, steps=4, decode_units=2, resumed=1)
+    assert job.total == 2 + 2 * 7 and job.done == 7
+    job.start()
+    assert "resuming: 1 of 2 windows" in buf.getvalue()
+
+    def tick(seconds: float, stage: str) -> str:
+        clock[0] += seconds
+        job.advance(stage)
+        return buf.getvalue().rsplit("\r", 1)[-1]
+
+    tick(3.0, "prepare")
+    tick(2.0, "encode")
+    line = tick(1.0, "steps")
+    assert "window 2/2 steps" in line and "eta >3s" in line          # 3 steps left at 1 s; decode not timed yet
+    for _ in range(3):
+        line = tick(1.0, "steps")
+    assert "eta ?" in line                                            # only untimed work left
+    line = tick(5.0, "decode")
+    assert "eta 5s" in line and ">" not in line                       # every stage with work left is timed
+    job.window_done(1)
+    job.finish()
+    assert buf.getvalue().endswith("\n") and "100%" in buf.getvalue()
+
+
+def test_stereo_conversation_file_drives_both_speakers(tiny_models, inputs, tmp_path, capsys):
+    """Left channel = left person, right channel = right person, placed meanwhile; the mp4 keeps the stereo."""
+    rate = 16000
+    left = synthetic_voice(0.6, 120.0, rate, seed=1)
+    right = np.zeros_like(left)
+    right[rate // 4:] = synthetic_voice(0.35, 200.0, rate, seed=2)
+    stereo = write_wav(tmp_path / "talk.wav", np.stack([left, right]), rate)
+    out = tmp_path / "stereo.mp4"
+    rc = main(["generate", "--models", str(tiny_models), "--image", inputs["image"], "--stereo-audio", str(stereo),
+               "--out", str(out), "--seed", "2", "--quiet", *SMALL])
+    assert rc == 0, capsys.readouterr().err
+    frames, meta = _read(out)
+    assert frames == 15 and meta["order"] == "meanwhile"              # 0.6 s at 25 fps: one common timeline
+    with av.open(str(out)) as c:
+        assert c.streams.audio[0].codec_context.channels == 2
+
+    mono = write_wav(tmp_path / "mono.wav", left[None], rate)
+    rc = main(["generate", "--models", str(tmp_path / "absent"), "--image", inputs["image"], "--stereo-audio",
+               str(mono), "--out", str(tmp_path / "m.mp4")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "stereo_audio" in err and "exactly 2" in err
+    rc = main(["generate", "--models", str(tmp_path / "absent"), "--image", inputs["image"], "--stereo-audio",
+               str(stereo), "--left-audio", inputs["left"], "--out", str(tmp_path / "m.mp4")])
+    assert rc == 2 and "not both" in capsys.readouterr().err
+
+
+def test_stereo_split_places_each_channel_on_its_speaker():
+    import torch
+
+    from infinitetalk.audio.io import AudioClip
+    from infinitetalk.audio.stereo import place_stereo
+
+    rate = 16000
+    samples = torch.zeros(2, rate)
+    samples[0, : rate // 2] = 0.5                                      # left talks first half
+    samples[1, rate // 2:] = -0.25                                     # right talks second half
+    placement = place_stereo(AudioClip(samples, rate))
+    left, right = placement.tracks
+    assert placement.frames == 25 and placement.order == "meanwhile"
+    assert left[: rate // 2 - 50].abs().min() > 0.4 and left[rate // 2 + 50:].abs().max() < 1e-3
+    assert right[: rate // 2 - 50].abs().max() < 1e-3 and right[rate // 2 + 50:].abs().min() > 0.2
+    assert torch.equal(placement.mix.samples, samples)                # the file's own stereo goes into the mp4
+    with pytest.raises(InputError, match="identical"):
+        place_stereo(AudioClip(samples[:1].repeat(2, 1), rate))
+
+
+def test_prompt_per_window(tiny_models, inputs, tmp_path, capsys, monkeypatch):
+    """Successive windows are sampled with successive prompts (the last repeating), each distinct prompt is
+    encoded once, and the output's metadata records them."""
+    import torch
+
+    from infinitetalk.pipeline import generate as generate_mod
+    from infinitetalk.text.encoder import TextEncoder
+
+    embeddings, contexts = {}, []
+    encode, sample = TextEncoder.encode, generate_mod.sample_window
+    monkeypatch.setattr(TextEncoder, "encode", lambda self, p: embeddings.setdefault(p, []).append(encode(self, p))
+                        or embeddings[p][-1])
+    monkeypatch.setattr(generate_mod, "sample_window", lambda dit, noise, cond, *a, **k: (
+        contexts.append(cond.context.clone()), sample(dit, noise, cond, *a, **k))[1])
+    out = tmp_path / "prompts.mp4"
+    rc = main(["generate", "--models", str(tiny_models), "--image", inputs["image"], "--left-audio", inputs["left"],
+               "--right-audio", inputs["right"], "--out", str(out), "--seed", "9", "--quiet", *SMALL,
+               "--prompt", "A man talks.", "--prompt", "A woman laughs.\nA woman laughs."])
+    assert rc == 0, capsys.readouterr().err
+    assert _read(out)[1]["prompts"] == ["A man talks.", "A woman laughs.", "A woman laughs."]
+    first, second = embeddings["A man talks."], embeddings["A woman laughs."]
+    assert len(first) == len(second) == 1                             # each distinct prompt encoded once
+    assert len(contexts) == 2 and not torch.equal(first[0], second[0])
+    assert torch.equal(contexts[0], first[0]) and torch.equal(contexts[1], second[0])
+
+
+def test_window_prompts_repeat_the_last_line():
+    from infinitetalk.text.prompts import join_prompts, prompt_for_window, window_prompts
+
+    prompts = window_prompts("one\n\n two \n")
+    assert prompts == ["one", "two"] and [prompt_for_window(prompts, k) for k in range(4)] == ["one", "two", "two", "two"]
+    assert window_prompts("single") == ["single"] and join_prompts(["a", " b "]) == "a\nb"
+    with pytest.raises(InputError, match="prompt"):
+        join_prompts(["a", "b\nc"])
+
+
+def test_unwritable_out_and_models_folder_are_input_errors_before_model_work(inputs, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    rc = main(["generate", "--models", str(tmp_path / "absent"), "--image", inputs["image"], "--left-audio",
+               inputs["left"], "--right-audio", inputs["right"], "--out", str(blocker / "x.mp4")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "out:" in err and "Traceback" not in err
+    assert main(["make-tiny-models", str(blocker / "models")]) == 2
+    assert "dir:" in capsys.readouterr().err
+
+
+def test_full_size_on_cpu_warns_and_names_size_scale(inputs, tmp_path, capsys):
+    rc = main(["generate", "--models", str(tmp_path / "absent"), "--image", inputs["image"], "--left-audio",
+               inputs["left"], "--right-audio", inputs["right"], "--out", str(tmp_path / "x.mp4"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--size-scale" in err and "CPU" in err         # warned, then the missing models folder
 
 
 def test_demo_writes_a_real_mp4(tiny_models, tmp_path, capsys):

@@ -202,7 +202,8 @@ def test_lora_on_fp8_base(tree, run, reference1, lora):
     base = tree / "diffusion_models/tiny_wan2.1_i2v_480p_fp8_scaled.safetensors"
     model, out = run(base, tree / MEIGEN, [(tree / "loras" / lora, 1.0)], persons=1)
     q = model.blocks[0].self_attn.q
-    assert q.weight.dtype == torch.float32 and q.weight_scale is None  # merged: dequantised, scale dropped
+    assert q.weight.dtype == torch.float8_e4m3fn and q.weight_scale is not None  # stays fp8: unmerged low-rank
+    assert q.lora_down is not None and q.lora_up.dtype == torch.float32
     if "peft" in lora:  # self-attention only: the FFN keeps fp8 + scale
         assert model.blocks[0].ffn[0].weight.dtype == torch.float8_e4m3fn
         assert model.blocks[0].ffn[0].weight_scale is not None

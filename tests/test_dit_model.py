@@ -139,3 +139,42 @@ def test_bf16_close_to_fp32_on_golden(case_dir):
             outs.append(model(i["x"], i["t"], i["context"], i["clip_fea"], i["y"], i["audio"], i["ref_target_masks"]))
     cos = torch.nn.functional.cosine_similarity(outs[0].flatten().double(), outs[1].flatten().double(), dim=0)
     assert cos >= 0.999
+
+
+def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("persons", [1, 2])
+def test_forward_batch_equals_separate_calls(persons):
+    """Guidance branches batched: different prompts and a one-person silent branch next to two speakers."""
+    cfg = small_config(dim=96, num_heads=3, num_layers=2)
+    model, inputs = random_model(cfg), random_inputs(cfg, persons=persons, frames=2, h=6, w=10)
+    other_ctx = torch.randn(9, cfg.text_dim, generator=torch.Generator().manual_seed(5))
+    silent = torch.zeros_like(inputs["audio"][-1:])
+    contexts, audios = [inputs["context"], other_ctx, other_ctx], [inputs["audio"], inputs["audio"], silent]
+    with torch.inference_mode():
+        batched = model.forward_batch(inputs["x"], inputs["t"], contexts, inputs["clip_fea"], inputs["y"], audios,
+                                      inputs["ref_target_masks"])
+    assert batched.shape == (3, cfg.out_dim, 2, 6, 10)
+    for i, (context, audio) in enumerate(zip(contexts, audios)):
+        single = run(model, dict(inputs, context=context, audio=audio))
+        assert _rel_l2(batched[i], single) <= 1e-6
+    assert _rel_l2(batched[0], batched[1]) > 1e-3  # the branches really differ
+
+
+def test_audio_attention_range_equals_per_frame_attention():
+    """A token range that cuts latent frames (a sequence-parallel shard) gets the per-frame result."""
+    cfg = small_config()
+    block = random_model(cfg).blocks[0].audio_cross_attn
+    g = torch.Generator().manual_seed(0)
+    n_t, s = 3, 10
+    x = torch.randn(n_t, s, cfg.dim, generator=g)
+    tokens = torch.randn(n_t, 2 * cfg.context_tokens, cfg.output_dim, generator=g)
+    positions = torch.rand(n_t * s, generator=g) * 24
+    for pos in (None, positions):
+        full = block(x, tokens, pos).reshape(n_t * s, cfg.dim)
+        for start, stop in ((0, 7), (7, 23), (23, 30)):
+            got = block.forward_range(x.reshape(-1, cfg.dim)[start:stop], tokens,
+                                      None if pos is None else pos[start:stop], start, n_t * s)
+            torch.testing.assert_close(got, full[start:stop], atol=1e-6, rtol=1e-5)

@@ -8,7 +8,10 @@ from safetensors.torch import save_file
 
 from infinitetalk.checkpoints import CheckpointError, open_checkpoint
 from infinitetalk.checkpoints.layout import canonical_view
-from infinitetalk.checkpoints.lora import apply_loras
+from infinitetalk.checkpoints import build_on_meta, load_module
+from infinitetalk.checkpoints.lora import apply_loras, attach_low_rank
+from infinitetalk.models.layers import Linear
+from torch import nn
 from infinitetalk.tiny.layouts import random_lora, save_fp8_comfy_quant, save_lora
 
 G = torch.Generator().manual_seed(7)
@@ -86,26 +89,83 @@ def test_diff_m_is_skipped_like_comfyui(tmp_path):
     assert torch.equal(merged["blocks.0.modulation"], BASE["blocks.0.modulation"])
 
 
-def test_fp8_layer_is_dequantised_merged_and_its_scale_dropped(tmp_path):
+def _fp8_view(tmp_path, per_row=True):
     path = save_fp8_comfy_quant(BASE, tmp_path / "fp8.safetensors", linear_names=LINEARS, dtype=torch.float32,
-                                per_row=True)
+                                per_row=per_row)
     raw = open_checkpoint(path)
-    view = canonical_view(raw)
+    return raw, canonical_view(raw)
+
+
+def test_fp8_layer_keeps_fp8_and_gets_a_low_rank_path(tmp_path):
+    raw, view = _fp8_view(tmp_path)
     scales = view.scales()
     assert set(scales) == {"blocks.0.self_attn.q", "blocks.0.ffn.0"}
-    lora = random_lora(BASE, rank=2, seed=6, linear_names=LINEARS[:1], std=0.5)
-    merged, kept = apply_loras(view, scales, [(save_lora(lora, tmp_path / "l.safetensors"), 1.0)])
-    assert set(kept) == {"blocks.0.ffn.0"}  # untouched layer keeps fp8 + scale
-    assert merged["blocks.0.ffn.0.weight"].dtype == torch.float8_e4m3fn
-    assert merged.scales().keys() == kept.keys()
+    lora = random_lora(BASE, rank=2, seed=6, linear_names=LINEARS[:1], std=0.5, alpha=1.0)
+    merged, kept = apply_loras(view, scales, [(save_lora(lora, tmp_path / "l.safetensors"), 0.5)])
+    assert set(kept) == set(scales)  # both layers stay fp8 with their scales
+    for k in LINEARS:
+        assert merged[k].dtype == torch.float8_e4m3fn and merged.dtype(k) == torch.float8_e4m3fn
+    assert set(merged.low_rank) == {"blocks.0.self_attn.q.weight"}
+    paths = merged.low_rank_paths(torch.float32, "cpu")
+    down, up = paths["blocks.0.self_attn.q"]
+    want_up = lora["blocks.0.self_attn.q.lora_up.weight"].bfloat16().float() * 0.5 * (1.0 / 2)
+    torch.testing.assert_close(up, want_up)
+    torch.testing.assert_close(down, lora["blocks.0.self_attn.q.lora_down.weight"].bfloat16().float())
+
+
+def test_diff_on_fp8_layer_is_merged_and_its_scale_dropped(tmp_path):
+    raw, view = _fp8_view(tmp_path)
+    lora = {"blocks.0.self_attn.q.diff": torch.randn(8, 6, generator=G)}
+    merged, kept = apply_loras(view, view.scales(), [(save_lora(lora, tmp_path / "d.safetensors"), 1.0)])
+    assert set(kept) == {"blocks.0.ffn.0"} and merged.scales().keys() == kept.keys()
     w = merged["blocks.0.self_attn.q.weight"]
     assert w.dtype == torch.float32 and merged.dtype("blocks.0.self_attn.q.weight") == torch.float32
     deq = raw["blocks.0.self_attn.q.weight"].float() * raw["blocks.0.self_attn.q.weight_scale"].float()[:, None]
-    up = lora["blocks.0.self_attn.q.lora_up.weight"].bfloat16().float()
-    down = lora["blocks.0.self_attn.q.lora_down.weight"].bfloat16().float()
-    torch.testing.assert_close(w, deq + up @ down, rtol=1e-5, atol=1e-5)
-    merged16, _ = apply_loras(view, scales, [(tmp_path / "l.safetensors", 1.0)], dtype=torch.bfloat16)
-    assert merged16["blocks.0.self_attn.q.weight"].dtype == torch.bfloat16
+    torch.testing.assert_close(w, deq + lora["blocks.0.self_attn.q.diff"].bfloat16().float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_low_rank_linear_matches_bf16_merge(tmp_path, per_row):
+    """Loaded module: fp8 weights stay fp8 and the output matches dequantise + merge within bf16 rounding."""
+    shapes = {"q": (32, 48), "up": (64, 32)}
+    base = {f"{m}.weight": torch.randn(s, generator=G) for m, s in shapes.items()}
+    base.update({f"{m}.bias": torch.randn(s[0], generator=G) for m, s in shapes.items()})
+    names = [f"{m}.weight" for m in shapes]
+    raw = open_checkpoint(save_fp8_comfy_quant(base, tmp_path / "base.safetensors", linear_names=names,
+                                               dtype=torch.float32, per_row=per_row))
+    view = canonical_view(raw)
+    a = save_lora(random_lora(base, rank=4, seed=11, linear_names=names, alpha=2.0, std=1.0), tmp_path / "a.safetensors")
+    b = save_lora(random_lora(base, rank=2, seed=12, linear_names=names[:1], std=1.0), tmp_path / "b.safetensors",
+                  prefix="lora_unet_")
+    loras = [(a, 0.8), (b, -0.4)]
+
+    def build(tensors, scales):
+        model = build_on_meta(lambda: nn.ModuleDict({m: Linear(s[1], s[0]) for m, s in shapes.items()}))
+        load_module(model, tensors, dtype=torch.bfloat16, scales=scales)
+        attach_low_rank(model, tensors, dtype=torch.bfloat16, device="cpu")
+        return model
+
+    merged, scales = apply_loras(view, view.scales(), loras, dtype=torch.bfloat16)
+    fp8 = build(merged, scales)
+    nbytes = lambda m: sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
+    plain = build(view, view.scales())
+    # the reference: dequantise in float32, merge every LoRA in float32, store bf16 (the old behaviour)
+    ref_tensors = {k: view[k].float() for k in view}
+    for k in names:
+        ref_tensors[k] = ref_tensors[k] * scales[k[: -len(".weight")]].float()
+    ref_merged, _ = apply_loras(ref_tensors, {}, loras, dtype=torch.bfloat16)
+    ref = build(ref_merged, {})
+    x = torch.randn(2, 5, 48, generator=G).bfloat16()
+    for layer, (out_f, in_f) in shapes.items():
+        got_mod, ref_mod = fp8.get_submodule(layer), ref.get_submodule(layer)
+        assert got_mod.weight.dtype == torch.float8_e4m3fn and got_mod.weight_scale is not None
+        assert ref_mod.weight.dtype == torch.bfloat16 and ref_mod.lora_down is None
+        assert got_mod.lora_down.shape == (6 if layer.endswith("q") else 4, in_f)
+        xi = x[..., :in_f]
+        want, got = ref_mod(xi).float(), got_mod(xi).float()
+        assert (got - want).abs().max() <= 2e-2 * want.abs().max()  # bf16 rounding, nothing more
+        assert (plain.get_submodule(layer)(xi).float() - want).abs().max() > 0.05 * want.abs().max()
+    assert nbytes(fp8) < 1.5 * nbytes(plain)  # tiny layers: rank 6 of 32-64 wide; see benchmarks/lora_fp8.py
 
 
 def test_targets_missing_from_model(tmp_path):
@@ -143,3 +203,22 @@ def test_not_a_lora(tmp_path):
 def test_no_loras_is_identity():
     merged, scales = apply_loras(BASE, {"x": torch.tensor(1.0)}, [])
     assert merged is BASE and set(scales) == {"x"}
+
+
+@pytest.mark.slow  # writes header-only copies of the real 14B files (a few seconds)
+def test_distill_lora_on_real_fp8_dit_adds_under_5_percent(tmp_path):
+    """Real shapes (header-only files): Comfy-Org fp8_scaled 14B DiT + lightx2v rank-64 distill LoRA."""
+    import math
+
+    from infinitetalk.checkpoints import FP8_DTYPES
+    from infinitetalk.tiny.sparse import REAL_FILES, write_real_layouts
+
+    write_real_layouts(tmp_path)
+    view = canonical_view(open_checkpoint(tmp_path / REAL_FILES["dit"]))
+    merged, kept = apply_loras(view, view.scales(), [(tmp_path / REAL_FILES["lora"], 1.0)], dtype=torch.bfloat16)
+    assert kept.keys() == view.scales().keys() and not any(merged.dtype(k) not in FP8_DTYPES
+                                                           for k in merged.low_rank)
+    stored = sum(math.prod(view.shape(k)) * (1 if view.dtype(k) in FP8_DTYPES else 2) for k in view)
+    extra = sum(sum(t.ckpt.shape(t.keys[0])[0] for t in terms) * sum(view.shape(target)) * 2
+                for target, terms in merged.low_rank.items())
+    assert len(merged.low_rank) == 480 and extra / stored < 0.05  # 4.3 %

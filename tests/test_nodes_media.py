@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import math
+from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
@@ -88,7 +90,7 @@ def test_sampler_exposes_hosted_parameter_names(pkg):
 
 # -- LoadTwoAudios ------------------------------------------------------------------------------------
 def test_load_two_audios_from_files_and_overrides(pkg, tmp_path):
-    node = _nodes(pkg)["LoadTwoAudios"]
+    node = _nodes(pkg)["InfiniteTalkLoadTwoAudios"]
     left = _tone(tmp_path / "input" / "left.wav", 1.5, rate=22050, channels=2)
     _tone(tmp_path / "input" / "right.wav", 0.5, rate=16000)
     (tmp_path / "input" / "notes.txt").write_text("x")
@@ -108,7 +110,7 @@ def test_load_two_audios_from_files_and_overrides(pkg, tmp_path):
 
 
 def test_load_two_audios_names_the_bad_input(pkg, tmp_path):
-    node = _nodes(pkg)["LoadTwoAudios"]
+    node = _nodes(pkg)["InfiniteTalkLoadTwoAudios"]
     _tone(tmp_path / "input" / "left.wav", 0.5)
     (tmp_path / "input" / "broken.wav").write_bytes(b"RIFF....not audio")
     msg = node.VALIDATE_INPUTS("left.wav", "missing.wav")
@@ -123,7 +125,7 @@ def test_load_two_audios_names_the_bad_input(pkg, tmp_path):
 
 # -- MaskFromRegion -----------------------------------------------------------------------------------
 def test_mask_from_region_modes_and_preview(pkg):
-    node = _nodes(pkg)["MaskFromRegion"]()
+    node = _nodes(pkg)["InfiniteTalkMaskFromRegion"]()
     image = torch.full((1, 40, 100, 3), 0.5)
     left, right, bg, preview = node.make(image, "halves", 0.1, "", "")
     assert left.shape == right.shape == bg.shape == (1, 40, 100) and preview.shape == (1, 40, 100, 3)
@@ -145,7 +147,7 @@ def test_mask_from_region_modes_and_preview(pkg):
 
 
 def test_mask_from_region_names_the_bad_input(pkg):
-    node = _nodes(pkg)["MaskFromRegion"]()
+    node = _nodes(pkg)["InfiniteTalkMaskFromRegion"]()
     image = torch.zeros(1, 32, 32, 3)
     for args, name in ((("x_ranges", 0.0, "10", "50,90"), "left_region"),
                        (("boxes", 0.0, "0,0,10,10", "a,b,c,d"), "right_region"),
@@ -208,6 +210,29 @@ def test_video_combine_streams_an_infinitetalk_video(pkg, tmp_path):
     with pytest.raises(InputError) as err:
         node.combine("it", 25, 19, "yuv420p", True)
     assert err.value.input_name == "images/video"
+
+
+def test_video_combine_decimal_fps_h265_and_10_bit(pkg, tmp_path):
+    from infinitetalk_multi_pkg.nodes.types import InfiniteTalkVideo
+
+    node = _nodes(pkg)["InfiniteTalkVideoCombine"]()
+    images = torch.rand(6, 64, 96, 3)
+    out = node.combine("hevc/clip", 29.97, 23, "yuv420p10le", True, codec="h265", images=images)
+    assert out["ui"]["images"][0]["format"] == "video/h265-mp4"
+    with av.open(out["result"][0]) as c:
+        stream = c.streams.video[0]
+        assert stream.codec_context.name == "hevc" and stream.codec_context.pix_fmt == "yuv420p10le"
+        assert stream.average_rate == Fraction(2997, 100) and sum(1 for _ in c.decode(video=0)) == 6
+    # asking for another format than the sampler's h264 yuv420p re-encodes its video instead of copying it
+    video = InfiniteTalkVideo.from_file(Path(out["result"][0]))
+    again = node.combine("hevc/again", 25, 19, "yuv420p", True, video=video)["result"][0]
+    assert _probe(again)[2] == "h264"
+    tiny = dict(codec="h265", images=images[:, :32, :48])  # libx265 breaks below one 64-pixel block
+    for bad, name in ((dict(codec="vp9"), "codec"), (dict(fps=0.5), "fps"), (tiny, "codec")):
+        args = dict(filename_prefix="x", fps=25, crf=19, pix_fmt="yuv420p", trim_to_audio=True, images=images) | bad
+        with pytest.raises(InputError) as err:
+            node.combine(**args)
+        assert err.value.input_name == name
 
 
 def test_bridge_standalone_folders(pkg, tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import av
 import numpy as np
@@ -24,7 +25,7 @@ LOADER = {
     "offload": "off",
 }
 SAMPLER = {"prompt": "two people talking", "negative_prompt": "", "order": "left_right", "resolution": "480p",
-           "seed": 3, "preset": "quality", "steps": 2, "text_scale": 0.0, "audio_scale": 0.0,
+           "seed": 3, "preset": "quality", "steps": 2, "text_guidance": 5.0, "audio_guidance": 4.0,
            "color_strength": 1.0, "size_scale": 0.05}
 
 
@@ -61,8 +62,9 @@ def test_loader_lists_checks_and_names_the_wrong_file(env):
     assert types["lora"][0][0] == "none" and any("lightx2v" in n for n in types["lora"][0])
     assert "chinese-wav2vec2-base/model.safetensors" in types["audio_encoder"][0]  # wav2vec2/ folder too
     assert not any(n.endswith("config.json") for n in types["audio_encoder"][0])
-    shard = "tiny_Wan2.1-I2V-14B-480P/diffusion_pytorch_model-00002-of-00003.safetensors"
-    assert shard in types["diffusion_model"][0]  # a shard stands for its whole sharded checkpoint
+    shard = "tiny_Wan2.1-I2V-14B-480P/diffusion_pytorch_model-00001-of-00003.safetensors"
+    assert shard in types["diffusion_model"][0]  # the first shard stands for its whole sharded checkpoint
+    assert not any("-00002-of-" in n for n in types["diffusion_model"][0])  # listed once
     (models,) = loader().load(**dict(LOADER, diffusion_model=shard))
     assert models.overrides["dit"].name == "diffusion_pytorch_model.safetensors.index.json"
     (models,) = loader().load(**LOADER)
@@ -84,7 +86,7 @@ def test_loader_lists_checks_and_names_the_wrong_file(env):
 
 @pytest.fixture(scope="module")
 def image_job(custom_node_package, tiny_models, tmp_path_factory):
-    """ONE real tiny job (the expensive part of this file): image + MaskFromRegion masks, left_right."""
+    """ONE real tiny job (the expensive part of this file): image + InfiniteTalkMaskFromRegion masks, left_right."""
     from infinitetalk_multi_pkg.nodes import bridge
 
     root = tmp_path_factory.mktemp("image_job")
@@ -92,7 +94,7 @@ def image_job(custom_node_package, tiny_models, tmp_path_factory):
     nodes = custom_node_package.NODE_CLASS_MAPPINGS
     (models,) = nodes["InfiniteTalkModelLoader"]().load(**LOADER)
     image = torch.rand(1, 64, 96, 3)
-    masks = nodes["MaskFromRegion"]().make(image, "halves", 0.05, "", "")
+    masks = nodes["InfiniteTalkMaskFromRegion"]().make(image, "halves", 0.05, "", "")
     outputs = nodes["InfiniteTalkMultiSampler"]().generate(
         models, _audio(0.5, 200.0), _audio(0.3, 330.0, rate=22050), image=image, left_mask=masks[0],
         right_mask=masks[1], **SAMPLER)
@@ -135,6 +137,7 @@ def _fake_generate(frames_per_window: int, windows: int, size=(16, 24), seed: in
                     from infinitetalk.errors import JobCancelled
                     raise JobCancelled("cancelled")
             chunk = torch.full((frames_per_window, h, w, 3), 40 * k, dtype=torch.uint8)
+            fake.windows += 1
             on_window(k, chunk)
             chunks.append(chunk.numpy())
         n = frames_per_window * windows - 3  # the real loop trims the last window to the audio
@@ -143,7 +146,7 @@ def _fake_generate(frames_per_window: int, windows: int, size=(16, 24), seed: in
         return GenerationResult(path=request.out, frames=n, seconds=n / 25, seed=seed, width=w, height=h, windows=windows,
                                 audio=(mix, 16000))
 
-    fake.job_dirs = []
+    fake.job_dirs, fake.windows = [], 0
     return fake
 
 
@@ -161,13 +164,23 @@ def test_sampler_frames_output_respects_the_limit(env, monkeypatch):
     assert audio["sample_rate"] == 16000 and audio["waveform"].shape == (1, 1, 21 * 640)
     assert torch.equal(audio["waveform"][0, 0], torch.as_tensor(0.25 * np.sin(np.arange(21 * 640, dtype=np.float32) * 0.05)))
     assert float(frames[20, 0, 0, 0]) == pytest.approx(80 / 255) and float(frames[0, 0, 0, 0]) == 0.0
-    # 21 frames of 16x24 float32 = 96 KiB: a 0 MB limit gives the placeholder (the last frame)
+    # 25 frames (1 s of audio) of 16x24 float32 = 113 KiB: past a 0 MB limit the job stops at its first window
+    windows = fake.windows
+    with pytest.raises(InputError, match="raise frames_limit_mb to 1 or more") as err:
+        sampler.generate(models, _audio(0.5, 200.0), _audio(0.5, 300.0), image=image, frames_limit_mb=0, **SAMPLER)
+    assert err.value.input_name == "frames_limit_mb" and fake.windows == windows + 1
+    # 'frames' not connected in the queued graph: nothing is kept, whatever the limit
+    graph = {"7": {"inputs": {}}, "8": {"inputs": {"video": ["7", 0]}}}
     _, frames, _, _, _, _ = sampler.generate(models, _audio(0.5, 200.0), _audio(0.5, 300.0), image=image,
-                                             frames_limit_mb=0, **SAMPLER)
-    assert frames.shape == (1, 16, 24, 3) and float(frames[0, 0, 0, 0]) == pytest.approx(80 / 255)
+                                             frames_limit_mb=0, queued_graph=graph, unique_id="7", **SAMPLER)
+    assert frames is None  # outside ComfyUI; inside, an ExecutionBlocker that explains itself
+    graph["9"] = {"inputs": {"images": ["7", 1]}}  # connected: the frames come back
+    _, frames, _, _, _, _ = sampler.generate(models, _audio(0.5, 200.0), _audio(0.5, 300.0), image=image,
+                                             queued_graph=graph, unique_id="7", **SAMPLER)
+    assert frames.shape == (21, 16, 24, 3)
     # the job folder is named by the job's content: the same job again resumes in the same folder
     sampler.generate(models, _audio(0.5, 200.0), _audio(0.5, 300.0), image=image, **dict(SAMPLER, seed=4))
-    assert fake.job_dirs[0] == fake.job_dirs[1] != fake.job_dirs[2]
+    assert fake.job_dirs[0] == fake.job_dirs[1] != fake.job_dirs[-1]
 
 
 def test_sampler_cancel_becomes_comfyui_interrupt(env, monkeypatch):
@@ -227,3 +240,81 @@ def test_sampler_names_bad_inputs(env):
         sampler.generate(models, {"waveform": torch.zeros(1, 1, 0), "sample_rate": 16000}, _audio(0.5, 300.0),
                          image=image, **SAMPLER)
     assert err.value.input_name == "left_audio"
+
+
+def test_loader_dropdowns_list_what_loads(env, tiny_models, tmp_path):
+    """The patch dropdown holds InfiniteTalk files only (found by content), .gguf only where it loads."""
+    from infinitetalk_multi_pkg.nodes import bridge, model_nodes
+
+    models = tmp_path / "models"
+    for folder in ("diffusion_models", "model_patches", "vae"):
+        (models / folder).mkdir(parents=True)
+    (models / "diffusion_models" / "base.safetensors").symlink_to(next(tiny_models.rglob(LOADER["diffusion_model"])))
+    (models / "model_patches" / "renamed_patch.safetensors").symlink_to(next(tiny_models.rglob(PATCH)))
+    (models / "model_patches" / "not_a_patch.safetensors").symlink_to(next(tiny_models.rglob(LOADER["vae"])))
+    for folder in ("diffusion_models", "model_patches", "vae"):
+        (models / folder / "weights.gguf").write_bytes(b"GGUF not really")
+    bridge.configure(models_dir=models)
+    assert model_nodes.choices("infinitetalk_patch") == ["none", "renamed_patch.safetensors"]
+    if model_nodes.gguf_supported("infinitetalk_patch"):  # a real GGUF patch is listed, found by its tensors
+        from safetensors.torch import load_file
+
+        from infinitetalk.tiny.gguf import save_gguf
+
+        save_gguf(load_file(str(next(tiny_models.rglob(PATCH)))), models / "model_patches" / "patch_Q8_0.gguf")
+        assert model_nodes.choices("infinitetalk_patch") == ["none", "patch_Q8_0.gguf", "renamed_patch.safetensors"]
+    dit = model_nodes.choices("diffusion_model")
+    assert "base.safetensors" in dit and ("weights.gguf" in dit) == model_nodes.gguf_supported("diffusion_model")
+    assert "weights.gguf" not in model_nodes.choices("vae")
+
+
+def test_loader_carries_runtime_settings_to_load_models(env, monkeypatch):
+    import infinitetalk.pipeline.models as pipeline_models
+    from infinitetalk.runtime.options import RuntimeOptions
+
+    loader = env["InfiniteTalkModelLoader"]
+    optional = loader.INPUT_TYPES()["optional"]
+    assert optional["gpus"][1]["default"] == 1 and optional["vram_gb"][1]["default"] == 0.0
+    (choice,) = loader().load(**LOADER, vram_gb=12.0, attention="math", fp8_matmul="off", compile=True, gpus=2)
+    assert choice.runtime == RuntimeOptions(vram_gb=12.0, attention="math", fp8_matmul="off", compile=True)
+    assert choice.gpus == 2
+    (auto,) = loader().load(**LOADER)
+    assert auto.runtime == RuntimeOptions() and auto.gpus == 1  # 0 GB = automatic
+    for bad, name in ((dict(attention="fast"), "attention"), (dict(gpus=0), "gpus"), (dict(vram_gb=-1.0), "vram")):
+        with pytest.raises(InputError) as err:
+            loader().load(**LOADER, **bad)
+        assert err.value.input_name == name
+    seen = {}
+
+    def fake_load_models(models_dir=None, preset="quality", device=None, dtype=None, overrides=None, offload=None,
+                         runtime=None):
+        seen.update(runtime=runtime, dtype=dtype, offload=offload)
+        return "bundle"
+
+    monkeypatch.setattr(pipeline_models, "load_models", fake_load_models)
+    (one_gpu,) = loader().load(**LOADER, vram_gb=12.0, attention="math")  # gpus > 1: runtime/workers.py's part
+    assert one_gpu.load("quality") == "bundle" and one_gpu.load("quality") == "bundle"
+    assert seen == {"runtime": one_gpu.runtime, "dtype": "fp32", "offload": False} and one_gpu.runtime.vram_gb == 12
+
+
+def test_model_loading_shows_progress_text_on_the_node(env, monkeypatch):
+    import sys
+    import types
+
+    import infinitetalk.pipeline.models as pipeline_models
+
+    sent = []
+    server = types.SimpleNamespace(instance=types.SimpleNamespace(send_progress_text=lambda t, n: sent.append((n, t))))
+    running = types.SimpleNamespace(get_executing_context=lambda: types.SimpleNamespace(node_id="3"))
+    for name, module in (("folder_paths", types.ModuleType("folder_paths")), ("comfy_execution.utils", running),
+                         ("server", types.SimpleNamespace(PromptServer=server))):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(pipeline_models, "load_models", lambda *a, **k: "bundle")
+    from infinitetalk_multi_pkg.nodes import model_nodes
+
+    choice = model_nodes.ModelChoice(overrides={"dit": Path("/m/dit.safetensors"), "loras": []}, dtype=None,
+                                     offload=None, has_lora=False)
+    monkeypatch.setattr(model_nodes.bridge, "torch_device", lambda: "cpu")
+    assert choice.load("quality") == "bundle"
+    assert [n for n, _ in sent] == ["3", "3"]
+    assert "Loading models" in sent[0][1] and "dit.safetensors" in sent[0][1] and "Models loaded in" in sent[1][1]

@@ -1,4 +1,4 @@
-"""Every golden case in ../shared/golden passes through the parity runner, judged from its files."""
+"""Every golden case (folder named by INFINITETALK_GOLDEN_DIR) passes through the parity runner, judged from its files."""
 from __future__ import annotations
 
 import json
@@ -9,18 +9,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import GOLDEN, ROOT, golden_cases
+from conftest import GOLDEN, GOLDEN_MISSING, ROOT, golden_cases
 from infinitetalk.parity.runner import Case, rel_l2
 
 CASES = golden_cases()
 
 
-@pytest.mark.skipif(not GOLDEN.is_dir(), reason="golden cases folder ../shared/golden not present")
+@pytest.mark.skipif(GOLDEN is None or not GOLDEN.is_dir(), reason=GOLDEN_MISSING)
 def test_golden_folder_has_cases():
     assert len(CASES) >= 20
 
 
-@pytest.mark.parametrize("case_dir", CASES, ids=[c.name for c in CASES])
+@pytest.mark.parametrize("case_dir", CASES, ids=lambda p: p.name)
 def test_golden_case(case_dir, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "infinitetalk.parity", str(case_dir), "--out", str(tmp_path)],

@@ -87,7 +87,9 @@ def test_image_left_right_480p_exact_length_seed_and_resume(models, media, tmp_p
     assert abs(audio_s - expected / 25) < 0.03
     assert (a.height, a.width) == select_bucket(128, 192, "480p", 0.05) == frames_a.shape[1:3]
     assert meta["seed"] == 11 and meta["shift"] == 7.0 and meta["order"] == "left_right"
-    assert progress[0] == (0, 2) and progress[-1] == (2, 2)
+    total = 2 + 2 * (1 + 1 + 6)    # prepare + write; per window: encode, 1 step, 6 latent frames decoded
+    assert progress[0] == (0, total) and progress[-1] == (total, total)
+    assert all(a[0] <= b[0] for a, b in zip(progress, progress[1:])) and len(progress) == total + 1
     assert {k: (tuple(f.shape), f.dtype) for k, f in seen.items()} == {0: ((21, 32, 32, 3), torch.uint8),
                                                                     1: ((9, 32, 32, 3), torch.uint8)}
     assert not (tmp_path / ".a.job").exists()                        # job folder removed after success
@@ -95,13 +97,15 @@ def test_image_left_right_480p_exact_length_seed_and_resume(models, media, tmp_p
     # crash after the first window (cancel at the first step of window 1), then resume
     job = tmp_path / "job"
     req_b = _request(media, tmp_path, "b.mp4", seed=11, order="left_right", job_dir=job)
-    done, first, resumed = [], {}, {}
+    infos, first, resumed = [], {}, {}
     with pytest.raises(JobCancelled):
-        generate(req_b, models, progress=lambda d, t: done.append(d), cancel=lambda: bool(done) and done[-1] > 1,
-                 on_window=_collect(first))
+        generate(req_b, models, progress=lambda d, t, info: infos.append(info),
+                 cancel=lambda: bool(infos) and infos[-1].window >= 1, on_window=_collect(first))
+    assert infos[-1].stage == "steps" and infos[-1].remaining["decode"] == 6 and infos[-1].resumed_windows == 0
     assert not req_b.out.exists() and not partial_path(req_b.out).exists()
     assert json.loads((job / "state.json").read_text())["windows_done"] == 1
-    b = generate(req_b, models, on_window=_collect(resumed))
+    b = generate(req_b, models, on_window=_collect(resumed), progress=lambda d, t, info: infos.append(info))
+    assert infos[-1].resumed_windows == 1 and infos[-1].remaining == dict.fromkeys(infos[-1].remaining, 0)
     assert b.resumed_windows == 1 and b.seed == 11 and list(resumed) == [1]
     assert torch.equal(first[0], seen[0]) and torch.equal(resumed[1], seen[1])   # same seed, same frames
     frames_b, _, _ = _read(b.path)
@@ -222,3 +226,14 @@ def test_bad_inputs_fail_before_model_work_and_leave_nothing(kind, media, tmp_pa
     assert info.value.input_name == name, str(info.value)
     assert not req.out.exists() and not partial_path(req.out).exists()
     assert not (tmp_path / ".bad.job").exists()
+
+
+@pytest.mark.slow
+def test_teacache_is_recorded_in_the_metadata_and_needs_the_quality_recipe(models, media, tmp_path):
+    result = generate(_request(media, tmp_path, "tea.mp4", seed=5, steps=3, teacache=0.2), models)
+    _, _, meta = _read(result.path)
+    assert meta["teacache"] == {"threshold": 0.2, "scale": "480", "retention_steps": False}
+    with pytest.raises(InputError, match="teacache"):
+        _request(media, tmp_path, "fast.mp4", preset="fast", teacache=0.2).validate()
+    with pytest.raises(InputError, match="teacache"):
+        _request(media, tmp_path, "bad.mp4", teacache=-1).validate()

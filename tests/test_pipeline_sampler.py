@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import torch
 
-from infinitetalk.pipeline.sampler import Guidance, KeepRegion, WindowConditioning, sample_window, window_noise
+import pytest
+
+from _dit_testutil import random_inputs, random_model, small_config
+from infinitetalk.pipeline.sampler import (Guidance, KeepRegion, WindowConditioning, guided_velocity, sample_window,
+                                           window_noise)
 from infinitetalk.pipeline.schedule import timesteps
 
 
@@ -117,3 +121,124 @@ def test_window_noise_is_reproducible_per_window_and_differs_between_windows():
     assert torch.equal(a, window_noise(42, 0, (16, 3, 2, 2), "cpu"))
     assert not torch.equal(a, window_noise(42, 1, (16, 3, 2, 2), "cpu"))
     assert not torch.equal(a, window_noise(43, 0, (16, 3, 2, 2), "cpu"))
+
+
+def _tiny_dit_cond(persons: int):
+    cfg = small_config(dim=64, num_heads=4, num_layers=2)
+    i = random_inputs(cfg, persons=persons, frames=3, h=6, w=8)
+    null = torch.randn(8, cfg.text_dim, generator=torch.Generator().manual_seed(7))
+    cond = WindowConditioning(context=i["context"], context_null=null, clip_fea=i["clip_fea"], y=i["y"],
+                              audio=i["audio"], ref_target_masks=i["ref_target_masks"])
+    return random_model(cfg), cond, i["x"]
+
+
+@pytest.mark.parametrize("guidance", [Guidance(5.0, 4.0), Guidance(1.0, 2.5)], ids=["quality", "fast"])
+def test_batched_guidance_equals_sequential_calls(guidance):
+    for persons in (1, 2):
+        dit, cond, x = _tiny_dit_cond(persons)
+        t = torch.tensor([800.0])
+        with torch.inference_mode():
+            sequential = guided_velocity(dit, x, t, cond, guidance, batch=1)
+            batched = guided_velocity(dit, x, t, cond, guidance, batch=True)
+            pairs = guided_velocity(dit, x, t, cond, guidance, batch=2)
+        for got in (batched, pairs):
+            err = float((got.double() - sequential.double()).norm() / sequential.double().norm())
+            assert err <= 1e-6, err
+    with pytest.raises(ValueError, match="batch"):
+        guided_velocity(dit, x, t, cond, guidance, batch=0)
+
+
+def _constant_decisions(retention: bool, steps: int) -> list[bool]:
+    """Branch 0's decisions when the modulated input never changes (relative change 0 every step)."""
+    from infinitetalk.runtime.teacache import TeaCache
+
+    cache = TeaCache(threshold=0.2, scale="480", retention_steps=retention)
+    cache.start_window(steps)
+    e = torch.ones(1, 6, 4)
+    return [cache.decide(step, 0, e) for step in range(steps)]
+
+
+def test_teacache_decisions_follow_the_reference_rule_by_hand():
+    # no retention steps: 480p polynomial at 0 is −0.2020 < 0.2, so every middle step is skipped; the first
+    # step and the last (cutoff) step always run
+    assert _constant_decisions(False, 6) == [True, False, False, False, False, True]
+    # retention steps: 5 steps always run; then +0.1325 per step: 0.1325 < 0.2 skip, 0.2650 run (reset), ...
+    assert _constant_decisions(True, 9) == [True] * 5 + [False, True, False, True]
+
+
+def _reference_counter_rule(modulated: list[torch.Tensor], steps: int, thresh: float, retention: bool) -> list[bool]:
+    """An independent transcription of the reference's call-counter formulation (cnt over 3 calls per step,
+    np.poly1d rescale) for one branch, used to check TeaCache's bookkeeping on real time embeddings."""
+    import numpy as np
+
+    from infinitetalk.runtime.teacache import TEACACHE_COEFFICIENTS
+
+    ret_calls, cutoff_calls = (5 * 3, steps * 3) if retention else (3, steps * 3 - 3)
+    rescale = np.poly1d(TEACACHE_COEFFICIENTS[("480", retention)])
+    acc, prev, out = 0.0, None, []
+    for cnt in range(0, steps * 3, 3):  # the cond branch's calls
+        inp = modulated[cnt // 3]
+        if cnt < ret_calls or cnt >= cutoff_calls:
+            calc, acc = True, 0.0
+        else:
+            acc += rescale(((inp - prev).abs().mean() / prev.abs().mean()).item())
+            calc = not acc < thresh
+            acc = 0.0 if calc else acc
+        prev = inp.clone()
+        out.append(calc)
+    return out
+
+
+@pytest.mark.parametrize("retention, thresh, max_change", [(False, 0.05, 0.15), (True, 0.2, 0.01)])
+def test_teacache_decisions_match_the_reference_counter_rule(retention, thresh, max_change):
+    from infinitetalk.runtime.teacache import TeaCache
+
+    g = torch.Generator().manual_seed(3)
+    steps, base = 20, torch.randn(1, 6, 16, generator=g)
+    growth = torch.cumprod(1 + torch.rand(steps, generator=g) * max_change, 0)  # relative changes 0..max_change
+    modulated = [base * s for s in growth]
+    expected = _reference_counter_rule(modulated, steps, thresh, retention)
+    assert True in expected[6:-1] and False in expected  # both outcomes past the retention steps
+    cache = TeaCache(threshold=thresh, scale="480", retention_steps=retention)
+    cache.start_window(steps)
+    assert [cache.decide(i, 1, m) for i, m in enumerate(modulated)] == expected
+
+
+def test_teacache_in_the_sampler_reuses_residuals_batched_or_not():
+    from infinitetalk.runtime.teacache import TeaCache
+
+    dit, cond, x = _tiny_dit_cond(2)
+    times = timesteps(4, 5.0)
+    runs = []
+    dit.blocks[0].register_forward_pre_hook(lambda *a: runs.append(1))
+    noise = torch.randn_like(x)
+    motion = noise[:, :1]
+    cache, cache_seq = TeaCache(threshold=0.2), TeaCache(threshold=0.2)
+    with torch.inference_mode():
+        out = sample_window(dit, noise, cond, times, Guidance(5.0, 4.0), motion, teacache=cache, batch=True)
+        batched_runs = len(runs)
+        seq = sample_window(dit, noise, cond, times, Guidance(5.0, 4.0), motion, teacache=cache_seq)
+        plain = sample_window(dit, noise, cond, times, Guidance(5.0, 4.0), motion, batch=True)
+    computed = [c for s, b, c in cache.decisions if b == 0]
+    assert computed[0] and computed[-1] and not all(computed)  # tiny model: the middle steps are skipped
+    assert all([c for s, b, c in cache.decisions if b == k] == computed for k in (1, 2))
+    assert cache_seq.decisions == cache.decisions
+    assert batched_runs == sum(computed)  # one batched block pass per computed step, none for skipped ones
+    err = float((out.double() - seq.double()).norm() / seq.double().norm())
+    assert err <= 1e-6 and torch.isfinite(out).all()
+    assert not torch.allclose(out, plain)  # skipping is an approximation, and it is really applied
+    with pytest.raises(ValueError, match="quality"):
+        sample_window(dit, noise, cond, times, Guidance(1.0, 2.0), motion, teacache=cache)
+
+
+def test_teacache_with_every_step_computed_is_exact():
+    from infinitetalk.runtime.teacache import TeaCache
+
+    dit, cond, x = _tiny_dit_cond(1)
+    times = timesteps(2, 5.0)  # retention steps: the first 5 steps always run
+    cache = TeaCache(retention_steps=True)
+    with torch.inference_mode():
+        a = sample_window(dit, x, cond, times, Guidance(5.0, 4.0), x[:, :1], teacache=cache)
+        b = sample_window(dit, x, cond, times, Guidance(5.0, 4.0), x[:, :1])
+    assert all(c for _, _, c in cache.decisions) and len(cache.decisions) == 6
+    assert torch.equal(a, b)

@@ -5,62 +5,16 @@ import asyncio
 import base64
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
 
 from infinitetalk.service.contract import ApiError, billed_seconds, validate_request
-from infinitetalk.service.inputs import InputSettings
-from infinitetalk.service.jobs import EngineState, JobService
-from infinitetalk.service.routes import JobApi
+from infinitetalk.service.jobs import EngineState
 from infinitetalk.service.store import JobStore
-from service_support import FakeEngine, write_long_wav, write_png, write_wav
-
-TEMPLATE = {
-    "1": {"class_type": "LoadImage", "inputs": {"image": "x.png"}, "_meta": {"title": "image"}},
-    "2": {"class_type": "LoadTwoAudios", "inputs": {"left_audio": "a.wav", "right_audio": "b.wav"}},
-    "3": {"class_type": "LoadImageMask", "inputs": {"image": "m.png", "channel": "alpha"}, "_meta": {"title": "mask_image"}},
-    "4": {"class_type": "InfiniteTalkMultiSampler", "inputs": {
-        "prompt": "", "order": "left_right", "resolution": "480p", "seed": 0,
-        "image": ["1", 0], "left_audio": ["2", 0], "right_audio": ["2", 1], "mask": ["3", 0]}},
-    "5": {"class_type": "InfiniteTalkVideoCombine", "inputs": {"filename_prefix": "x", "video": ["4", 0]}},
-}
-KEY = "secret-key-123"
+from service_support import KEY, TEMPLATE, body, call, make_env, post, write_long_wav
 
 
 @pytest.fixture()
 def env(tmp_path):
-    inputs = tmp_path / "input"
-    inputs.mkdir()
-    write_wav(inputs / "left.wav", 1.0)
-    write_wav(inputs / "right.wav", 0.6, freq=330)
-    write_png(inputs / "two.png")
-    (inputs / "broken.wav").write_bytes(b"RIFF....not really audio")
-    engine = FakeEngine()
-    store_path = tmp_path / "user" / "jobs.sqlite3"
-    service = JobService(JobStore(store_path), engine, InputSettings(input_dir=inputs), {
-        "image-to-video-multi": TEMPLATE, "video-to-video-multi": TEMPLATE})
-    return {"inputs": inputs, "engine": engine, "service": service, "store_path": store_path, "tmp": tmp_path}
-
-
-def call(service, requests, keys=()):
-    """Run `requests(client)` against a loopback server hosting the API; returns its result."""
-    async def main():
-        app = web.Application(client_max_size=200 * 2**20)  # ComfyUI allows large bodies too
-        app.add_routes(JobApi(service, keys=lambda: tuple(keys)).routes())
-        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
-            return await requests(client)
-    return asyncio.run(main())
-
-
-def body(**over):
-    b = {"image": "two.png", "left_audio": "left.wav", "right_audio": "right.wav", "prompt": "two friends chat"}
-    b.update(over)
-    return {k: v for k, v in b.items() if v is not None}
-
-
-async def post(client, path, payload, headers=None):
-    resp = await client.post(path, json=payload, headers=headers or {})
-    return resp.status, await resp.json()
+    return make_env(tmp_path)
 
 
 def test_validation_refusals_name_the_field():
@@ -86,6 +40,16 @@ def test_defaults_follow_the_contract():
     assert validate_request("image-to-video-multi", body()).order == "left_right"
     req = validate_request("video-to-video-multi", {"video": "v.mp4", "left_audio": "a", "right_audio": "b"})
     assert (req.order, req.resolution, req.seed) == ("meanwhile", "480p", -1)
+
+
+def test_prompt_list_is_one_prompt_per_window_in_the_newline_form():
+    base = {"image": "i", "left_audio": "a", "right_audio": "b"}
+    req = validate_request("image-to-video-multi", {**base, "prompt": ["They greet.", " She laughs. "]})
+    assert req.prompt == "They greet.\nShe laughs."
+    for bad in ([], ["ok", ""], ["two\nlines"], ["x"] * 201, [3]):
+        with pytest.raises(ApiError) as info:
+            validate_request("image-to-video-multi", {**base, "prompt": bad})
+        assert info.value.code == 400 and "prompt" in info.value.message
 
 
 @pytest.mark.parametrize("seconds,billed", [(0.2, 5), (4.99, 5), (5.0, 5), (5.01, 6), (59.5, 60), (900, 600)])

@@ -55,3 +55,33 @@ def test_unresolvable_and_credential_urls_refused():
         raise OSError("no such host")
     assert "does not resolve" in check_url("https://nope.invalid/x", resolver=boom).reason
     assert not check_url("https://user:pw@media.example/x", resolver=fixed("93.184.216.34")).allowed
+
+
+# IPv6 addresses that lead to an IPv4 address: each is judged by the IPv4 address it embeds.
+@pytest.mark.parametrize("address,embedded,mechanism", [
+    ("::ffff:192.168.0.5", "192.168.0.5", "IPv4-mapped"),
+    ("::10.0.0.1", "10.0.0.1", "IPv4-compatible"),
+    ("64:ff9b::10.0.0.1", "10.0.0.1", "NAT64"),
+    ("64:ff9b::169.254.169.254", "169.254.169.254", "NAT64"),
+    ("64:ff9b:1::a00:1", "10.0.0.1", "NAT64"),
+    ("2002:0a00:0001::1", "10.0.0.1", "6to4"),
+    ("2002:7f00:1::", "127.0.0.1", "6to4"),
+    ("2002:a9fe:a9fe::1", "169.254.169.254", "6to4"),
+    # Teredo: server 65.54.227.120, client 10.0.0.1 stored bit-inverted (0xf5ff_fffe)
+    ("2001:0:4136:e378:8000:63bf:f5ff:fffe", "10.0.0.1", "Teredo client"),
+])
+def test_ipv4_embedded_in_ipv6_is_judged_by_the_ipv4_address(address, embedded, mechanism):
+    reason = address_refusal(address)
+    assert reason is not None and embedded in reason and mechanism in reason, reason
+    d = check_url("https://media.example/a.wav", resolver=fixed(address))
+    assert not d.allowed and embedded in d.reason
+
+
+@pytest.mark.parametrize("address", ["64:ff9b::8.8.8.8", "::ffff:93.184.216.34"])
+def test_translated_public_ipv4_passes(address):
+    assert address_refusal(address) is None
+
+
+def test_6to4_of_a_public_ipv4_is_not_refused_for_its_embedding():
+    reason = address_refusal("2002:5db8:d822::1")  # 93.184.216.34
+    assert reason is None or "embedded" not in reason

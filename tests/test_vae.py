@@ -38,7 +38,7 @@ def _video(t: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
 
 
 # ---- golden cases ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("case_dir", VAE_CASES, ids=[c.name for c in VAE_CASES])
+@pytest.mark.parametrize("case_dir", VAE_CASES, ids=lambda p: p.name)
 def test_golden_case_and_inferred_config(case_dir):
     case = Case.load(case_dir)
     out = vae_kind.run(case)

@@ -251,3 +251,35 @@ def test_writer_output_is_bit_reproducible(tmp_path, width, height):
             w.write(frames)
         outs.add((tmp_path / f"r{i}.mp4").read_bytes())
     assert len(outs) == 1
+
+
+def test_decoders_are_capped_at_max_pixels_even_when_headers_pass(tmp_path, monkeypatch):
+    # headers can understate the frame size; the decoders themselves refuse frames over MAX_PIXELS
+    import infinitetalk.video.reader as reader
+
+    _write_coded_video(tmp_path / "v.mp4", 5, 25)
+    png = tmp_path / "i.png"
+    with av.open(str(png), "w", format="image2") as c:
+        s = c.add_stream("png")
+        s.width = s.height = 64
+        s.pix_fmt = "rgb24"
+        c.mux(s.encode(av.VideoFrame.from_ndarray(_code_frame(3), format="rgb24")))
+        c.mux(s.encode(None))
+    assert load_image(png).shape == (64, 64, 3) and VideoSource(tmp_path / "v.mp4").frame_at(0).shape == (64, 64, 3)
+    monkeypatch.setattr(reader, "MAX_PIXELS", 64 * 64 - 1)          # the header probes still pass (limits.MAX_PIXELS)
+    with pytest.raises(InputError, match=r"^video: .*\(MAX_PIXELS\)"):
+        VideoSource(tmp_path / "v.mp4", "video")
+    with pytest.raises(InputError, match=r"^image: .*\(MAX_PIXELS\)"):
+        load_image(png, "image")
+
+
+def test_output_audio_format_is_checked_before_model_work(monkeypatch):
+    from infinitetalk.video import writer
+
+    for rate, channels in ((192000, 2), (8000, 9), (44100, 1), (7350, 1)):
+        writer.check_audio_encodes(rate, channels, "audio")                  # mixed down / resampled: encodable
+    x, rate, layout = writer.aac_ready_audio(np.full((9, 1920), 0.25, np.float32), 192000)
+    assert (x.shape, rate, layout) == ((2, 480), 48000, "stereo")
+    monkeypatch.setattr(writer, "aac_output_format", lambda r, c: (5000, "stereo"))   # a rate AAC lacks
+    with pytest.raises(InputError, match=r"^audio: the output audio .* cannot be encoded"):
+        writer.check_audio_encodes(5000, 2, "audio")

@@ -10,6 +10,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = [("infinitetalk_multi_image", ("image",)), ("infinitetalk_multi_video", ("video",))]
+# API name -> UI template file name (the template browser shows a custom template's file name as its title)
+TITLES = {"infinitetalk_multi_image": "Picture to two-person talking video",
+          "infinitetalk_multi_video": "Video to two-person lip-synced dub"}
 HOSTED = ("left_audio", "right_audio", "mask_image", "prompt", "order", "resolution", "seed")
 # ComfyUI core node types the workflows use, with their widgets in UI order (checked against a real
 # ComfyUI's /object_info by tests/comfyui when COMFYUI_DIR is set).
@@ -60,7 +63,7 @@ def _ui_as_api(pkg, ui: dict) -> dict:
 
 @pytest.mark.parametrize("name,_", PAIRS)
 def test_ui_graph_and_api_twin_agree(custom_node_package, name, _):
-    ui = _load(ROOT / "example_workflows" / f"{name}.json")
+    ui = _load(ROOT / "example_workflows" / f"{TITLES[name]}.json")
     api = _load(ROOT / "workflows" / "api" / f"{name}_api.json")
     assert _ui_as_api(custom_node_package, ui) == api
     assert {n["type"] for n in ui["nodes"]} & set(FRONTEND_ONLY), "the UI graph has a Note"
@@ -99,7 +102,7 @@ def test_every_node_type_exists_and_widget_values_are_valid(custom_node_package,
 
 @pytest.mark.parametrize("name,_", PAIRS)
 def test_model_download_hints(name, _):
-    ui = _load(ROOT / "example_workflows" / f"{name}.json")
+    ui = _load(ROOT / "example_workflows" / f"{TITLES[name]}.json")
     loader = next(n for n in ui["nodes"] if n["type"] == "InfiniteTalkModelLoader")
     hints = {m["name"]: m for m in loader["properties"]["models"]}
     files = [v for v in loader["widgets_values"] if isinstance(v, str) and v.endswith(".safetensors")]
@@ -123,7 +126,7 @@ def test_hosted_parameters_are_machine_readable(name, inputs):
         assert api[mapping[param]["node"]]["_meta"]["title"] == param
     assert mapping["mask_image"].get("optional") is True
     # the mask node is muted in the UI graph (optional; mode 2 = never), active in the API twin (removed when unused)
-    ui = _load(ROOT / "example_workflows" / f"{name}.json")
+    ui = _load(ROOT / "example_workflows" / f"{TITLES[name]}.json")
     assert next(n for n in ui["nodes"] if n.get("title") == "mask_image")["mode"] == 2
 
 
@@ -152,7 +155,43 @@ def test_checked_in_files_are_what_the_builder_writes(custom_node_package):
 def test_nodes_do_not_overlap_on_the_canvas(name, _):
     """Each node's box (title bar included, 30 px) is clear of every other, so the graph opens readable."""
     boxes = [(n["pos"][0], n["pos"][1] - 30, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1], n["title"])
-             for n in _load(ROOT / "example_workflows" / f"{name}.json")["nodes"]]
+             for n in _load(ROOT / "example_workflows" / f"{TITLES[name]}.json")["nodes"]]
     for i, a in enumerate(boxes):
         for b in boxes[i + 1:]:
             assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], f"{a[4]} overlaps {b[4]}"
+
+
+def test_templates_are_titled_and_have_a_thumbnail_each():
+    shipped = sorted(p.stem for p in (ROOT / "example_workflows").glob("*.json"))
+    assert shipped == sorted(TITLES.values())
+    for title in TITLES.values():
+        thumb = ROOT / "example_workflows" / f"{title}.jpg"
+        assert thumb.read_bytes()[:2] == b"\xff\xd8", f"{thumb.name} is not a JPEG"
+
+
+def test_node_ids_carry_the_package_prefix(custom_node_package):
+    for node_id in custom_node_package.NODE_CLASS_MAPPINGS:
+        assert node_id.startswith("InfiniteTalk"), node_id
+    for name, _ in PAIRS:
+        api = _load(ROOT / "workflows" / "api" / f"{name}_api.json")
+        ours = [n["class_type"] for n in api.values() if n["class_type"] not in CORE_WIDGETS]
+        assert ours and all(t.startswith("InfiniteTalk") for t in ours), ours
+
+
+@pytest.mark.parametrize("name,_", PAIRS)
+def test_sampler_guidance_widgets_hold_the_presets_numbers(name, _):
+    from infinitetalk.pipeline.request import PRESETS
+
+    api = _load(ROOT / "workflows" / "api" / f"{name}_api.json")
+    sampler = next(n["inputs"] for n in api.values() if n["class_type"] == "InfiniteTalkMultiSampler")
+    preset = PRESETS[sampler["preset"]]
+    assert (sampler["steps"], sampler["text_guidance"], sampler["audio_guidance"]) == (
+        preset.steps, preset.text_guidance, preset.audio_guidance)
+
+
+def test_audio_encoder_link_is_the_public_copy():
+    ui = _load(ROOT / "example_workflows" / f"{TITLES['infinitetalk_multi_image']}.json")
+    loader = next(n for n in ui["nodes"] if n["type"] == "InfiniteTalkModelLoader")
+    wav2vec2 = next(m for m in loader["properties"]["models"] if m["directory"] == "audio_encoders")
+    assert wav2vec2["url"] == ("https://huggingface.co/Kijai/wav2vec2_safetensors/resolve/main/"
+                               "wav2vec2-chinese-base_fp16.safetensors")

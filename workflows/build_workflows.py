@@ -1,7 +1,8 @@
 """Writes the shipped workflows from one description each: UI format (example_workflows/) + API format (workflows/).
 
 Run `python workflows/build_workflows.py` after changing a node's inputs; tests/test_workflows.py checks
-the files are what this script writes and that each UI graph and its API twin agree.
+the files are what this script writes and that each UI graph and its API twin agree. `--thumbnails` also
+rewrites the template-browser thumbnails (example_workflows/*.jpg, see `thumbnail`).
 
 Hosted-API parameters (image/video, left_audio, right_audio, mask_image, prompt, order, resolution,
 seed) are found in the API graphs by the convention of `infinitetalk/service/graph.py`: the node titled
@@ -30,8 +31,9 @@ MODEL_FILES = {
     "lora": ("lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors",
              f"{HF}/Kijai/WanVideo_comfy/resolve/main/Lightx2v/lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors",
              "loras"),
-    "audio_encoder": ("wav2vec2-chinese-base_fp16.safetensors",
-                      f"{REPACK}/audio_encoders/wav2vec2-chinese-base_fp16.safetensors", "audio_encoders"),
+    "audio_encoder": ("wav2vec2-chinese-base_fp16.safetensors",  # the copy core's template and the wrapper use
+                      f"{HF}/Kijai/wav2vec2_safetensors/resolve/main/wav2vec2-chinese-base_fp16.safetensors",
+                      "audio_encoders"),
     "text_encoder": ("umt5_xxl_fp8_e4m3fn_scaled.safetensors",
                      f"{REPACK}/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors", "text_encoders"),
     "clip_vision": ("clip_vision_h.safetensors", f"{REPACK}/clip_vision/clip_vision_h.safetensors", "clip_vision"),
@@ -48,9 +50,9 @@ NOTE_TYPES = ("Note", "MarkdownNote")  # frontend-only nodes, never in API graph
 MUTED = 2  # LiteGraph mode "never": the node and its links are left out of the prompt (Ctrl+M toggles it);
 # bypass (4) would make the frontend look for a pass-through input a loader does not have, and warn.
 # Node size per type [w, h] (at least what frontend 1.49 computes, so it keeps them) and the view a graph opens with.
-SIZES = {"LoadImage": [300, 330], "LoadVideo": [300, 330], "LoadTwoAudios": [340, 200],
-         "InfiniteTalkModelLoader": [420, 280], "MaskFromRegion": [320, 210], "PreviewImage": [320, 300],
-         "InfiniteTalkMultiSampler": [380, 550], "InfiniteTalkVideoCombine": [340, 420]}
+SIZES = {"LoadImage": [300, 330], "LoadVideo": [300, 330], "InfiniteTalkLoadTwoAudios": [520, 330],
+         "InfiniteTalkModelLoader": [520, 430], "InfiniteTalkMaskFromRegion": [320, 210], "PreviewImage": [320, 300],
+         "InfiniteTalkMultiSampler": [380, 550], "InfiniteTalkVideoCombine": [340, 450]}
 NOTE_SIZE = [760, 170]
 VIEW = (1400, 820, 90, 100)  # fit the graph into this many screen pixels, top-left margin (sidebar, menu bar)
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
@@ -90,73 +92,78 @@ def node_schema(class_type: str) -> dict:
 # -- the two graphs --------------------------------------------------------------------------------
 SAMPLER_COMMON = {
     "prompt": "Two people are talking to each other in a bright room, natural head and hand movements.",
-    "negative_prompt": "", "resolution": "480p", "seed": 42, "preset": "fast", "steps": 0,
-    "text_scale": 0.0, "audio_scale": 0.0, "color_strength": 1.0, "size_scale": 1.0, "frames_limit_mb": 2048,
+    "negative_prompt": "", "resolution": "480p", "seed": 42, "preset": "fast", "steps": 6,
+    "text_guidance": 1.0, "audio_guidance": 2.0, "color_strength": 1.0, "size_scale": 1.0, "frames_limit_mb": 2048,
 }
-LOADER = {role: spec[0] for role, spec in MODEL_FILES.items()} | {"lora_strength": 1.0, "precision": "auto",
-                                                                   "offload": "auto"}
+LOADER = {role: spec[0] for role, spec in MODEL_FILES.items()} | {
+    "lora_strength": 1.0, "precision": "auto", "offload": "auto",
+    "vram_gb": 0.0, "attention": "sdpa", "fp8_matmul": "auto", "compile": False, "gpus": 1}
+SAVE = {"fps": 25.0, "codec": "h264", "crf": 19, "pix_fmt": "yuv420p", "trim_to_audio": True}
 
 
 def image_graph() -> dict:
     return {
         "name": "infinitetalk_multi_image",
+        # the template browser shows a custom node's template by its file name, as title and description
+        "title": "Picture to two-person talking video",
         "note": ("InfiniteTalk Multi, picture -> two-person talking video.\n"
                  "1. Load the picture of the two people and their two voices (left person = left_audio).\n"
                  "2. Check the mask preview: red = left voice, blue = right voice.\n"
                  "3. order: left_right = left speaks first, then right; meanwhile = both tracks at once.\n"
-                 "4. preset fast needs the lightx2v LoRA; quality (40 steps) needs none.\n"
+                 "4. preset fast needs the lightx2v LoRA; quality (40 steps) needs none; choosing one fills steps,\n"
+                 "   text_guidance and audio_guidance with its numbers (edit them after to override).\n"
                  "The video is as long as the audio, any length; it is streamed to disk window by window.\n"
                  "mask_image (muted, grey): select it and press Ctrl+M to limit motion to the white parts of a "
                  "mask picture."),
         "nodes": [
             (1, "LoadImage", "image", {"image": "infinitetalk_two_people.png", "upload": "image"}, {}),
-            (2, "LoadTwoAudios", "Left and right audio", {"left_audio": "infinitetalk_left.wav",
-                                                          "right_audio": "infinitetalk_right.wav"}, {}),
+            (2, "InfiniteTalkLoadTwoAudios", "Left and right audio",
+             {"left_audio": "infinitetalk_left.wav", "right_audio": "infinitetalk_right.wav"}, {}),
             (3, "InfiniteTalkModelLoader", "Models", dict(LOADER), {}),
-            (4, "MaskFromRegion", "Who speaks where", {"mode": "halves", "margin": 0.05, "left_region": "5,45",
-                                                       "right_region": "55,95"}, {"image": (1, 0)}),
+            (4, "InfiniteTalkMaskFromRegion", "Who speaks where",
+             {"mode": "halves", "margin": 0.05, "left_region": "5,45", "right_region": "55,95"}, {"image": (1, 0)}),
             (5, "PreviewImage", "Mask preview", {}, {"images": (4, 3)}),
             (6, "LoadImage", "mask_image", {"image": "infinitetalk_mask.png", "upload": "image"}, {}),
             (7, "InfiniteTalkMultiSampler", "Generate", dict(SAMPLER_COMMON, order="left_right"),
              {"models": (3, 0), "left_audio": (2, 0), "right_audio": (2, 1), "image": (1, 0), "left_mask": (4, 0),
               "right_mask": (4, 1), "mask_image": (6, 0)}),
-            (8, "InfiniteTalkVideoCombine", "Save video", {"filename_prefix": "InfiniteTalk/multi_image", "fps": 25,
-                                                           "crf": 19, "pix_fmt": "yuv420p", "trim_to_audio": True},
+            (8, "InfiniteTalkVideoCombine", "Save video", dict(SAVE, filename_prefix="InfiniteTalk/multi_image"),
              {"video": (7, 0)}),
         ],
         "muted": [6],
         # columns left to right: inputs | audio + models | speaker masks | sampler | output
-        "layout": {1: (0, 230), 6: (0, 600), 2: (330, 230), 3: (330, 470), 4: (790, 230), 5: (790, 480),
-                   7: (1150, 230), 8: (1570, 230)},
+        "layout": {1: (0, 230), 6: (0, 600), 2: (330, 230), 3: (330, 600), 4: (890, 230), 5: (890, 480),
+                   7: (1250, 230), 8: (1670, 230)},
     }
 
 
 def video_graph() -> dict:
     return {
         "name": "infinitetalk_multi_video",
+        "title": "Video to two-person lip-synced dub",
         "note": ("InfiniteTalk Multi, video -> the same two people lip-synced to new voices.\n"
                  "1. Load the video of the two people and their two voices (left person = left_audio).\n"
                  "2. order meanwhile = both tracks at once (dubbing); left_right / right_left = one after the other.\n"
                  "3. Speakers are bound to the left and right halves of the frame; connect InfiniteTalk Mask From "
                  "Region masks to left_mask/right_mask for other layouts.\n"
-                 "4. preset fast needs the lightx2v LoRA; quality (40 steps) needs none.\n"
+                 "4. preset fast needs the lightx2v LoRA; quality (40 steps) needs none; choosing one fills steps,\n"
+                 "   text_guidance and audio_guidance with its numbers (edit them after to override).\n"
                  "The source video is read window by window (never whole into RAM).\n"
                  "mask_image (muted, grey): select it and press Ctrl+M to limit motion to the white parts of a "
                  "mask picture."),
         "nodes": [
             (1, "LoadVideo", "video", {"file": "infinitetalk_two_people.mp4", "upload": "image"}, {}),
-            (2, "LoadTwoAudios", "Left and right audio", {"left_audio": "infinitetalk_left.wav",
-                                                          "right_audio": "infinitetalk_right.wav"}, {}),
+            (2, "InfiniteTalkLoadTwoAudios", "Left and right audio",
+             {"left_audio": "infinitetalk_left.wav", "right_audio": "infinitetalk_right.wav"}, {}),
             (3, "InfiniteTalkModelLoader", "Models", dict(LOADER), {}),
             (6, "LoadImage", "mask_image", {"image": "infinitetalk_mask.png", "upload": "image"}, {}),
             (7, "InfiniteTalkMultiSampler", "Generate", dict(SAMPLER_COMMON, order="meanwhile"),
              {"models": (3, 0), "left_audio": (2, 0), "right_audio": (2, 1), "video": (1, 0), "mask_image": (6, 0)}),
-            (8, "InfiniteTalkVideoCombine", "Save video", {"filename_prefix": "InfiniteTalk/multi_video", "fps": 25,
-                                                           "crf": 19, "pix_fmt": "yuv420p", "trim_to_audio": True},
+            (8, "InfiniteTalkVideoCombine", "Save video", dict(SAVE, filename_prefix="InfiniteTalk/multi_video"),
              {"video": (7, 0)}),
         ],
         "muted": [6],
-        "layout": {1: (0, 230), 6: (0, 600), 2: (330, 230), 3: (330, 470), 7: (790, 230), 8: (1210, 230)},
+        "layout": {1: (0, 230), 6: (0, 600), 2: (330, 230), 3: (330, 600), 7: (890, 230), 8: (1310, 230)},
     }
 
 
@@ -252,14 +259,56 @@ def build() -> dict[Path, str]:
     params = {}
     for graph in (image_graph(), video_graph()):
         api = to_api(graph)
-        files[ROOT / "example_workflows" / f"{graph['name']}.json"] = json.dumps(to_ui(graph), indent=2) + "\n"
+        files[ROOT / "example_workflows" / f"{graph['title']}.json"] = json.dumps(to_ui(graph), indent=2) + "\n"
         files[ROOT / "workflows" / "api" / f"{graph['name']}_api.json"] = json.dumps(api, indent=2) + "\n"
         params[f"{graph['name']}_api.json"] = parameter_map(api)
     files[ROOT / "workflows" / "api" / "parameters.json"] = json.dumps(params, indent=2) + "\n"
     return files
 
 
+def thumbnail(video: bool, width: int = 480, height: int = 320) -> "np.ndarray":
+    """uint8 [H,W,3]: what InfiniteTalk Mask From Region shows for the drawn two-person demo picture (halves
+    mode: red = left voice, blue = right voice, dimmed = background), i.e. a real output frame of the image
+    template; the video template's adds film-strip bands. Model output is not used: tiny models give noise."""
+    import numpy as np
+    import torch
+
+    from infinitetalk.demo import two_faces_image
+    from infinitetalk.pipeline.masks import default_speaker_masks
+
+    overlay = import_package().nodes.mask_nodes.overlay_preview
+    picture = torch.from_numpy(two_faces_image(height, width)).float().div(255)[None]
+    frame = overlay(picture, default_speaker_masks(height, width, face_scale=0.05).float())[0]
+    out = (frame.numpy() * 255).round().astype(np.uint8)
+    if video:
+        band = height // 12
+        for rows in (slice(0, band), slice(height - band, height)):
+            out[rows] = 20
+            for x in range(band // 2, width, band * 2):  # sprocket holes
+                out[rows.start + band // 4: rows.start + 3 * band // 4, x:x + band] = 235
+    return out
+
+
+def write_jpeg(image, path: Path) -> None:
+    """JPEG through PyAV's mjpeg encoder (no imaging library needed)."""
+    import av
+
+    height, width = image.shape[:2]
+    frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuvj420p")
+    with av.open(str(path), "w", format="image2") as out:
+        stream = out.add_stream("mjpeg")
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuvj420p"
+        stream.options = {"q:v": "4"}
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            out.mux(packet)
+
+
 if __name__ == "__main__":
     for path, text in build().items():
         path.write_text(text)
         print(path.relative_to(ROOT))
+    if "--thumbnails" in sys.argv:
+        for graph in (image_graph(), video_graph()):
+            path = ROOT / "example_workflows" / f"{graph['title']}.jpg"
+            write_jpeg(thumbnail(video=graph["name"].endswith("video")), path)
+            print(path.relative_to(ROOT))

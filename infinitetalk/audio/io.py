@@ -1,20 +1,21 @@
-"""Audio decoding (any format FFmpeg reads, via PyAV), mono mix-down, deterministic resampling, wav writing."""
+"""Audio decoding (any format FFmpeg reads, via PyAV) within the limits of `infinitetalk.limits`, mono mix-down,
+resampling as the reference does (soxr HQ), wav writing."""
 from __future__ import annotations
 
 import math
 import os
 import wave
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO, Union
 
 import av
 import numpy as np
 import torch
-import torch.nn.functional as F
+import soxr
 
 from ..errors import InputError, require_file
+from ..limits import MAX_AUDIO_VALUES, check_audio_format, probe_audio
 from ..pipeline.windows import MAX_SECONDS
 
 __all__ = ["AudioClip", "FEATURE_RATE", "load_audio", "to_mono", "resample", "write_wav", "AudioSource"]
@@ -59,10 +60,15 @@ def _open(source: AudioSource, name: str):
 def load_audio(source: AudioSource, name: str = "left_audio", max_seconds: float = MAX_SECONDS) -> AudioClip:
     """Decode the first audio stream of a file (wav, mp3, flac, m4a/aac, ogg, or a video's audio track).
 
-    Keeps the file's own sample rate and channels. InputError (naming `name`) for a missing, empty or
-    unreadable file, a file without an audio track or without samples, NaN/inf samples, and audio longer
-    than `max_seconds` (decoding stops as soon as that is clear).
+    Keeps the file's own sample rate and channels. A path is first checked from its headers
+    (`limits.probe_audio`: sample rate, channels, length, decoded size), and the same limits are enforced
+    again while decoding, since headers can lie. InputError (naming `name`) for a missing, empty or
+    unreadable file, a file without an audio track or without samples, NaN/inf samples, audio shorter than
+    MIN_AUDIO_SECONDS, longer than `max_seconds`, or over MAX_AUDIO_VALUES samples × channels (decoding
+    stops as soon as that is clear). Frames are converted to packed float (any channel count is safe).
     """
+    if isinstance(source, (str, os.PathLike)):
+        probe_audio(source, name)
     with _open(source, name) as container:
         streams = container.streams.audio
         if not streams:
@@ -73,34 +79,51 @@ def load_audio(source: AudioSource, name: str = "left_audio", max_seconds: float
             raise InputError(name, f"audio is {container.duration / 1e6:.1f} s long; at most {max_seconds:.0f} s "
                                    f"({max_seconds / 60:.0f} minutes) is supported")
         chunks: list[np.ndarray] = []
-        total, rate, resampler = 0, None, None
+        total, rate, channels, resampler = 0, None, 0, None
+
+        def take(frames) -> None:
+            nonlocal total
+            for out in frames:
+                chunks.append(out.to_ndarray().reshape(-1, channels))      # packed: [samples, channels]
+                total += chunks[-1].shape[0]
+
         try:
             for frame in container.decode(stream):
                 if rate is None:
-                    rate = int(frame.sample_rate)
-                    resampler = av.AudioResampler(format="fltp", layout=frame.layout, rate=rate)
-                for out in resampler.resample(frame):
-                    arr = out.to_ndarray()
-                    chunks.append(arr.reshape(len(out.layout.channels), -1))
-                    total += chunks[-1].shape[1]
+                    rate, channels = int(frame.sample_rate), len(frame.layout.channels)
+                    check_audio_format(rate, channels, None, name)
+                    resampler = av.AudioResampler(format="flt", layout=frame.layout, rate=rate)
+                elif len(frame.layout.channels) != channels or int(frame.sample_rate) != rate:
+                    raise InputError(name, f"{_describe(source)} changes its sample rate or channel count "
+                                           f"mid-stream; convert it to one format first")
+                take(resampler.resample(frame))
                 if total > (max_seconds + 1.0 / 25) * rate:
                     raise InputError(name, f"audio is longer than {max_seconds:.0f} s "
                                            f"({max_seconds / 60:.0f} minutes), the longest supported")
+                if total * channels > MAX_AUDIO_VALUES:
+                    raise InputError(name, f"audio decodes to more than {MAX_AUDIO_VALUES / 1e6:.0f} million samples "
+                                           f"× channels (MAX_AUDIO_VALUES; {rate} Hz × {channels} channels): use a "
+                                           f"lower sample rate or fewer channels")
             if resampler is not None:
-                for out in resampler.resample(None):
-                    chunks.append(out.to_ndarray().reshape(len(out.layout.channels), -1))
+                take(resampler.resample(None))
         except av.FFmpegError as exc:
             raise InputError(name, f"{_describe(source)} is corrupt or not a supported audio format ({exc})") from None
-    if not chunks or rate is None:
+    if not chunks or rate is None or total == 0:
         raise InputError(name, f"{_describe(source)} contains no audio samples")
-    samples = torch.from_numpy(np.concatenate(chunks, axis=1).astype(np.float32, copy=False))
-    if samples.shape[1] == 0:
-        raise InputError(name, f"{_describe(source)} contains no audio samples")
+    planar = np.empty((channels, total), np.float32)     # filled chunk by chunk, each freed once copied
+    chunks.reverse()
+    pos = 0
+    while chunks:
+        chunk = chunks.pop()
+        planar[:, pos:pos + chunk.shape[0]] = chunk.T
+        pos += chunk.shape[0]
+    samples = torch.from_numpy(planar)
+    check_audio_format(rate, channels, samples.shape[1] / rate, name)
     if samples.shape[1] > max_seconds * rate + rate // 25:
         raise InputError(name, f"audio is {samples.shape[1] / rate:.1f} s long; at most {max_seconds:.0f} s is supported")
     if not bool(torch.isfinite(samples).all()):
         raise InputError(name, f"{_describe(source)} contains NaN or infinite samples")
-    return AudioClip(samples.contiguous(), rate)
+    return AudioClip(samples, rate)
 
 
 def to_mono(clip: AudioClip) -> AudioClip:
@@ -108,43 +131,25 @@ def to_mono(clip: AudioClip) -> AudioClip:
     return AudioClip(clip.samples.mean(dim=0, keepdim=True), clip.sample_rate)
 
 
-@lru_cache(maxsize=16)
-def _sinc_kernel(orig: int, new: int, width: int, rolloff: float, beta: float) -> tuple[torch.Tensor, int]:
-    """Polyphase windowed-sinc (Kaiser) filter bank `[new, 1, K]` for resampling orig → new (reduced by gcd)."""
-    base = min(orig, new) * rolloff                     # cutoff below the lower Nyquist
-    pad = int(math.ceil(width * orig / base))
-    idx = torch.arange(-pad, pad + orig, dtype=torch.float64)[None, :] / orig          # input offsets (in orig units)
-    phase = -torch.arange(new, dtype=torch.float64)[:, None] / new                      # each output phase
-    t = (phase + idx) * base
-    t = t.clamp(-width, width)
-    window = torch.special.i0(beta * torch.sqrt(1 - (t / width) ** 2)) / torch.special.i0(torch.tensor(beta, dtype=torch.float64))
-    t = t * math.pi
-    sinc = torch.where(t == 0, torch.ones_like(t), torch.sin(t) / torch.where(t == 0, torch.ones_like(t), t))
-    kernel = sinc * window * (base / orig)
-    return kernel[:, None, :].to(torch.float32), pad
-
-
 def resample(samples: torch.Tensor, sr_from: int, sr_to: int) -> torch.Tensor:
-    """Band-limited resampling of `[..., T]` float samples (Kaiser-windowed sinc, deterministic).
-
-    Output length ceil(T·sr_to/sr_from). Filter: 32 zero crossings, roll-off 0.945 of the lower Nyquist,
-    Kaiser β 14.77 (stop-band ≈ −120 dB): comparable to soxr "hq", which librosa uses in the reference.
-    """
+    """Resample `[..., T]` float samples the reference's way: soxr "HQ" per channel (what librosa.load and
+    librosa.resample use), in float32, then cut or zero-padded to ceil(T·sr_to/sr_from) as librosa's
+    `fix_length` does. Deterministic; sample rates must be positive."""
     sr_from, sr_to = int(sr_from), int(sr_to)
     if sr_from <= 0 or sr_to <= 0:
         raise ValueError(f"sample rates must be positive, got {sr_from} → {sr_to}")
     if sr_from == sr_to:
         return samples.clone()
-    g = math.gcd(sr_from, sr_to)
-    orig, new = sr_from // g, sr_to // g
-    kernel, pad = _sinc_kernel(orig, new, 32, 0.945, 14.769656459379492)
     lead, length = samples.shape[:-1], samples.shape[-1]
-    x = samples.reshape(-1, 1, length).to(torch.float32)
-    x = F.pad(x, (pad, pad + orig))
-    y = F.conv1d(x, kernel.to(x.device), stride=orig)                  # [B, new, frames]
-    y = y.transpose(1, 2).reshape(x.shape[0], -1)
-    out_len = int(math.ceil(new * length / orig))
-    return y[:, :out_len].reshape(*lead, out_len).to(samples.dtype if samples.is_floating_point() else torch.float32)
+    out_len = int(math.ceil(length * sr_to / sr_from))
+    rows = samples.detach().reshape(-1, length).to("cpu", torch.float32).numpy()
+    out = np.zeros((rows.shape[0], out_len), dtype=np.float32)
+    for i, row in enumerate(rows):
+        y = soxr.resample(np.ascontiguousarray(row), sr_from, sr_to, "HQ")
+        n = min(out_len, y.shape[0])
+        out[i, :n] = y[:n]
+    dtype = samples.dtype if samples.is_floating_point() else torch.float32
+    return torch.from_numpy(out).reshape(*lead, out_len).to(samples.device, dtype)
 
 
 def write_wav(path: str | os.PathLike, samples: torch.Tensor | np.ndarray, sample_rate: int) -> Path:

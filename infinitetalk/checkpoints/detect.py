@@ -7,6 +7,7 @@ fixed, documented rule (see docs/model-files.md).
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +20,13 @@ from .reader import Checkpoint, CheckpointError, open_checkpoint
 
 __all__ = ["COMPONENTS", "detect_component", "detect_checkpoint", "precision_of", "ModelFiles", "find_models", "pick"]
 
+log = logging.getLogger(__name__)
+
 COMPONENTS = ("dit", "dit+infinitetalk", "infinitetalk", "lora", "wav2vec2", "t5", "clip_vision", "vae")
 MODEL_FOLDERS = ("diffusion_models", "unet", "model_patches", "loras", "audio_encoders", "wav2vec2",
                  "text_encoders", "clip", "clip_vision", "vae")
-CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
-_PRECISION_RANK = {"fp32": 5, "bf16": 4, "fp16": 3, "fp8_scaled": 2, "fp8": 1, "other": 0}
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".gguf")
+_PRECISION_RANK = {"fp32": 5, "bf16": 4, "fp16": 3, "fp8_scaled": 2, "fp8": 1, "gguf": 1, "other": 0}
 
 
 def _find(keys: list[str], suffix: str) -> str | None:
@@ -82,7 +85,9 @@ def detect_component(path: str | os.PathLike) -> str:
 
 
 def precision_of(ckpt: Checkpoint) -> str:
-    """Storage precision of the bulk of the weights: fp32, bf16, fp16, fp8_scaled, fp8 or other."""
+    """Storage precision of the bulk of the weights: fp32, bf16, fp16, fp8_scaled, fp8, gguf or other."""
+    if getattr(ckpt, "qtypes", None):  # GGUF-quantised (checkpoints.gguf)
+        return "gguf"
     by_dtype: dict[torch.dtype, int] = {}
     scaled = False
     for k in ckpt:
@@ -170,8 +175,9 @@ def find_models(models_dir: str | os.PathLike) -> ModelFiles:
         try:
             ckpt = open_checkpoint(path)
             component = detect_checkpoint(ckpt)
-        except CheckpointError as exc:
+        except (CheckpointError, OSError) as exc:   # one bad file must not break jobs that do not need it
             found.errors[path] = str(exc)
+            log.warning("skipping unreadable checkpoint %s", exc if isinstance(exc, CheckpointError) else f"{path}: {exc}")
             continue
         if component == "unknown":
             found.unknown.append(path)

@@ -74,6 +74,12 @@ class CanonicalView(LazyTensors):
     def dtype(self, key: str) -> torch.dtype:
         return self.fp8_views.get(key) or self.ckpt.dtype(self.names[key])
 
+    def packed_type(self, key: str) -> int | None:
+        return self.ckpt.packed_type(self.names[key])
+
+    def packed(self, key: str) -> torch.Tensor:
+        return self.ckpt.packed(self.names[key])
+
     @property
     def path(self) -> Path:
         return self.ckpt.path

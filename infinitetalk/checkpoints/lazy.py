@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["LazyTensors", "shape_of", "dtype_of"]
+__all__ = ["LazyTensors", "shape_of", "dtype_of", "packed_type_of"]
 
 
 class LazyTensors(Mapping[str, torch.Tensor]):
@@ -45,6 +45,14 @@ class LazyTensors(Mapping[str, torch.Tensor]):
     def dtype(self, key: str) -> torch.dtype:
         return self[key].dtype
 
+    def packed_type(self, key: str) -> int | None:
+        """GGML quantisation type when `key` is stored as GGUF blocks, else None. Reading such a key gives
+        the dequantised float tensor; `packed(key)` gives the raw uint8 blocks `[rows, bytes per row]`."""
+        return None
+
+    def packed(self, key: str) -> torch.Tensor:
+        raise KeyError(f"{key!r} is not a packed (GGUF-quantised) tensor")
+
 
 def shape_of(tensors: Mapping[str, torch.Tensor], key: str) -> torch.Size:
     """Shape of `tensors[key]`, from the header when the mapping can tell (any mapping, plain dicts too)."""
@@ -56,3 +64,9 @@ def dtype_of(tensors: Mapping[str, torch.Tensor], key: str) -> torch.dtype:
     """Dtype of `tensors[key]`, from the header when the mapping can tell."""
     getter = getattr(tensors, "dtype", None)
     return getter(key) if callable(getter) else tensors[key].dtype
+
+
+def packed_type_of(tensors: Mapping[str, torch.Tensor], key: str) -> int | None:
+    """GGML type of a GGUF-packed `tensors[key]`, None for ordinary tensors and plain mappings."""
+    getter = getattr(tensors, "packed_type", None)
+    return getter(key) if callable(getter) else None

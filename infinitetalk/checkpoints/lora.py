@@ -12,8 +12,13 @@ model. Accepted key styles (those of the lightx2v / FusionX distill LoRAs and co
 - `<m>.diff`: full delta of `<m>.weight` (or of the parameter `<m>` itself, e.g. a modulation table);
 - `<m>.diff_b`: delta of `<m>.bias`.
 `<block>.diff_m` (modulation deltas in some lightx2v files) is skipped, as both ComfyUI and the MeiGen
-reference skip it. An fp8 layer that a LoRA touches is dequantised (scale applied) before the merge;
-its scale is dropped from the returned scales, since the merged weight is no longer fp8.
+reference skip it.
+
+Quantised weights (fp8, GGUF) stay quantised: their lora_down/lora_up pairs are not merged but kept as
+an unmerged low-rank path `x·downᵀ·upᵀ` in the compute dtype (`attach_low_rank` puts it on the model's
+Linear layers after loading; bf16 error vs the bf16 merge, a few % extra bytes at rank 32–64, see
+docs/model-files.md). Float weights are merged (no cost per step). A `diff` (full delta) on a quantised
+weight cannot stay low-rank: that layer is dequantised and merged, and its scale dropped.
 """
 from __future__ import annotations
 
@@ -24,11 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from .lazy import LazyTensors, dtype_of, shape_of
+from .lazy import LazyTensors, dtype_of, packed_type_of, shape_of
+from .materialize import FP8_DTYPES
 from .reader import Checkpoint, CheckpointError, open_checkpoint
 
-__all__ = ["apply_loras", "LoraMergedView", "is_lora_key"]
+__all__ = ["apply_loras", "attach_low_rank", "LoraMergedView", "is_lora_key"]
 
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "base_model.model.")
 _KOHYA_PREFIX = "lora_unet_"
@@ -58,11 +65,20 @@ class _Term:
             return self.ckpt[self.keys[0]].to(device=device, dtype=torch.float32).reshape(shape)
         down = self.ckpt[self.keys[0]].to(device=device, dtype=torch.float32)
         up = self.ckpt[self.keys[1]].to(device=device, dtype=torch.float32)
-        rank = down.shape[0]
         d = (up.flatten(1) @ down.flatten(1)).reshape(shape)
-        if self.alpha_key is not None:
-            d = d * (float(self.ckpt[self.alpha_key].to(torch.float32).reshape(-1)[0]) / rank)
-        return d
+        return d * self.alpha_factor(down.shape[0])
+
+    def alpha_factor(self, rank: int) -> float:
+        """alpha / rank (1 without an alpha)."""
+        if self.alpha_key is None:
+            return 1.0
+        return float(self.ckpt[self.alpha_key].to(torch.float32).reshape(-1)[0]) / rank
+
+    def factors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down `[r, in]`, strength·alpha/rank·up `[out, r]`) in float32, for the unmerged path."""
+        down = self.ckpt[self.keys[0]].to(device=device, dtype=torch.float32).flatten(1)
+        up = self.ckpt[self.keys[1]].to(device=device, dtype=torch.float32).flatten(1)
+        return down, up * (self.strength * self.alpha_factor(down.shape[0]))
 
 
 class LoraMergedView(LazyTensors):
@@ -70,9 +86,10 @@ class LoraMergedView(LazyTensors):
 
     def __init__(self, base: Mapping[str, torch.Tensor], scales: Mapping[str, torch.Tensor],
                  terms: dict[str, list[_Term]], dtype: torch.dtype, kept_scales: Mapping[str, torch.Tensor],
-                 device: torch.device):
+                 device: torch.device, low_rank: dict[str, list[_Term]] | None = None):
         super().__init__(base)  # reading the index gives the stored tensor the deltas are added to
         self.base = base
+        self.low_rank = dict(low_rank or {})
         self.device = device
         self._scales = scales
         self._kept = dict(kept_scales)
@@ -98,13 +115,30 @@ class LoraMergedView(LazyTensors):
     def dtype(self, key: str) -> torch.dtype:
         return self.out_dtype if key in self.terms else dtype_of(self.base, key)
 
+    def packed_type(self, key: str) -> int | None:
+        return None if key in self.terms else packed_type_of(self.base, key)
+
+    def packed(self, key: str) -> torch.Tensor:
+        return self.base.packed(key)
+
     def scales(self) -> dict[str, torch.Tensor]:
-        """fp8 scales of the layers no LoRA touched (merged layers are no longer fp8)."""
+        """fp8 scales of the layers that stay fp8 (merged layers are no longer fp8)."""
         return dict(self._kept)
+
+    def low_rank_paths(self, dtype: torch.dtype, device: torch.device | str
+                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """layer -> (down `[r, in]`, up `[out, r]`) in `dtype` on `device`, several LoRAs stacked along r."""
+        out = {}
+        for target, terms in self.low_rank.items():
+            pairs = [t.factors(self.device) for t in terms]
+            down = torch.cat([d for d, _ in pairs], dim=0)
+            up = torch.cat([u for _, u in pairs], dim=1)
+            out[target[: -len(".weight")]] = (down.to(device=device, dtype=dtype), up.to(device=device, dtype=dtype))
+        return out
 
     def __getattr__(self, name: str):
         # path / metadata of the wrapped view stay reachable
-        if name in ("_index", "base", "_scales", "_kept", "terms", "out_dtype", "device"):
+        if name in ("_index", "base", "_scales", "_kept", "terms", "out_dtype", "device", "low_rank"):
             raise AttributeError(name)
         return getattr(self.base, name)
 
@@ -222,6 +256,8 @@ def apply_loras(tensors: Mapping[str, torch.Tensor], scales: dict[str, torch.Ten
     for path, strength in loras:
         path = Path(path)
         _collect(path, _open_lora(path), float(strength), tensors, underscore_map, terms)
+    low_rank = {t: ts for t, ts in terms.items() if _is_quantised(tensors, t) and all(x.kind == "lora" for x in ts)}
+    terms = {t: ts for t, ts in terms.items() if t not in low_rank}
     kept = dict(scales)
     merged_scales = {}
     for target in terms:
@@ -229,4 +265,31 @@ def apply_loras(tensors: Mapping[str, torch.Tensor], scales: dict[str, torch.Ten
             layer = target[: -len(".weight")]
             if layer in kept:
                 merged_scales[layer] = kept.pop(layer)
-    return LoraMergedView(tensors, merged_scales, terms, dtype, kept, torch.device(device)), kept
+    return LoraMergedView(tensors, merged_scales, terms, dtype, kept, torch.device(device), low_rank), kept
+
+
+def _is_quantised(tensors: Mapping[str, torch.Tensor], key: str) -> bool:
+    """fp8 or GGUF-packed storage: a weight a LoRA must not turn back into a float tensor."""
+    return dtype_of(tensors, key) in FP8_DTYPES or packed_type_of(tensors, key) is not None
+
+
+def attach_low_rank(module: nn.Module, tensors: Mapping[str, torch.Tensor], *, dtype: torch.dtype,
+                    device: torch.device | str) -> int:
+    """Give the loaded `module` the unmerged LoRA paths of a `LoraMergedView` (no-op for anything else).
+
+    A layer that is a `layers.Linear` gets `lora_down`/`lora_up` buffers (its weight stays quantised);
+    any other module (a conv loaded dequantised) gets the product merged into its weight. Returns the
+    number of layers given a path.
+    """
+    from ..models.layers import Linear
+
+    if not isinstance(tensors, LoraMergedView) or not tensors.low_rank:
+        return 0
+    for layer, (down, up) in tensors.low_rank_paths(dtype, device).items():
+        sub = module.get_submodule(layer)
+        if isinstance(sub, Linear):
+            sub.lora_down, sub.lora_up = down, up
+        else:
+            w = sub.weight
+            w.data = (w.float() + (up.float() @ down.float()).reshape(w.shape)).to(w.dtype)
+    return len(tensors.low_rank)

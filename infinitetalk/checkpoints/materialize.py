@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from .lazy import packed_type_of, shape_of
 from .reader import CheckpointError
 
 __all__ = ["build_on_meta", "load_module", "FP8_DTYPES"]
@@ -54,6 +55,8 @@ def load_module(
     - `dtype`: storage dtype for floating tensors; names for which `keep_fp32(name)` is true stay fp32.
     - fp8 tensors feeding a `layers.Linear` weight stay fp8 when `keep_fp8` (dequantised at use with the
       scale from `scales[<layer name>]`); any other fp8 tensor is dequantised here.
+    - GGUF-quantised Linear weights (`tensors.packed_type(name)`) stay packed when `keep_fp8` (see
+      `checkpoints.gguf`); other GGUF-quantised tensors are read dequantised.
     - integer tensors keep their dtype. Shapes must match exactly; missing names are an error when
       `strict`; extra names are always ignored (pre-training heads, unused text towers, ...).
     """
@@ -65,8 +68,16 @@ def load_module(
     scales = dict(scales or {})
     device = torch.device(device)
     state: dict[str, torch.Tensor] = {}
+    packed: dict[str, tuple[torch.Tensor, int]] = {}  # GGUF Linear weights kept as blocks: owner -> (data, type)
     for name, ref in expected.items():
         if name not in tensors:
+            continue
+        qtype = packed_type_of(tensors, name)
+        if qtype is not None and keep_fp8 and _is_quantizable_weight(module, name):
+            if tuple(shape_of(tensors, name)) != tuple(ref.shape):
+                raise CheckpointError(source, f"tensor {name!r} has shape {tuple(shape_of(tensors, name))}, the "
+                                              f"model expects {tuple(ref.shape)}")
+            packed[name.rpartition(".")[0]] = (tensors.packed(name).to(device), qtype)
             continue
         t = tensors[name]
         if tuple(t.shape) != tuple(ref.shape):
@@ -89,6 +100,10 @@ def load_module(
         state[name] = t
         del t
     module.load_state_dict(state, strict=False, assign=True)
+    for owner, (data, qtype) in packed.items():
+        sub = module.get_submodule(owner)
+        sub.weight = nn.Parameter(data, requires_grad=False)
+        sub.gguf_type = qtype
     for owner, scale in scales.items():
         try:
             sub = module.get_submodule(owner)

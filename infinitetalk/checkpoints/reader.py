@@ -1,12 +1,15 @@
 """Lazy, validating access to checkpoint files as users have them on disk.
 
 Every loader goes through :func:`open_checkpoint`, so all formats get the same checks: a truncated
-safetensors file, a pickle posing as safetensors, or a `.pth` that needs arbitrary unpickling is
-refused with an error naming the file, before any tensor is materialised.
+safetensors file, a header that lies (shapes that are not lists of non-negative ints, offsets outside
+the data or before it, byte counts that do not match shape × dtype), a pickle posing as safetensors, or a
+`.pth` that needs arbitrary unpickling is refused with a CheckpointError naming the file, before any
+tensor is materialised. Safetensors headers are also validated by the safetensors library (`safe_open`).
 
 Supported containers:
 - `.safetensors` (single file; tensors read one at a time with plain file reads into their own memory),
 - sharded safetensors with a `*.safetensors.index.json` (`weight_map`), given the index or its folder,
+- `.gguf` files (GGUF magic; see `checkpoints.gguf`: quantised tensors can stay packed),
 - `.pth`/`.pt`/`.bin` torch files, read with `torch.load(weights_only=True, mmap=True)`; a dict wrapped
   in `state_dict` / `model` / `module` is unwrapped.
 """
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from .lazy import LazyTensors
 
@@ -79,7 +83,7 @@ def _sniff(path: Path) -> str:
     if len(head) < 8:
         raise CheckpointError(path, "file is empty or truncated (fewer than 8 bytes)")
     if head[:4] == b"GGUF":
-        raise CheckpointError(path, "GGUF files are not supported; use the safetensors (fp16/bf16/fp8) version of this model")
+        return "gguf"
     (n,) = struct.unpack("<Q", head[:8])
     if n > 0 and head[8:9] == b"{":  # before the pickle test: a header length like 0x0280 starts with 80 02
         return "safetensors"
@@ -92,30 +96,64 @@ def _sniff(path: Path) -> str:
     raise CheckpointError(path, "not a safetensors, torch (.pth) or index.json checkpoint (unrecognised header)")
 
 
-def _read_safetensors_header(path: Path) -> tuple[dict, int]:
+_MAX_HEADER_BYTES = 100 * 1024 * 1024   # safetensors' own limit on the JSON header
+
+
+def _entry(path: Path, key: str, info: object, data_len: int) -> tuple[list[int], str, int, int]:
+    """(shape, dtype name, begin, end) of one header entry, after checking that the header tells the truth:
+    shape a list of non-negative ints, a known dtype, offsets ints inside the data, and a byte count equal to
+    elements × dtype size (exact integer arithmetic: no overflow)."""
+    if not isinstance(info, dict):
+        raise CheckpointError(path, f"safetensors entry {key!r} is not an object: corrupt header")
+    shape, dtype, offsets = info.get("shape"), info.get("dtype"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**62 for d in shape):
+        raise CheckpointError(path, f"tensor {key!r} has shape {shape!r}; expected a list of non-negative integers "
+                                    f"(each below 2**62)")
+    if dtype not in _SAFETENSORS_DTYPES:
+        raise CheckpointError(path, f"tensor {key!r} has unsupported dtype {dtype!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise CheckpointError(path, f"tensor {key!r} has data_offsets {offsets!r}; expected [begin, end] with "
+                                    f"0 <= begin <= end")
+    begin, end = offsets
+    if end > data_len:
+        raise CheckpointError(path, f"truncated: tensor {key!r} needs data bytes up to {end} but the file holds "
+                                    f"{data_len} (incomplete download?)")
+    numel = 1
+    for d in shape:
+        numel *= d
+    itemsize = _SAFETENSORS_DTYPES[dtype].itemsize
+    if end - begin != numel * itemsize:
+        raise CheckpointError(path, f"tensor {key!r}: {end - begin} data bytes for shape {tuple(shape)} {dtype} "
+                                    f"(expected {numel * itemsize})")
+    return shape, dtype, begin, end
+
+
+def _read_safetensors_header(path: Path) -> tuple[dict[str, tuple[list[int], str, int, int]], dict, int]:
+    """(validated entries, metadata, data start). Our checks give errors that say what is wrong; then the
+    safetensors library (`safe_open`, what ComfyUI uses) validates the rest (e.g. overlapping tensors)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
-        if n > size - 8 or n > 512 * 1024 * 1024:
+        if n > size - 8 or n > _MAX_HEADER_BYTES:
             raise CheckpointError(path, f"safetensors header length {n} exceeds the file size {size}: truncated or corrupt")
         raw = f.read(n)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(path, f"safetensors header is not valid JSON ({exc}): corrupt file") from exc
-    data_len = size - 8 - n
-    end = 0
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            end = max(end, int(info["data_offsets"][1]))
-        except (KeyError, TypeError, IndexError, ValueError) as exc:
-            raise CheckpointError(path, f"safetensors entry {key!r} has no valid data_offsets") from exc
-    if end > data_len:
-        raise CheckpointError(
-            path, f"truncated: tensors need {end} data bytes but the file holds {data_len} (incomplete download?)")
-    return header, 8 + n
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(path, f"safetensors header is not valid JSON ({exc}): corrupt file") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(path, "safetensors header is not a JSON object: corrupt file")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(path, "safetensors __metadata__ is not an object: corrupt file")
+    entries = {key: _entry(path, key, info, size - 8 - n) for key, info in header.items()}
+    try:
+        with safe_open(str(path), framework="pt") as checked:
+            checked.keys()
+    except Exception as exc:  # noqa: BLE001 - SafetensorError and friends: the library refuses the header
+        raise CheckpointError(path, f"safetensors header refused by the safetensors library: {exc}") from None
+    return entries, {str(k): str(v) for k, v in metadata.items()}, 8 + n
 
 
 def _read_into(path: Path, offset: int, out: torch.Tensor) -> None:
@@ -135,18 +173,9 @@ def _open_safetensors(path: Path) -> Checkpoint:
     """Tensors are read with plain file reads into fresh memory, not memory-mapped: the loaded model
     owns its memory (no dependency on the file staying in place, no file pages counted twice while
     converting dtypes), and peak memory is the model plus one tensor in flight."""
-    header, data_start = _read_safetensors_header(path)
-    metadata = dict(header.pop("__metadata__", None) or {})
-    entries = {}
-    for key, info in header.items():
-        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise CheckpointError(path, f"tensor {key!r} has unsupported dtype {info.get('dtype')!r}")
-        shape = torch.Size(info["shape"])
-        begin, end = (int(x) for x in info["data_offsets"])
-        if end - begin != shape.numel() * dtype.itemsize:
-            raise CheckpointError(path, f"tensor {key!r}: {end - begin} data bytes for shape {tuple(shape)} {dtype}")
-        entries[key] = (shape, dtype, data_start + begin)
+    header, metadata, data_start = _read_safetensors_header(path)
+    entries = {key: (torch.Size(shape), _SAFETENSORS_DTYPES[dtype], data_start + begin)
+               for key, (shape, dtype, begin, _) in header.items()}
 
     def load(key: str, offset: int) -> torch.Tensor:
         shape, dtype, _ = entries[key]
@@ -226,6 +255,10 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         return _open_safetensors(p)
     if kind == "json":
         return _open_index(p)
+    if kind == "gguf":
+        from .gguf import open_gguf
+
+        return open_gguf(p)
     if p.suffix == ".safetensors":
         raise CheckpointError(p, f"named .safetensors but holds a {kind.replace('_', ' ')} file (mislabelled)")
     return _open_torch(p, kind)

@@ -20,12 +20,13 @@ from typing import Any
 import torch
 
 from ..checkpoints.lazy import LazyTensors
+from ..checkpoints.lora import apply_loras, attach_low_rank
 from ..checkpoints.layout import CanonicalView, canonical_view
 from ..checkpoints.materialize import build_on_meta, load_module
 from ..checkpoints.reader import Checkpoint, CheckpointError, join_shards, open_checkpoint
 from ..errors import InputError
-from ..models.attention import ATTENTION_BACKENDS
 from ..models.dit import DiTConfig, InfiniteTalkDiT
+from ..runtime.attention import resolve_attention
 
 __all__ = ["load_dit", "infer_dit_config", "is_audio_key", "BASE_ANCHORS", "PATCH_ANCHORS", "REAL_HEAD_DIM"]
 
@@ -60,6 +61,12 @@ class _Merged(LazyTensors):
 
     def dtype(self, key: str) -> torch.dtype:
         return self._index[key].dtype(key)
+
+    def packed_type(self, key: str) -> int | None:
+        return self._index[key].packed_type(key)
+
+    def packed(self, key: str) -> torch.Tensor:
+        return self._index[key].packed(key)
 
 
 def _open_base(base: PathLike | Sequence[PathLike]) -> Checkpoint:
@@ -188,8 +195,7 @@ def load_dit(base: PathLike | Sequence[PathLike], patch: PathLike | None = None,
     """
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise InputError("dtype", f"expected torch.bfloat16, float16 or float32, got {dtype}")
-    if attention not in ATTENTION_BACKENDS:
-        raise InputError("attention", f"expected one of {', '.join(ATTENTION_BACKENDS)}, got {attention!r}")
+    resolve_attention(attention)  # unknown name or missing package (flash-attn, sageattention): fail before reading
     overrides = dict(config or {})
     if num_heads is not None:
         if overrides.get("num_heads", num_heads) != num_heads:
@@ -220,11 +226,9 @@ def load_dit(base: PathLike | Sequence[PathLike], patch: PathLike | None = None,
         scales.update(view.scales())
     merged: Mapping[str, torch.Tensor] = tensors
     if loras:
-        try:
-            from ..checkpoints.lora import apply_loras
-        except ImportError as exc:
-            raise InputError("loras", "LoRA support (infinitetalk.checkpoints.lora) is not available") from exc
         merged, scales = apply_loras(tensors, scales, [(p, float(s)) for p, s in loras], dtype=dtype,
                                      device=device)
     model = build_on_meta(lambda: InfiniteTalkDiT(cfg, compute_dtype=dtype, attention=attention))
-    return load_module(model, merged, dtype=dtype, device=device, scales=scales, source=source)
+    load_module(model, merged, dtype=dtype, device=device, scales=scales, source=source)
+    attach_low_rank(model, merged, dtype=dtype, device=device)  # LoRAs on fp8/GGUF weights stay unmerged
+    return model

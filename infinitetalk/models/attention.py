@@ -1,24 +1,30 @@
 """The one attention entry point of the DiT, with an explicit backend choice.
 
 The reference silently switches to SageAttention (int8 QK, lossy) when that package happens to be
-importable; here a kernel is only used when asked for by name.
+importable; here a kernel is only used when asked for by name. The kernels themselves live in
+`runtime.attention` (optional packages are imported there, on first use).
 """
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
+
+from ..errors import InputError
+from ..runtime.attention import resolve_attention
+from ..runtime.options import ATTENTION_CHOICES
 
 __all__ = ["ATTENTION_BACKENDS", "attention", "check_backend"]
 
-ATTENTION_BACKENDS = ("sdpa", "math")
+ATTENTION_BACKENDS = ATTENTION_CHOICES
 
 
 def check_backend(backend: str) -> str:
-    """Return `backend` if known, else raise ValueError listing the known ones."""
+    """Return `backend` if it is a known name, else raise InputError (a ValueError) listing the known ones.
+
+    Whether its package is installed is checked when the backend is first used (or by
+    `runtime.kernels.configure_dit`)."""
     if backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; known: {', '.join(ATTENTION_BACKENDS)}")
+        raise InputError("attention", f"unknown attention backend {backend!r}; expected one of "
+                                      f"{', '.join(ATTENTION_BACKENDS)}")
     return backend
 
 
@@ -27,10 +33,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
 
     - "sdpa": `F.scaled_dot_product_attention` (PyTorch picks flash / memory-efficient / math).
     - "math": the explicit formula in the input dtype (slow; a debugging reference).
+    - "flash" / "sage": flash-attn / SageAttention when installed (fp16/bf16; float32 goes through bf16).
     """
-    if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v)
-    if backend == "math":
-        scores = torch.matmul(q * (1.0 / math.sqrt(q.shape[-1])), k.transpose(-2, -1))
-        return torch.matmul(scores.softmax(dim=-1), v)
-    raise ValueError(f"unknown attention backend {backend!r}; known: {', '.join(ATTENTION_BACKENDS)}")
+    return resolve_attention(backend)(q, k, v)

@@ -101,17 +101,41 @@ class AudioCrossAttention(nn.Module):
         """`x` `[N_t, S, dim]` (S tokens per latent frame), `audio_tokens` `[N_t, N_a, audio_dim]`
         (persons concatenated along N_a); `positions` `[N_t·S]` turns on the two-person L-RoPE."""
         n_t, s, dim = x.shape
-        n_a = audio_tokens.shape[1]
-        heads, d = self.num_heads, self.head_dim
-        q = self.q_linear(x).view(n_t, s, heads, d).transpose(1, 2)  # [N_t, heads, S, d]
-        kv = self.kv_linear(audio_tokens).view(n_t, n_a, 2, heads, d)
-        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # [N_t, heads, N_a, d]
+        q = self.q_linear(x).view(n_t, s, self.num_heads, self.head_dim).transpose(1, 2)  # [N_t, heads, S, d]
+        k, v = self._keys_values(audio_tokens, positions is not None)
         if positions is not None:
             q = apply_rope_1d(q, positions.view(n_t, 1, s))
+        out = attention(q, k, v, backend)
+        return self.proj(out.transpose(1, 2).reshape(n_t, s, dim))
+
+    def forward_range(self, x: torch.Tensor, audio_tokens: torch.Tensor, positions: torch.Tensor | None,
+                      start: int, n_tokens: int, backend: str = "sdpa") -> torch.Tensor:
+        """`forward` for the contiguous tokens `start … start+len(x)` of the window's `n_tokens` (a sequence-
+        parallel shard, which may cut latent frames; rows past `n_tokens` are padding and come back 0).
+        `x` `[L_local, dim]`, `positions` `[L_local]` or None -> `[L_local, dim]`."""
+        n_local, dim = x.shape
+        n_t = audio_tokens.shape[0]
+        frame_tokens = n_tokens // n_t
+        q = self.q_linear(x).view(n_local, self.num_heads, self.head_dim).transpose(0, 1)  # [heads, L_local, d]
+        k, v = self._keys_values(audio_tokens, positions is not None)
+        if positions is not None:
+            q = apply_rope_1d(q, positions.view(1, n_local))
+        out = q.new_zeros(q.shape)
+        stop = min(start + n_local, n_tokens)
+        for frame in range(start // frame_tokens, -(-stop // frame_tokens)) if stop > start else ():
+            lo, hi = max(frame * frame_tokens, start) - start, min((frame + 1) * frame_tokens, stop) - start
+            out[:, lo:hi] = attention(q[None, :, lo:hi], k[frame:frame + 1], v[frame:frame + 1], backend)[0]
+        return self.proj(out.transpose(0, 1).reshape(n_local, dim))
+
+    def _keys_values(self, audio_tokens: torch.Tensor, speaker_rope: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values `[N_t, heads, N_a, d]`; keys rotated to their person's L-RoPE centre when asked."""
+        n_t, n_a = audio_tokens.shape[:2]
+        kv = self.kv_linear(audio_tokens).view(n_t, n_a, 2, self.num_heads, self.head_dim)
+        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+        if speaker_rope:
             key_pos = torch.empty(n_a, dtype=k.dtype, device=k.device)
             key_pos[: n_a // 2] = (_PERSON1[0] + _PERSON1[1]) / 2
             key_pos[n_a // 2:] = (_PERSON2[0] + _PERSON2[1]) / 2
             k = apply_rope_1d(k, key_pos)
-        out = attention(q, k, v, backend)
-        return self.proj(out.transpose(1, 2).reshape(n_t, s, dim))
+        return k, v
 

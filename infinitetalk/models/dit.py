@@ -1,12 +1,16 @@
 """InfiniteTalk DiT: Wan2.1-I2V-14B backbone + InfiniteTalk audio adapter + L-RoPE speaker binding.
 
-One latent chunk per call, no batch dimension (the sampler calls it once per guidance branch).
+`forward` takes one latent chunk (no batch dimension); `forward_batch` runs several guidance branches of the
+same latent at once (they differ only in text context and audio). An optional `sequence` group (see
+`runtime.parallel`) splits the tokens across processes (Ulysses sequence parallelism).
 State-dict names equal the published checkpoints' names (`blocks.N.self_attn.q.weight`, ...).
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +19,7 @@ from torch import nn
 from ..errors import InputError
 from .attention import check_backend
 from .audio_adapter import AudioProjModel, latent_audio_windows
-from .dit_blocks import DiTBlock, Head, MLPProj, PatchEmbedding
+from .dit_blocks import DiTBlock, Head, MLPProj, PatchEmbedding, SampleAudio, TokenShard
 from .layers import Linear
 from .rope import timestep_sinusoid, video_rope_tables
 
@@ -129,21 +133,41 @@ class InfiniteTalkDiT(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor, clip_fea: torch.Tensor,
-                y: torch.Tensor, audio: torch.Tensor, ref_target_masks: torch.Tensor | None = None) -> torch.Tensor:
+                y: torch.Tensor, audio: torch.Tensor, ref_target_masks: torch.Tensor | None = None,
+                sequence: Any = None, block_cache: Any = None) -> torch.Tensor:
         """x `[16,T,h,w]`, t `[1]` on the 0..1000 scale, context `[L,text_dim]` (unpadded), clip_fea
         `[1,257,image_dim]`, y `[20,T,h,w]`, audio `[H, 4(T−1)+1, 5, layers, channels]` (H = persons, 1 or
-        2), ref_target_masks `[3,h,w]` (person 1, person 2, background; used only when H = 2)."""
-        self._check_inputs(x, context, clip_fea, y, audio, ref_target_masks)
-        c, dtype = self.config, self.compute_dtype
-        device = self.patch_embedding.weight.device
-        human_num = audio.shape[0]
+        2), ref_target_masks `[3,h,w]` (person 1, person 2, background; used only when H = 2).
+        `sequence`: a `runtime.parallel.SequenceGroup` to share the call with (every member calls it with
+        equal arguments; every member gets the whole output). `block_cache`: step skipping (runtime/teacache.py),
+        an object whose `run(tokens, e0, e, blocks)` returns the block stack's output."""
+        return self.forward_batch(x, t, [context], clip_fea, y, [audio], ref_target_masks, sequence, block_cache)[0]
 
-        # patchify: tokens in (frame, row, col) order
+    def forward_batch(self, x: torch.Tensor, t: torch.Tensor | float, contexts: Sequence[torch.Tensor],
+                      clip_fea: torch.Tensor, y: torch.Tensor, audios: Sequence[torch.Tensor],
+                      ref_target_masks: torch.Tensor | None = None, sequence: Any = None,
+                      block_cache: Any = None) -> torch.Tensor:
+        """Several guidance branches of one latent in one pass -> `[B, 16, T, h, w]`; branch b sees
+        `contexts[b]` and `audios[b]` (person counts may differ between branches). Equal to B `forward` calls."""
+        c, dtype = self.config, self.compute_dtype
+        if len(contexts) != len(audios) or not contexts:
+            raise InputError("audios", f"need one audio per context (≥ 1), got {len(audios)} audios for "
+                                       f"{len(contexts)} contexts")
+        for context, audio in zip(contexts, audios):
+            self._check_inputs(x, context, clip_fea, y, audio, ref_target_masks)
+        if sequence is not None and c.num_heads % sequence.size:
+            raise InputError("world_size", f"sequence parallelism over {sequence.size} ranks needs a head count "
+                                           f"divisible by {sequence.size}; this model has {c.num_heads} heads")
+        device = self.patch_embedding.weight.device
+        batch = len(contexts)
+
+        # patchify (shared by the batch): tokens in (frame, row, col) order
         latent = torch.cat([x, y], dim=0).to(device=device, dtype=dtype)
         tokens = self.patch_embedding(latent.unsqueeze(0))
         grid = tuple(tokens.shape[2:])
-        tokens = tokens.flatten(2).transpose(1, 2)  # [1, L, dim]
+        tokens = tokens.flatten(2).transpose(1, 2).expand(batch, -1, -1)  # [B, L, dim]
         n_t, n_h, n_w = grid
+        n_tokens = n_t * n_h * n_w
 
         # time: float64 sinusoid, float32 MLP
         t = torch.as_tensor(t, device=device).reshape(-1)[:1]
@@ -151,28 +175,47 @@ class InfiniteTalkDiT(nn.Module):
         e0 = self.time_projection(e).unflatten(1, (6, c.dim))
 
         # text (zero-padded to text_len, no mask: pad rows take part) and image context
-        ctx = context.to(device=device, dtype=dtype)
-        ctx = torch.cat([ctx, ctx.new_zeros(c.text_len - ctx.shape[0], ctx.shape[1])])
-        text = self.text_embedding(ctx.unsqueeze(0))
+        ctx = [context.to(device=device, dtype=dtype) for context in contexts]
+        ctx = torch.stack([torch.cat([a, a.new_zeros(c.text_len - a.shape[0], a.shape[1])]) for a in ctx])
+        text = self.text_embedding(ctx)
         image = self.img_emb(clip_fea.to(device=device, dtype=dtype).reshape(1, -1, c.image_dim))
 
-        # audio tokens per latent frame, persons concatenated: [N_t, H·context_tokens, output_dim]
-        first, later = latent_audio_windows(audio.to(device=device, dtype=dtype), c.vae_scale, c.audio_window)
-        audio_tokens = self.audio_proj(first, later).to(dtype)
-        audio_tokens = audio_tokens.permute(1, 0, 2, 3).reshape(n_t, human_num * c.context_tokens, c.output_dim)
+        audio = [self._sample_audio(a, ref_target_masks, grid) for a in audios]
+        rope = video_rope_tables(grid, c.head_dim, device=device)
+        shard = None
+        if sequence is not None:
+            shard = TokenShard(sequence, n_tokens, sequence.local_range(n_tokens)[0])
+            tokens, rope = sequence.split(tokens, dim=1), sequence.split(rope, dim=0)
 
+        def run_blocks(tokens: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                tokens = block(tokens, e0, rope, text, image, audio, self.attention, shard)
+            return tokens
+
+        tokens = run_blocks(tokens) if block_cache is None else block_cache.run(tokens, e0, e, run_blocks)
+
+        out = self.head(tokens, e)  # [B, L, prod(patch)·out_dim] float32
+        if sequence is not None:
+            out = sequence.gather(out, n_tokens, dim=1)
+        pf, ph, pw = c.patch_size
+        out = out.view(batch, n_t, n_h, n_w, pf, ph, pw, c.out_dim)
+        out = torch.einsum("bfhwpqrc->bcfphqwr", out)
+        return out.reshape(batch, c.out_dim, n_t * pf, n_h * ph, n_w * pw).float()
+
+    def _sample_audio(self, audio: torch.Tensor, ref_target_masks: torch.Tensor | None,
+                      grid: tuple[int, int, int]) -> SampleAudio:
+        """Audio tokens per latent frame, persons concatenated `[N_t, H·context_tokens, output_dim]`, and the
+        region masks `[3, h·w]` for two persons."""
+        c, dtype = self.config, self.compute_dtype
+        device = self.patch_embedding.weight.device
+        n_t, n_h, n_w = grid
+        human_num = audio.shape[0]
+        first, later = latent_audio_windows(audio.to(device=device, dtype=dtype), c.vae_scale, c.audio_window)
+        tokens = self.audio_proj(first, later).to(dtype)
+        tokens = tokens.permute(1, 0, 2, 3).reshape(n_t, human_num * c.context_tokens, c.output_dim)
         token_masks = None
         if human_num == 2:
             masks = F.interpolate(ref_target_masks.to(device=device, dtype=torch.float32)[None], size=(n_h, n_w),
                                   mode="nearest")[0]
             token_masks = (masks > 0).view(masks.shape[0], -1).to(dtype)
-
-        rope = video_rope_tables(grid, c.head_dim, device=device)
-        for block in self.blocks:
-            tokens = block(tokens, e0, rope, text, image, audio_tokens, token_masks, self.attention)
-
-        out = self.head(tokens, e)[0]  # [L, prod(patch)·out_dim] float32
-        pf, ph, pw = c.patch_size
-        out = out.view(n_t, n_h, n_w, pf, ph, pw, c.out_dim)
-        out = torch.einsum("fhwpqrc->cfphqwr", out)
-        return out.reshape(c.out_dim, n_t * pf, n_h * ph, n_w * pw).float()
+        return SampleAudio(tokens, token_masks)

@@ -5,6 +5,9 @@ statistics in float32, modulation/gating/head in float32, everything else in the
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,7 +18,27 @@ from .layers import Linear
 from .rope import apply_video_rope
 
 __all__ = ["FP32LayerNorm", "LayerNorm", "RMSNorm", "PatchEmbedding", "SelfAttention", "I2VCrossAttention",
-           "DiTBlock", "Head", "MLPProj", "reference_attention_map"]
+           "DiTBlock", "Head", "MLPProj", "reference_attention_map", "SampleAudio", "TokenShard"]
+
+
+@dataclass
+class SampleAudio:
+    """One batch sample's audio branch: tokens `[N_t, persons·context_tokens, audio_dim]` and, for two
+    speakers, the region masks `[3, S]` that turn on the reference map + L-RoPE."""
+
+    tokens: torch.Tensor
+    token_masks: torch.Tensor | None = None
+
+
+@dataclass
+class TokenShard:
+    """Sequence parallelism: this process holds tokens `start … start+L_local` of the window's `n_tokens`
+    (the rest is zero padding past `n_tokens`). `group` is a `runtime.parallel.SequenceGroup` (duck-typed:
+    `rank`, `size`, `tokens_to_heads`, `heads_to_tokens`, `all_reduce`, `split`)."""
+
+    group: Any
+    n_tokens: int
+    start: int
 
 
 class FP32LayerNorm(nn.Module):
@@ -70,18 +93,41 @@ def reference_attention_map(q: torch.Tensor, k: torch.Tensor, token_masks: torch
     the two halves of the heads like the reference (an odd last head is left out). The masked sums are
     computed as one attention whose values are the masks (no L×S matrix is materialised).
     """
-    heads, d = q.shape[1], q.shape[-1]
-    n_classes, s = token_masks.shape
+    heads = q.shape[1]
     half = heads // 2
     used = 2 * half if half else heads
-    vdim = max(d, n_classes)
-    values = token_masks.new_zeros(1, used, s, vdim)
-    values[..., :n_classes] = token_masks.t()
-    sums = attention(q[:, :used], k[:, :used, :s], values, backend)[0, :, :, :n_classes]  # [used, L, 3]
-    per_head = sums / token_masks.sum(dim=-1).clamp_min(1)  # an empty class scores 0, never NaN
+    per_head = _masked_attention_means(q[:, :used], k[:, :used], token_masks, backend)
     if not half:
         return per_head.mean(dim=0).t()
     return ((per_head[:half].mean(dim=0) + per_head[half:].mean(dim=0)) / 2).t()
+
+
+def _masked_attention_means(q: torch.Tensor, k: torch.Tensor, token_masks: torch.Tensor,
+                            backend: str) -> torch.Tensor:
+    """Per head: softmax(q·ref_kᵀ/√d) summed over each mask / the mask's size, `[heads, L, 3]`."""
+    d = q.shape[-1]
+    n_classes, s = token_masks.shape
+    values = token_masks.new_zeros(1, q.shape[1], s, max(d, n_classes))
+    values[..., :n_classes] = token_masks.t()
+    sums = attention(q, k[:, :, :s], values, backend)[0, :, :, :n_classes]
+    return sums / token_masks.sum(dim=-1).clamp_min(1)  # an empty class scores 0, never NaN
+
+
+def sharded_reference_attention_map(q: torch.Tensor, k: torch.Tensor, token_masks: torch.Tensor, backend: str,
+                                    shard: TokenShard, total_heads: int) -> torch.Tensor:
+    """`reference_attention_map` when this process holds heads `rank·h … (rank+1)·h` of all tokens (after
+    the Ulysses all-to-all): per-half head sums are reduced over the group, then averaged like the reference."""
+    local = q.shape[1]
+    half = total_heads // 2
+    used = 2 * half if half else total_heads
+    index = torch.arange(shard.group.rank * local, (shard.group.rank + 1) * local, device=q.device)
+    per_head = _masked_attention_means(q, k, token_masks, backend)  # [local, L, 3]
+    first, second = index < half, (index >= half) & (index < used)
+    partial = torch.stack([per_head[first].sum(dim=0), per_head[second].sum(dim=0)])
+    partial = shard.group.all_reduce(partial.contiguous())
+    if not half:
+        return (partial[1] / used).t()
+    return ((partial[0] / half + partial[1] / half) / 2).t()
 
 
 class SelfAttention(nn.Module):
@@ -93,16 +139,32 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = Linear(dim, dim), Linear(dim, dim), Linear(dim, dim), Linear(dim, dim)
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, token_masks: torch.Tensor | None,
-                backend: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, token_masks: list[torch.Tensor | None],
+                backend: str, shard: TokenShard | None = None) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """`x` `[B, L, dim]`; `token_masks[b]` `[3, S]` builds sample b's reference map (else None).
+        With a shard, `x` and `rope` hold this process's tokens and heads are exchanged (Ulysses)."""
         b, n, dim = x.shape
         shape = (b, n, self.num_heads, self.head_dim)
-        q = apply_video_rope(self.norm_q(self.q(x)).view(shape), rope).transpose(1, 2)
-        k = apply_video_rope(self.norm_k(self.k(x)).view(shape), rope).transpose(1, 2)
-        v = self.v(x).view(shape).transpose(1, 2)
-        out = self.o(attention(q, k, v, backend).transpose(1, 2).reshape(b, n, dim))
-        attn_map = None if token_masks is None else reference_attention_map(q, k, token_masks, backend)
-        return out, attn_map
+        q = apply_video_rope(self.norm_q(self.q(x)).view(shape), rope)
+        k = apply_video_rope(self.norm_k(self.k(x)).view(shape), rope)
+        v = self.v(x).view(shape)
+        if shard is not None:  # [B, L_local, heads, d] -> [B, L, heads/P, d]
+            q, k, v = (shard.group.tokens_to_heads(t, shard.n_tokens) for t in (q, k, v))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        out = attention(q, k, v, backend).transpose(1, 2)
+        if shard is not None:
+            out = shard.group.heads_to_tokens(out)
+        out = self.o(out.reshape(b, n, dim))
+        maps: list[torch.Tensor | None] = []
+        for i, masks in enumerate(token_masks):
+            if masks is None:
+                maps.append(None)
+            elif shard is None:
+                maps.append(reference_attention_map(q[i:i + 1], k[i:i + 1], masks, backend))
+            else:
+                maps.append(sharded_reference_attention_map(q[i:i + 1], k[i:i + 1], masks, backend, shard,
+                                                            self.num_heads))
+        return out, maps
 
 
 class I2VCrossAttention(nn.Module):
@@ -118,8 +180,8 @@ class I2VCrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, text: torch.Tensor, image: torch.Tensor, backend: str) -> torch.Tensor:
         b, n, dim = x.shape
 
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(b, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        def heads(t: torch.Tensor) -> torch.Tensor:  # context shared by the batch may come with batch 1
+            return t.view(t.shape[0], -1, self.num_heads, self.head_dim).transpose(1, 2).expand(b, -1, -1, -1)
 
         q = heads(self.norm_q(self.q(x)))
         out_text = attention(q, heads(self.norm_k(self.k(text))), heads(self.v(text)), backend)
@@ -143,20 +205,31 @@ class DiTBlock(nn.Module):
         self.ffn = nn.Sequential(Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), Linear(ffn_dim, dim))
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, rope: torch.Tensor,
-                text: torch.Tensor, image: torch.Tensor, audio_tokens: torch.Tensor,
-                token_masks: torch.Tensor | None, backend: str) -> torch.Tensor:
-        """`x` `[1, L, dim]`; `e0` `[1, 6, dim]` float32; `audio_tokens` `[N_t, N_a, audio_dim]`;
-        `token_masks` `[3, S]` only for two speakers (turns on the reference map + L-RoPE)."""
+                text: torch.Tensor, image: torch.Tensor, audio: list[SampleAudio], backend: str,
+                shard: TokenShard | None = None) -> torch.Tensor:
+        """`x` `[B, L, dim]` (B guidance samples of one latent); `e0` `[1, 6, dim]` float32; `text`
+        `[B, text_len, dim]`; `image` `[1 or B, N, dim]`; `audio[b]` sample b's audio tokens (+ masks).
+        With a shard, `x`/`rope` hold only this process's tokens (sequence parallelism)."""
         dtype = x.dtype
         shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (self.modulation.float() + e0).chunk(6, dim=1)
-        y, attn_map = self.self_attn((self.norm1(x).float() * (1 + scale_msa) + shift_msa).to(dtype), rope,
-                                     token_masks, backend)
+        y, maps = self.self_attn((self.norm1(x).float() * (1 + scale_msa) + shift_msa).to(dtype), rope,
+                                 [a.token_masks for a in audio], backend, shard)
         x = (x + y * gate_msa).to(dtype)
         x = x + self.cross_attn(self.norm3(x), text, image, backend)
-        n_t = audio_tokens.shape[0]
-        positions = None if attn_map is None else speaker_positions(attn_map)
-        audio_in = self.norm_x(x).view(n_t, -1, x.shape[-1])
-        x = x + self.audio_cross_attn(audio_in, audio_tokens, positions, backend).view(x.shape)
+        audio_out = []
+        for i, (sample, attn_map) in enumerate(zip(audio, maps)):
+            positions = None if attn_map is None else speaker_positions(attn_map)
+            audio_in = self.norm_x(x[i])
+            if shard is None:
+                n_t = sample.tokens.shape[0]
+                out = self.audio_cross_attn(audio_in.view(n_t, -1, x.shape[-1]), sample.tokens, positions, backend)
+            else:
+                if positions is not None:
+                    positions = shard.group.split(positions, dim=0)
+                out = self.audio_cross_attn.forward_range(audio_in, sample.tokens, positions, shard.start,
+                                                          shard.n_tokens, backend)
+            audio_out.append(out.reshape(audio_in.shape))
+        x = x + torch.stack(audio_out)
         y = self.ffn((self.norm2(x).float() * (1 + scale_ffn) + shift_ffn).to(dtype))
         return (x + y * gate_ffn).to(dtype)
 

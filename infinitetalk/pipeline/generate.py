@@ -3,7 +3,8 @@
 Reads top to bottom like the method:
 1. check every input before any model work (audio, picture, masks, length, output) -> InputError;
 2. open the job folder (resume after the last finished window, same seed);
-3. audio features per speaker (loudness −23 LUFS, wav2vec2 at 25 fps), prompt embeddings;
+3. audio features per speaker (loudness −23 LUFS, wav2vec2 at 25 fps), prompt embeddings (a prompt per
+   line applies to successive windows, the last line repeating);
 4. per window of 81 frames (72 new + 9 motion frames from the previous window):
    reference frame -> CLIP + y; motion latents; audio window; guided Euler sampling from a per-window
    seeded noise; decode frame by frame, colour-match to the first reference, stream into the window's
@@ -12,6 +13,7 @@ Reads top to bottom like the method:
 """
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from collections.abc import Callable
@@ -23,8 +25,10 @@ import numpy as np
 import torch
 
 from ..errors import JobCancelled
+from ..text.prompts import prompt_for_window, window_prompts
 from .conditioning import motion_latents, reference_condition, to_model_frames, to_uint8_frames
 from .job import JobFolder, JobState, default_job_dir, fingerprint
+from .progress import JobProgress, ProgressHook, ProgressInfo
 from .request import GenerationRequest
 from .sampler import Guidance, KeepRegion, WindowConditioning, sample_window, window_noise
 from .schedule import shift_for, timesteps
@@ -32,9 +36,9 @@ from .schedule import shift_for, timesteps
 if TYPE_CHECKING:
     from .models import ModelBundle
 
-__all__ = ["generate", "GenerationResult", "ProgressHook", "CancelHook", "WindowHook"]
+__all__ = ["generate", "GenerationResult", "ProgressHook", "ProgressInfo", "CancelHook", "WindowHook"]
 
-ProgressHook = Callable[[int, int], None]           # (done, total) over windows × steps
+# ProgressHook (progress.py): (done, total[, ProgressInfo]) over every stage of every window
 CancelHook = Callable[[], bool]                     # True: stop at the next step boundary
 WindowHook = Callable[[int, torch.Tensor], None]    # (window index, uint8 frames [n, H, W, 3])
 
@@ -67,6 +71,7 @@ def generate(request: GenerationRequest, models: ModelBundle, progress: Progress
     req = request.resolved()
     inputs = prepare_inputs(req)                           # every InputError happens here
     try:
+        _place_for_job(models, req, inputs)                # InputError("vram") when the job cannot fit
         return _generate(request, req, inputs, models, progress, cancel, on_window, t_start)
     finally:
         inputs.source.close()
@@ -89,24 +94,20 @@ def _generate(request, req, inputs, models, progress, cancel, on_window, t_start
 
     steps = int(req.steps)
     times = timesteps(steps, req.shift if req.shift is not None else shift_for(req.resolution))
-    guidance = Guidance(float(req.text_scale), float(req.audio_scale))
-    total = plan.num_chunks * steps
-    done = [resumed * steps]
+    guidance = Guidance(float(req.text_guidance), float(req.audio_guidance))
+    tracker = JobProgress(progress, plan.num_chunks, steps, (plan.frame_num - 1) // 4 + 1, resumed)
 
     def on_step(_: int) -> None:
-        done[0] += 1
-        if progress is not None:
-            progress(done[0], total)
+        tracker.advance("steps")
         if cancel is not None and cancel():
             raise JobCancelled("cancelled; finished windows are kept in the job folder for resume")
 
     if cancel is not None and cancel():
         raise JobCancelled("cancelled before the first window")
-    if progress is not None:
-        progress(done[0], total)
+    tracker.start()
 
     if state.windows_done < plan.num_chunks:
-        _run_windows(req, models, inputs, job, state, times, guidance, on_step, on_window)
+        _run_windows(req, models, inputs, job, state, times, guidance, on_step, on_window, tracker)
 
     # -- finish: one file, atomic ------------------------------------------------------------------
     from ..video.segments import concat_segments
@@ -117,6 +118,7 @@ def _generate(request, req, inputs, models, progress, cancel, on_window, t_start
                     metadata={"comment": json.dumps(settings, sort_keys=True)})
     if not req.keep_job:
         job.remove()
+    tracker.finish()
     return GenerationResult(path=out, frames=plan.final_frames, seconds=plan.final_frames / 25.0, seed=seed,
                             width=width, height=height, windows=plan.num_chunks, resumed_windows=resumed,
                             elapsed_s=time.perf_counter() - t_start, settings=settings, audio=inputs.mix)
@@ -126,15 +128,18 @@ def _settings(req: GenerationRequest, seed: int, height: int, width: int, frames
     """What the output's metadata records (enough to reproduce the video)."""
     return {
         "generator": "infinitetalk-multi", "seed": seed, "preset": req.preset, "steps": req.steps,
-        "text_scale": req.text_scale, "audio_scale": req.audio_scale,
+        "text_guidance": req.text_guidance, "audio_guidance": req.audio_guidance,
         "shift": req.shift if req.shift is not None else shift_for(req.resolution),
         "resolution": req.resolution, "size": [height, width], "order": req.order, "frames": frames,
-        "prompt": req.prompt, "color_strength": req.color_strength,
+        "prompt": req.prompt, "prompts": window_prompts(req.prompt), "color_strength": req.color_strength,
+        **({"teacache": {"threshold": req.teacache, "scale": req.resolution.removesuffix("p"),
+                         "retention_steps": False}} if req.teacache else {}),
     }
 
 
 @torch.no_grad()
-def _run_windows(req, models, inputs, job: JobFolder, state: JobState, times, guidance, on_step, on_window) -> None:
+def _run_windows(req, models, inputs, job: JobFolder, state: JobState, times, guidance, on_step, on_window,
+                 tracker: JobProgress) -> None:
     from ..video.writer import Mp4Writer
     from .color import match_and_blend_colors
     from .windows import gather_audio_windows
@@ -144,8 +149,9 @@ def _run_windows(req, models, inputs, job: JobFolder, state: JobState, times, gu
     frame_num, n_motion_frames = plan.frame_num, plan.motion_frames
 
     features = _speaker_features(models, inputs)            # [N, L, C] per speaker, CPU float32
-    context, context_null = _prompt_embeddings(models, req)
+    contexts, context_null = _prompt_embeddings(models, req)   # per window prompt (host memory), negative
     _release_host_memory()   # the audio encoder's scratch grows with the audio length: give it back
+    tracker.advance("prepare")
     speaker_masks = inputs.latent_speaker_masks.to(device)  # [3, h, w]
     first_reference = to_model_frames(inputs.source.frame(0)).to(device)   # colour target of every window
 
@@ -157,18 +163,30 @@ def _run_windows(req, models, inputs, job: JobFolder, state: JobState, times, gu
         ref_y, ref_latent, clip_fea = _reference(models, inputs, start, frame_num, cached)
         motion = ref_latent if k == 0 else motion_latents(models.vae, tail)
         audio = gather_audio_windows(features, start, frame_num).to(device, dtype)
+        context = prompt_for_window(contexts, k).to(device, dtype)
         cond = WindowConditioning(context=context, context_null=context_null, clip_fea=clip_fea,
                                   y=ref_y.to(dtype), audio=audio, ref_target_masks=speaker_masks)
         noise = window_noise(state.seed, k, (ref_latent.shape[0], *ref_y.shape[1:]), device)
         keep, keep_frames = _keep_region(models, inputs, start, frame_num, cached)
+        tracker.advance("encode")
 
-        latent = sample_window(models.dit, noise, cond, times, guidance, motion, keep=keep, on_step=on_step)
+        sample = models.sampler or sample_window   # multi-process runs: every rank samples the window together
+        placement = getattr(models, "placement", None)   # guidance calls per DiT pass that fit the budget
+        extra = {} if models.sampler or placement is None else {"batch": placement.max_guidance_batch}
+        if req.teacache:   # step skipping (quality recipe; settings["teacache"] records it)
+            from ..errors import InputError
+            from ..runtime.teacache import TeaCache
+
+            if models.sampler is not None and "teacache" not in inspect.signature(models.sampler).parameters:
+                raise InputError("teacache", "step skipping is not available with multi-process sampling yet")
+            extra["teacache"] = TeaCache(req.teacache, scale=req.resolution.removesuffix("p"))
+        latent = sample(models.dit, noise, cond, times, guidance, motion, keep=keep, on_step=on_step, **extra)
 
         # decode frame by frame, colour-match, stream the kept frames into this window's segment
         lo, hi = plan.kept_range(k)
         tail_parts, preview, index = [], [], 0
         with Mp4Writer(job.segment(k), width, height, fps=25, crf=req.crf) as writer:
-            for chunk in models.vae.decode_stream(latent):
+            for chunk in models.vae.decode_stream(latent, tile=models.vae_tile):
                 chunk = match_and_blend_colors(chunk[None], first_reference[None, :, None], req.color_strength)[0]
                 n = chunk.shape[1]
                 if keep_frames is not None:   # pixels outside the mask: exactly the source
@@ -184,13 +202,33 @@ def _run_windows(req, models, inputs, job: JobFolder, state: JobState, times, gu
                 if index + n > frame_num - n_motion_frames:
                     tail_parts.append(chunk[:, max(0, frame_num - n_motion_frames - index):].clone())
                 index += n
+                tracker.advance("decode")
         tail = torch.cat(tail_parts, dim=1)
         job.save_tail(k, tail)
         state.windows_done = k + 1
         state.frames_done = hi if k == 0 else start + hi
         job.commit(state)
+        tracker.window_done(k)
         if on_window is not None and preview:
             on_window(k, torch.cat(preview))
+
+
+def _place_for_job(models, req, inputs) -> None:
+    """Decide where the DiT's blocks live for this job's size (runtime/plan.py), log the plan, and refuse a
+    job that cannot fit the VRAM budget with the plan in the error, before any model work."""
+    import logging
+
+    from ..errors import InputError
+    from ..runtime.budget import JobShape
+
+    if getattr(models, "dit", None) is None or not hasattr(models, "prepare"):
+        return   # a bundle without the DiT (its workers plan their own memory)
+    calls = Guidance(float(req.text_guidance), float(req.audio_guidance)).calls_per_step
+    height, width = inputs.size
+    plan = models.prepare(JobShape.for_window(height, width, inputs.plan.frame_num, calls))
+    logging.getLogger("infinitetalk.runtime").info("%s", plan.text())
+    if not plan.fits:
+        raise InputError("vram", f"this job does not fit the VRAM budget:\n{plan.text()}")
 
 
 def _release_host_memory() -> None:
@@ -223,14 +261,17 @@ def _speaker_features(models, inputs) -> list[torch.Tensor]:
     return out
 
 
-def _prompt_embeddings(models, req) -> tuple[torch.Tensor, torch.Tensor]:
+def _prompt_embeddings(models, req) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each window's prompt embedding (one per line of the prompt, the last repeating; each distinct prompt
+    encoded once, kept in host memory until its window) and the negative prompt's, on the compute device."""
     from ..text.prompts import DEFAULT_NEGATIVE_PROMPT
 
     negative = req.negative_prompt if req.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT
+    prompts = window_prompts(req.prompt)
     with models.using("text_encoder") as t5:
-        context = t5.encode(req.prompt)
+        encoded = {p: t5.encode(p).cpu() for p in dict.fromkeys(prompts)}
         context_null = t5.encode(negative)
-    return context.to(models.device, models.dtype), context_null.to(models.device, models.dtype)
+    return [encoded[p] for p in prompts], context_null.to(models.device, models.dtype)
 
 
 def _reference(models, inputs, start: int, frame_num: int, cached: dict):

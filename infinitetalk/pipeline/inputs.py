@@ -20,7 +20,7 @@ from .windows import ChunkPlan, plan_chunks
 if TYPE_CHECKING:
     from .request import GenerationRequest
 
-__all__ = ["PreparedInputs", "ReferenceSource", "prepare_inputs"]
+__all__ = ["PreparedInputs", "ReferenceSource", "prepare_inputs", "probe_request_media", "load_mask"]
 
 
 class ReferenceSource:
@@ -80,7 +80,7 @@ def _load_source(req) -> tuple[torch.Tensor, object | None, str]:
     return _as_hwc(video.frame_at(0)), video, "video"
 
 
-def _load_mask(path: Path, name: str) -> torch.Tensor:
+def load_mask(path: Path, name: str) -> torch.Tensor:
     """uint8 `[H, W, 3]`, or `[H, W, 4]` when the file has transparency (the alpha then marks the region)."""
     from ..video.reader import load_image_with_alpha
 
@@ -92,10 +92,10 @@ def _speaker_masks(req, src_h: int, src_w: int) -> torch.Tensor:
     from .masks import default_speaker_masks, masks_from_image, masks_from_speaker_masks
 
     if req.left_mask is not None:
-        return masks_from_speaker_masks(_load_mask(req.left_mask, "left_mask"),
-                                        _load_mask(req.right_mask, "right_mask"), src_h, src_w)
+        return masks_from_speaker_masks(load_mask(req.left_mask, "left_mask"),
+                                        load_mask(req.right_mask, "right_mask"), src_h, src_w)
     if req.mask_image is not None:
-        return masks_from_image(_load_mask(req.mask_image, "mask_image"), src_h, src_w, "mask_image")
+        return masks_from_image(load_mask(req.mask_image, "mask_image"), src_h, src_w, "mask_image")
     return default_speaker_masks(src_h, src_w)
 
 
@@ -103,27 +103,68 @@ def _keep_masks(req, src_h: int, src_w: int, size: tuple[int, int]) -> tuple[tor
     """From the mask image: the latent generate-mask `[1, 1, h, w]` (a latent cell is generated when any of its
     pixels may move) and the pixel weight `[1, 1, H, W]` of generated pixels after decoding: 1 on the mask,
     ramping to 0 within about one latent cell outside it (the seam lies outside the user's mask)."""
+    from ..limits import EMPTY_MASK
     from .masks import mask_from_array
 
     if req.mask_image is None:
         return None, None
-    m = mask_from_array(_load_mask(req.mask_image, "mask_image"), src_h, src_w, "mask_image")
+    m = mask_from_array(load_mask(req.mask_image, "mask_image"), src_h, src_w, "mask_image")
+    if not bool(m.any()):   # every path (CLI, nodes, API graph) ends here: an empty mask would move nothing
+        raise InputError("mask_image", EMPTY_MASK)
     pix = resize_cover_crop(m[None].float(), size, mode="nearest", layout="chw")[None]   # [1, 1, H, W]
     lat = F.max_pool2d(pix, kernel_size=8)                                                # [1, 1, h, w]
+    if not bool((lat > 0).any()):
+        raise InputError("mask_image", "the mask's white region lies outside the centre-cropped output frame: "
+                                       "nothing would move")
     if bool((lat > 0).all()):
         return None, None   # the mask covers the whole frame: nothing to keep
     ramp = F.interpolate(lat, size=size, mode="bilinear", align_corners=False)
     return lat, torch.maximum(pix, ramp)
 
 
+def probe_request_media(req: GenerationRequest) -> None:
+    """Header checks of every media file of a request (`infinitetalk.limits`) before any of them is decoded,
+    so an over-limit picture fails in milliseconds even when it is the last input read."""
+    from ..limits import probe_audio, probe_image, probe_video
+
+    for field in ("stereo_audio", "left_audio", "right_audio"):
+        if getattr(req, field, None) is not None:
+            probe_audio(getattr(req, field), field)
+    if req.image is not None:
+        probe_image(req.image, "image")
+    elif req.video is not None:
+        probe_video(req.video, "video")
+    for field in ("mask_image", "left_mask", "right_mask"):
+        if getattr(req, field, None) is not None:
+            probe_image(getattr(req, field), field)
+
+
+def _check_output_folders(req) -> None:
+    """The output's folder and the job folder's parent must be writable (not found out after the sampling)."""
+    from ..errors import require_writable_folder
+    from .job import default_job_dir
+
+    require_writable_folder(Path(req.out).parent, "out")
+    require_writable_folder(Path(req.job_dir).parent if req.job_dir else default_job_dir(req.out).parent, "job_dir")
+
+
 def prepare_inputs(req: GenerationRequest) -> PreparedInputs:
     """Read and check every input of a resolved request (see module docstring)."""
     from ..audio.io import load_audio
     from ..audio.placement import place_speakers
+    from ..video.writer import check_audio_encodes
 
-    left = load_audio(req.left_audio, "left_audio")
-    right = load_audio(req.right_audio, "right_audio")
-    placement = place_speakers(left, right, req.order)
+    probe_request_media(req)
+    _check_output_folders(req)
+    if req.stereo_audio is not None:   # one conversation file: left channel = left person, right = right
+        from ..audio.stereo import place_stereo
+
+        placement = place_stereo(load_audio(req.stereo_audio, "stereo_audio"), "stereo_audio")
+    else:
+        left = load_audio(req.left_audio, "left_audio")
+        right = load_audio(req.right_audio, "right_audio")
+        placement = place_speakers(left, right, req.order)
+    check_audio_encodes(int(placement.mix.sample_rate), int(placement.mix.samples.shape[0]), "audio")
     plan = plan_chunks(placement.frames, req.frame_num, req.motion_frames)
 
     first, video, _ = _load_source(req)

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..errors import removed_on_failure
+
 if TYPE_CHECKING:
     from .request import GenerationRequest
 
@@ -51,7 +53,7 @@ def fingerprint(request: GenerationRequest, models_id: str = "") -> str:
         if name in ("out", "job_dir", "keep_job"):
             continue
         if isinstance(value, Path) or (name in ("left_audio", "right_audio", "image", "video", "mask_image",
-                                                "left_mask", "right_mask")
+                                                "left_mask", "right_mask", "stereo_audio")
                                        and value is not None):
             value = {"file": _file_digest(Path(value))}
         params[name] = value
@@ -117,16 +119,26 @@ class JobFolder:
 
     def save_tail(self, index: int, frames: torch.Tensor) -> None:
         tmp = self.path / f"tail_{index:04d}.tmp"
-        torch.save(frames.detach().to("cpu", torch.float32).contiguous(), tmp)
-        os.replace(tmp, self.tail(index))
+        data = frames.detach().to("cpu", torch.float32).contiguous()
+        # through a Python file object: a full disk is then an OSError (ENOSPC), not torch's opaque RuntimeError
+        self._write_atomic(tmp, self.tail(index), lambda f: torch.save(data, f))
 
     def commit(self, state: JobState) -> None:
         """Atomically record progress (the only point where a window counts as done); older tails go."""
-        tmp = self.path / (self.STATE + ".tmp")
-        tmp.write_text(json.dumps(asdict(state), indent=1))
-        os.replace(tmp, self.path / self.STATE)
+        blob = json.dumps(asdict(state), indent=1).encode()
+        self._write_atomic(self.path / (self.STATE + ".tmp"), self.path / self.STATE, lambda f: f.write(blob))
         if state.windows_done >= 2:
             self.tail(state.windows_done - 2).unlink(missing_ok=True)
+
+    def _write_atomic(self, tmp: Path, final: Path, write) -> None:
+        """Write through `tmp` then rename onto `final`. On any failure the temp file is removed and the
+        committed state is untouched (the folder stays resumable); a full disk is an OutOfSpace naming it."""
+        with removed_on_failure(tmp, self.path, final.name):
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
 
     def remove(self) -> None:
         """Delete the folder after the final file is in place."""

@@ -1,20 +1,31 @@
 """Every model a job needs, found by content in a ComfyUI-style models folder and loaded once.
 
-Memory on CUDA: the DiT and the VAE stay on the GPU (used every window); the text encoder and CLIP live
-on the CPU and visit the GPU only while they encode (`ModelBundle.using`), wav2vec2 runs on the CPU in
-fp32 like the reference. On the CPU everything is simply resident.
+Memory: a VRAM budget (`RuntimeOptions.vram_gb`; automatic on CUDA = free memory minus a margin) decides,
+per job (`ModelBundle.prepare`), which DiT blocks stay on the device and which stream from host memory
+(runtime/streaming.py), whether guidance calls may be batched, and how the VAE tiles its decode
+(runtime/budget.py, docs/runtime.md). The VAE stays on the device; the text encoder and CLIP live on the CPU
+and visit the device only while they encode (`ModelBundle.using`; the DiT steps aside to the host when the
+visit would not fit beside it); wav2vec2 runs on the CPU in fp32 like the reference. Without a budget on the
+CPU everything is simply resident; with one, the CPU honours it the same way (so CI runs the streaming path).
 """
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import InputError
+from ..runtime.options import RuntimeOptions
+
+if TYPE_CHECKING:
+    from ..runtime.budget import JobShape, Placement
+    from ..runtime.plan import MemoryPlan
+    from ..runtime.streaming import BlockStreamer
 
 __all__ = ["ModelBundle", "ModelPaths", "load_models", "resolve_model_paths", "default_device", "default_dtype"]
 
@@ -70,6 +81,67 @@ class ModelBundle:
     dtype: torch.dtype
     paths: ModelPaths | None = None
     offload: bool = False
+    sampler: Callable[..., torch.Tensor] | None = None   # sample_window's stand-in in multi-process runs (runtime/launch.py)
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    budget: int | None = None            # bytes the job may use on `device`; None = unlimited
+    placement: Placement | None = None   # the current job's decision (max_guidance_batch, vae_tile, ...)
+    plan: MemoryPlan | None = None
+    _streamer: BlockStreamer | None = field(default=None, repr=False)
+    _sizes: tuple | None = field(default=None, repr=False)   # (DiT weights, other components' bytes), measured once
+    _evict_for: frozenset = field(default=frozenset(), repr=False)
+
+    @property
+    def vae_tile(self) -> tuple[int, int, int] | None:
+        """The VAE decode tile the placement chose (None = whole frames)."""
+        return None if self.placement is None else self.placement.vae_tile
+
+    def prepare(self, job: JobShape) -> MemoryPlan:
+        """Decide placement for `job` under the budget and apply it (stream or un-stream DiT blocks).
+
+        Returns the plan; when `plan.fits` is False the placement streams everything and the caller
+        should refuse the job (generate does, with InputError naming `vram`)."""
+        from ..runtime.plan import dit_weights_of, make_plan, module_bytes
+
+        if self.dit is None:
+            raise InputError("models", "this bundle holds no DiT (a worker-pool front end cannot plan a job)")
+        if self._sizes is None:
+            others = {name: module_bytes(getattr(getattr(self, name), "model", getattr(self, name)))
+                      for name in ("vae", "text_encoder", "clip_vision", "wav2vec2") if getattr(self, name) is not None}
+            self._sizes = (dit_weights_of(self.dit), others)
+        dit, others = self._sizes
+        channels = self.vae.config.dim * self.vae.config.dim_mult[0] if self.vae is not None else 96
+        plan = make_plan(dit, others, job, self.budget, device=str(self.device), act_bytes=self.dtype.itemsize,
+                         label=f"run dtype {self.dtype}".replace("torch.", ""), vae_channels=channels,
+                         batch_guidance=self.runtime.batch_guidance)
+        self._place(plan.placement)
+        resident = dit[0].other_bytes + sum(b for i, b in enumerate(dit[0].block_bytes)
+                                            if i not in plan.placement.streamed)
+        self._evict_for = frozenset(name for name, peak in plan.visit_peaks.items()
+                                    if self.budget is not None and peak + resident > self.budget)
+        self.placement, self.plan = plan.placement, plan
+        return plan
+
+    def _place(self, placement: Placement) -> None:
+        """Move DiT blocks so that exactly `placement.streamed` stream and the rest sit on the device."""
+        from ..runtime.streaming import BlockStreamer
+
+        want = tuple(placement.streamed)
+        current = self._streamer.streamed if self._streamer is not None else ()
+        if self.placement is not None and want == current:
+            return
+        if self._streamer is not None:
+            self._streamer.remove(device="cpu")
+            self._streamer = None
+        if want:   # first off the device, then the rest onto it: never both sets at once
+            self._streamer = BlockStreamer(self.dit.blocks, want, self.device, placement.prefetch).install()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        for name, child in self.dit.named_children():
+            if name != "blocks":
+                child.to(self.device)
+        for i, block in enumerate(self.dit.blocks):
+            if i not in want:
+                block.to(self.device)
 
     def identity(self) -> str:
         base = self.paths.identity() if self.paths is not None else "in-memory"
@@ -82,6 +154,9 @@ class ModelBundle:
         module = getattr(self, name)
         target = getattr(module, "model", module)   # TextEncoder wraps its T5
         visiting = self.offload and name in _VISITORS
+        evict = visiting and name in self._evict_for and self.dit is not None
+        if evict:   # the visit does not fit beside the DiT: its resident part waits on the host
+            self.dit.to("cpu")
         if visiting:
             target.to(self.device)
         try:
@@ -89,8 +164,10 @@ class ModelBundle:
         finally:
             if visiting:
                 target.to("cpu")
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+            if evict:
+                self.dit.to(self.device)
+            if visiting and self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 def _prefer_named(files: list[Path], words: tuple[str, ...]) -> list[Path]:
@@ -172,8 +249,15 @@ def resolve_model_paths(models_dir: str | Path | None, preset: str = "quality", 
 
 def load_models(models_dir: str | Path | None = None, preset: str = "quality", device: str | torch.device | None = None,
                 dtype: torch.dtype | str | None = None, overrides: dict | None = None,
-                offload: bool | None = None) -> ModelBundle:
-    """Find and load every component for `preset` on `device` (see module docstring for placement)."""
+                offload: bool | None = None, components: tuple[str, ...] = COMPONENTS,
+                runtime: RuntimeOptions | None = None) -> ModelBundle:
+    """Find and load every component for `preset` on `device` (see module docstring for placement).
+
+    `runtime`: budget and kernels (default RuntimeOptions()). With a budget on CUDA the DiT is read into host
+    memory first and placed by `ModelBundle.prepare` (for a 480p window of the preset until a job says more).
+
+    `components`: only these are loaded, the others are None (multi-process runs: ranks ≠ 0 hold only the DiT,
+    the ComfyUI process with a worker pool everything but the DiT)."""
     from ..loaders import load_clip_vision, load_dit, load_text_encoder, load_vae, load_wav2vec2
 
     dev = torch.device(device) if device is not None else default_device()
@@ -181,13 +265,49 @@ def load_models(models_dir: str | Path | None = None, preset: str = "quality", d
     off = (dev.type == "cuda") if offload is None else bool(offload)
     paths = resolve_model_paths(models_dir, preset, overrides)
     park = torch.device("cpu") if off else dev
-    dit = load_dit(paths.dit, paths.patch, loras=tuple((str(p), s) for p, s in paths.loras), dtype=dt, device=dev)
-    vae = load_vae(paths.vae, dtype=torch.float32, device=dev)
-    wav2vec2 = load_wav2vec2(paths.wav2vec2, dtype=torch.float32, device="cpu")
-    text = load_text_encoder(paths.text_encoder, paths.tokenizer, dtype=dt, device=park)
-    clip = load_clip_vision(paths.clip_vision, dtype=dt, device=park)
-    return ModelBundle(dit=dit, wav2vec2=wav2vec2, text_encoder=text, clip_vision=clip, vae=vae,
-                       device=dev, dtype=dt, paths=paths, offload=off)
+    unknown = set(components) - set(COMPONENTS)
+    if unknown:
+        raise InputError("components", f"{sorted(unknown)} are not among {', '.join(COMPONENTS)}")
+    wanted = set(components)
+    runtime = runtime if runtime is not None else RuntimeOptions()
+    budget = _budget_bytes(runtime, dev)
+    dit_home = dev if budget is None else torch.device("cpu")   # placed block by block below
+    dit = (load_dit(paths.dit, paths.patch, loras=tuple((str(p), s) for p, s in paths.loras), dtype=dt,
+                    device=dit_home) if "dit" in wanted else None)
+    if dit is not None:
+        _configure_kernels(dit, runtime, dev)
+    vae = load_vae(paths.vae, dtype=torch.float32, device=dev) if "vae" in wanted else None
+    wav2vec2 = load_wav2vec2(paths.wav2vec2, dtype=torch.float32, device="cpu") if "wav2vec2" in wanted else None
+    text = (load_text_encoder(paths.text_encoder, paths.tokenizer, dtype=dt, device=park)
+            if "text_encoder" in wanted else None)
+    clip = load_clip_vision(paths.clip_vision, dtype=dt, device=park) if "clip_vision" in wanted else None
+    bundle = ModelBundle(dit=dit, wav2vec2=wav2vec2, text_encoder=text, clip_vision=clip, vae=vae,
+                         device=dev, dtype=dt, paths=paths, offload=off, runtime=runtime, budget=budget)
+    if dit is not None:
+        from ..runtime.plan import job_for
+
+        bundle.prepare(job_for(preset))
+    return bundle
+
+
+def _budget_bytes(runtime: RuntimeOptions, device: torch.device) -> int | None:
+    """The explicit budget, else on CUDA the free memory minus the margin (measured before loading), else None."""
+    if runtime.budget_bytes is not None:
+        return runtime.budget_bytes
+    if device.type == "cuda":
+        from ..runtime.budget import auto_budget_bytes
+
+        return auto_budget_bytes(torch.cuda.mem_get_info(device)[0])
+    return None
+
+
+def _configure_kernels(dit: torch.nn.Module, runtime: RuntimeOptions, device: torch.device) -> None:
+    """Attention backend, fp8 matmul and compile (runtime/kernels.py, when that module is present)."""
+    try:
+        from ..runtime.kernels import configure_dit
+    except ImportError:
+        return
+    configure_dit(dit, runtime, device)
 
 
 def _dtype(value: torch.dtype | str) -> torch.dtype:

@@ -11,20 +11,30 @@ Every step the clean motion latents are written back over the first latent frame
 clean; MultiTalk's re-noising is dead code there). An optional keep region (mask-limited generation) pins
 everything outside the mask to the source latents, re-noised to the next step's noise level, so it ends
 exactly at the source.
+
+Speed without changing the maths: `batch` runs up to that many of a step's guidance calls as one DiT batch
+(`InfiniteTalkDiT.forward_batch`); `parallel` (a `runtime.parallel.ParallelState`) spreads the calls over
+rank groups and splits each call's tokens over the ranks of its group (see docs/dit.md, "Parallel").
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .schedule import euler_step
 
+if TYPE_CHECKING:
+    from ..runtime.parallel import ParallelState
+    from ..runtime.teacache import TeaCache
+
 DiTCall = Callable[..., torch.Tensor]  # InfiniteTalkDiT.forward(x, t, context, clip_fea, y, audio, masks)
 
-__all__ = ["Guidance", "WindowConditioning", "KeepRegion", "guided_velocity", "sample_window", "window_noise"]
+__all__ = ["Guidance", "WindowConditioning", "KeepRegion", "guided_velocity", "guidance_calls", "combine_guidance",
+           "sample_window", "window_noise"]
 
 
 @dataclass(frozen=True)
@@ -82,21 +92,69 @@ def window_noise(seed: int, window_index: int, shape: tuple[int, ...], device: t
     return torch.randn(shape, generator=g, dtype=torch.float32).to(device)
 
 
-def _model(dit: DiTCall, x, t, context, cond: WindowConditioning, audio) -> torch.Tensor:
-    return dit(x, t, context, cond.clip_fea, cond.y, audio, cond.ref_target_masks).float()
+def guidance_calls(cond: WindowConditioning, guidance: Guidance) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (context, audio) of each model call of a step: fast = [cond, drop_audio]; quality = [cond,
+    drop_text, uncond]."""
+    if guidance.text_free:
+        return [(cond.context, cond.audio), (cond.context, cond.silent_audio)]
+    return [(cond.context, cond.audio), (cond.context_null, cond.audio), (cond.context_null, cond.silent_audio)]
+
+
+def combine_guidance(velocities: list[torch.Tensor], guidance: Guidance) -> torch.Tensor:
+    """The guided velocity from the calls' velocities (order of `guidance_calls`)."""
+    if guidance.text_free:
+        v_cond, v_drop_audio = velocities
+        return v_drop_audio + guidance.audio_scale * (v_cond - v_drop_audio)
+    v_cond, v_drop_text, v_uncond = velocities
+    return (v_uncond + guidance.text_scale * (v_cond - v_drop_text)
+            + guidance.audio_scale * (v_drop_text - v_uncond))
+
+
+def _run_calls(dit: DiTCall, x, t, cond: WindowConditioning, calls: list[tuple[torch.Tensor, torch.Tensor]],
+               indices: Sequence[int], batch: int, sequence: Any, skip: tuple[TeaCache, int] | None
+               ) -> list[torch.Tensor]:
+    """Velocities of `calls` (the step's calls number `indices`), `batch` at a time (one `forward_batch` per
+    group of calls); `skip` = (TeaCache, step) or None."""
+    extra = {} if sequence is None else {"sequence": sequence}
+    out: list[torch.Tensor] = []
+    for i in range(0, len(calls), batch):
+        group = calls[i:i + batch]
+        if skip is not None:
+            extra["block_cache"] = skip[0].for_calls(skip[1], indices[i:i + batch])
+        if len(group) == 1:
+            context, audio = group[0]
+            out.append(dit(x, t, context, cond.clip_fea, cond.y, audio, cond.ref_target_masks, **extra).float())
+        else:
+            contexts, audios = [c for c, _ in group], [a for _, a in group]
+            v = dit.forward_batch(x, t, contexts, cond.clip_fea, cond.y, audios, cond.ref_target_masks, **extra)
+            out.extend(v.float().unbind(0))
+    return out
+
+
+def _batch_size(batch: int | bool, calls: int) -> int:
+    if batch is True:
+        return calls
+    if batch is False:
+        return 1
+    if int(batch) < 1:
+        raise ValueError(f"guidance batch must be >= 1 (or True/False), got {batch}")
+    return int(batch)
 
 
 def guided_velocity(dit: DiTCall, x: torch.Tensor, t: torch.Tensor, cond: WindowConditioning,
-                    guidance: Guidance) -> torch.Tensor:
-    """The guided flow velocity at time t (2 or 3 model calls)."""
-    v_cond = _model(dit, x, t, cond.context, cond, cond.audio)
-    if guidance.text_free:
-        v_drop_audio = _model(dit, x, t, cond.context, cond, cond.silent_audio)
-        return v_drop_audio + guidance.audio_scale * (v_cond - v_drop_audio)
-    v_drop_text = _model(dit, x, t, cond.context_null, cond, cond.audio)
-    v_uncond = _model(dit, x, t, cond.context_null, cond, cond.silent_audio)
-    return (v_uncond + guidance.text_scale * (v_cond - v_drop_text)
-            + guidance.audio_scale * (v_drop_text - v_uncond))
+                    guidance: Guidance, batch: int | bool = 1, parallel: ParallelState | None = None,
+                    skip: tuple[TeaCache, int] | None = None) -> torch.Tensor:
+    """The guided flow velocity at time t (2 or 3 model calls; `batch` of them per DiT pass). With
+    `parallel` (a `ParallelState`) this is a collective: every rank returns the same velocity.
+    `skip`: (TeaCache, step index) for step skipping."""
+    calls = guidance_calls(cond, guidance)
+    size = _batch_size(batch, len(calls))
+    if parallel is None or parallel.world_size == 1:
+        return combine_guidance(_run_calls(dit, x, t, cond, calls, range(len(calls)), size, None, skip), guidance)
+    layout = parallel.layout(len(calls), dit.config.num_heads)
+    mine = _run_calls(dit, x, t, cond, [calls[i] for i in layout.calls], layout.calls, size, layout.sequence, skip)
+    velocities = parallel.combine(dict(zip(layout.calls, mine)), layout, len(calls), x)
+    return combine_guidance(velocities, guidance)
 
 
 @torch.no_grad()
@@ -109,19 +167,31 @@ def sample_window(
     motion: torch.Tensor,
     keep: KeepRegion | None = None,
     on_step: Callable[[int], None] | None = None,
+    batch: int | bool = 1,
+    parallel: ParallelState | None = None,
+    teacache: TeaCache | None = None,
 ) -> torch.Tensor:
     """Denoise one window from `noise` [16, T, h, w] along `times` (S+1 values, 1000 → 0).
 
     motion: clean latents [16, n, h, w] re-imposed on the first n latent frames before every model call and
-    at the end. `on_step(i)` runs after step i (progress, cancellation).
+    at the end. `on_step(i)` runs after step i (progress, cancellation). `batch`: guidance calls per DiT
+    pass (True = all, 1/False = one at a time; same result). `parallel`: a `runtime.parallel.ParallelState`;
+    then this is a collective — every rank calls it with equal arguments and every rank returns the same latent.
+    `teacache`: a `runtime.teacache.TeaCache` (quality recipe only) skips block stacks on slowly changing steps
+    (an approximation; its `decisions` record what ran).
     """
+    if teacache is not None:
+        if guidance.text_free:
+            raise ValueError("TeaCache step skipping follows the reference's 3-call (quality) recipe; "
+                             f"this guidance makes {guidance.calls_per_step} calls per step")
+        teacache.start_window(times.numel() - 1)
     n_motion = motion.shape[1]
     x = noise.clone()
     steps = times.numel() - 1
     for i in range(steps):
         x[:, :n_motion] = motion
         t = times[i].reshape(1).to(x.device)
-        v = guided_velocity(dit, x, t, cond, guidance)
+        v = guided_velocity(dit, x, t, cond, guidance, batch, parallel, None if teacache is None else (teacache, i))
         x = euler_step(x, v, times[i], times[i + 1])
         if keep is not None:
             x = keep.impose(x, noise, float(times[i + 1]) / 1000.0, n_motion)

@@ -90,7 +90,12 @@ class ComfyEngine:
         return prompt_id
 
     def state(self, prompt_id: str) -> EngineState:
+        """Where `prompt_id` is. The queue is read BEFORE the history: ComfyUI moves a finished prompt
+        from "running" to the history in one step, so a prompt absent from the queue at the first read
+        is in the history at the second; reading them the other way round could miss it in both and
+        record a finished job as lost."""
         q = self.server.prompt_queue
+        running, queued = q.get_current_queue_volatile()
         hist = q.get_history(prompt_id=prompt_id).get(prompt_id)
         if hist is not None:
             status = hist.get("status") or {}
@@ -98,7 +103,6 @@ class ComfyEngine:
             if status.get("status_str") == "success" and status.get("completed", True):
                 return EngineState("completed", outputs_of(hist), inference_ms=_inference_ms(messages))
             return EngineState("failed", [], error=_error_text(messages), inference_ms=_inference_ms(messages))
-        running, queued = q.get_current_queue_volatile()
         if any(item[1] == prompt_id for item in running):
             return EngineState("running", [])
         if any(item[1] == prompt_id for item in queued):

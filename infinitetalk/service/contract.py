@@ -6,8 +6,10 @@ pipeline written against them can point at a ComfyUI server running this package
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from ..pipeline.request import MAX_SEED, ORDERS, RESOLUTIONS
@@ -21,6 +23,7 @@ MAX_SECONDS = 600.0
 BILLING_MIN_SECONDS = 5
 BILLING_CAP_SECONDS = 600
 MAX_PROMPT_CHARS = 4000
+MAX_WINDOW_PROMPTS = 200   # a list `prompt`: one per window (81 frames); 600 s of video is under 200 windows
 # Size caps while streaming an input (bytes).
 SIZE_CAPS = {"image": 50 * 2**20, "mask_image": 50 * 2**20, "video": 100 * 2**20,
              "left_audio": 50 * 2**20, "right_audio": 50 * 2**20}
@@ -73,6 +76,16 @@ def _string(body: dict, name: str, required: bool) -> str | None:
     return value
 
 
+def _choice(body: dict, name: str, allowed: tuple[str, ...], default: str) -> str:
+    """A string field from `allowed`; absent, null or "" means `default` (0, false, [] are refused)."""
+    value = body.get(name)
+    if value is None or value == "":
+        return default
+    if value not in allowed:
+        raise ApiError(400, f"field '{name}' must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
+
 def validate_request(kind: str, body: Any) -> JobRequest:
     """Check a submission body against the contract; raises ApiError(400) naming the field."""
     if kind not in MODELS:
@@ -92,16 +105,18 @@ def validate_request(kind: str, body: Any) -> JobRequest:
     prompt = body.get("prompt", "")
     if prompt is None:
         prompt = ""
+    if isinstance(prompt, list):   # one prompt per window, the last repeating: the newline form of the graph
+        if not 1 <= len(prompt) <= MAX_WINDOW_PROMPTS or not all(isinstance(p, str) and p.strip() and "\n" not in p
+                                                                 for p in prompt):
+            raise ApiError(400, f"field 'prompt' as a list must hold 1 .. {MAX_WINDOW_PROMPTS} non-empty one-line "
+                                "strings (one per window)")
+        prompt = "\n".join(p.strip() for p in prompt)
     if not isinstance(prompt, str):
-        raise ApiError(400, "field 'prompt' must be a string")
+        raise ApiError(400, "field 'prompt' must be a string or a list of strings (one per window)")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise ApiError(400, f"field 'prompt' is longer than {MAX_PROMPT_CHARS} characters")
-    order = body.get("order") or ("meanwhile" if visual == "video" else "left_right")
-    if order not in ORDERS:
-        raise ApiError(400, f"field 'order' must be one of {', '.join(ORDERS)}; got {order!r}")
-    resolution = body.get("resolution") or "480p"
-    if resolution not in RESOLUTIONS:
-        raise ApiError(400, f"field 'resolution' must be one of {', '.join(RESOLUTIONS)}; got {resolution!r}")
+    order = _choice(body, "order", ORDERS, "meanwhile" if visual == "video" else "left_right")
+    resolution = _choice(body, "resolution", RESOLUTIONS, "480p")
     seed = body.get("seed", -1)
     if isinstance(seed, bool) or not isinstance(seed, (int, float)) or (isinstance(seed, float) and not seed.is_integer()):
         raise ApiError(400, f"field 'seed' must be an integer in -1 .. {MAX_SEED}; got {seed!r}")
@@ -131,3 +146,17 @@ def envelope(data: Any = None, code: int = 200, message: str = "success") -> dic
 
 def error_envelope(err: ApiError) -> dict[str, Any]:
     return envelope(None, err.code, err.message)
+
+
+# An absolute POSIX or Windows path inside a message (not the path part of a URL: no host before it).
+_ABS_PATH = re.compile(r"(?<![\w.:/\\>-])(?!(?:/api)?/infinitetalk/v1/)(?:/|[A-Za-z]:[\\/])(?:[^\s'\"<>|:*?,;()\[\]]+[\\/])*([^\s'\"<>|:*?,;()\[\]\\/]*)")
+
+
+def public_message(message: str, folders: dict[str, Path]) -> str:
+    """`message` without absolute server paths: a path inside a known folder becomes `<label>/relative`,
+    any other absolute path just its file name. Clients never learn the server's layout."""
+    for label, folder in sorted(folders.items(), key=lambda kv: -len(str(kv[1]))):
+        for root in {str(folder), str(Path(folder).resolve())}:
+            if root and root not in ("/", "."):
+                message = message.replace(root.rstrip("/\\") + "/", f"<{label}>/").replace(root, f"<{label}>")
+    return _ABS_PATH.sub(lambda m: m.group(1) or "<server path>", message)

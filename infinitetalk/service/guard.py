@@ -30,14 +30,34 @@ def system_resolver(host: str, port: int) -> list[str]:
     return sorted({info[4][0] for info in infos})
 
 
-def address_refusal(address: str) -> str | None:
-    """Why `address` must not be fetched from, or None when it is a public unicast address."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return f"'{address}' is not an IP address"
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[tuple[str, ipaddress.IPv4Address]]:
+    """IPv4 addresses a transition-mechanism IPv6 address leads to: (mechanism, address) pairs.
+
+    Covers IPv4-mapped (::ffff:0:0/96), IPv4-compatible (::/96), NAT64 (64:ff9b::/96 and the local-use
+    64:ff9b:1::/48), 6to4 (2002::/16) and Teredo (2001::/32, server and de-obfuscated client).
+    """
+    found: list[tuple[str, ipaddress.IPv4Address]] = []
+    low32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip.ipv4_mapped is not None:
+        found.append(("IPv4-mapped", ip.ipv4_mapped))
+    elif ip in _IPV4_COMPATIBLE and int(ip) > 1:
+        found.append(("IPv4-compatible", low32))
+    if ip in _NAT64 or ip in _NAT64_LOCAL:
+        found.append(("NAT64", low32))
+    if ip.sixtofour is not None:
+        found.append(("6to4", ip.sixtofour))
+    if ip.teredo is not None:
+        server, client = ip.teredo
+        found += [("Teredo server", server), ("Teredo client", client)]
+    return found
+
+
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+
+def _plain_refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
     for label, test in (("loopback", ip.is_loopback), ("link-local", ip.is_link_local),
                         ("multicast", ip.is_multicast), ("unspecified", ip.is_unspecified),
                         ("private", ip.is_private), ("reserved", ip.is_reserved)):
@@ -46,6 +66,27 @@ def address_refusal(address: str) -> str | None:
     if not ip.is_global:
         return f"non-public address {ip}"
     return None
+
+
+def address_refusal(address: str) -> str | None:
+    """Why `address` must not be fetched from, or None when it is a public unicast address.
+
+    An IPv6 address that embeds an IPv4 one (mapped, NAT64, 6to4, Teredo) is judged by the IPv4
+    address it leads to as well, so e.g. 2002:0a00:0001:: (6to4 for 10.0.0.1) is refused.
+    """
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return f"'{address}' is not an IP address"
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = embedded_ipv4(ip)
+        for mechanism, v4 in embedded:
+            refusal = _plain_refusal(v4)
+            if refusal:
+                return f"{refusal} (embedded in {mechanism} address {ip})"
+        if embedded and embedded[0][0] in ("IPv4-mapped", "NAT64"):
+            return None  # the public IPv4 address it leads to was checked above
+    return _plain_refusal(ip)
 
 
 def _host_allowed(host: str, port: int, allow_hosts: Iterable[str]) -> bool:

@@ -2,15 +2,22 @@
 
 Fetched and decoded files land in `<input>/infinitetalk_api/<job id>/`, written under a temporary
 name and renamed when complete, so a refused or broken download leaves nothing a graph could read.
+A refused submission removes its whole folder (`remove_job_inputs`); finished jobs' folders are removed
+after `InputSettings.retention_s` (`JobService.clean_inputs`). A full disk is answered with 507.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
 import binascii
+import contextlib
+import errno
 import os
 import re
+import shutil
 import socket
+import sqlite3
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote_to_bytes, urljoin, urlsplit
@@ -25,6 +32,9 @@ _EXT_BY_TYPE = {
     "audio/flac": ".flac", "audio/ogg": ".ogg", "audio/mp4": ".m4a", "audio/aac": ".aac", "audio/x-m4a": ".m4a",
 }
 _KNOWN_EXT = set(_EXT_BY_TYPE.values()) | {".jpeg", ".opus", ".avi"}
+JOB_INPUTS = "infinitetalk_api"  # subfolder of the input folder holding one folder per job
+DEFAULT_RETENTION_S = 24 * 3600.0
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
 _DATA_URI = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[^;,]*)*)(?P<b64>;base64)?,", re.I)
 
 
@@ -37,6 +47,29 @@ class InputSettings:
     max_redirects: int = 3
     size_caps: dict[str, int] = field(default_factory=lambda: dict(SIZE_CAPS))
     resolver: Resolver = system_resolver
+    retention_s: float = DEFAULT_RETENTION_S  # how long a finished job's input files are kept
+    sweep_interval_s: float = 600.0  # the retention sweep runs at most this often (on submit)
+
+
+@contextlib.contextmanager
+def disk_full_as_507(place: str, field_name: str | None = None) -> Iterator[None]:
+    """Turn "no space left" (OSError ENOSPC/EDQUOT/EFBIG, SQLite "disk is full") into ApiError(507)
+    naming `place` (a folder described without its absolute path)."""
+    try:
+        yield
+    except (OSError, sqlite3.OperationalError) as exc:
+        full = exc.errno in _DISK_FULL if isinstance(exc, OSError) else "full" in str(exc).lower()
+        if not full:
+            raise
+        who = f"field '{field_name}': " if field_name else ""
+        raise ApiError(507, f"{who}no space left on the server's disk for {place}; nothing was kept, "
+                            "try again later") from exc
+
+
+def remove_job_inputs(settings: InputSettings, job_id: str) -> None:
+    """Delete everything fetched for `job_id` (its folder under `<input>/infinitetalk_api/`)."""
+    if re.fullmatch(r"[0-9a-f]{32}", job_id):
+        shutil.rmtree(Path(settings.input_dir) / JOB_INPUTS / job_id, ignore_errors=True)
 
 
 def _mb(n: int) -> str:
@@ -61,19 +94,22 @@ def safe_input_path(input_dir: Path, name: str, field_name: str) -> Path:
 
 
 def _job_folder(settings: InputSettings, job_id: str) -> Path:
-    folder = Path(settings.input_dir) / "infinitetalk_api" / job_id
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(settings.input_dir) / JOB_INPUTS / job_id
+    with disk_full_as_507(f"the input folder's {JOB_INPUTS}/"):
+        folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
 def _write_atomic(folder: Path, stem: str, ext: str, chunks) -> Path:
+    """Write `chunks` to `<folder>/<stem><ext>` via a temporary name; the temporary file never stays."""
     final = folder / f"{stem}{ext}"
     tmp = folder / f".{stem}{ext}.partial"
     try:
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-        os.replace(tmp, final)
+        with disk_full_as_507(f"the input folder's {JOB_INPUTS}/", stem):
+            with open(tmp, "wb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+            os.replace(tmp, final)
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -6,20 +6,23 @@ Routes (all answer the contract's envelope `{code, message, data}`):
   GET  /infinitetalk/v1/predictions/{id}/result
   GET  /infinitetalk/v1/predictions/{id}/status
   POST /infinitetalk/v1/predictions/{id}/cancel
+Anything else under the prefix (another method, an unknown path) answers 405/404 in the same envelope.
+Messages never show absolute server paths (`public_message`).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
 
-from .auth import authorize, load_keys
-from .contract import MODELS, ApiError, envelope, error_envelope
-from .inputs import InputSettings
+from .auth import PROXY_HEADERS, access_summary, authorize, load_keys, open_access
+from .contract import MODELS, ApiError, envelope, error_envelope, public_message
+from .inputs import DEFAULT_RETENTION_S, InputSettings, disk_full_as_507
 from .jobs import JobService
 from .store import JobStore
 
@@ -27,19 +30,31 @@ PREFIX = "/infinitetalk/v1"
 ENV_ALLOW_HOSTS = "INFINITETALK_API_ALLOW_HOSTS"
 ENV_FETCH_TIMEOUT = "INFINITETALK_API_FETCH_TIMEOUT"
 ENV_WORKFLOWS = "INFINITETALK_API_WORKFLOWS"  # a folder with customised copies of the two API workflows
+ENV_RETENTION = "INFINITETALK_API_INPUT_RETENTION_HOURS"  # keep a finished job's inputs this long
 WORKFLOW_FILES = {
     "image-to-video-multi": "infinitetalk_multi_image_api.json",
     "video-to-video-multi": "infinitetalk_multi_video_api.json",
 }
 log = logging.getLogger("infinitetalk.api")
+# (method, path pattern) of every route, to answer 405 rather than 404 for a known path.
+_AT = r"(?:/api)?" + re.escape(PREFIX)  # ComfyUI also serves every route under /api
+_ROUTE_SHAPES = [("POST", re.compile(_AT + "/(" + "|".join(map(re.escape, MODELS)) + ")")),
+                 ("GET", re.compile(_AT + r"/predictions/[^/]+/(status|result)")),
+                 ("POST", re.compile(_AT + r"/predictions/[^/]+/cancel"))]
 
 
 class JobApi:
-    """The five handlers over one JobService; `keys` is re-read per request so keys can rotate."""
+    """The handlers over one JobService; `keys` and `is_open` are re-read per request so keys can rotate.
 
-    def __init__(self, service: JobService, keys: Callable[[], tuple[str, ...]] = load_keys):
+    `folders` (label -> path) are replaced by `<label>` in messages; the input folder always is.
+    """
+
+    def __init__(self, service: JobService, keys: Callable[[], tuple[str, ...]] = load_keys,
+                 is_open: Callable[[], bool] = open_access, folders: dict[str, Path] | None = None):
         self.service = service
         self.keys = keys
+        self.is_open = is_open
+        self.folders = {"input": Path(service.settings.input_dir), **(folders or {})}
 
     def routes(self) -> list[web.RouteDef]:
         out = [web.post(f"{PREFIX}/{kind}", self._submit_handler(kind)) for kind in MODELS]
@@ -48,25 +63,29 @@ class JobApi:
             web.get(PREFIX + "/predictions/{id}/result", self._reply(self._status)),
             web.get(PREFIX + "/predictions/{id}/status", self._reply(self._status)),
             web.post(PREFIX + "/predictions/{id}/cancel", self._reply(self._cancel)),
+            web.route("*", PREFIX + "/{tail:.*}", self._reply(self._no_route)),  # last: other methods / paths
         ]
         return out
 
-    @staticmethod
-    def _reply(fn):
+    def _reply(self, fn):
         async def handler(request: web.Request) -> web.Response:
             try:
-                data = await fn(request)
+                with disk_full_as_507("the job API's files"):  # any write that finds the disk full
+                    data = await fn(request)
                 return web.json_response(envelope(data))
             except ApiError as err:
+                err = ApiError(err.code, public_message(err.message, self.folders))
                 return web.json_response(error_envelope(err), status=err.code)
             except Exception as exc:  # noqa: BLE001 - never let a handler take the server down
                 log.exception("job API error")
-                err = ApiError(500, f"internal error: {type(exc).__name__}: {exc}")
+                err = ApiError(500, public_message(f"internal error: {type(exc).__name__}: {exc}", self.folders))
                 return web.json_response(error_envelope(err), status=500)
         return handler
 
     def _check(self, request: web.Request) -> None:
-        authorize(request.headers.get("Authorization"), request.remote, self.keys())
+        proxied = any(name in request.headers for name in PROXY_HEADERS)
+        authorize(request.headers.get("Authorization"), request.remote, self.keys(), proxied=proxied,
+                  is_open=self.is_open())
 
     @staticmethod
     def _base(request: web.Request) -> str:
@@ -83,6 +102,8 @@ class JobApi:
                                     "uploaded file name instead of a data: URI") from exc
             except (ValueError, UnicodeDecodeError) as exc:
                 raise ApiError(400, f"request body must be JSON ({exc})") from exc
+            except RecursionError as exc:
+                raise ApiError(400, "request body must be a flat JSON object; it is nested too deeply") from exc
             rec = await self.service.submit(kind, body)
             return self.service.describe(rec, self._base(request))
         return submit
@@ -91,6 +112,15 @@ class JobApi:
         self._check(request)
         kind = request.match_info["kind"]
         raise ApiError(404, f"unknown model route '{kind}'; available: {', '.join(MODELS)}")
+
+    async def _no_route(self, request: web.Request):
+        self._check(request)
+        path = request.path
+        allowed = [method for method, pattern in _ROUTE_SHAPES if pattern.fullmatch(path)]
+        if allowed and request.method not in allowed:
+            raise ApiError(405, f"{request.method} is not allowed on {path}; use {' or '.join(allowed)}")
+        raise ApiError(404, f"no API route {request.method} {path}; routes: POST {PREFIX}/<model>, "
+                            f"GET {PREFIX}/predictions/<id>/status|result, POST {PREFIX}/predictions/<id>/cancel")
 
     async def _status(self, request: web.Request):
         self._check(request)
@@ -112,9 +142,25 @@ def load_workflows(folder: Path) -> dict[str, dict]:
 
 
 def input_settings(input_dir: Path) -> InputSettings:
+    """The input-handling settings from the environment (see docs/api.md, "Server settings")."""
     allow = tuple(h.strip() for h in os.environ.get(ENV_ALLOW_HOSTS, "").split(",") if h.strip())
-    timeout = float(os.environ.get(ENV_FETCH_TIMEOUT, "60"))
-    return InputSettings(input_dir=Path(input_dir), allow_hosts=allow, timeout_s=timeout)
+    timeout = _env_number(ENV_FETCH_TIMEOUT, 60.0)
+    retention_h = _env_number(ENV_RETENTION, DEFAULT_RETENTION_S / 3600)
+    return InputSettings(input_dir=Path(input_dir), allow_hosts=allow, timeout_s=timeout,
+                         retention_s=retention_h * 3600)
+
+
+def _env_number(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise RuntimeError(f"{name}={raw!r}: expected a number (default {default:g})") from None
+    if not value >= 0:
+        raise RuntimeError(f"{name}={raw!r}: expected a number >= 0 (default {default:g})")
+    return value
 
 
 def register_with_comfyui() -> bool:
@@ -130,10 +176,18 @@ def register_with_comfyui() -> bool:
     from .comfy_engine import ComfyEngine
 
     workflows = Path(os.environ.get(ENV_WORKFLOWS) or Path(__file__).resolve().parents[2] / "workflows" / "api")
-    store = JobStore(Path(folder_paths.get_user_directory()) / "infinitetalk_api" / "jobs.sqlite3")
+    user = Path(folder_paths.get_user_directory())
+    store = JobStore(user / "infinitetalk_api" / "jobs.sqlite3")
     service = JobService(store, ComfyEngine(server), input_settings(Path(folder_paths.get_input_directory())),
                          load_workflows(workflows))
-    for route in JobApi(service).routes():
+    folders = {"output": Path(folder_paths.get_output_directory()), "user": user,
+               "temp": Path(folder_paths.get_temp_directory()), "comfyui": Path(folder_paths.base_path),
+               "package": Path(__file__).resolve().parents[2]}
+    for route in JobApi(service, folders=folders).routes():
         server.routes.route(route.method, route.path)(route.handler)
-    log.info("InfiniteTalk job API registered under %s", PREFIX)
+    keys = load_keys()
+    summary = access_summary(keys, open_access())
+    (log.info if keys else log.warning)(summary)
+    removed = service.sweep_if_due()
+    log.info("InfiniteTalk job API registered under %s (removed the inputs of %d ended jobs)", PREFIX, len(removed))
     return True

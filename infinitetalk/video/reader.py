@@ -18,38 +18,45 @@ import torch
 
 from ..audio.io import AudioClip, load_audio
 from ..errors import InputError, require_file
+from ..limits import MAX_PIXELS, MIN_SIDE, check_pixels, probe_image, probe_video
 from ..pipeline.windows import FPS
 
 __all__ = ["MIN_SIDE", "load_image", "load_image_with_alpha", "VideoSource"]
 
-MIN_SIDE = 32            # smaller images cannot make a useful video (latents are 1/8 of the pixels)
 _SEEK_AHEAD = Fraction(2)  # seconds: jumps further ahead than this seek instead of decoding through
 
 
 def _open(path: str | os.PathLike, name: str):
+    """Open for decoding with every decoder capped at MAX_PIXELS per frame (FFmpeg's `max_pixels`), so a
+    stream whose headers understate its frame size still cannot allocate a larger frame."""
     p = require_file(path, name)
     try:
-        return av.open(str(p), mode="r")
+        container = av.open(str(p), mode="r", options={"max_pixels": str(MAX_PIXELS)})
     except (av.FFmpegError, OSError, ValueError) as exc:
         raise InputError(name, f"cannot read {p} as an image or video ({exc})") from None
+    for stream in container.streams.video:
+        stream.codec_context.options = {"max_pixels": str(MAX_PIXELS)}
+    return container
 
 
 def _check_size(h: int, w: int, name: str) -> None:
-    if h < MIN_SIDE or w < MIN_SIDE:
-        raise InputError(name, f"the image is {w}×{h} pixels; each side must be at least {MIN_SIDE}")
+    check_pixels(w, h, name)
 
 
 def load_image_with_alpha(path: str | os.PathLike, name: str = "image") -> tuple[torch.Tensor, torch.Tensor | None]:
     """First frame of an image (png, jpg, webp, bmp, …) or video: uint8 RGB `[H, W, 3]` and, when the image
     has a non-opaque alpha channel, its alpha as uint8 `[H, W]` (else None). Alpha is dropped from the RGB,
-    not composited (as PIL's convert('RGB') in the reference)."""
+    not composited (as PIL's convert('RGB') in the reference). The header is checked against the limits
+    (`limits.probe_image`) before anything is decoded."""
+    probe_image(path, name)
     with _open(path, name) as container:
         if not container.streams.video:
             raise InputError(name, f"{path} contains no image")
         try:
             frame = next(container.decode(video=0), None)
         except av.FFmpegError as exc:
-            raise InputError(name, f"{path} is corrupt or not a supported image ({exc})") from None
+            raise InputError(name, f"{path} is corrupt, not a supported image, or larger than "
+                                   f"{MAX_PIXELS / 1e6:.0f} megapixels (MAX_PIXELS) ({exc})") from None
         if frame is None:
             raise InputError(name, f"{path} contains no decodable image")
         rgb = _upright(frame, frame.to_ndarray(format="rgb24"))
@@ -101,6 +108,7 @@ class VideoSource:
         if extend not in ("pingpong", "hold"):
             raise InputError("extend", f"expected 'pingpong' or 'hold', got {extend!r}")
         self.path, self.name, self.extend = Path(path), name, extend
+        self.info = probe_video(path, name)     # header checks (frame size, duration) before decoding
         self._container = _open(path, name)
         try:
             if not self._container.streams.video:
@@ -149,7 +157,8 @@ class VideoSource:
         try:
             frame = next(self._decoder, None)
         except av.FFmpegError as exc:
-            raise InputError(self.name, f"{self.path} is corrupt ({exc})") from None
+            raise InputError(self.name, f"{self.path} is corrupt or its frames exceed {MAX_PIXELS / 1e6:.0f} "
+                                        f"megapixels (MAX_PIXELS) ({exc})") from None
         return None if frame is None else (frame, self._frame_time(frame))
 
     def _probe_duration(self) -> Fraction:

@@ -15,6 +15,9 @@ from pathlib import Path
 import av
 import numpy as np
 
+from ..errors import removed_on_failure
+from .writer import aac_ready_audio
+
 __all__ = ["concat_segments", "partial_path"]
 
 FPS = 25
@@ -51,18 +54,16 @@ def concat_segments(
 ) -> Path:
     """Join h264 `segments` (same size/settings) into `out` with `audio` = (samples [C, T] float, rate).
 
-    The audio is cut (or zero padded) to exactly `frames`/25 s. Written under a partial name and renamed
-    to `out` at the end; on any error the partial file is removed and `out` is untouched.
+    The audio is cut (or zero padded) to exactly `frames`/25 s, mixed down / resampled as `aac_ready_audio`.
+    Written under a partial name and renamed to `out` at the end; on any error the partial file is removed
+    and `out` is untouched (a full disk is an OutOfSpace naming the folder).
     """
     out = Path(out)
     tmp = partial_path(out)
     tmp.unlink(missing_ok=True)
-    try:
+    with removed_on_failure(tmp, out.parent, out.name):
         _write(segments, tmp, frames, audio, metadata or {})
         os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return out
 
 
@@ -75,15 +76,12 @@ def _write(segments, tmp: Path, frames: int, audio, metadata: dict[str, str]) ->
         astream = None
         pending = iter(())
         if audio is not None:
-            samples, rate = audio
-            samples = np.asarray(samples, dtype=np.float32)
-            if samples.ndim == 1:
-                samples = samples[None]
+            samples, rate, layout = aac_ready_audio(*audio)   # ≤ 2 channels at a rate AAC has
             n = frames * int(rate) // FPS
             samples = samples[:, :n]
             if samples.shape[1] < n:
                 samples = np.pad(samples, ((0, 0), (0, n - samples.shape[1])))
-            astream = container.add_stream("aac", rate=int(rate), layout=_layout(samples.shape[0]))
+            astream = container.add_stream("aac", rate=int(rate), layout=layout)
             frame_size = astream.codec_context.frame_size or 1024
             pending = _audio_frames(samples, int(rate), frame_size)
         audio_time = 0.0

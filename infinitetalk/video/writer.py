@@ -20,14 +20,52 @@ import numpy as np
 import torch
 
 from ..audio.io import AudioClip, resample
-from ..errors import InputError
+from ..errors import InputError, OutOfSpace, is_out_of_space
 
-__all__ = ["Mp4Writer", "pick_video_encoder", "to_uint8_frames"]
+__all__ = ["Mp4Writer", "pick_video_encoder", "to_uint8_frames", "aac_output_format", "check_audio_encodes",
+           "aac_ready_audio"]
 
 log = logging.getLogger(__name__)
 
 # Sample rates the AAC encoder accepts; other rates are resampled to 48 kHz.
 _AAC_RATES = frozenset({96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350})
+
+
+
+def aac_output_format(sample_rate: int, channels: int) -> tuple[int, str]:
+    """(sample rate, layout) the muxed AAC track gets for audio of this rate and channel count: rates AAC
+    lacks become 48 kHz, more than two channels are mixed down to stereo."""
+    rate = int(sample_rate) if int(sample_rate) in _AAC_RATES else 48000
+    return rate, "mono" if int(channels) == 1 else "stereo"
+
+
+def aac_ready_audio(samples: torch.Tensor | np.ndarray, sample_rate: int) -> tuple[np.ndarray, int, str]:
+    """Audio `[C, T]` as the AAC encoder takes it: float32 in [−1, 1], at most two channels (more are averaged
+    to both), at a rate AAC has (else resampled to 48 kHz). Returns (samples, rate, layout)."""
+    x = torch.as_tensor(samples, dtype=torch.float32)
+    if x.dim() == 1:
+        x = x[None]
+    rate, layout = aac_output_format(sample_rate, x.shape[0])
+    if rate != int(sample_rate):
+        x = resample(x, int(sample_rate), rate)
+    if x.shape[0] > 2:
+        x = x.mean(0, keepdim=True).expand(2, -1)
+    return np.ascontiguousarray(x.clamp(-1, 1).numpy()), rate, layout
+
+
+def check_audio_encodes(sample_rate: int, channels: int, field: str = "audio") -> None:
+    """Open (and drop) the AAC encoder for the output format of this audio, so a format the encoder
+    refuses fails before any model work instead of after the last frame. InputError(field)."""
+    rate, layout = aac_output_format(sample_rate, channels)
+    try:
+        ctx = av.CodecContext.create("aac", "w")
+        ctx.sample_rate, ctx.layout, ctx.format = rate, layout, "fltp"
+        ctx.bit_rate = 128_000
+        ctx.open()
+    except (av.FFmpegError, ValueError) as exc:
+        raise InputError(field, f"the output audio ({sample_rate} Hz, {channels} channels → AAC {rate} Hz "
+                                f"{layout}) cannot be encoded ({exc})") from None
+
 
 # Preferred H.264 encoders, best first; mpeg4 is the last resort (plays everywhere, bigger files).
 _ENCODERS = ("libx264", "libopenh264", "mpeg4")
@@ -94,32 +132,43 @@ class Mp4Writer:
     metadata: stored as container metadata tags (e.g. seed, prompt), readable with any mp4 tool.
     """
 
-    def __init__(self, path: str | os.PathLike, width: int, height: int, fps: int = 25, crf: int = 19,
+    def __init__(self, path: str | os.PathLike, width: int, height: int, fps: float = 25, crf: int = 19,
                  pix_fmt: str = "yuv420p", audio: AudioClip | tuple[Any, int] | None = None,
-                 metadata: Mapping[str, Any] | None = None, audio_bitrate: int = 192_000):
+                 metadata: Mapping[str, Any] | None = None, audio_bitrate: int = 192_000,
+                 codec: str | None = None):
         self.path = Path(path)
-        self.width, self.height, self.fps = int(width), int(height), int(fps)
+        # fps may be fractional (29.97 -> 2997/100; pass Fraction(30000, 1001) for NTSC exactly);
+        # codec None = the best H.264 encoder available, else a PyAV encoder name such as "libx265"
+        self.width, self.height, self.fps = int(width), int(height), Fraction(fps).limit_denominator(1001)
         if self.width < 2 or self.height < 2 or (pix_fmt == "yuv420p" and (self.width % 2 or self.height % 2)):
             raise InputError("size", f"video size must be even for {pix_fmt}, got {self.width}×{self.height}")
         if isinstance(audio, tuple):
             audio = AudioClip(torch.as_tensor(audio[0], dtype=torch.float32), int(audio[1]))
-        if audio is not None and audio.sample_rate not in _AAC_RATES:
-            audio = AudioClip(resample(audio.samples, audio.sample_rate, 48000), 48000)
+        if audio is not None:
+            ready, rate, _ = aac_ready_audio(audio.samples, audio.sample_rate)
+            audio = AudioClip(torch.from_numpy(ready), rate)
         self.audio = audio
         self.frames_written = 0
         self._closed = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.temp_path = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix or '.mp4'}")
-        self.codec = pick_video_encoder()
+        self.codec = codec or pick_video_encoder()
+        if self.codec == "libx265" and min(self.width, self.height) < 64:  # smaller frames corrupt libx265's heap
+            raise InputError("codec", f"h265 needs a video of at least 64×64 pixels, got {self.width}×{self.height}: "
+                                      "use h264")
         self._container = av.open(str(self.temp_path), mode="w", format="mp4",
                                   options={"movflags": "+faststart+use_metadata_tags"})
         try:
             for key, value in (metadata or {}).items():
                 self._container.metadata[str(key)] = str(value)
-            options = {"crf": str(crf), "preset": "medium"} if self.codec == "libx264" else {}
+            options = {"crf": str(crf), "preset": "medium"} if self.codec in ("libx264", "libx265") else {}
+            if self.codec == "libx265":
+                options["x265-params"] = "log-level=error"
             if self.codec == "libx264" and x264_cpu_flags():
                 options["x264-params"] = f"asm={x264_cpu_flags()}"
-            self._video = self._container.add_stream(self.codec, rate=Fraction(self.fps), options=options)
+            self._video = self._container.add_stream(self.codec, rate=self.fps, options=options)
+            if self.codec == "libx265":
+                self._video.codec_tag = "hvc1"  # the HEVC tag Apple players require in mp4
             self._video.width, self._video.height = self.width, self.height
             self._video.pix_fmt = pix_fmt
             if self.codec == "mpeg4":
@@ -130,9 +179,8 @@ class Mp4Writer:
                 cc.colorspace, cc.color_primaries, cc.color_trc, cc.color_range = 1, 1, 1, 1
             self._audio = None
             if audio is not None:
-                channels = min(2, audio.channels)
-                self._audio = self._container.add_stream("aac", rate=int(audio.sample_rate),
-                                                         layout="mono" if channels == 1 else "stereo")
+                rate, layout = aac_output_format(audio.sample_rate, audio.channels)
+                self._audio = self._container.add_stream("aac", rate=rate, layout=layout)
                 self._audio.bit_rate = audio_bitrate
         except Exception:
             self.abort()
@@ -145,6 +193,15 @@ class Mp4Writer:
         arr = to_uint8_frames(frames)
         if arr.shape[1:3] != (self.height, self.width):
             raise ValueError(f"frames are {arr.shape[2]}×{arr.shape[1]}, the video is {self.width}×{self.height}")
+        try:
+            self._write_frames(arr)
+        except OSError as exc:
+            if is_out_of_space(exc):
+                self.abort()
+                raise OutOfSpace(self.path.parent, self.path.name) from None
+            raise
+
+    def _write_frames(self, arr: np.ndarray) -> None:
         for img in arr:
             frame = av.VideoFrame.from_ndarray(img, format="rgb24")
             if self._tag_bt709:
@@ -163,10 +220,7 @@ class Mp4Writer:
     def _encode_audio(self) -> None:
         clip = self.audio
         n = int(round(self.frames_written * clip.sample_rate / self.fps))
-        x = clip.samples.to(torch.float32)
-        if x.shape[0] > 2:
-            x = x.mean(0, keepdim=True).expand(2, -1)
-        x = x[:, :n]
+        x = clip.samples.to(torch.float32)[:, :n]
         if x.shape[1] < n:
             x = torch.nn.functional.pad(x, (0, n - x.shape[1]))
         x = np.ascontiguousarray(x.clamp(-1, 1).numpy())
@@ -198,8 +252,10 @@ class Mp4Writer:
             self._container.close()
             self._closed = True
             os.replace(self.temp_path, self.path)
-        except BaseException:
+        except BaseException as exc:
             self.abort()
+            if is_out_of_space(exc):
+                raise OutOfSpace(self.path.parent, self.path.name) from None
             raise
         return self.path
 

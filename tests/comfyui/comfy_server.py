@@ -31,6 +31,27 @@ TINY_LOADER = {
 }
 
 
+API_WORKFLOW_FILES = ("infinitetalk_multi_image_api.json", "infinitetalk_multi_video_api.json")
+TINY_SAMPLER = {"preset": "quality", "steps": 1, "size_scale": 0.05}
+
+
+def tiny_api_workflows(folder: Path) -> Path:
+    """Copies of the shipped API workflows in `folder` set to the tiny models and one tiny step
+    (for `INFINITETALK_API_WORKFLOWS`)."""
+    folder.mkdir()
+    for name in API_WORKFLOW_FILES:
+        graph = json.loads((ROOT / "workflows" / "api" / name).read_text())
+        kinds = {node["class_type"] for node in graph.values()}
+        assert {"InfiniteTalkModelLoader", "InfiniteTalkMultiSampler"} <= kinds, name
+        for node in graph.values():
+            if node["class_type"] == "InfiniteTalkModelLoader":
+                node["inputs"].update(TINY_LOADER)
+            if node["class_type"] == "InfiniteTalkMultiSampler":
+                node["inputs"].update(TINY_SAMPLER)
+        (folder / name).write_text(json.dumps(graph))
+    return folder
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

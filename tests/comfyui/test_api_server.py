@@ -26,14 +26,12 @@ import av
 import numpy as np
 import pytest
 
-from comfy_server import COMFYUI_DIR, ROOT, TINY_LOADER, spawn_server, stop_server
+from comfy_server import COMFYUI_DIR, spawn_server, stop_server, tiny_api_workflows
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
               pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set (no ComfyUI source tree)")]
 
 KEY = "api-test-key-7f3c"
-TINY_SAMPLER = {"preset": "quality", "steps": 1, "size_scale": 0.05}
-WORKFLOW_FILES = ("infinitetalk_multi_image_api.json", "infinitetalk_multi_video_api.json")
 RATE = 16000
 LEFT_SAMPLES, RIGHT_SAMPLES = 8000, 4800  # 0.5 s and 0.3 s: 12.5 and 7.5 frames' worth
 AUDIO_CAP = 50 * 2**20  # contract.SIZE_CAPS for the audio fields
@@ -116,21 +114,6 @@ def _media(folder: Path, package) -> dict[str, bytes]:
     return out
 
 
-def _tiny_workflows(folder: Path) -> Path:
-    folder.mkdir()
-    for name in WORKFLOW_FILES:
-        graph = json.loads((ROOT / "workflows" / "api" / name).read_text())
-        kinds = {node["class_type"] for node in graph.values()}
-        assert {"InfiniteTalkModelLoader", "InfiniteTalkMultiSampler"} <= kinds, name
-        for node in graph.values():
-            if node["class_type"] == "InfiniteTalkModelLoader":
-                node["inputs"].update(TINY_LOADER)
-            if node["class_type"] == "InfiniteTalkMultiSampler":
-                node["inputs"].update(TINY_SAMPLER)
-        (folder / name).write_text(json.dumps(graph))
-    return folder
-
-
 # -- HTTP ------------------------------------------------------------------------------------------------
 class Api:
     """The server under test plus what the tests share (job ids, media)."""
@@ -193,7 +176,7 @@ def api(tiny_models, tmp_path_factory, custom_node_package, file_server):
     media = _media(root, custom_node_package)
     _Files.files = {"/two.mp4": ("video/mp4", media["two.mp4"]), "/right.wav": ("audio/wav", media["right.wav"]),
                     "/two.png": ("image/png", media["two.png"])}
-    env = {"INFINITETALK_API_WORKFLOWS": str(_tiny_workflows(root / "workflows")),
+    env = {"INFINITETALK_API_WORKFLOWS": str(tiny_api_workflows(root / "workflows")),
            "INFINITETALK_API_ALLOW_HOSTS": "127.0.0.1", "INFINITETALK_API_KEYS": KEY}
     state = Api(spawn_server(tiny_models, root / "base", env), media, file_server, env, tiny_models)
     inputs = root / "base" / "input"

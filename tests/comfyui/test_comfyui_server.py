@@ -18,8 +18,8 @@ from comfy_server import COMFYUI_DIR, COMFYUI_PYTHON, ROOT, TINY_LOADER, make_ba
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
               pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set (no ComfyUI source tree)")]
 
-OUR_NODES = ("LoadTwoAudios", "MaskFromRegion", "InfiniteTalkModelLoader", "InfiniteTalkMultiSampler",
-             "InfiniteTalkVideoCombine")
+OUR_NODES = ("InfiniteTalkLoadTwoAudios", "InfiniteTalkMaskFromRegion", "InfiniteTalkModelLoader",
+             "InfiniteTalkMultiSampler", "InfiniteTalkVideoCombine")
 LEFT_S, RIGHT_S = 0.48, 0.32  # 12 and 8 frames at 25 fps
 
 
@@ -96,6 +96,7 @@ def test_object_info_lists_every_node_with_tooltips(server):
     for name in OUR_NODES:
         node = info[name]
         assert node["category"] == "InfiniteTalk" and node["description"], name
+        assert "InfiniteTalk" in node["search_aliases"], name  # found by searching "InfiniteTalk"
         for section in ("required", "optional"):
             for inp, spec in node["input"].get(section, {}).items():
                 assert spec[1].get("tooltip"), f"{name}.{inp}"
@@ -104,14 +105,26 @@ def test_object_info_lists_every_node_with_tooltips(server):
     loader = info["InfiniteTalkModelLoader"]["input"]["required"]
     assert TINY_LOADER["infinitetalk_patch"] in loader["infinitetalk_patch"][0]
     assert "chinese-wav2vec2-base/model.safetensors" in loader["audio_encoder"][0]  # wav2vec2/ registered
-    assert "infinitetalk_left.wav" in info["LoadTwoAudios"]["input"]["required"]["left_audio"][0]
+    assert "infinitetalk_left.wav" in info["InfiniteTalkLoadTwoAudios"]["input"]["required"]["left_audio"][0]
+    assert info["InfiniteTalkLoadTwoAudios"]["display_name"] == "Load Two Audios (left / right speaker)"
+    assert not [k for k in info if k in ("LoadTwoAudios", "MaskFromRegion")]  # no unprefixed ids of ours
+    # guidance named for what it is, the preset's numbers as defaults and the presets' table for the web extension
+    sampler = info["InfiniteTalkMultiSampler"]["input"]["required"]
+    assert "text_scale" not in sampler and "audio_scale" not in sampler
+    preset = sampler["preset"][1]
+    fast = preset["presets"][preset["default"]]
+    for name in ("steps", "text_guidance", "audio_guidance"):
+        assert sampler[name][1]["default"] == fast[name] and sampler[name][1]["tooltip"], name
+    assert preset["presets"]["quality"] == {"steps": 40, "text_guidance": 5.0, "audio_guidance": 4.0}
+    optional = info["InfiniteTalkModelLoader"]["input"]["optional"]
+    assert {"vram_gb", "attention", "fp8_matmul", "compile", "gpus"} <= set(optional)
     # every node of the shipped API graphs exists here and each literal/linked input is declared
     for name in ("infinitetalk_multi_image", "infinitetalk_multi_video"):
         for node in _graph(name, 0).values():
             declared = info[node["class_type"]]["input"]
             names = {**declared.get("required", {}), **declared.get("optional", {})}
             assert set(node["inputs"]) <= set(names), (node["class_type"], set(node["inputs"]) - set(names))
-    assert any(path.endswith("/upload_two_audios.js") for path in server.get("/extensions"))
+    assert any(path.endswith("/infinitetalk.js") for path in server.get("/extensions"))
 
 
 def test_image_workflow_over_http(server):
@@ -140,7 +153,7 @@ def test_bad_inputs_name_the_input_and_the_server_keeps_serving(server):
     graph = _graph("infinitetalk_multi_image", seed=7)
     preview = next(k for k, n in graph.items() if n["class_type"] == "PreviewImage")
     del graph[preview]  # with a valid output node left, ComfyUI would run that part and answer 200
-    audio_node = next(k for k, n in graph.items() if n["class_type"] == "LoadTwoAudios")
+    audio_node = next(k for k, n in graph.items() if n["class_type"] == "InfiniteTalkLoadTwoAudios")
     bad = copy.deepcopy(graph)
     bad[audio_node]["inputs"]["right_audio"] = "missing.wav"
     status, body = server.post("/prompt", {"prompt": bad, "client_id": "t"})
@@ -149,12 +162,21 @@ def test_bad_inputs_name_the_input_and_the_server_keeps_serving(server):
     assert "right_audio" in details and "missing.wav" in details
 
     bad = copy.deepcopy(graph)
-    mask_node = next(k for k, n in graph.items() if n["class_type"] == "MaskFromRegion")
+    mask_node = next(k for k, n in graph.items() if n["class_type"] == "InfiniteTalkMaskFromRegion")
     bad[mask_node]["inputs"].update(mode="boxes", left_region="1,2")
     entry = server.run(bad)
     errors = _errors(entry)
     assert entry["status"]["status_str"] == "error" and errors
-    assert errors[0]["node_type"] == "MaskFromRegion" and "left_region" in errors[0]["exception_message"]
+    assert errors[0]["node_type"] == "InfiniteTalkMaskFromRegion" and "left_region" in errors[0]["exception_message"]
+
+    bad = copy.deepcopy(graph)  # 'frames' connected but over its limit: an error saying what to raise
+    sampler = next(k for k, n in graph.items() if n["class_type"] == "InfiniteTalkMultiSampler")
+    bad[sampler]["inputs"]["frames_limit_mb"] = 0
+    bad["99"] = {"class_type": "PreviewImage", "inputs": {"images": [sampler, 1]}, "_meta": {"title": "frames"}}
+    entry = server.run(bad)
+    errors = _errors(entry)
+    assert errors and errors[0]["node_type"] == "InfiniteTalkMultiSampler", entry["status"]
+    assert "raise frames_limit_mb to" in errors[0]["exception_message"]
 
     bad = copy.deepcopy(graph)
     loader = next(k for k, n in graph.items() if n["class_type"] == "InfiniteTalkModelLoader")

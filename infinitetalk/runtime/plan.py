@@ -1,0 +1,325 @@
+"""The memory plan a user can read before starting: per component its bytes by storage dtype and where it
+lives, the predicted peaks of a DiT step and of a VAE decode, and whether the job fits the budget.
+
+Sizes come either from file headers (`plan_from_files`: no weights are read, so a 40 GB models folder is
+planned in milliseconds) or from loaded modules (`weights_of`, used at every job start). The decision itself
+is `budget.decide_placement`; this module gathers its inputs and renders the result.
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .budget import (GiB, PREFETCH_BLOCKS, RUNTIME_RESERVE_BYTES, DiTWeights, JobShape, Placement, ceil_gib,
+                     decide_placement)
+
+__all__ = ["ComponentMemory", "MemoryPlan", "plan_from_files", "make_plan", "dit_weights_of", "module_bytes",
+           "largest_bucket", "job_for"]
+
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+_BLOCK = re.compile(r"(?:^|[._])blocks[._](\d+)[._]")
+_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "transformer.", "lora_unet_")
+_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
+_DROPPED_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant", "scaled_fp8")
+_LORA_FACTORS = (".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.weight")
+_ENCODERS = ("text_encoder", "clip_vision")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass
+class ComponentMemory:
+    """One component: bytes by storage dtype once loaded, and where it lives during a job."""
+
+    name: str
+    bytes_by_dtype: dict[str, int]
+    where: str = "resident"
+
+    @property
+    def total(self) -> int:
+        return sum(self.bytes_by_dtype.values())
+
+
+@dataclass
+class MemoryPlan:
+    """What `plan` prints and every job logs; `fits` False means the job is refused before model work."""
+
+    device: str
+    job: JobShape
+    label: str
+    components: list[ComponentMemory]
+    placement: Placement
+    visit_peaks: dict[str, int] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+    smallest_budget: int | None = None
+
+    @property
+    def fits(self) -> bool:
+        return not self.reasons
+
+    def text(self) -> str:
+        p, j = self.placement, self.job
+        budget = "unlimited (everything resident)" if p.budget is None else f"{p.budget / GiB:.1f} GiB"
+        lines = [f"memory plan on {self.device}: {self.label}; window {j.height}x{j.width} px, {j.latent_frames} "
+                 f"latent frames, {j.tokens} tokens, {j.calls_per_step} model calls/step",
+                 f"budget: {budget}"]
+        for c in self.components:
+            parts = ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in sorted(c.bytes_by_dtype.items()) if v)
+            lines.append(f"  {c.name:<13} {c.total / GiB:6.2f} GiB  {c.where:<40} ({parts or 'empty'})")
+        batch = f"guidance batch {p.max_guidance_batch} of {j.calls_per_step}"
+        lines.append(f"peak DiT step:   {p.dit_peak / GiB:6.2f} GiB ({batch})")
+        tile = "whole frames" if p.vae_tile is None else \
+            f"tiles {p.vae_tile[0]}x{p.vae_tile[1]} latent px, overlap {p.vae_tile[2]}"
+        lines.append(f"peak VAE decode: {p.vae_peak / GiB:6.2f} GiB ({tile})")
+        for name, peak in self.visit_peaks.items():
+            lines.append(f"peak {name} visit: {peak / GiB:6.2f} GiB")
+        if self.smallest_budget is not None:
+            lines.append(f"smallest budget that fits: {ceil_gib(self.smallest_budget):.1f} GiB")
+        lines.append("fits: yes" if self.fits else "fits: NO - " + "; ".join(self.reasons))
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        p = self.placement
+        return {
+            "device": self.device, "label": self.label, "fits": self.fits, "reasons": list(self.reasons),
+            "budget_bytes": p.budget, "job": vars(self.job).copy(),
+            "components": [{"name": c.name, "bytes_by_dtype": c.bytes_by_dtype, "total_bytes": c.total,
+                            "where": c.where} for c in self.components],
+            "dit": {"blocks": p.num_blocks, "resident_blocks": p.resident_blocks, "streamed_blocks": list(p.streamed),
+                    "prefetch": p.prefetch, "max_guidance_batch": p.max_guidance_batch, "peak_bytes": p.dit_peak},
+            "vae": {"peak_bytes": p.vae_peak, "tile": list(p.vae_tile) if p.vae_tile else None},
+            "visit_peak_bytes": dict(self.visit_peaks), "smallest_budget_bytes": self.smallest_budget,
+        }
+
+
+# ---------------------------------------------------------------------------------------------- job
+def largest_bucket(resolution: str) -> tuple[int, int]:
+    """The bucket with the most DiT tokens at `resolution` (the worst case when the picture is not known)."""
+    from ..errors import InputError
+    from ..pipeline.resolution import BUCKETS
+
+    if resolution not in BUCKETS:
+        raise InputError("resolution", f"expected one of {', '.join(BUCKETS)}, got {resolution!r}")
+    return max(BUCKETS[resolution].values(), key=lambda hw: (hw[0] // 16) * (hw[1] // 16))
+
+
+def job_for(preset: str, resolution: str = "480p", frame_num: int = 81, size: tuple[int, int] | None = None,
+            calls_per_step: int | None = None) -> JobShape:
+    """The JobShape of a request: its frame size (or the resolution's largest bucket) and the preset's calls."""
+    from ..pipeline.request import PRESETS
+    from ..pipeline.sampler import Guidance
+
+    if calls_per_step is None:
+        p = PRESETS[preset]
+        calls_per_step = Guidance(p.text_guidance, p.audio_guidance).calls_per_step
+    h, w = size if size is not None else largest_bucket(resolution)
+    return JobShape.for_window(h, w, frame_num, calls_per_step)
+
+
+# ---------------------------------------------------------------------------------------------- sizes
+def _canonical(key: str) -> str:
+    for p in _PREFIXES:
+        if key.startswith(p):
+            return key[len(p):]
+    return key
+
+
+def _stored(key: str, shape: torch.Size, dtype: torch.dtype, run_dtype: torch.dtype,
+            keep_fp32: bool = False) -> tuple[str, int]:
+    """(storage dtype name, bytes) of one file tensor once loaded (loaders' rules: fp8 Linear weights stay
+    fp8, fp8 scales become float32 buffers, other floats take the run dtype, markers are dropped)."""
+    n = shape.numel()
+    if key.endswith(_DROPPED_SUFFIXES):
+        return "", 0
+    if key.endswith(_SCALE_SUFFIXES):
+        return "float32", 4 * n
+    if dtype in _FP8 and len(shape) == 2:
+        return _dtype_name(dtype), n
+    if dtype.is_floating_point:
+        target = torch.float32 if keep_fp32 else run_dtype
+        return _dtype_name(target), n * target.itemsize
+    return _dtype_name(dtype), n * dtype.itemsize
+
+
+def _header_tensors(path: Path | str) -> Iterable[tuple[str, torch.Size, torch.dtype]]:
+    from ..checkpoints.reader import open_checkpoint
+
+    ckpt = open_checkpoint(path)
+    for key in ckpt:
+        yield key, ckpt.shape(key), ckpt.dtype(key)
+
+
+def _file_bytes(path: Path | str, run_dtype: torch.dtype, only: str | None = None,
+                keep_fp32: bool = False) -> dict[str, int]:
+    out: dict[str, int] = defaultdict(int)
+    tensors = list(_header_tensors(path))
+    if only is not None and any(_canonical(k).startswith(only) for k, _, _ in tensors):
+        tensors = [t for t in tensors if _canonical(t[0]).startswith(only)]
+    for key, shape, dtype in tensors:
+        name, n = _stored(key, shape, dtype, run_dtype, keep_fp32)
+        if n:
+            out[name] += n
+    return dict(out)
+
+
+def _dit_from_files(dit: Path, patch: Path | None, loras: Iterable[Path], run_dtype: torch.dtype
+                    ) -> tuple[DiTWeights, dict[str, int]]:
+    """DiTWeights of base (+ audio patch, + unmerged LoRA factors) from headers alone."""
+    from ..loaders.dit import is_audio_key
+
+    chosen: dict[str, tuple[str, int, int]] = {}   # canonical -> (dtype name, bytes, fp8 elements)
+    sources = [(dit, False)] + ([(patch, True)] if patch is not None else [])
+    dim = ffn = 0
+    for path, audio_only in sources:
+        for key, shape, dtype in _header_tensors(path):
+            name = _canonical(key)
+            if audio_only and not is_audio_key(name):
+                continue
+            kind, n = _stored(name, shape, dtype, run_dtype)
+            chosen[name] = (kind, n, shape.numel() if dtype in _FP8 and len(shape) == 2 else 0)
+            if name == "blocks.0.self_attn.q.weight":
+                dim = shape[0]
+            if name == "blocks.0.ffn.0.weight":
+                ffn = shape[0]
+    # LoRA factors stay as an unmerged low-rank path only on quantised (fp8) weights; elsewhere they merge
+    quantised = {k[: -len(".weight")].replace(".", "_"): k[: -len(".weight")] for k, v in chosen.items()
+                 if k.endswith(".weight") and v[2]}
+    for path in loras:
+        for key, shape, dtype in _header_tensors(path):
+            suffix = next((s for s in _LORA_FACTORS if key.endswith(s)), None)
+            layer = quantised.get(_canonical(key[: -len(suffix)]).replace(".", "_")) if suffix else None
+            if layer is not None:
+                kind, n = _stored(key, shape, dtype, run_dtype)
+                chosen[f"{layer}{suffix}"] = (kind, n, 0)
+    return _summarise(((k, *v) for k, v in chosen.items()), dim, ffn)
+
+
+def _summarise(items: Iterable[tuple[str, str, int, int]], dim: int, ffn: int, text_len: int = 512
+               ) -> tuple[DiTWeights, dict[str, int]]:
+    blocks: dict[int, int] = defaultdict(int)
+    other = largest_fp8 = 0
+    by_dtype: dict[str, int] = defaultdict(int)
+    for name, kind, n, fp8_elems in items:
+        if not n:
+            continue
+        by_dtype[kind] += n
+        largest_fp8 = max(largest_fp8, fp8_elems)
+        m = _BLOCK.search(name)
+        if m:
+            blocks[int(m.group(1))] += n
+        else:
+            other += n
+    count = max(blocks) + 1 if blocks else 0
+    weights = DiTWeights(dim=dim, ffn_dim=ffn, text_len=text_len,
+                         block_bytes=tuple(blocks.get(i, 0) for i in range(count)), other_bytes=other,
+                         largest_fp8_linear=largest_fp8)
+    return weights, dict(by_dtype)
+
+
+def module_bytes(module: nn.Module) -> dict[str, int]:
+    """Bytes by dtype of every parameter and buffer of a loaded module."""
+    out: dict[str, int] = defaultdict(int)
+    for t in list(module.parameters()) + [b for b in module.buffers() if b is not None]:
+        out[_dtype_name(t.dtype)] += t.numel() * t.element_size()
+    return dict(out)
+
+
+def dit_weights_of(dit: nn.Module) -> tuple[DiTWeights, dict[str, int]]:
+    """DiTWeights of a loaded DiT (call before streaming is installed: streamed blocks hold placeholders)."""
+    def items():
+        for prefix, group in (("", dit.named_parameters()), ("", dit.named_buffers())):
+            for name, t in group:
+                if t is None:
+                    continue
+                fp8 = t.numel() if t.dtype in _FP8 and t.dim() == 2 else 0
+                yield prefix + name, _dtype_name(t.dtype), t.numel() * t.element_size(), fp8
+    c = dit.config
+    return _summarise(items(), c.dim, c.ffn_dim, c.text_len)
+
+
+# ---------------------------------------------------------------------------------------------- plan
+def make_plan(dit: tuple[DiTWeights, dict[str, int]], others: dict[str, dict[str, int]], job: JobShape,
+              budget: int | None, *, device: str, label: str, act_bytes: int, vae_channels: int = 96,
+              batch_guidance: bool = True) -> MemoryPlan:
+    """Decide placement and render it. `others`: bytes by dtype of vae, text_encoder, clip_vision, wav2vec2
+    (the encoders visit the device one at a time; wav2vec2 stays on the CPU)."""
+    weights, dit_dtypes = dit
+    vae_bytes = sum(others.get("vae", {}).values())
+    prefetch = PREFETCH_BLOCKS if device.startswith("cuda") else 0   # the CPU copies each block when called
+    placement = decide_placement(weights, job, budget, act_bytes=act_bytes, vae_bytes=vae_bytes,
+                                 vae_channels=vae_channels, batch_guidance=batch_guidance, prefetch=prefetch)
+    reasons = list(placement.reasons)
+    where = "resident" if not placement.streaming else \
+        f"{placement.resident_blocks} blocks resident, {len(placement.streamed)} streamed"
+    components = [ComponentMemory("dit", dit_dtypes, where)]
+    visit_peaks: dict[str, int] = {}
+    for name in ("vae", *_ENCODERS, "wav2vec2"):
+        if name not in others:
+            continue
+        comp = ComponentMemory(name, others[name], "resident" if name == "vae" else "visits")
+        if name == "wav2vec2":
+            comp.where = "cpu"
+        components.append(comp)
+        if name in _ENCODERS:
+            # the encoder visits with the DiT stepped aside to the host when needed: VAE + encoder + reserve
+            visit_peaks[name] = vae_bytes + comp.total + RUNTIME_RESERVE_BYTES
+            if budget is not None and visit_peaks[name] > budget:
+                reasons.append(f"the {name.replace('_', ' ')} needs {visit_peaks[name] / GiB:.1f} GiB to visit "
+                               f"(use a smaller file, e.g. its fp8 version)")
+    smallest = None
+    if budget is not None:
+        smallest = _smallest_budget(weights, job, act_bytes, vae_bytes, vae_channels, visit_peaks, prefetch)
+    return MemoryPlan(device, job, label, components, placement, visit_peaks, reasons, smallest)
+
+
+def _smallest_budget(weights: DiTWeights, job: JobShape, act_bytes: int, vae_bytes: int, vae_channels: int,
+                     visit_peaks: dict[str, int], prefetch: int) -> int:
+    """The least budget (to 0.1 GiB) that fits: bisection over decide_placement."""
+    lo, hi = 0, int(weights.total_bytes * 2 + 64 * GiB)
+    while hi - lo > GiB // 10:
+        mid = (lo + hi) // 2
+        p = decide_placement(weights, job, mid, act_bytes=act_bytes, vae_bytes=vae_bytes,
+                             vae_channels=vae_channels, batch_guidance=False, prefetch=prefetch)
+        lo, hi = (lo, mid) if p.fits else (mid, hi)
+    return max([hi, *visit_peaks.values()])
+
+
+def plan_from_files(models_dir: str | Path | None, preset: str = "fast", resolution: str = "480p",
+                    vram_gb: float | None = None, overrides: dict | None = None, frame_num: int = 81,
+                    device: str = "cuda", dtype: torch.dtype = torch.bfloat16, batch_guidance: bool = True
+                    ) -> MemoryPlan:
+    """The plan of a job from file headers only (`python -m infinitetalk plan`)."""
+    from ..pipeline.models import resolve_model_paths
+
+    paths = resolve_model_paths(models_dir, preset, overrides)
+    dit = _dit_from_files(paths.dit, paths.patch, [p for p, _ in paths.loras], dtype)
+    others = {
+        "vae": _file_bytes(paths.vae, torch.float32),
+        "text_encoder": _file_bytes(paths.text_encoder, dtype),
+        "clip_vision": _file_bytes(paths.clip_vision, dtype, only="visual."),
+        "wav2vec2": _file_bytes(paths.wav2vec2, torch.float32),
+    }
+    budget = None if not vram_gb else int(vram_gb * GiB)
+    if budget is None and device == "cuda" and torch.cuda.is_available():
+        from .budget import auto_budget_bytes
+        budget = auto_budget_bytes(torch.cuda.mem_get_info()[0])
+    job = job_for(preset, resolution, frame_num)
+    label = f"preset {preset}, {resolution}, {frame_num} frames/window"
+    return make_plan(dit, others, job, budget, device=device, label=label, act_bytes=dtype.itemsize,
+                     vae_channels=_vae_channels(paths.vae), batch_guidance=batch_guidance)
+
+
+def _vae_channels(path: Path) -> int:
+    """Width of the VAE decoder's last stage (its output conv's input channels), 96 for Wan2.1."""
+    for key, shape, _ in _header_tensors(path):
+        if _canonical(key) == "decoder.head.2.weight" and len(shape) >= 2:
+            return int(shape[1])
+    return 96

@@ -1,0 +1,140 @@
+"""The memory plan: budget arithmetic, header-only sizing of the real 14B layouts (sparse files), the
+`plan` command, and agreement between header sizes and loaded modules."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from infinitetalk.runtime import budget
+from infinitetalk.runtime.budget import GiB, DiTWeights, JobShape, decide_placement, spread_indices
+
+
+@pytest.fixture(scope="module")
+def real_layouts(tmp_path_factory):
+    from infinitetalk.tiny.sparse import write_real_layouts
+
+    root = tmp_path_factory.mktemp("real14b")
+    write_real_layouts(root)
+    return root
+
+
+@pytest.fixture
+def header_only(monkeypatch):
+    """Reading any tensor's data fails: a plan must come from headers alone."""
+    from infinitetalk.checkpoints import reader
+
+    def refuse(*_a, **_k):
+        raise AssertionError("tensor data was read")
+    monkeypatch.setattr(reader, "_read_into", refuse)
+
+
+def test_spread_indices_are_even_and_exact():
+    assert spread_indices(0, 40) == ()
+    assert spread_indices(40, 40) == tuple(range(40))
+    picked = spread_indices(10, 40)
+    assert len(picked) == 10 and all(b - a == 4 for a, b in zip(picked, picked[1:]))
+
+
+def test_more_budget_never_streams_more():
+    w = DiTWeights(dim=512, ffn_dim=1024, text_len=512, block_bytes=(10 * 2**20,) * 20, other_bytes=2**20)
+    job = JobShape.for_window(640, 640, 81, 3)
+    streamed = [len(decide_placement(w, job, b * 2**20, act_bytes=2, vae_channels=8).streamed)
+                for b in range(1150, 1460, 10)]
+    assert streamed == sorted(streamed, reverse=True) and streamed[0] > 0 and streamed[-1] == 0
+    roomy = decide_placement(w, job, 64 * GiB, act_bytes=2, vae_channels=8)
+    assert roomy.max_guidance_batch == 3 and not roomy.streaming and roomy.vae_tile is None
+    solo = decide_placement(w, job, 64 * GiB, act_bytes=2, vae_channels=8, batch_guidance=False)
+    assert solo.max_guidance_batch == 1
+    hopeless = decide_placement(w, job, 2**20, act_bytes=2, vae_channels=8)
+    assert not hopeless.fits and len(hopeless.streamed) == 20 and "DiT step" in hopeless.reasons[0]
+
+
+def test_14b_fast_480p_fits_12gb_streaming_and_40gb_resident(real_layouts, header_only):
+    from infinitetalk.runtime.plan import plan_from_files
+
+    small = plan_from_files(real_layouts, preset="fast", resolution="480p", vram_gb=12)
+    assert small.fits, small.text()
+    p = small.placement
+    assert p.streaming and 0 < p.resident_blocks < 40 and p.max_guidance_batch == 1
+    assert p.dit_peak <= 12 * GiB and p.vae_peak <= 12 * GiB
+    assert small.job.tokens >= 33_600 and small.job.latent_frames == 21 and small.job.calls_per_step == 2
+
+    sizes = {c.name: c for c in small.components}
+    dit = sizes["dit"].bytes_by_dtype
+    assert 15.0 * GiB < dit["float8_e4m3fn"] < 15.6 * GiB          # the 16.4 GB Comfy-Org fp8 file's weights
+    assert 5.0 * GiB < dit["bfloat16"] < 6.5 * GiB                  # patch (fp16 -> bf16) + rank-64 LoRA + the rest
+    assert sizes["wav2vec2"].where == "cpu" and sizes["text_encoder"].where == "visits"
+
+    big = plan_from_files(real_layouts, preset="fast", resolution="480p", vram_gb=40)
+    assert big.fits and not big.placement.streaming and big.placement.vae_tile is None
+    assert big.placement.max_guidance_batch == 2
+
+    tiny = plan_from_files(real_layouts, preset="fast", resolution="480p", vram_gb=4)
+    assert not tiny.fits and "fits: NO" in tiny.text()
+    assert 4 * GiB < tiny.smallest_budget <= 12 * GiB
+
+
+def test_720p_quality_needs_more_than_480p_fast(real_layouts, header_only):
+    from infinitetalk.runtime.plan import plan_from_files
+
+    fast = plan_from_files(real_layouts, preset="fast", resolution="480p", vram_gb=24)
+    quality = plan_from_files(real_layouts, preset="quality", resolution="720p", vram_gb=24,
+                              overrides={"loras": []})
+    assert quality.job.tokens > 2 * fast.job.tokens and quality.job.calls_per_step == 3
+    assert len(quality.placement.streamed) > len(fast.placement.streamed)
+
+
+def test_plan_command_text_json_and_exit_status(real_layouts, header_only, capsys):
+    from infinitetalk.cli import main
+
+    assert main(["plan", "--models", str(real_layouts), "--preset", "fast", "--vram", "12", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] and out["dit"]["streamed_blocks"] and out["budget_bytes"] == 12 * GiB
+    assert {c["name"] for c in out["components"]} == {"dit", "vae", "text_encoder", "clip_vision", "wav2vec2"}
+
+    assert main(["plan", "--models", str(real_layouts), "--preset", "fast", "--vram", "3"]) == 1
+    text = capsys.readouterr().out
+    assert "fits: NO" in text and "peak DiT step" in text and "smallest budget that fits" in text
+
+    assert main(["plan", "--models", str(real_layouts), "--vram", "-1"]) == 2
+    assert "vram" in capsys.readouterr().err
+
+
+def test_header_sizes_match_the_loaded_module(tiny_models):
+    """The sizing rules (fp8 stays fp8, scales -> float32, the rest -> run dtype) agree with what loads."""
+    from infinitetalk.loaders import load_dit
+    from infinitetalk.pipeline.models import resolve_model_paths
+    from infinitetalk.runtime.plan import _dit_from_files, dit_weights_of
+
+    fp8 = {"dit": next(tiny_models.rglob("*fp8_e4m3fn_scaled_KJ.safetensors"))}
+    lora = next(tiny_models.rglob("*lightx2v*.safetensors"))
+    for overrides, loras in (({}, []), ({}, [lora]), (fp8, []), (fp8, [lora])):
+        paths = resolve_model_paths(tiny_models, "quality", overrides)
+        for dtype in (torch.float32, torch.bfloat16):
+            from_headers, dtypes = _dit_from_files(paths.dit, paths.patch, loras, dtype)
+            model = load_dit(paths.dit, paths.patch, loras=[(p, 1.0) for p in loras], dtype=dtype)
+            loaded, loaded_dtypes = dit_weights_of(model)
+            case = (paths.dit.name, [p.name for p in loras], dtype)
+            assert from_headers.block_bytes == loaded.block_bytes, case
+            assert from_headers.other_bytes == loaded.other_bytes and dtypes == loaded_dtypes, case
+            if loras and overrides:   # fp8 base: the LoRA stays a low-rank path (more bytes than without)
+                assert any(n.endswith("lora_down") for n, _ in model.named_buffers())
+
+
+def test_generate_flags_build_one_runtime_options():
+    from infinitetalk.cli import _runtime_from_args, build_parser
+    from infinitetalk.errors import InputError
+
+    base = ["generate", "--image", "a.png", "--left-audio", "l.wav", "--right-audio", "r.wav", "--out", "o.mp4"]
+    args = build_parser().parse_args(base + ["--vram", "12", "--attention", "math", "--fp8-matmul", "off",
+                                             "--compile", "--no-batch-guidance"])
+    opts = _runtime_from_args(args)
+    assert (opts.vram_gb, opts.attention, opts.fp8_matmul, opts.compile, opts.batch_guidance) == \
+        (12.0, "math", "off", True, False)
+    assert opts.budget_bytes == 12 * GiB
+    defaults = _runtime_from_args(build_parser().parse_args(base))
+    assert defaults.vram_gb is None and defaults.batch_guidance and defaults.budget_bytes is None
+    with pytest.raises(InputError, match="vram"):
+        _runtime_from_args(build_parser().parse_args(base + ["--vram", "-2"]))

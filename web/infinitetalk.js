@@ -1,0 +1,146 @@
+// InfiniteTalk Multi front-end helpers (ComfyUI frontend 1.2x-1.49):
+// - Load Two Audios: an upload button and an audio player per side (the core audio widgets only bind an
+//   input named "audio" on core nodes). Uploads go to the input folder through the standard /upload/image route.
+// - Sampler: choosing a preset fills steps / text_guidance / audio_guidance with that preset's numbers (read
+//   from the node definition, `presets` of the preset input); editing them afterwards wins.
+// - Model loader: wide enough that every file name reads.
+// - Template browser: our templates are listed under "InfiniteTalk Multi" instead of the install folder name.
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+const AUDIO_NODE = "InfiniteTalkLoadTwoAudios";
+const SAMPLER = "InfiniteTalkMultiSampler";
+const LOADER = "InfiniteTalkModelLoader";
+const LOADER_MIN_WIDTH = 520;
+const CATEGORY_TITLE = "InfiniteTalk Multi";
+// /extensions/<install folder>/infinitetalk.js: the folder is the template browser's module name
+const MODULE = decodeURIComponent(new URL(import.meta.url).pathname.split("/").slice(-2, -1)[0] || "");
+
+function inputFileUrl(name) {
+  const slash = name.lastIndexOf("/");
+  const params = new URLSearchParams({
+    filename: slash < 0 ? name : name.slice(slash + 1),
+    subfolder: slash < 0 ? "" : name.slice(0, slash),
+    type: "input",
+  });
+  return api.apiURL(`/view?${params}`);
+}
+
+function addAudioSide(node, widgetName, side) {
+  const combo = node.widgets?.find((w) => w.name === widgetName);
+  if (!combo) return;
+  const player = document.createElement("audio");
+  player.controls = true;
+  player.preload = "metadata";
+  player.style.width = "100%";
+  const showFile = () => {
+    if (combo.value) player.src = inputFileUrl(combo.value);
+    else player.removeAttribute("src");
+  };
+  const picker = document.createElement("input");
+  picker.type = "file";
+  picker.accept = "audio/*,video/*";
+  picker.style.display = "none";
+  picker.onchange = async () => {
+    const file = picker.files?.[0];
+    if (!file) return;
+    const body = new FormData();
+    body.append("image", file);
+    const response = await api.fetchApi("/upload/image", { method: "POST", body });
+    if (response.status !== 200) {
+      alert(`Upload of ${file.name} failed: ${response.status} ${response.statusText}`);
+      return;
+    }
+    const saved = await response.json();
+    const name = saved.subfolder ? `${saved.subfolder}/${saved.name}` : saved.name;
+    if (!combo.options.values.includes(name)) combo.options.values.push(name);
+    combo.value = name;
+    combo.callback?.(name);
+    node.graph?.setDirtyCanvas(true);
+    picker.value = "";
+  };
+  document.body.append(picker);
+  const button = node.addWidget("button", `upload_${widgetName}`, null, () => picker.click(), { serialize: false });
+  button.label = `upload ${side} audio`;
+  button.serialize = false; // keep it out of the saved workflow's widgets_values (options.serialize only covers the prompt)
+  const preview = node.addDOMWidget(`${side}_audio_player`, "audioUI", player, { serialize: false });
+  preview.serialize = false;
+  const callback = combo.callback;
+  combo.callback = function () {
+    const result = callback?.apply(this, arguments);
+    showFile();
+    return result;
+  };
+  showFile();
+  const onRemoved = node.onRemoved;
+  node.onRemoved = function () {
+    picker.remove();
+    return onRemoved?.apply(this, arguments);
+  };
+  return showFile;
+}
+
+function setupAudioNode(node) {
+  const refresh = [addAudioSide(node, "left_audio", "left"), addAudioSide(node, "right_audio", "right")];
+  const configured = node.onConfigure;
+  node.onConfigure = function () { // a loaded workflow sets the combos without their callbacks
+    const result = configured?.apply(this, arguments);
+    refresh.forEach((show) => show?.());
+    return result;
+  };
+}
+
+function setupSampler(node, presets) {
+  const preset = node.widgets?.find((w) => w.name === "preset");
+  if (!preset || !presets) return;
+  const callback = preset.callback;
+  preset.callback = function (value) {
+    const result = callback?.apply(this, arguments);
+    for (const [name, number] of Object.entries(presets[preset.value] ?? {})) {
+      const widget = node.widgets.find((w) => w.name === name);
+      if (widget) widget.value = number;
+    }
+    node.graph?.setDirtyCanvas(true);
+    return result;
+  };
+}
+
+async function samplerPresets(nodeData) {
+  const given = nodeData?.input?.required?.preset?.[1]?.presets;
+  if (given) return given;
+  try { // the front end may drop option keys it does not know: read the raw definition
+    const response = await api.fetchApi(`/object_info/${SAMPLER}`);
+    return (await response.json())?.[SAMPLER]?.input?.required?.preset?.[1]?.presets;
+  } catch {
+    return undefined;
+  }
+}
+
+function nameTemplateCategory() {
+  // The browser labels a pack's templates with the i18n key templateWorkflows.category.<module>, falling back
+  // to the folder name; vue-i18n keeps its instance in the Vue app's provides under __VUE_I18N_SYMBOL__.
+  const vueApp = document.querySelector("#vue-app")?.__vue_app__;
+  const i18n = vueApp?._context?.provides?.[vueApp?.__VUE_I18N_SYMBOL__]?.global;
+  if (!MODULE || typeof i18n?.mergeLocaleMessage !== "function") return;
+  const key = MODULE.replace(/\./g, "_"); // the front end's i18n key form of a module name
+  for (const locale of new Set(["en", String(i18n.locale?.value ?? i18n.locale ?? "en")])) {
+    i18n.mergeLocaleMessage(locale, { templateWorkflows: { category: { [key]: CATEGORY_TITLE } } });
+  }
+}
+
+let presets;
+
+app.registerExtension({
+  name: "InfiniteTalk.Nodes",
+  async setup() {
+    nameTemplateCategory();
+  },
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData?.name === SAMPLER) presets = await samplerPresets(nodeData);
+  },
+  async nodeCreated(node) {
+    if (node.comfyClass === AUDIO_NODE) setupAudioNode(node);
+    if (node.comfyClass === SAMPLER) setupSampler(node, presets);
+    if (node.comfyClass === LOADER && node.size[0] < LOADER_MIN_WIDTH) node.setSize([LOADER_MIN_WIDTH, node.size[1]]);
+  },
+});
