@@ -252,8 +252,9 @@ def _add_runtime_args(p: argparse.ArgumentParser, kernels: bool = True) -> None:
                         "(default / 0: free memory of the device minus a margin)")
     if kernels:
         p.add_argument("--attention", choices=ATTENTION_CHOICES, default="sdpa", help="attention kernel")
-        p.add_argument("--fp8-matmul", choices=FP8_MATMUL_CHOICES, default="auto",
-                       help="fp8 weights through fp8 matmuls (auto: on GPUs that have them)")
+        p.add_argument("--fp8-matmul", choices=FP8_MATMUL_CHOICES, default="off",
+                       help="fp8 weights through fp8 matmuls: faster, slightly less exact (auto: on GPUs that have "
+                            "them; default off)")
         p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
     p.add_argument("--no-batch-guidance", action="store_true",
                    help="run a step's guidance calls one by one even when a batch would fit")
