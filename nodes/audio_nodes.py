@@ -50,6 +50,9 @@ class LoadTwoAudios:
             "optional": {
                 "left_audio_override": ("AUDIO", {"tooltip": "When connected, used instead of the left_audio file."}),
                 "right_audio_override": ("AUDIO", {"tooltip": "When connected, used instead of the right_audio file."}),
+                "stereo_audio": ("AUDIO", {"tooltip": "One stereo conversation instead of two tracks: the LEFT channel is "
+                                           "the person on the left, the RIGHT channel the person on the right. When "
+                                           "connected it overrides both sides; set the sampler's order to 'meanwhile'."}),
             },
         }
 
@@ -72,7 +75,9 @@ class LoadTwoAudios:
         return "|".join(stamps)
 
     def load(self, left_audio: str, right_audio: str, left_audio_override: dict | None = None,
-             right_audio_override: dict | None = None) -> tuple:
+             right_audio_override: dict | None = None, stereo_audio: dict | None = None) -> tuple:
+        if stereo_audio is not None:
+            return self._split(stereo_audio)
         tracks = []
         for side, name, override in (("left", left_audio, left_audio_override), ("right", right_audio, right_audio_override)):
             if override is not None:
@@ -83,4 +88,17 @@ class LoadTwoAudios:
             if media.audio_seconds(audio) <= 0:
                 raise InputError(f"{side}_audio", "the audio track is empty")
             tracks.append(audio)
+        return (tracks[0], tracks[1], media.audio_seconds(tracks[0]), media.audio_seconds(tracks[1]))
+
+    @staticmethod
+    def _split(stereo_audio: dict) -> tuple:
+        """Left and right channels of one conversation file as two mono tracks (engine: audio.stereo)."""
+        import torch
+
+        from infinitetalk.audio.io import AudioClip
+        from infinitetalk.audio.stereo import split_stereo
+
+        samples, rate = media.audio_parts(stereo_audio, "stereo_audio")
+        left, right = split_stereo(AudioClip(torch.as_tensor(samples), rate), "stereo_audio")
+        tracks = [media.audio_from_clip(clip.samples, clip.sample_rate) for clip in (left, right)]
         return (tracks[0], tracks[1], media.audio_seconds(tracks[0]), media.audio_seconds(tracks[1]))

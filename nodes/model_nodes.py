@@ -211,9 +211,9 @@ class InfiniteTalkModelLoader:
                 "attention": (list(ATTENTION_CHOICES), {"default": "sdpa", "advanced": True, "tooltip":
                               "Attention kernel: sdpa (PyTorch, default), flash (flash-attn), sage "
                               "(sageattention), math (plain reference maths, slow). flash/sage need their package."}),
-                "fp8_matmul": (list(FP8_MATMUL_CHOICES), {"default": "auto", "advanced": True, "tooltip":
-                               "Multiply fp8 weights in fp8 (torch._scaled_mm): auto = where the GPU supports it "
-                               "(Ada/Hopper+), on, or off (upcast to the compute precision)."}),
+                "fp8_matmul": (list(FP8_MATMUL_CHOICES), {"default": "off", "advanced": True, "tooltip":
+                               "Multiply fp8 weights in fp8 (torch._scaled_mm; faster, slightly less exact): auto = where the GPU supports it "
+                               "(Ada/Hopper+), on, or off (default: upcast to the compute precision, the faithful path)."}),
                 "compile": ("BOOLEAN", {"default": False, "advanced": True, "tooltip":
                             "torch.compile the transformer blocks: slower first window, faster after."}),
                 "gpus": ("INT", {"default": 1, "min": 1, "max": MAX_GPUS, "advanced": True, "tooltip":
@@ -235,7 +235,7 @@ class InfiniteTalkModelLoader:
 
     def load(self, diffusion_model: str, infinitetalk_patch: str, lora: str, lora_strength: float,
              audio_encoder: str, text_encoder: str, clip_vision: str, vae: str, precision: str = "auto",
-             offload: str = "auto", vram_gb: float = 0.0, attention: str = "sdpa", fp8_matmul: str = "auto",
+             offload: str = "auto", vram_gb: float = 0.0, attention: str = "sdpa", fp8_matmul: str = "off",
              compile: bool = False, gpus: int = 1) -> tuple:
         values = {"diffusion_model": diffusion_model, "infinitetalk_patch": infinitetalk_patch, "lora": lora,
                   "audio_encoder": audio_encoder, "text_encoder": text_encoder, "clip_vision": clip_vision, "vae": vae}

@@ -123,6 +123,20 @@ def test_load_two_audios_names_the_bad_input(pkg, tmp_path):
     assert err.value.input_name == "left_audio"
 
 
+def test_load_two_audios_splits_a_stereo_conversation(pkg, tmp_path):
+    node = _nodes(pkg)["InfiniteTalkLoadTwoAudios"]
+    t = torch.arange(16000) / 16000
+    left, right = torch.sin(2 * np.pi * 220 * t), 0.5 * torch.sin(2 * np.pi * 330 * t)
+    stereo = {"waveform": torch.stack([left, right])[None], "sample_rate": 16000}
+    la, ra, ls, rs = node().load("", "", stereo_audio=stereo)   # overrides both file choices
+    assert la["waveform"].shape == (1, 1, 16000) and ra["waveform"].shape == (1, 1, 16000)
+    assert torch.allclose(la["waveform"][0, 0], left) and torch.allclose(ra["waveform"][0, 0], right)
+    assert ls == pytest.approx(1.0) and rs == pytest.approx(1.0)
+    with pytest.raises(InputError) as err:   # a mono recording saved as stereo cannot tell the speakers apart
+        node().load("", "", stereo_audio={"waveform": torch.stack([left, left])[None], "sample_rate": 16000})
+    assert err.value.input_name == "stereo_audio"
+
+
 # -- MaskFromRegion -----------------------------------------------------------------------------------
 def test_mask_from_region_modes_and_preview(pkg):
     node = _nodes(pkg)["InfiniteTalkMaskFromRegion"]()

@@ -22,7 +22,7 @@ class RuntimeOptions:
 
     vram_gb: float | None = None
     attention: str = "sdpa"
-    fp8_matmul: str = "off"   # opt-in like ComfyUI's --fast: ~2.6 % error per fp8 layer vs ~0.3 % dequantised
+    fp8_matmul: str = "off"   # opt-in like ComfyUI's --fast: activation rounding adds error
     compile: bool = False
     batch_guidance: bool = True
 
