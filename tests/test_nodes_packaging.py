@@ -40,4 +40,5 @@ def test_requirements_mirror_the_runtime_dependencies():
 def test_license_is_apache_2():
     text = (ROOT / "LICENSE").read_text()
     assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
-    assert _pyproject()["project"]["license"] == {"text": "Apache-2.0"}
+    project = _pyproject()["project"]
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]  # SPDX form

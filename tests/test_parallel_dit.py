@@ -16,6 +16,7 @@ from infinitetalk.errors import InputError
 from infinitetalk.pipeline.sampler import Guidance, WindowConditioning, sample_window
 from infinitetalk.pipeline.schedule import timesteps
 from infinitetalk.runtime.parallel import SequenceGroup, guidance_layout, init_parallel
+from infinitetalk.runtime.streaming import BlockStreamer
 from infinitetalk.runtime.teacache import TeaCache
 
 TIMEOUT_S = 120
@@ -72,6 +73,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str, scenario: str) -> No
                     i["x"], i["t"], [i["context"], cond.context_null, cond.context_null], i["clip_fea"], i["y"],
                     [i["audio"], i["audio"], silent], i["ref_target_masks"], sequence=sequence)
             dit, _, cond = _setup(2)
+            streamer = BlockStreamer(dit.blocks, range(len(dit.blocks)), "cpu").install()  # budget: stream all
+            results["quality_streamed"] = _sample(dit, cond, QUALITY, batch=True, parallel=state)
+            results["streamed_copies"] = streamer.copies
+            streamer.remove("cpu")
             results["fast"] = _sample(dit, cond, FAST, parallel=state)          # 2 groups of 1 rank
             results["quality"] = _sample(dit, cond, QUALITY, batch=True, parallel=state)  # 1 group, sequence over 2
             cache = TeaCache(0.2)
@@ -141,9 +146,10 @@ def test_world_size_2_matches_one_process(tmp_path):
                 one = dit(i["x"], i["t"], context, i["clip_fea"], i["y"], audio, i["ref_target_masks"])
                 assert _rel_l2(batch[b], one) <= 1e-5
         dit, _, cond = _setup(2)
-        for key, guidance in (("fast", FAST), ("quality", QUALITY)):
+        for key, guidance in (("fast", FAST), ("quality", QUALITY), ("quality_streamed", QUALITY)):
             ref = _sample(dit, cond, guidance)
             assert _rel_l2(_same_on_every_rank(ranks, key), ref) <= 1e-5, key
+        assert all(r["streamed_copies"] > 0 for r in ranks)   # the blocks really streamed under sequence parallel
         cache = TeaCache(0.2)
         ref = _sample(dit, cond, QUALITY, steps=3, teacache=cache)
         assert not all(c for _, _, c in cache.decisions)  # a step was skipped
