@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_check.py                    # CUDA: full 14B shapes, < 8 min from a cold start
     python benchmarks/gpu_check.py --smoke            # the same code on the CPU at tiny size (< 1 min; CI runs it)
-    python benchmarks/gpu_check.py --out DIR          # where gpu_check.json and gpu_check.md go (default: .)
+    python benchmarks/gpu_check.py --out DIR          # where gpu_check.json and .md go (default: benchmarks/out)
 
 Sections (each timed and guarded: one failure is recorded and the rest still run; a global deadline skips
 what would not finish in time):
@@ -346,7 +346,8 @@ def markdown(data: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (< 1 min)")
-    ap.add_argument("--out", default=".", help="folder for gpu_check.json and gpu_check.md")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"),
+                    help="folder for gpu_check.json and gpu_check.md (default: benchmarks/out, git-ignored)")
     ap.add_argument("--deadline", type=float, default=None, help="seconds for everything (default 450; smoke 50)")
     args = ap.parse_args(argv)
 

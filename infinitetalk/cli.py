@@ -94,7 +94,8 @@ def _request_from_args(args: argparse.Namespace):
         mask_image=Path(args.mask) if args.mask else None,
         left_mask=Path(args.left_mask) if args.left_mask else None,
         right_mask=Path(args.right_mask) if args.right_mask else None,
-        prompt="\n".join(args.prompt or [DEFAULT_PROMPT]), negative_prompt=args.negative_prompt, order=args.order, resolution=args.resolution,
+        prompt="\n".join(args.prompt or [DEFAULT_PROMPT]), negative_prompt=args.negative_prompt, order=args.order,
+        resolution=args.resolution,
         seed=args.seed, preset=args.preset, steps=args.steps, text_guidance=args.text_guidance,
         audio_guidance=args.audio_guidance, shift=args.shift, color_strength=args.color_strength, crf=args.crf,
         job_dir=Path(args.job_dir) if args.job_dir else None, size_scale=args.size_scale, keep_job=args.keep_job,
@@ -204,8 +205,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--left-mask", help="region of the left speaker (white); needs --right-mask")
     p.add_argument("--right-mask", help="region of the right speaker (white); needs --left-mask")
     p.add_argument("--prompt", action="append", default=None,
-                   help="what the scene looks like (repeatable, or one per line: successive windows of 81 frames "
-                        "(3.2 s) take successive prompts, the last one repeating); default: two people talking")
+                   help="what the scene looks like (repeatable, or one per line: successive windows take successive "
+                        "prompts, the first 81 frames (3.2 s), then 72 new frames (2.9 s) each, the last prompt "
+                        "repeating); default: two people talking")
     p.add_argument("--negative-prompt", default=None, help="default: the reference's negative prompt")
     p.add_argument("--order", choices=("meanwhile", "left_right", "right_left"), default=None,
                    help="who speaks when (default: left_right for an image, meanwhile for a video)")
@@ -232,7 +234,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp32"), help="default bf16 on GPU, fp32 on CPU")
     for name, what in (("dit", "Wan2.1-I2V DiT (with or without the InfiniteTalk weights)"),
-                       ("patch", "InfiniteTalk audio adapter file"), ("wav2vec2", "audio encoder"),
+                       ("patch", "InfiniteTalk audio adapter"), ("wav2vec2", "audio encoder"),
                        ("text-encoder", "umT5-XXL text encoder"), ("tokenizer", "umT5 spiece.model"),
                        ("clip-vision", "CLIP ViT-H vision encoder"), ("vae", "Wan2.1 VAE")):
         p.add_argument(f"--{name}", default=None, help=f"{what} file (overrides the models folder)")
@@ -275,7 +277,7 @@ def _runtime_from_args(args: argparse.Namespace):
     from .runtime.options import RuntimeOptions
 
     return RuntimeOptions(vram_gb=args.vram, attention=getattr(args, "attention", "sdpa"),
-                          fp8_matmul=getattr(args, "fp8_matmul", "auto"), compile=getattr(args, "compile", False),
+                          fp8_matmul=getattr(args, "fp8_matmul", "off"), compile=getattr(args, "compile", False),
                           batch_guidance=not args.no_batch_guidance)
 
 

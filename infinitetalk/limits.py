@@ -23,7 +23,7 @@ __all__ = [
     "MAX_PIXELS", "MAX_SIDE", "MIN_SIDE", "MAX_SAMPLE_RATE", "MIN_SAMPLE_RATE", "MAX_AUDIO_CHANNELS",
     "MAX_AUDIO_VALUES", "MIN_AUDIO_SECONDS", "MAX_AUDIO_SECONDS", "MAX_VIDEO_SECONDS", "EMPTY_MASK",
     "ImageInfo", "AudioInfo", "VideoInfo",
-    "image_size_from_header", "probe_image", "probe_audio", "probe_video", "probe_media", "check_mask",
+    "image_size_from_header", "probe_image", "probe_audio", "probe_video", "check_mask",
     "check_pixels", "check_audio_format",
 ]
 
@@ -164,7 +164,10 @@ def image_size_from_header(path: str | os.PathLike) -> ImageInfo | None:
             w, h = struct.unpack("<HH", head[6:10])
             return ImageInfo(w, h, "gif")
         if head[:2] == b"BM" and len(head) >= 26:
-            w, h = struct.unpack("<ii", head[18:26])
+            if struct.unpack("<I", head[14:18])[0] == 12:    # OS/2 BITMAPCOREHEADER: 16-bit sides
+                w, h = struct.unpack("<HH", head[18:22])
+            else:                                             # BITMAPINFOHEADER and later: signed 32-bit
+                w, h = struct.unpack("<ii", head[18:26])
             return ImageInfo(abs(w), abs(h), "bmp")
         if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
             kind = head[12:16]
@@ -265,24 +268,27 @@ def probe_video(path: str | os.PathLike, field: str = "video") -> VideoInfo:
     return VideoInfo(w, h, seconds if seconds is not None else float("nan"), audio)
 
 
-def probe_media(path: str | os.PathLike, field: str) -> ImageInfo | AudioInfo | VideoInfo:
-    """The probe for an input field by its name: `*audio*` → probe_audio, `video` → probe_video,
-    anything else (image, mask_image, left_mask, right_mask) → probe_image."""
-    if "audio" in field:
-        return probe_audio(path, field)
-    if field == "video":
-        return probe_video(path, field)
-    return probe_image(path, field)
+_MASK_STRIP_PIXELS = 1 << 20   # mask pixels thresholded at a time: the float copy stays ~12 MB at any size
 
 
 def check_mask(path: str | os.PathLike, field: str = "mask_image") -> None:
     """Refuse a mask image that marks nothing (all black / fully transparent): the job would "succeed" with
-    nothing moving. Probed first (so decoding stays within MAX_PIXELS), then one frame is decoded.
-    A mask marking everything is valid (everything is generated). InputError(field, "the mask is empty …")."""
-    from .pipeline.inputs import load_mask
+    nothing moving. Probed first (so decoding stays within MAX_PIXELS), then one frame is decoded and
+    thresholded strip by strip with the pipeline's rule (`masks.mask_from_array`), so a 40 MP mask is never
+    held as float. A mask marking everything is valid (everything is generated). InputError(field, EMPTY_MASK)."""
     from .pipeline.masks import mask_from_array
+    from .video.reader import load_image_with_alpha
 
-    probe_image(path, field)
-    mask = load_mask(path, field)
-    if not bool(mask_from_array(mask, mask.shape[0], mask.shape[1], field).any()):
-        raise InputError(field, EMPTY_MASK)
+    rgb, alpha = load_image_with_alpha(path, field)    # alpha only when not fully opaque: it then marks the region
+    plane = rgb if alpha is None else alpha
+    del rgb, alpha                                     # only the plane that decides stays in memory
+    height, width = int(plane.shape[0]), int(plane.shape[1])
+    step = max(2, _MASK_STRIP_PIXELS // width)
+    top = 0
+    while top < height:
+        end = height if height - top < 2 * step else top + step    # the last strip takes the rest (never 1 row)
+        strip = plane[top:end]
+        if bool(mask_from_array(strip, end - top, width, field).any()):
+            return
+        top = end
+    raise InputError(field, EMPTY_MASK)

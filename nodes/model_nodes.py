@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import re
 import threading
 import time
@@ -140,7 +139,7 @@ class ModelChoice:
                                        "loader's 'lora' (e.g. lightx2v I2V 480p rank64) or use preset 'quality'")
         with self._lock:
             if self._bundle is None:
-                extra = {"runtime": self.runtime} if "runtime" in inspect.signature(load_models).parameters else {}
+                extra: dict[str, Any] = {"runtime": self.runtime}
                 names = ", ".join(Path(p).name for p in self._files())
                 bridge.progress_text(f"Loading models (first run, may take minutes): {names}")
                 start = time.monotonic()
@@ -204,7 +203,7 @@ class InfiniteTalkModelLoader:
                             "Keep the text and CLIP encoders in CPU RAM and move them to the GPU only while they "
                             "encode (auto = on with a GPU). Saves ~7 GB of VRAM."}),
             },
-            "optional": {  # runtime settings: speed and memory only, never the result's maths
+            "optional": {  # runtime settings: speed and memory (fp8_matmul on/auto trades a little exactness)
                 "vram_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5, "advanced": True,
                                       "tooltip": "GPU memory the job may use in GB; 0 = automatic (free memory "
                                       "minus a margin). Lower it to stream DiT blocks from RAM on small GPUs."}),

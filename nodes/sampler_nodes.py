@@ -9,11 +9,11 @@ import torch
 
 from infinitetalk.errors import InputError
 from infinitetalk.pipeline.request import MAX_GUIDANCE, MAX_SEED, ORDERS, PRESETS, RESOLUTIONS, GenerationRequest
+from infinitetalk.text.prompts import DEFAULT_PROMPT
 
 from . import bridge, media
 from .types import InfiniteTalkVideo
 
-DEFAULT_PROMPT = "Two people are talking to each other."
 FRAMES_LIMIT_MB = 2048
 DEFAULT_PRESET = "fast"
 FRAMES_OUTPUT = 1  # index of 'frames' in RETURN_TYPES
@@ -115,7 +115,10 @@ class InfiniteTalkMultiSampler:
                 "left_audio": ("AUDIO", {"tooltip": "Voice of the person on the LEFT of the picture."}),
                 "right_audio": ("AUDIO", {"tooltip": "Voice of the person on the RIGHT of the picture."}),
                 "prompt": ("STRING", {"default": DEFAULT_PROMPT, "multiline": True,
-                                      "tooltip": "What the scene looks like and what happens (English or Chinese)."}),
+                                      "tooltip": "What the scene looks like and what happens (English or Chinese). "
+                                      "Several lines: successive windows take successive lines (the first "
+                                      "window 81 frames, 3.2 s; each next one 72 new frames, 2.9 s), the last "
+                                      "line repeating."}),
                 "negative_prompt": ("STRING", {"default": "", "multiline": True,
                                                "tooltip": "What to avoid; empty = the model's standard negative prompt."}),
                 "order": (list(ORDERS), {"default": "left_right", "tooltip":
@@ -172,7 +175,6 @@ class InfiniteTalkMultiSampler:
         if not 1 <= int(steps) <= 100:
             return f"steps: {steps} is outside 1 .. 100"
         return True
-
 
     def generate(self, models: Any, left_audio: dict, right_audio: dict, prompt: str, negative_prompt: str,
                  order: str, resolution: str, seed: int, preset: str, steps: int, text_guidance: float,

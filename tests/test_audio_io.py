@@ -221,3 +221,16 @@ def test_audio_limits_refuse_with_field_value_and_limit(tmp_path):
     _wav_bytes(tmp_path / "wide.wav", 33, 8000, 800)
     with pytest.raises(InputError, match=r"left_audio: .*33 channels.*32"):
         load_audio(tmp_path / "wide.wav", "left_audio")
+
+
+def test_format_change_mid_stream_is_refused_naming_both_formats(tmp_path):
+    if "libmp3lame" not in av.codecs_available:
+        pytest.skip("libmp3lame not in this PyAV build")
+    parts = []
+    for i, (sr, channels) in enumerate(((44100, 1), (22050, 2))):      # two mp3 streams glued together
+        _encode(tmp_path / f"p{i}.mp3", "libmp3lame", _tone(0.5, sr, channels=channels), sr, None)
+        parts.append((tmp_path / f"p{i}.mp3").read_bytes())
+    (tmp_path / "glued.mp3").write_bytes(b"".join(parts))
+    with pytest.raises(InputError, match=r"^left_audio: .*glued\.mp3 changes mid-stream from \d+ Hz × \d channels "
+                                         r"to \d+ Hz × \d channels"):
+        load_audio(tmp_path / "glued.mp3", "left_audio")

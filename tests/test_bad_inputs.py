@@ -13,6 +13,8 @@ import logging
 import os
 import resource
 import struct
+import subprocess
+import sys
 import time
 import wave
 import zlib
@@ -173,6 +175,15 @@ def test_image_header_sizes_are_read_not_guessed(tmp_path):
     tiny = write_png(tmp_path / "t.png", np.zeros((16, 64, 3), np.uint8))
     with pytest.raises(InputError, match="image: .*64×16.*at least 32"):
         limits.probe_image(tiny, "image")
+    # an OS/2 bitmap (12-byte core header, 16-bit sides) is 40×36, not 36·65536+40 wide
+    row = bytes(40 * 3)                                               # 120 bytes: already a multiple of 4
+    os2 = tmp_path / "os2.bmp"
+    os2.write_bytes(b"BM" + struct.pack("<IHHI", 26 + 36 * len(row), 0, 0, 26)
+                    + struct.pack("<IHHHH", 12, 40, 36, 1, 24) + row * 36)
+    assert limits.probe_image(os2, "image") == limits.ImageInfo(40, 36, "bmp")
+    from infinitetalk.video.reader import load_image
+
+    assert tuple(load_image(os2).shape) == (36, 40, 3)
 
 
 def test_audio_over_budget_is_refused_from_its_header(tmp_path, good, capsys):
@@ -255,6 +266,51 @@ def test_empty_mask_is_refused_in_every_path(tmp_path, good, capsys):
     with pytest.raises(InputError, match="^mask_image: the mask is empty"):
         limits.check_mask(good["black"], "mask_image")
     limits.check_mask(good["white"], "mask_image")                     # a full mask is valid: everything moves
+
+
+def _rgba_png(path: Path, rgba: np.ndarray) -> Path:
+    rows = b"".join(b"\0" + row.tobytes() for row in np.ascontiguousarray(rgba, np.uint8))
+    ihdr = struct.pack(">IIBBBBB", rgba.shape[1], rgba.shape[0], 8, 6, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(rows))
+                     + _png_chunk(b"IEND", b""))
+    return path
+
+
+def test_check_mask_reads_strips_with_the_pipeline_rule(tmp_path, monkeypatch):
+    """Thresholded strip by strip (4 rows here), a mark in the last row, or only in the alpha, still counts."""
+    from infinitetalk.pipeline.masks import mask_from_array
+
+    monkeypatch.setattr(limits, "_MASK_STRIP_PIXELS", 4 * 40)
+    last_row = np.zeros((33, 40, 3), np.uint8)
+    last_row[-1, 7] = 255
+    limits.check_mask(write_png(tmp_path / "last.png", last_row))
+    grey = np.full((33, 40, 3), 127, np.uint8)                         # 127/255 < 0.5: not marked
+    with pytest.raises(InputError, match="^mask_image: the mask is empty"):
+        limits.check_mask(write_png(tmp_path / "grey.png", grey))
+    rgba = np.zeros((33, 40, 4), np.uint8)                              # black, transparent but one opaque pixel
+    rgba[31, 39, 3] = 255
+    assert bool(mask_from_array(torch.from_numpy(rgba), 33, 40).any())
+    limits.check_mask(_rgba_png(tmp_path / "alpha.png", rgba))
+    rgba[..., :3], rgba[..., 3] = 255, 0                                # white but fully transparent
+    with pytest.raises(InputError, match="^left_mask: the mask is empty"):
+        limits.check_mask(_rgba_png(tmp_path / "clear.png", rgba), "left_mask")
+
+
+@pytest.mark.slow
+def test_check_mask_of_a_large_mask_is_never_held_as_float(tmp_path):
+    """20 MP black mask: the check's peak memory stays near the decoded uint8 picture (60 MB), far below
+    the ~500 MB of converting it to float at once (measured in a fresh process)."""
+    mask = png_bomb(tmp_path / "big.png", 5000, 4000)
+    code = ("import resource, sys\nfrom infinitetalk import limits\nfrom infinitetalk.errors import InputError\n"
+            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "try:\n    limits.check_mask(sys.argv[1])\nexcept InputError as exc:\n    assert 'empty' in str(exc), exc\n"
+            "else:\n    raise SystemExit('not refused')\n"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code, str(mask)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert int(proc.stdout.split()[-1]) < 300, f"peak grew by {proc.stdout.split()[-1]} MB"
 
 
 # -- 3. checkpoint headers that lie ----------------------------------------------------------------------

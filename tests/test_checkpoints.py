@@ -182,6 +182,13 @@ def test_truncated_safetensors(tmp_path, state):
     bad.write_bytes(struct.pack("<Q", 10**6) + b"{" + b"\0" * 20)
     with pytest.raises(CheckpointError, match=r"hdr\.safetensors.*header length"):
         open_checkpoint(bad)
+    huge = tmp_path / "huge.safetensors"                            # a sparse file: no disk used
+    with open(huge, "wb") as f:
+        f.write(struct.pack("<Q", 200 * 1024 * 1024) + b"{")
+        f.truncate(300 * 1024 * 1024)
+    with pytest.raises(CheckpointError, match=r"huge\.safetensors: safetensors header length 209715200 is over the "
+                                              r"104857600 bytes"):
+        open_checkpoint(huge)
 
 
 def test_pickle_named_safetensors_is_mislabelled(tmp_path, state):

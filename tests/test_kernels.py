@@ -48,7 +48,7 @@ def test_unknown_backend_is_a_clear_error(name):
 
 @pytest.mark.parametrize("name,package,pip", [("flash", "flash_attn", "flash-attn"),
                                               ("sage", "sageattention", "sageattention")])
-def test_missing_package_names_it(monkeypatch, name, package, pip):
+def test_missing_package_names_it(monkeypatch, tmp_path, name, package, pip):
     monkeypatch.setitem(sys.modules, package, None)  # import fails even where the package is installed
     rt_attention._resolved.pop(name, None)
     with pytest.raises(InputError, match=rf"backend '{name}' needs the Python package '{package}'.*pip install {pip}"):
@@ -56,6 +56,17 @@ def test_missing_package_names_it(monkeypatch, name, package, pip):
     assert not rt_attention.attention_available(name)
     with pytest.raises(InputError, match=package):
         configure_dit(random_model(small_config(num_layers=1)), RuntimeOptions(attention=name), "cpu")
+    # the loader refuses it before reading any weights (a 14B DiT takes minutes to load)
+    import infinitetalk.loaders as loaders
+    from infinitetalk.pipeline import models as pipeline_models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were read before the attention backend was checked")
+
+    monkeypatch.setattr(loaders, "load_dit", no_loading)
+    monkeypatch.setattr(pipeline_models, "resolve_model_paths", lambda *a, **k: None)
+    with pytest.raises(InputError, match=package):
+        pipeline_models.load_models(tmp_path, device="cpu", runtime=RuntimeOptions(attention=name))
 
 
 def _fake_packages(monkeypatch, calls):
@@ -117,7 +128,9 @@ def test_scaled_mm_matches_its_emulation(per_row, dtype):
     """`_scaled_mm` (CPU reference here) = quantise x per tensor, dequantise both, matmul."""
     lin = _fp8_linear(per_row=per_row)
     x = torch.randn(3, 7, 48, generator=G).to(dtype)
+    given = x.clone()
     got = scaled_mm_linear(x, lin.weight, lin.weight_scale, lin.bias)
+    assert torch.equal(x, given)   # the activation is quantised in a copy, never in place
     x_scale = x.float().abs().amax() / FP8_MAX
     xq = (x.float() / x_scale).to(torch.float8_e4m3fn).float() * x_scale
     emulated = F.linear(xq, dequantize(lin.weight, lin.weight_scale, torch.float32), lin.bias.float())

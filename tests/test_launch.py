@@ -78,7 +78,8 @@ def test_rank_0_refuses_a_world_size_whose_sequence_groups_cannot_split_the_head
         world = SimpleNamespace(world_size=world_size, parallel=SimpleNamespace(guidance_parallel=True))
         LeaderSampler(world)._check_world_size(dit, guidance)
 
-    for world_size, guidance in ((2, fast), (4, fast), (8, fast), (3, quality), (6, quality), (8, quality)):
+    for world_size, guidance in ((2, fast), (4, fast), (8, fast), (3, quality), (6, quality), (8, quality),
+                                 (16, quality)):   # 16: 2 groups of 8 take the 3 calls in turn
         check(world_size, guidance)
     for world_size, guidance in ((3, fast), (6, fast), (7, quality)):
         with pytest.raises(InputError, match="cannot split the DiT's 40 attention heads") as err:

@@ -93,6 +93,41 @@ def test_undecodable_authorization_bytes_get_401_not_500(env, raw):
     assert b'"code": 401' in payload and b"API key" in payload
 
 
+@pytest.mark.parametrize("broken", ["missing", "folder", "not_utf8"])
+def test_an_unreadable_key_file_admits_nobody(env, tmp_path, broken):
+    """A key file that cannot be read must not turn the server keyless (loopback admitted): 503 for all."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from infinitetalk.service.auth import ENV_KEYS_FILE, load_keys
+    from infinitetalk.service.routes import JobApi
+
+    key_file = tmp_path / "keys.txt"
+    if broken == "folder":
+        key_file.mkdir()
+    elif broken == "not_utf8":
+        key_file.write_bytes(b"\xff\xfe" + KEY.encode())
+    environ = {ENV_KEYS_FILE: str(key_file), "INFINITETALK_API_KEYS": KEY}
+    with pytest.raises(RuntimeError, match=ENV_KEYS_FILE):
+        load_keys(environ)
+
+    async def main():
+        app = web.Application()
+        app.add_routes(JobApi(env["service"], keys=lambda: load_keys(environ), is_open=lambda: True).routes())
+        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+            return [await post(client, SUBMIT, body(), headers) for headers in ({}, {"Authorization": f"Bearer {KEY}"})]
+    for status, reply in asyncio.run(main()):
+        assert status == 503 and reply["code"] == 503 and reply["data"] is None, reply
+        assert str(tmp_path) not in reply["message"] and "key" in reply["message"], reply
+    assert env["engine"].counter == 0
+    if key_file.is_dir():
+        key_file.rmdir()
+    key_file.write_text(f"# fixed\n{KEY}2\n")
+    assert load_keys(environ) == (KEY, f"{KEY}2")
+    key_file.write_text("# no key yet\n")   # readable, comments only: no key from the file
+    assert load_keys(environ) == (KEY,)
+
+
 # -- malformed requests and routes --------------------------------------------------------------------------
 def test_deeply_nested_json_is_a_400_in_the_envelope(env):
     async def flow(client):
@@ -265,6 +300,25 @@ def test_finished_jobs_inputs_are_removed_after_the_retention(tmp_path):
     assert sorted(service.clean_inputs(now + timedelta(minutes=61))) == sorted([done, "b" * 32])
     assert job_folders(env) == [queued]  # a queued job keeps its inputs, whatever its age
     assert service.get(done).status == "completed"  # the record stays
+
+
+def test_inputs_of_a_job_recorded_but_never_queued_are_removed_after_the_retention(tmp_path):
+    """A crash between recording a job and queueing it leaves a 'created' record without a prompt id:
+    nothing will ever use its inputs, so they age out like an orphan folder (from the record's creation)."""
+    from infinitetalk.service.store import JobRecord
+
+    env = make_env(tmp_path, retention_s=3600.0)
+    service = env["service"]
+    created = datetime.now(timezone.utc) - timedelta(hours=2)
+    job_id = "c" * 32
+    service.store.insert(JobRecord(id=job_id, model="infinitetalk-multi", request={}, status="created",
+                                   created_at=created.isoformat().replace("+00:00", "Z")))
+    folder = env["inputs"] / "infinitetalk_api" / job_id
+    folder.mkdir(parents=True)
+    (folder / "image.png").write_bytes(b"x")
+    assert service.clean_inputs(created + timedelta(minutes=59)) == []
+    assert service.clean_inputs(created + timedelta(minutes=61)) == [job_id]
+    assert job_folders(env) == []
 
 
 def test_retention_setting_from_the_environment(tmp_path, monkeypatch):

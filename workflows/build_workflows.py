@@ -97,7 +97,7 @@ SAMPLER_COMMON = {
 }
 LOADER = {role: spec[0] for role, spec in MODEL_FILES.items()} | {
     "lora_strength": 1.0, "precision": "auto", "offload": "auto",
-    "vram_gb": 0.0, "attention": "sdpa", "fp8_matmul": "auto", "compile": False, "gpus": 1}
+    "vram_gb": 0.0, "attention": "sdpa", "fp8_matmul": "off", "compile": False, "gpus": 1}
 SAVE = {"fps": 25.0, "codec": "h264", "crf": 19, "pix_fmt": "yuv420p", "trim_to_audio": True}
 
 

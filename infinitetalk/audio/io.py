@@ -94,8 +94,9 @@ def load_audio(source: AudioSource, name: str = "left_audio", max_seconds: float
                     check_audio_format(rate, channels, None, name)
                     resampler = av.AudioResampler(format="flt", layout=frame.layout, rate=rate)
                 elif len(frame.layout.channels) != channels or int(frame.sample_rate) != rate:
-                    raise InputError(name, f"{_describe(source)} changes its sample rate or channel count "
-                                           f"mid-stream; convert it to one format first")
+                    raise InputError(name, f"{_describe(source)} changes mid-stream from {rate} Hz × {channels} "
+                                           f"channels to {int(frame.sample_rate)} Hz × {len(frame.layout.channels)} "
+                                           f"channels; one format throughout is needed: convert it first")
                 take(resampler.resample(frame))
                 if total > (max_seconds + 1.0 / 25) * rate:
                     raise InputError(name, f"audio is longer than {max_seconds:.0f} s "

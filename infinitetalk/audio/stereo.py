@@ -31,9 +31,6 @@ def place_stereo(clip: AudioClip, name: str = "stereo_audio") -> Placement:
     """Both channels placed `meanwhile` (features per speaker); the mix is the original stereo."""
     left, right = split_stereo(clip, name)
     placement = place_speakers(left, right, "meanwhile")
-    length = placement.mix.num_samples
-    samples = clip.samples[:, :length]
-    if samples.shape[1] < length:
-        samples = torch.nn.functional.pad(samples, (0, length - samples.shape[1]))
-    placement.mix = AudioClip(samples.contiguous(), clip.sample_rate)
+    # the placed mix is the file cut to whole video frames (never longer: both channels have its length)
+    placement.mix = AudioClip(clip.samples[:, :placement.mix.num_samples].contiguous(), clip.sample_rate)
     return placement

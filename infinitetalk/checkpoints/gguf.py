@@ -115,7 +115,7 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
     ql = b[:, :128].reshape(n, 2, 64)
     low = torch.stack((ql & 0x0F, ql >> 4), dim=2).reshape(n, 8, 32)  # (half, nibble, byte) -> group
     qh = b[:, 128:192].reshape(n, 2, 1, 32)
-    shifts = torch.tensor([0, 2, 4, 6], device=b.device, dtype=torch.uint8).view(1, 1, 4, 1)
+    shifts = torch.arange(0, 8, 2, device=b.device, dtype=torch.uint8).view(1, 1, 4, 1)  # 0, 2, 4, 6: no host copy
     high = ((qh >> shifts) & 3).reshape(n, 8, 32)
     q = ((low | (high << 4)).to(torch.int16) - 32).float().reshape(n, 16, 16)
     scales = b[:, 192:208].contiguous().view(torch.int8).float()

@@ -110,7 +110,8 @@ def _entry(path: Path, key: str, info: object, data_len: int) -> tuple[list[int]
         raise CheckpointError(path, f"tensor {key!r} has shape {shape!r}; expected a list of non-negative integers "
                                     f"(each below 2**62)")
     if dtype not in _SAFETENSORS_DTYPES:
-        raise CheckpointError(path, f"tensor {key!r} has unsupported dtype {dtype!r}")
+        raise CheckpointError(path, f"tensor {key!r} has unsupported dtype {dtype!r} (supported: "
+                                    f"{', '.join(_SAFETENSORS_DTYPES)})")
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
             or not 0 <= offsets[0] <= offsets[1]):
         raise CheckpointError(path, f"tensor {key!r} has data_offsets {offsets!r}; expected [begin, end] with "
@@ -135,8 +136,11 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, tuple[list[int], str
     size = path.stat().st_size
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
-        if n > size - 8 or n > _MAX_HEADER_BYTES:
+        if n > size - 8:
             raise CheckpointError(path, f"safetensors header length {n} exceeds the file size {size}: truncated or corrupt")
+        if n > _MAX_HEADER_BYTES:
+            raise CheckpointError(path, f"safetensors header length {n} is over the {_MAX_HEADER_BYTES} bytes the "
+                                        f"format allows: corrupt file")
         raw = f.read(n)
     try:
         header = json.loads(raw)

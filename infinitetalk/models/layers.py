@@ -47,8 +47,10 @@ def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor 
     amax/448, W stays as stored; a per-row weight scale multiplies the output. Result in x's dtype."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    x_scale = (x2.abs().amax().float() / FP8_MAX).clamp_min(1e-12)
-    xq = (x2.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    lo, hi = torch.aminmax(x2)   # max |x| without an |x| copy of the activations
+    x_scale = (torch.maximum(-lo, hi).float() / FP8_MAX).clamp_min(1e-12)
+    # one float32 copy, scaled and clamped in place (activations of a 14B DiT are GiB-sized per call)
+    xq = x2.to(torch.float32, copy=True).div_(x_scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     one = torch.ones((), device=x.device, dtype=torch.float32)
     per_tensor = scale is not None and scale.numel() == 1
     w_scale = scale.reshape(()).to(device=x.device, dtype=torch.float32) if per_tensor else one

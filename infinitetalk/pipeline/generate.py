@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import JobCancelled
+from ..runtime.teacache import TeaCache
 from ..text.prompts import prompt_for_window, window_prompts
 from .conditioning import motion_latents, reference_condition, to_model_frames, to_uint8_frames
 from .job import JobFolder, JobState, default_job_dir, fingerprint
@@ -71,6 +72,7 @@ def generate(request: GenerationRequest, models: ModelBundle, progress: Progress
     req = request.resolved()
     inputs = prepare_inputs(req)                           # every InputError happens here
     try:
+        _check_sampler(models, req)                        # InputError("teacache") when the sampler lacks it
         _place_for_job(models, req, inputs)                # InputError("vram") when the job cannot fit
         return _generate(request, req, inputs, models, progress, cancel, on_window, t_start)
     finally:
@@ -155,6 +157,9 @@ def _run_windows(req, models, inputs, job: JobFolder, state: JobState, times, gu
     speaker_masks = inputs.latent_speaker_masks.to(device)  # [3, h, w]
     first_reference = to_model_frames(inputs.source.frame(0)).to(device)   # colour target of every window
 
+    sample = models.sampler or sample_window   # multi-process runs: every rank samples the window together
+    placement = getattr(models, "placement", None)   # guidance calls per DiT pass that fit the budget
+    extra = {} if models.sampler or placement is None else {"batch": placement.max_guidance_batch}
     cached: dict = {}  # image input: the reference conditioning is the same for every window
     tail = job.load_tail(state.windows_done - 1).to(device) if state.windows_done else None
 
@@ -170,15 +175,7 @@ def _run_windows(req, models, inputs, job: JobFolder, state: JobState, times, gu
         keep, keep_frames = _keep_region(models, inputs, start, frame_num, cached)
         tracker.advance("encode")
 
-        sample = models.sampler or sample_window   # multi-process runs: every rank samples the window together
-        placement = getattr(models, "placement", None)   # guidance calls per DiT pass that fit the budget
-        extra = {} if models.sampler or placement is None else {"batch": placement.max_guidance_batch}
-        if req.teacache:   # step skipping (quality recipe; settings["teacache"] records it)
-            from ..errors import InputError
-            from ..runtime.teacache import TeaCache
-
-            if models.sampler is not None and "teacache" not in inspect.signature(models.sampler).parameters:
-                raise InputError("teacache", "step skipping is not available with multi-process sampling yet")
+        if req.teacache:   # step skipping (quality recipe; settings["teacache"] records it): fresh state per window
             extra["teacache"] = TeaCache(req.teacache, scale=req.resolution.removesuffix("p"))
         latent = sample(models.dit, noise, cond, times, guidance, motion, keep=keep, on_step=on_step, **extra)
 
@@ -211,6 +208,15 @@ def _run_windows(req, models, inputs, job: JobFolder, state: JobState, times, gu
         tracker.window_done(k)
         if on_window is not None and preview:
             on_window(k, torch.cat(preview))
+
+
+def _check_sampler(models, req) -> None:
+    """Refuse, before any model work, a setting the multi-process sampler (`models.sampler`) cannot run."""
+    from ..errors import InputError
+
+    if req.teacache and models.sampler is not None and "teacache" not in inspect.signature(models.sampler).parameters:
+        raise InputError("teacache", f"step skipping ({req.teacache:g}) is not available with multi-process "
+                                     "sampling yet; use teacache 0 or one process")
 
 
 def _place_for_job(models, req, inputs) -> None:

@@ -168,17 +168,18 @@ def prepare_inputs(req: GenerationRequest) -> PreparedInputs:
     plan = plan_chunks(placement.frames, req.frame_num, req.motion_frames)
 
     first, video, _ = _load_source(req)
-    src_h, src_w = int(first.shape[0]), int(first.shape[1])
-    size = select_bucket(src_h, src_w, req.resolution, scale=req.size_scale)
-    source = ReferenceSource(size, image=first if video is None else None, video=video)
-    try:
+    try:   # the video stays open for the sampling: closed here only when a later check fails
         from .masks import to_latent_masks
 
+        src_h, src_w = int(first.shape[0]), int(first.shape[1])
+        size = select_bucket(src_h, src_w, req.resolution, scale=req.size_scale)
         h, w = size[0] // 8, size[1] // 8
         speakers = to_latent_masks(_speaker_masks(req, src_h, src_w), h, w, size=size)
         keep, keep_pixels = _keep_masks(req, src_h, src_w, size)
+        source = ReferenceSource(size, image=first if video is None else None, video=video)
     except BaseException:
-        source.close()
+        if video is not None:
+            video.close()
         raise
     mix = placement.mix
     return PreparedInputs(size=size, plan=plan, speaker_tracks=placement.tracks,

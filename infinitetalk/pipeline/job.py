@@ -112,7 +112,7 @@ class JobFolder:
     def start(self, state: JobState) -> None:
         """Begin a fresh job: drop whatever an older job left here (only our own files), write the state."""
         self.path.mkdir(parents=True, exist_ok=True)
-        for pattern in ("segment_*.mp4", "tail_*.pt", "*.tmp", self.STATE):
+        for pattern in ("segment_*.mp4", ".segment_*.partial.mp4", "tail_*.pt", "*.tmp", self.STATE):
             for p in self.path.glob(pattern):
                 p.unlink()
         self.commit(state)

@@ -270,12 +270,18 @@ def load_models(models_dir: str | Path | None = None, preset: str = "quality", d
         raise InputError("components", f"{sorted(unknown)} are not among {', '.join(COMPONENTS)}")
     wanted = set(components)
     runtime = runtime if runtime is not None else RuntimeOptions()
+    if "dit" in wanted:   # a missing attention package or unusable fp8 mode fails before any weights are read
+        from ..runtime.kernels import check_kernels
+
+        check_kernels(runtime, dev)
     budget = _budget_bytes(runtime, dev)
     dit_home = dev if budget is None else torch.device("cpu")   # placed block by block below
     dit = (load_dit(paths.dit, paths.patch, loras=tuple((str(p), s) for p, s in paths.loras), dtype=dt,
                     device=dit_home) if "dit" in wanted else None)
     if dit is not None:
-        _configure_kernels(dit, runtime, dev)
+        from ..runtime.kernels import configure_dit
+
+        configure_dit(dit, runtime, dev)
     vae = load_vae(paths.vae, dtype=torch.float32, device=dev) if "vae" in wanted else None
     wav2vec2 = load_wav2vec2(paths.wav2vec2, dtype=torch.float32, device="cpu") if "wav2vec2" in wanted else None
     text = (load_text_encoder(paths.text_encoder, paths.tokenizer, dtype=dt, device=park)
@@ -299,15 +305,6 @@ def _budget_bytes(runtime: RuntimeOptions, device: torch.device) -> int | None:
 
         return auto_budget_bytes(torch.cuda.mem_get_info(device)[0])
     return None
-
-
-def _configure_kernels(dit: torch.nn.Module, runtime: RuntimeOptions, device: torch.device) -> None:
-    """Attention backend, fp8 matmul and compile (runtime/kernels.py, when that module is present)."""
-    try:
-        from ..runtime.kernels import configure_dit
-    except ImportError:
-        return
-    configure_dit(dit, runtime, device)
 
 
 def _dtype(value: torch.dtype | str) -> torch.dtype:

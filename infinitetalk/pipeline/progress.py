@@ -35,9 +35,7 @@ class ProgressInfo:
 def _wants_info(hook: ProgressHook) -> bool:
     try:
         inspect.signature(hook).bind(0, 0, None)
-    except TypeError:
-        return False
-    except ValueError:   # no signature (some builtins): the plain form
+    except (TypeError, ValueError):   # takes two arguments, or has no signature (some builtins): the plain form
         return False
     return True
 

@@ -176,7 +176,8 @@ def sample_window(
     motion: clean latents [16, n, h, w] re-imposed on the first n latent frames before every model call and
     at the end. `on_step(i)` runs after step i (progress, cancellation). `batch`: guidance calls per DiT
     pass (True = all, 1/False = one at a time; same result). `parallel`: a `runtime.parallel.ParallelState`;
-    then this is a collective — every rank calls it with equal arguments and every rank returns the same latent.
+    then this is a collective — every rank calls it with equal arguments (except `batch`: the smallest over
+    the ranks is used) and every rank returns the same latent.
     `teacache`: a `runtime.teacache.TeaCache` (quality recipe only) skips block stacks on slowly changing steps
     (an approximation; its `decisions` record what ran).
     """
@@ -185,6 +186,8 @@ def sample_window(
             raise ValueError("TeaCache step skipping follows the reference's 3-call (quality) recipe; "
                              f"this guidance makes {guidance.calls_per_step} calls per step")
         teacache.start_window(times.numel() - 1)
+    if parallel is not None and parallel.world_size > 1:   # ranks' memory plans may allow different batches
+        batch = parallel.smallest(_batch_size(batch, guidance.calls_per_step))
     n_motion = motion.shape[1]
     x = noise.clone()
     steps = times.numel() - 1

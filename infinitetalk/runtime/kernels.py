@@ -25,7 +25,7 @@ from ..models.layers import Linear
 from .attention import resolve_attention
 from .options import RuntimeOptions
 
-__all__ = ["configure_dit", "KernelReport", "fp8_matmul_supported", "compile_blocks"]
+__all__ = ["configure_dit", "check_kernels", "KernelReport", "fp8_matmul_supported", "compile_blocks"]
 
 MIN_FP8_CAPABILITY = (8, 9)
 
@@ -80,17 +80,22 @@ def compile_blocks(blocks: nn.ModuleList, backend: str | Callable = "inductor") 
     return n
 
 
+def check_kernels(options: RuntimeOptions, device: torch.device | str) -> bool:
+    """InputError for choices this machine cannot run (a backend whose package is missing, fp8 'on' where
+    unavailable), so a loader can refuse them before reading any weights; returns whether fp8 matmul is used."""
+    resolve_attention(options.attention)
+    return _use_fp8_matmul(options.fp8_matmul, torch.device(device))
+
+
 def configure_dit(dit: nn.Module, options: RuntimeOptions, device: torch.device | str,
                   compile_backend: str | Callable = "inductor") -> KernelReport:
     """Apply `options`' attention backend, fp8-matmul mode and compile flag to a loaded DiT.
 
-    Bad choices (a backend whose package is missing, fp8 'on' where unavailable) raise InputError here,
-    before any model work. `compile_backend` exists for tests (e.g. "eager" on machines without a compiler).
+    Bad choices raise InputError (`check_kernels`). `compile_backend` exists for tests (e.g. "eager" on
+    machines without a compiler).
     """
-    device = torch.device(device)
-    resolve_attention(options.attention)
+    use_fp8 = check_kernels(options, device)
     dit.attention = options.attention
-    use_fp8 = _use_fp8_matmul(options.fp8_matmul, device)
     n_fp8 = 0
     for module in dit.modules():
         if isinstance(module, Linear):

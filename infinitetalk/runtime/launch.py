@@ -217,13 +217,16 @@ class LeaderSampler:
         """InputError before any rank starts the window when its sequence groups cannot split the heads."""
         from .parallel import guidance_layout
 
-        groups, size = guidance_layout(self.world.world_size, guidance.calls_per_step,
-                                       self.world.parallel.guidance_parallel)
+        world, calls, grouped = self.world.world_size, guidance.calls_per_step, self.world.parallel.guidance_parallel
         heads = _heads_of(dit)
-        if heads is not None and heads % size:
-            raise InputError("nproc-per-node", f"{self.world.world_size} ranks make {groups} guidance group(s) of "
-                                               f"{size}, which cannot split the DiT's {heads} attention heads; use "
-                                               "a world size listed in docs/multi-gpu.md")
+        try:   # the layout the ranks will use (uneven guidance groups included)
+            guidance_layout(world, calls, grouped, heads)
+        except InputError as err:
+            groups, size = guidance_layout(world, calls, grouped)
+            raise InputError("nproc-per-node", f"{world} ranks make {groups} guidance group(s) of {size}, which "
+                                               f"cannot split the DiT's {heads} attention heads (nor can any other "
+                                               "grouping of them); use a world size listed in docs/multi-gpu.md"
+                             ) from err
 
 
 def job_shape(job: WindowJob):

@@ -139,6 +139,16 @@ class ParallelState:
         dist.all_reduce(stacked)
         return list(stacked.unbind(0))
 
+    def smallest(self, value: int) -> int:
+        """The smallest `value` over the world. For settings every rank must share although each rank plans its
+        own memory (the guidance batch fixes how many all-to-alls a step makes: unequal batches would pair
+        mismatched collectives)."""
+        if self.world_size == 1:
+            return int(value)
+        t = torch.tensor([int(value)], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()

@@ -24,13 +24,15 @@ PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
 
 
 def load_keys(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The configured keys. A key file that is named but cannot be read raises RuntimeError (the routes then
+    admit nobody), never silently "no key"; a readable file with only comments means no key yet."""
     env = os.environ if environ is None else environ
     keys = [k.strip() for k in env.get(ENV_KEYS, "").split(",") if k.strip()]
     path = env.get(ENV_KEYS_FILE, "").strip()
     if path:
         try:
             lines = Path(path).read_text().splitlines()
-        except OSError as exc:
+        except (OSError, UnicodeDecodeError) as exc:
             raise RuntimeError(f"{ENV_KEYS_FILE}={path}: cannot read the API key file ({exc})") from exc
         keys += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     return tuple(keys)

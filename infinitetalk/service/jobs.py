@@ -164,7 +164,8 @@ class JobService:
 
     def clean_inputs(self, now: datetime | None = None) -> list[str]:
         """Delete `<input>/infinitetalk_api/<id>/` of jobs that ended more than `retention_s` ago, and of
-        folders no job record knows (a crash mid-submit) older than that. Returns the removed job ids."""
+        folders no queued job owns (no record, or a record never queued: a crash mid-submit) older than
+        that. Returns the removed job ids."""
         root = Path(self.settings.input_dir) / JOB_INPUTS
         if not root.is_dir():
             return []
@@ -175,13 +176,12 @@ class JobService:
             if not folder.is_dir() or folder.name in self._submitting:
                 continue
             rec = self.store.get(folder.name)
-            if rec is None:
-                ended = datetime.fromtimestamp(folder.stat().st_mtime, timezone.utc)
-            else:
+            if rec is not None:
                 rec = self.refresh(rec.id)
-                if rec.status not in FINAL:
-                    continue
-                ended = _parse_time(rec.completed_at) or now
+                if rec.status not in FINAL and rec.prompt_id:
+                    continue   # queued or running: its inputs are in use, whatever their age
+            ended = (_parse_time(rec.completed_at or rec.created_at) if rec is not None else None) \
+                or datetime.fromtimestamp(folder.stat().st_mtime, timezone.utc)
             if (now - ended).total_seconds() >= keep_s:
                 shutil.rmtree(folder, ignore_errors=True)
                 removed.append(folder.name)

@@ -83,8 +83,14 @@ class JobApi:
         return handler
 
     def _check(self, request: web.Request) -> None:
+        try:
+            keys = self.keys()
+        except RuntimeError as exc:   # a named key file that cannot be read: admit nobody
+            log.error("job API refused a request: %s", exc)
+            raise ApiError(503, "the server's API key configuration cannot be used right now, so no request is "
+                                "admitted; the operator has to fix it (see the server log)") from None
         proxied = any(name in request.headers for name in PROXY_HEADERS)
-        authorize(request.headers.get("Authorization"), request.remote, self.keys(), proxied=proxied,
+        authorize(request.headers.get("Authorization"), request.remote, keys, proxied=proxied,
                   is_open=self.is_open())
 
     @staticmethod
@@ -185,9 +191,12 @@ def register_with_comfyui() -> bool:
                "package": Path(__file__).resolve().parents[2]}
     for route in JobApi(service, folders=folders).routes():
         server.routes.route(route.method, route.path)(route.handler)
-    keys = load_keys()
-    summary = access_summary(keys, open_access())
-    (log.info if keys else log.warning)(summary)
+    try:
+        keys = load_keys()
+    except RuntimeError as exc:   # every request answers 503 until the key file is fixed (no restart needed)
+        log.error("InfiniteTalk job API: %s; no request is admitted until it is fixed", exc)
+    else:
+        (log.info if keys else log.warning)(access_summary(keys, open_access()))
     removed = service.sweep_if_due()
     log.info("InfiniteTalk job API registered under %s (removed the inputs of %d ended jobs)", PREFIX, len(removed))
     return True
