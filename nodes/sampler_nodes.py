@@ -236,9 +236,9 @@ class InfiniteTalkMultiSampler:
 
 def _expected_frames(left_audio: dict, right_audio: dict, order: str | None) -> int:
     """Frames the video will have, from the audio lengths (25 fps): the sum one after the other, else the longer."""
-    left, right = media.audio_seconds(left_audio), media.audio_seconds(right_audio)
-    seconds = max(left, right) if order == "meanwhile" else left + right
-    return int(seconds * FPS)
+    from infinitetalk.audio.placement import placed_seconds
+
+    return int(placed_seconds(order, media.audio_seconds(left_audio), media.audio_seconds(right_audio)) * FPS)
 
 
 def _job_dir(request: GenerationRequest, bundle: Any) -> Path:

@@ -19,9 +19,15 @@ from ..errors import InputError
 from ..pipeline.windows import FPS, MAX_FRAMES, MAX_SECONDS
 from .io import FEATURE_RATE, AudioClip, resample, to_mono
 
-__all__ = ["ORDERS", "Placement", "place_speakers"]
+__all__ = ["ORDERS", "Placement", "place_speakers", "placed_seconds"]
 
 ORDERS = ("meanwhile", "left_right", "right_left")
+
+
+def placed_seconds(order: str, left_seconds: float, right_seconds: float) -> float:
+    """Length of the placed audio (= the video) for a speaking order: the longer track for `meanwhile`, else
+    one after the other (before the exact trim to whole frames)."""
+    return max(left_seconds, right_seconds) if order == "meanwhile" else left_seconds + right_seconds
 
 
 @dataclass

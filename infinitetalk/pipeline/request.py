@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import InputError
+from ..text.prompts import DEFAULT_PROMPT, join_prompts
 
 ORDERS = ("meanwhile", "left_right", "right_left")
 RESOLUTIONS = ("480p", "720p")
@@ -50,7 +51,7 @@ class GenerationRequest:
     image: Path | None = None
     video: Path | None = None
     mask_image: Path | None = None  # white = may move (both speakers); outside it stays as the source
-    prompt: str | list[str] = "Two people are talking to each other."  # one per line/item: successive windows
+    prompt: str | list[str] = DEFAULT_PROMPT  # one per line/item: successive windows
     negative_prompt: str | None = None  # None: the reference's default negative prompt
     order: str | None = None  # None: "meanwhile" for video input, "left_right" for image input
     resolution: str = "480p"
@@ -81,8 +82,6 @@ class GenerationRequest:
     # -- resolved values -------------------------------------------------------------------------
     def resolved(self) -> "GenerationRequest":
         """Validated copy with every default filled in (seed drawn when −1)."""
-        from ..text.prompts import join_prompts
-
         self.validate()
         preset = PRESETS[self.preset]
         seed = self.seed if self.seed >= 0 else random.SystemRandom().randint(0, MAX_SEED)
@@ -111,8 +110,6 @@ class GenerationRequest:
                                           "channels already share one timeline (meanwhile)")
         elif self.left_audio is None or self.right_audio is None:
             raise InputError("left_audio/right_audio", "give both speakers' audio files (or one stereo conversation file)")
-        from ..text.prompts import join_prompts
-
         join_prompts(self.prompt)
         if self.resolution not in RESOLUTIONS:
             raise InputError("resolution", f"{self.resolution!r} is not one of {', '.join(RESOLUTIONS)}")

@@ -132,8 +132,10 @@ def billed_seconds(video_seconds: float) -> int:
 
 
 def audio_seconds_for(order: str, left_seconds: float, right_seconds: float) -> float:
-    """Duration of the placed audio (= the video) for a speaking order."""
-    return max(left_seconds, right_seconds) if order == "meanwhile" else left_seconds + right_seconds
+    """Duration of the placed audio (= the video) for a speaking order (the placement's own rule)."""
+    from ..audio.placement import placed_seconds
+
+    return placed_seconds(order, left_seconds, right_seconds)
 
 
 def now_iso() -> str:
