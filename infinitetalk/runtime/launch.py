@@ -34,6 +34,7 @@ __all__ = ["LaunchEnv", "launch_env", "rank_device", "WindowJob", "World", "Lead
 
 COLLECTIVE_TIMEOUT_S = float(os.environ.get("INFINITETALK_COLLECTIVE_TIMEOUT_S", "300"))
 CONTROL_TIMEOUT_S = float(os.environ.get("INFINITETALK_CONTROL_TIMEOUT_S", "3600"))
+GOODBYE_TIMEOUT_S = 10.0    # the closing barrier of a run that ended normally
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,7 @@ class World:
         self.parallel = parallel     # runtime.parallel.ParallelState: the DiT's groups (Ulysses, guidance)
         self.control = control
         self.leads = False           # rank 0 of a torchrun job: tells the followers when the run is over
+        self.finished = False        # the end of the run was sent / received: every rank is alive to say goodbye
         self.closed = False
 
     @property
@@ -161,11 +163,13 @@ class World:
         """Rank 0: hand the next window (None = the run is over) to every other rank."""
         payload = [None if job is None else job.to("cpu")]
         dist.broadcast_object_list(payload, src=0, group=self.control)
+        self.finished = job is None
 
     def receive_job(self) -> WindowJob | None:
         """Ranks ≠ 0: wait for rank 0's next window (None = the run is over)."""
         payload = [None]
         dist.broadcast_object_list(payload, src=0, group=self.control)
+        self.finished = payload[0] is None
         return None if payload[0] is None else payload[0].to(self.device)
 
     def agree(self, flag: bool) -> bool:
@@ -183,6 +187,8 @@ class World:
         try:
             if self.leads:
                 self.send_job(None)
+            if self.finished:   # a normal end: nobody tears the group down while a peer still talks on it
+                dist.monitored_barrier(group=self.control, timeout=datetime.timedelta(seconds=GOODBYE_TIMEOUT_S))
         except Exception:   # noqa: BLE001 - a peer is gone: nothing left to tell it
             pass
         try:

@@ -272,6 +272,7 @@ def _worker_main() -> int:
         while True:
             message = _receive(conn)
             if message[0] == "stop":
+                world.finished = True   # every worker is told to stop: leave the group together
                 return 0
             if message[0] == "cancel":   # arrived after the window ended: nothing to stop
                 continue
