@@ -152,7 +152,7 @@ def dit_inputs(cfg: DiTConfig, frames: int, h: int, w: int, device: torch.device
 
 def configure(model: InfiniteTalkDiT, device: torch.device, **options) -> dict:
     """Apply the runtime's kernels / placement to a built DiT; returns what was applied (for the report)."""
-    from infinitetalk.runtime import RuntimeOptions
+    from infinitetalk.ops.options import RuntimeOptions
 
     opts = RuntimeOptions(**options)
     applied: dict = {"options": opts.to_dict()}

@@ -247,7 +247,7 @@ def _add_generate(sub) -> None:
 
 def _add_runtime_args(p: argparse.ArgumentParser, kernels: bool = True) -> None:
     """The RuntimeOptions flags (docs/runtime.md): budget, kernels, guidance batching."""
-    from .runtime.options import ATTENTION_CHOICES, FP8_MATMUL_CHOICES
+    from .ops.options import ATTENTION_CHOICES, FP8_MATMUL_CHOICES
 
     p.add_argument("--vram", type=float, default=None, metavar="GB",
                    help="GPU memory the job may use; DiT blocks that do not fit stream from host memory "
@@ -274,7 +274,7 @@ def _log_to_stderr(name: str) -> None:
 
 
 def _runtime_from_args(args: argparse.Namespace):
-    from .runtime.options import RuntimeOptions
+    from .ops.options import RuntimeOptions
 
     return RuntimeOptions(vram_gb=args.vram, attention=getattr(args, "attention", "sdpa"),
                           fp8_matmul=getattr(args, "fp8_matmul", "off"), compile=getattr(args, "compile", False),
@@ -285,7 +285,7 @@ def _plan(args: argparse.Namespace) -> int:
     import json
 
     from .errors import CheckpointError, InputError
-    from .runtime.plan import plan_from_files
+    from .pipeline.models import plan_from_files
 
     try:
         runtime = _runtime_from_args(args)

@@ -1,8 +1,6 @@
 """User-facing error types: each names what was wrong and what was expected."""
 from __future__ import annotations
 
-from .checkpoints.reader import CheckpointError
-
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,6 +8,14 @@ from pathlib import Path
 
 __all__ = ["InputError", "CheckpointError", "JobCancelled", "WorkerLost", "OutOfSpace", "is_out_of_space", "removed_on_failure",
            "require_file", "require_writable_folder"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message always names the file."""
+
+    def __init__(self, path: str | os.PathLike, message: str):
+        self.path = str(path)
+        super().__init__(f"{self.path}: {message}")
 
 
 class InputError(ValueError):

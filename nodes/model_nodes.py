@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from infinitetalk.errors import InputError
-from infinitetalk.runtime.options import ATTENTION_CHOICES, FP8_MATMUL_CHOICES, RuntimeOptions
+from infinitetalk.ops.options import ATTENTION_CHOICES, FP8_MATMUL_CHOICES, RuntimeOptions
 
 from . import bridge
 

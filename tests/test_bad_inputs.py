@@ -25,7 +25,10 @@ import numpy as np
 import pytest
 import torch
 
-from infinitetalk import limits
+from infinitetalk.pipeline import masks
+from infinitetalk.audio.io import probe_audio
+from infinitetalk.pipeline.masks import check_mask
+from infinitetalk.video.reader import ImageInfo, image_size_from_header, probe_image
 from infinitetalk.audio.io import load_audio, write_wav
 from infinitetalk.cli import main
 from infinitetalk.demo import synthetic_voice, two_faces_image, write_png
@@ -148,7 +151,7 @@ def test_image_headers_over_the_limits(tmp_path, maker, field):
     path = maker(tmp_path / f"x.{maker.__name__}", 20000, 30)          # one side too long, few pixels
     with bounded(seconds=3.0):
         with pytest.raises(InputError, match=rf"^{field}: .*20000×30.*at most 16384 \(MAX_SIDE\)"):
-            limits.probe_image(path, field)
+            probe_image(path, field)
 
 
 def test_other_formats_are_probed_by_capped_decoders(tmp_path):
@@ -164,23 +167,23 @@ def test_other_formats_are_probed_by_capped_decoders(tmp_path):
     assert bomb.stat().st_size < 200_000
     with bounded(seconds=2.0, extra_kb=20 * 1024):
         with pytest.raises(InputError, match=r"^image: .*larger than 40 megapixels \(MAX_PIXELS\)"):
-            limits.probe_image(bomb, "image")
+            probe_image(bomb, "image")
 
 
 def test_image_header_sizes_are_read_not_guessed(tmp_path):
-    assert limits.image_size_from_header(jpeg_claiming(tmp_path / "a.jpg", 1234, 567)) == limits.ImageInfo(1234, 567, "jpeg")
-    assert limits.image_size_from_header(webp_claiming(tmp_path / "a.webp", 300, 200)) == limits.ImageInfo(300, 200, "webp")
+    assert image_size_from_header(jpeg_claiming(tmp_path / "a.jpg", 1234, 567)) == ImageInfo(1234, 567, "jpeg")
+    assert image_size_from_header(webp_claiming(tmp_path / "a.webp", 300, 200)) == ImageInfo(300, 200, "webp")
     real = write_png(tmp_path / "a.png", two_faces_image(40, 64))
-    assert limits.probe_image(real, "image") == limits.ImageInfo(64, 40, "png")
+    assert probe_image(real, "image") == ImageInfo(64, 40, "png")
     tiny = write_png(tmp_path / "t.png", np.zeros((16, 64, 3), np.uint8))
     with pytest.raises(InputError, match="image: .*64×16.*at least 32"):
-        limits.probe_image(tiny, "image")
+        probe_image(tiny, "image")
     # an OS/2 bitmap (12-byte core header, 16-bit sides) is 40×36, not 36·65536+40 wide
     row = bytes(40 * 3)                                               # 120 bytes: already a multiple of 4
     os2 = tmp_path / "os2.bmp"
     os2.write_bytes(b"BM" + struct.pack("<IHHI", 26 + 36 * len(row), 0, 0, 26)
                     + struct.pack("<IHHHH", 12, 40, 36, 1, 24) + row * 36)
-    assert limits.probe_image(os2, "image") == limits.ImageInfo(40, 36, "bmp")
+    assert probe_image(os2, "image") == ImageInfo(40, 36, "bmp")
     from infinitetalk.video.reader import load_image
 
     assert tuple(load_image(os2).shape) == (36, 40, 3)
@@ -196,7 +199,7 @@ def test_audio_over_budget_is_refused_from_its_header(tmp_path, good, capsys):
     wide = flac_claiming(tmp_path / "wide.flac", 8, 48000, 4800, claim_frames=48000 * 200)
     with bounded(seconds=2.0, extra_kb=100 * 1024):
         with pytest.raises(InputError, match=r"right_audio: .*77 million.*64 million \(MAX_AUDIO_VALUES\)"):
-            limits.probe_audio(wide, "right_audio")
+            probe_audio(wide, "right_audio")
 
 
 def test_decoding_stops_at_the_budget_when_the_header_cannot_tell(tmp_path, monkeypatch):
@@ -264,8 +267,8 @@ def test_empty_mask_is_refused_in_every_path(tmp_path, good, capsys):
         prepare_inputs(req)
     # API submit time
     with pytest.raises(InputError, match="^mask_image: the mask is empty"):
-        limits.check_mask(good["black"], "mask_image")
-    limits.check_mask(good["white"], "mask_image")                     # a full mask is valid: everything moves
+        check_mask(good["black"], "mask_image")
+    check_mask(good["white"], "mask_image")                     # a full mask is valid: everything moves
 
 
 def _rgba_png(path: Path, rgba: np.ndarray) -> Path:
@@ -280,20 +283,20 @@ def test_check_mask_reads_strips_with_the_pipeline_rule(tmp_path, monkeypatch):
     """Thresholded strip by strip (4 rows here), a mark in the last row, or only in the alpha, still counts."""
     from infinitetalk.pipeline.masks import mask_from_array
 
-    monkeypatch.setattr(limits, "_MASK_STRIP_PIXELS", 4 * 40)
+    monkeypatch.setattr(masks, "_MASK_STRIP_PIXELS", 4 * 40)
     last_row = np.zeros((33, 40, 3), np.uint8)
     last_row[-1, 7] = 255
-    limits.check_mask(write_png(tmp_path / "last.png", last_row))
+    check_mask(write_png(tmp_path / "last.png", last_row))
     grey = np.full((33, 40, 3), 127, np.uint8)                         # 127/255 < 0.5: not marked
     with pytest.raises(InputError, match="^mask_image: the mask is empty"):
-        limits.check_mask(write_png(tmp_path / "grey.png", grey))
+        check_mask(write_png(tmp_path / "grey.png", grey))
     rgba = np.zeros((33, 40, 4), np.uint8)                              # black, transparent but one opaque pixel
     rgba[31, 39, 3] = 255
     assert bool(mask_from_array(torch.from_numpy(rgba), 33, 40).any())
-    limits.check_mask(_rgba_png(tmp_path / "alpha.png", rgba))
+    check_mask(_rgba_png(tmp_path / "alpha.png", rgba))
     rgba[..., :3], rgba[..., 3] = 255, 0                                # white but fully transparent
     with pytest.raises(InputError, match="^left_mask: the mask is empty"):
-        limits.check_mask(_rgba_png(tmp_path / "clear.png", rgba), "left_mask")
+        check_mask(_rgba_png(tmp_path / "clear.png", rgba), "left_mask")
 
 
 @pytest.mark.slow
@@ -301,9 +304,9 @@ def test_check_mask_of_a_large_mask_is_never_held_as_float(tmp_path):
     """20 MP black mask: the check's peak memory stays near the decoded uint8 picture (60 MB), far below
     the ~500 MB of converting it to float at once (measured in a fresh process)."""
     mask = png_bomb(tmp_path / "big.png", 5000, 4000)
-    code = ("import resource, sys\nfrom infinitetalk import limits\nfrom infinitetalk.errors import InputError\n"
+    code = ("import resource, sys\nfrom infinitetalk.pipeline.masks import check_mask\nfrom infinitetalk.errors import InputError\n"
             "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-            "try:\n    limits.check_mask(sys.argv[1])\nexcept InputError as exc:\n    assert 'empty' in str(exc), exc\n"
+            "try:\n    check_mask(sys.argv[1])\nexcept InputError as exc:\n    assert 'empty' in str(exc), exc\n"
             "else:\n    raise SystemExit('not refused')\n"
             "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)")
     root = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from infinitetalk.checkpoints.reader import CheckpointError
+from infinitetalk.errors import CheckpointError
 from infinitetalk.loaders.clip_vision import load_clip_vision
 from infinitetalk.parity.runner import rel_l2
 from infinitetalk.tiny import make_tiny_models

@@ -9,7 +9,7 @@ import torch
 
 from infinitetalk.checkpoints import CheckpointError, build_on_meta, load_module, open_checkpoint
 from infinitetalk.checkpoints.detect import detect_component
-from infinitetalk.checkpoints.gguf import QUANT_BLOCKS, dequantize_blocks, packed_nbytes
+from infinitetalk.ops.quants import QUANT_BLOCKS, dequantize_blocks, packed_nbytes
 from infinitetalk.loaders.dit import load_dit
 from infinitetalk.models.dit import InfiniteTalkDiT
 from infinitetalk.tiny.gguf import GGUF_MIXES, save_gguf

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from infinitetalk.errors import InputError
 from infinitetalk.models.attention import attention, check_backend
 from infinitetalk.models.layers import FP8_MAX, Linear, dequantize, scaled_mm_linear
-from infinitetalk.runtime import RuntimeOptions, attention as rt_attention, kernels
+from infinitetalk.ops import attention as rt_attention
+from infinitetalk.ops.options import RuntimeOptions
+from infinitetalk.runtime import kernels
 from infinitetalk.runtime.kernels import configure_dit, fp8_matmul_supported
 
 from _dit_testutil import random_inputs, random_model, run, small_config

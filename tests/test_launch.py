@@ -28,7 +28,7 @@ from infinitetalk.pipeline.generate import generate
 from infinitetalk.pipeline.request import GenerationRequest
 from infinitetalk.pipeline.sampler import Guidance, KeepRegion, WindowConditioning
 from infinitetalk.runtime.launch import WindowJob, job_shape, launch_env
-from infinitetalk.runtime.options import RuntimeOptions
+from infinitetalk.ops.options import RuntimeOptions
 from infinitetalk.video.segments import partial_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -281,7 +281,7 @@ def test_loader_gpus_gives_a_bundle_without_dit_whose_sampler_is_a_lazy_worker_p
     from infinitetalk_multi_pkg.nodes import model_nodes
 
     from infinitetalk.pipeline.models import resolve_model_paths
-    from infinitetalk.runtime.options import RuntimeOptions
+    from infinitetalk.ops.options import RuntimeOptions
     from infinitetalk.runtime.workers import WorkerPool
 
     paths = resolve_model_paths(tiny_models)

@@ -270,7 +270,7 @@ def test_loader_dropdowns_list_what_loads(env, tiny_models, tmp_path):
 
 def test_loader_carries_runtime_settings_to_load_models(env, monkeypatch):
     import infinitetalk.pipeline.models as pipeline_models
-    from infinitetalk.runtime.options import RuntimeOptions
+    from infinitetalk.ops.options import RuntimeOptions
 
     loader = env["InfiniteTalkModelLoader"]
     optional = loader.INPUT_TYPES()["optional"]

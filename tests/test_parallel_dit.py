@@ -15,7 +15,7 @@ from _dit_testutil import random_inputs, random_model, small_config
 from infinitetalk.errors import InputError
 from infinitetalk.pipeline.sampler import Guidance, WindowConditioning, sample_window
 from infinitetalk.pipeline.schedule import timesteps
-from infinitetalk.runtime.parallel import SequenceGroup, guidance_layout, init_parallel
+from infinitetalk.ops.parallel import SequenceGroup, guidance_layout, init_parallel
 from infinitetalk.runtime.streaming import BlockStreamer
 from infinitetalk.runtime.teacache import TeaCache
 

@@ -52,7 +52,7 @@ def test_more_budget_never_streams_more():
 
 
 def test_14b_fast_480p_fits_12gb_streaming_and_40gb_resident(real_layouts, header_only):
-    from infinitetalk.runtime.plan import plan_from_files
+    from infinitetalk.pipeline.models import plan_from_files
 
     small = plan_from_files(real_layouts, preset="fast", resolution="480p", vram_gb=12)
     assert small.fits, small.text()
@@ -77,7 +77,7 @@ def test_14b_fast_480p_fits_12gb_streaming_and_40gb_resident(real_layouts, heade
 
 
 def test_720p_quality_needs_more_than_480p_fast(real_layouts, header_only):
-    from infinitetalk.runtime.plan import plan_from_files
+    from infinitetalk.pipeline.models import plan_from_files
 
     fast = plan_from_files(real_layouts, preset="fast", resolution="480p", vram_gb=24)
     quality = plan_from_files(real_layouts, preset="quality", resolution="720p", vram_gb=24,

@@ -6,8 +6,7 @@ import shutil
 import pytest
 import torch
 
-from infinitetalk.checkpoints.reader import CheckpointError
-from infinitetalk.errors import InputError
+from infinitetalk.errors import CheckpointError, InputError
 from infinitetalk.loaders.t5 import load_t5_encoder, load_text_encoder
 from infinitetalk.parity.runner import rel_l2
 from infinitetalk.text import DEFAULT_NEGATIVE_PROMPT, TEXT_LENGTH, UMT5Tokenizer, clean_prompt

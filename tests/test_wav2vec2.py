@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from infinitetalk.checkpoints.reader import CheckpointError
-from infinitetalk.errors import InputError
+from infinitetalk.errors import CheckpointError, InputError
 from infinitetalk.loaders.wav2vec2 import load_wav2vec2
 from infinitetalk.models.wav2vec2 import Wav2Vec2Config, encode_audio, frames_for, normalize_waveform
 from infinitetalk.parity.runner import rel_l2

@@ -15,13 +15,61 @@ import torch
 import soxr
 
 from ..errors import InputError, require_file
-from ..limits import MAX_AUDIO_VALUES, check_audio_format, probe_audio
-from ..pipeline.windows import MAX_SECONDS
+from ..limits import MAX_AUDIO_VALUES, MAX_PIXELS, MAX_SECONDS, check_audio_format
 
-__all__ = ["AudioClip", "FEATURE_RATE", "load_audio", "to_mono", "resample", "write_wav", "AudioSource"]
+__all__ = ["AudioInfo", "probe_audio", "open_capped", "stream_seconds", "audio_info", "AudioClip", "FEATURE_RATE", "load_audio", "to_mono", "resample", "write_wav", "AudioSource"]
 
 FEATURE_RATE = 16000   # wav2vec2 input rate
 AudioSource = Union[str, os.PathLike, BinaryIO]
+
+
+# -- header probe: the limits checked before anything is decoded ------------------------------------
+@dataclass(frozen=True)
+class AudioInfo:
+    """Header facts of an audio input (or a video's audio track). `seconds` may be an estimate, and is NaN
+    when the headers do not say (the decoder then enforces the limits as it goes)."""
+
+    sample_rate: int
+    channels: int
+    seconds: float
+
+
+def open_capped(path: Path, field: str, what: str):
+    """av.open with decoders refusing frames over MAX_PIXELS, so stream probing cannot allocate more."""
+    try:
+        return av.open(str(path), mode="r", options={"max_pixels": str(MAX_PIXELS)})
+    except (av.FFmpegError, OSError, ValueError) as exc:
+        raise InputError(field, f"cannot read {path} as {what} ({exc})") from None
+
+
+def stream_seconds(container, stream) -> float | None:
+    """Duration of a stream from its headers (the container's when the stream does not say)."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration:
+        return container.duration / 1e6
+    return None
+
+
+def audio_info(container, stream, field: str, check: bool = True) -> AudioInfo:
+    """AudioInfo of an open audio stream, checked against the limits unless `check` is False."""
+    rate = int(stream.codec_context.sample_rate or stream.sample_rate or 0)
+    channels = int(stream.codec_context.channels or 0)
+    seconds = stream_seconds(container, stream)
+    if check:
+        check_audio_format(rate, channels, seconds, field)
+    return AudioInfo(rate, channels, seconds if seconds is not None else float("nan"))
+
+
+def probe_audio(path: str | os.PathLike, field: str = "left_audio") -> AudioInfo:
+    """Check an audio input (or a video's audio track) from its container/stream headers: sample rate,
+    channel count, duration and decoded size within the limits above. InputError(field) otherwise.
+    Nothing is decoded; time and memory are bounded whatever the file claims."""
+    p = require_file(path, field)
+    with open_capped(p, field, "audio or video") as container:
+        if not container.streams.audio:
+            raise InputError(field, f"{p} has no audio track")
+        return audio_info(container, container.streams.audio[0], field)
 
 
 @dataclass
@@ -61,7 +109,7 @@ def load_audio(source: AudioSource, name: str = "left_audio", max_seconds: float
     """Decode the first audio stream of a file (wav, mp3, flac, m4a/aac, ogg, or a video's audio track).
 
     Keeps the file's own sample rate and channels. A path is first checked from its headers
-    (`limits.probe_audio`: sample rate, channels, length, decoded size), and the same limits are enforced
+    (`probe_audio`: sample rate, channels, length, decoded size), and the same limits are enforced
     again while decoding, since headers can lie. InputError (naming `name`) for a missing, empty or
     unreadable file, a file without an audio track or without samples, NaN/inf samples, audio shorter than
     MIN_AUDIO_SECONDS, longer than `max_seconds`, or over MAX_AUDIO_VALUES samples × channels (decoding

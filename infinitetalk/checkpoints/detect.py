@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
+from ..errors import CheckpointError, InputError
 from .lora import is_lora_key
-from .reader import Checkpoint, CheckpointError, open_checkpoint
+from .reader import Checkpoint, open_checkpoint
 
 __all__ = ["COMPONENTS", "detect_component", "detect_checkpoint", "precision_of", "ModelFiles", "find_models", "pick"]
 

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from .lazy import LazyTensors
-from .reader import Checkpoint, CheckpointError
+from ..errors import CheckpointError
+from .reader import Checkpoint
 
 __all__ = ["CanonicalView", "canonical_view", "KNOWN_PREFIXES", "SUPPORTED_QUANT_FORMATS"]
 

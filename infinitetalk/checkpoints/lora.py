@@ -33,7 +33,9 @@ from torch import nn
 
 from .lazy import LazyTensors, dtype_of, packed_type_of, shape_of
 from .materialize import FP8_DTYPES
-from .reader import Checkpoint, CheckpointError, open_checkpoint
+from ..models.layers import Linear
+from ..errors import CheckpointError
+from .reader import Checkpoint, open_checkpoint
 
 __all__ = ["apply_loras", "attach_low_rank", "LoraMergedView", "is_lora_key"]
 
@@ -281,8 +283,6 @@ def attach_low_rank(module: nn.Module, tensors: Mapping[str, torch.Tensor], *, d
     any other module (a conv loaded dequantised) gets the product merged into its weight. Returns the
     number of layers given a path.
     """
-    from ..models.layers import Linear
-
     if not isinstance(tensors, LoraMergedView) or not tensors.low_rank:
         return 0
     for layer, (down, up) in tensors.low_rank_paths(dtype, device).items():

@@ -11,8 +11,9 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from ..models.layers import Linear
 from .lazy import packed_type_of, shape_of
-from .reader import CheckpointError
+from ..errors import CheckpointError
 
 __all__ = ["build_on_meta", "load_module", "FP8_DTYPES"]
 
@@ -27,8 +28,6 @@ def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
 
 
 def _is_quantizable_weight(module: nn.Module, name: str) -> bool:
-    from ..models.layers import Linear
-
     owner, _, leaf = name.rpartition(".")
     if leaf != "weight":
         return False

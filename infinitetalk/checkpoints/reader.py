@@ -25,9 +25,10 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from ..errors import CheckpointError
 from .lazy import LazyTensors
 
-__all__ = ["CheckpointError", "Checkpoint", "open_checkpoint", "join_shards"]
+__all__ = ["Checkpoint", "open_checkpoint", "join_shards", "register_opener"]
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -40,14 +41,6 @@ for _name, _attr in (("F8_E8M0", "float8_e8m0fnu"), ("U16", "uint16"), ("U32", "
     if hasattr(torch, _attr):
         _SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
 _WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used; the message always names the file."""
-
-    def __init__(self, path: str | os.PathLike, message: str):
-        self.path = str(path)
-        super().__init__(f"{self.path}: {message}")
 
 
 class Checkpoint(LazyTensors):
@@ -75,6 +68,15 @@ class Checkpoint(LazyTensors):
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {len(self)} tensors)"
+
+
+_OPENERS: dict[str, Callable[[Path], Checkpoint]] = {}
+
+
+def register_opener(kind: str, opener: Callable[[Path], Checkpoint]) -> None:
+    """Let a format module that sits on top of this one (`checkpoints.gguf`, imported by the package's
+    `__init__`) open the files `_sniff` recognises as `kind`, so the reader never imports it back."""
+    _OPENERS[kind] = opener
 
 
 def _sniff(path: Path) -> str:
@@ -259,10 +261,8 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         return _open_safetensors(p)
     if kind == "json":
         return _open_index(p)
-    if kind == "gguf":
-        from .gguf import open_gguf
-
-        return open_gguf(p)
+    if kind in _OPENERS:
+        return _OPENERS[kind](p)
     if p.suffix == ".safetensors":
         raise CheckpointError(p, f"named .safetensors but holds a {kind.replace('_', ' ')} file (mislabelled)")
     return _open_torch(p, kind)

@@ -19,7 +19,8 @@ import torch
 
 from ..checkpoints.layout import CanonicalView, canonical_view
 from ..checkpoints.materialize import FP8_DTYPES, build_on_meta, load_module
-from ..checkpoints.reader import CheckpointError, open_checkpoint
+from ..errors import CheckpointError
+from ..checkpoints.reader import open_checkpoint
 from ..models.clip_vision import ClipVisionConfig, ClipVisionEncoder
 from ._tensor_map import TensorMap
 

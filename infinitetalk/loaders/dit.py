@@ -23,10 +23,10 @@ from ..checkpoints.lazy import LazyTensors
 from ..checkpoints.lora import apply_loras, attach_low_rank
 from ..checkpoints.layout import CanonicalView, canonical_view
 from ..checkpoints.materialize import build_on_meta, load_module
-from ..checkpoints.reader import Checkpoint, CheckpointError, join_shards, open_checkpoint
-from ..errors import InputError
+from ..errors import CheckpointError, InputError
+from ..checkpoints.reader import Checkpoint, join_shards, open_checkpoint
 from ..models.dit import DiTConfig, InfiniteTalkDiT
-from ..runtime.attention import resolve_attention
+from ..ops.attention import resolve_attention
 
 __all__ = ["load_dit", "infer_dit_config", "is_audio_key", "BASE_ANCHORS", "PATCH_ANCHORS", "REAL_HEAD_DIM"]
 

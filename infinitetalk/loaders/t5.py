@@ -17,8 +17,8 @@ import torch
 
 from ..checkpoints.layout import CanonicalView, canonical_view
 from ..checkpoints.materialize import build_on_meta, load_module
-from ..checkpoints.reader import CheckpointError, open_checkpoint
-from ..errors import InputError
+from ..errors import CheckpointError, InputError
+from ..checkpoints.reader import open_checkpoint
 from ..models.t5 import T5Config, T5Encoder
 from ..text.encoder import TextEncoder
 from ..text.tokenizer import UMT5Tokenizer

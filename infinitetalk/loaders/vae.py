@@ -19,7 +19,8 @@ import torch
 from ..checkpoints.lazy import shape_of
 from ..checkpoints.layout import CanonicalView, canonical_view
 from ..checkpoints.materialize import build_on_meta, load_module
-from ..checkpoints.reader import CheckpointError, open_checkpoint
+from ..errors import CheckpointError
+from ..checkpoints.reader import open_checkpoint
 from ..models.vae import VAEConfig, WanVAE
 
 __all__ = ["load_vae", "infer_vae_config"]

@@ -26,7 +26,8 @@ import torch
 
 from ..checkpoints.layout import CanonicalView, canonical_view
 from ..checkpoints.materialize import build_on_meta, load_module
-from ..checkpoints.reader import Checkpoint, CheckpointError, open_checkpoint
+from ..errors import CheckpointError
+from ..checkpoints.reader import Checkpoint, open_checkpoint
 from ..models.wav2vec2 import Wav2Vec2Config, Wav2Vec2Encoder
 
 __all__ = ["load_wav2vec2", "infer_config"]

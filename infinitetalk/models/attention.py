@@ -2,15 +2,15 @@
 
 The reference silently switches to SageAttention (int8 QK, lossy) when that package happens to be
 importable; here a kernel is only used when asked for by name. The kernels themselves live in
-`runtime.attention` (optional packages are imported there, on first use).
+`ops.attention` (optional packages are imported there, on first use).
 """
 from __future__ import annotations
 
 import torch
 
 from ..errors import InputError
-from ..runtime.attention import resolve_attention
-from ..runtime.options import ATTENTION_CHOICES
+from ..ops.attention import resolve_attention
+from ..ops.options import ATTENTION_CHOICES
 
 __all__ = ["ATTENTION_BACKENDS", "attention", "check_backend"]
 

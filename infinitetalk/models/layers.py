@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints.gguf import dequantize_blocks
+from ..ops.quants import dequantize_blocks
 
 __all__ = ["Linear", "dequantize", "scaled_mm_linear", "fp8_matmul_fits", "FP8_MAX"]
 

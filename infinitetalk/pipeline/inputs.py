@@ -13,7 +13,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError
+from ..audio.io import load_audio, probe_audio
+from ..audio.placement import place_speakers
+from ..audio.stereo import place_stereo
+from ..errors import InputError, require_writable_folder
+from ..limits import EMPTY_MASK
+from ..video.reader import VideoSource, load_image, load_image_with_alpha, probe_image, probe_video
+from ..video.writer import check_audio_encodes
+from .job import default_job_dir
+from .masks import default_speaker_masks, mask_from_array, masks_from_image, masks_from_speaker_masks, to_latent_masks
 from .resolution import resize_cover_crop, select_bucket
 from .windows import ChunkPlan, plan_chunks
 
@@ -72,8 +80,6 @@ def _as_hwc(x) -> torch.Tensor:
 
 def _load_source(req) -> tuple[torch.Tensor, object | None, str]:
     """(first frame uint8 [H, W, 3] at source size, VideoSource or None, input name)."""
-    from ..video.reader import VideoSource, load_image
-
     if req.image is not None:
         return _as_hwc(load_image(req.image, "image")), None, "image"
     video = VideoSource(req.video, "video")
@@ -82,15 +88,11 @@ def _load_source(req) -> tuple[torch.Tensor, object | None, str]:
 
 def load_mask(path: Path, name: str) -> torch.Tensor:
     """uint8 `[H, W, 3]`, or `[H, W, 4]` when the file has transparency (the alpha then marks the region)."""
-    from ..video.reader import load_image_with_alpha
-
     rgb, alpha = load_image_with_alpha(path, name)
     return rgb if alpha is None else torch.cat([rgb, alpha[..., None]], dim=-1)
 
 
 def _speaker_masks(req, src_h: int, src_w: int) -> torch.Tensor:
-    from .masks import default_speaker_masks, masks_from_image, masks_from_speaker_masks
-
     if req.left_mask is not None:
         return masks_from_speaker_masks(load_mask(req.left_mask, "left_mask"),
                                         load_mask(req.right_mask, "right_mask"), src_h, src_w)
@@ -103,9 +105,6 @@ def _keep_masks(req, src_h: int, src_w: int, size: tuple[int, int]) -> tuple[tor
     """From the mask image: the latent generate-mask `[1, 1, h, w]` (a latent cell is generated when any of its
     pixels may move) and the pixel weight `[1, 1, H, W]` of generated pixels after decoding: 1 on the mask,
     ramping to 0 within about one latent cell outside it (the seam lies outside the user's mask)."""
-    from ..limits import EMPTY_MASK
-    from .masks import mask_from_array
-
     if req.mask_image is None:
         return None, None
     m = mask_from_array(load_mask(req.mask_image, "mask_image"), src_h, src_w, "mask_image")
@@ -123,10 +122,8 @@ def _keep_masks(req, src_h: int, src_w: int, size: tuple[int, int]) -> tuple[tor
 
 
 def probe_request_media(req: GenerationRequest) -> None:
-    """Header checks of every media file of a request (`infinitetalk.limits`) before any of them is decoded,
-    so an over-limit picture fails in milliseconds even when it is the last input read."""
-    from ..limits import probe_audio, probe_image, probe_video
-
+    """Header checks of every media file of a request (each reader's `probe_*`, against `infinitetalk.limits`)
+    before any of them is decoded, so an over-limit picture fails in milliseconds even when it is read last."""
     for field in ("stereo_audio", "left_audio", "right_audio"):
         if getattr(req, field, None) is not None:
             probe_audio(getattr(req, field), field)
@@ -141,24 +138,15 @@ def probe_request_media(req: GenerationRequest) -> None:
 
 def _check_output_folders(req) -> None:
     """The output's folder and the job folder's parent must be writable (not found out after the sampling)."""
-    from ..errors import require_writable_folder
-    from .job import default_job_dir
-
     require_writable_folder(Path(req.out).parent, "out")
     require_writable_folder(Path(req.job_dir).parent if req.job_dir else default_job_dir(req.out).parent, "job_dir")
 
 
 def prepare_inputs(req: GenerationRequest) -> PreparedInputs:
     """Read and check every input of a resolved request (see module docstring)."""
-    from ..audio.io import load_audio
-    from ..audio.placement import place_speakers
-    from ..video.writer import check_audio_encodes
-
     probe_request_media(req)
     _check_output_folders(req)
     if req.stereo_audio is not None:   # one conversation file: left channel = left person, right = right
-        from ..audio.stereo import place_stereo
-
         placement = place_stereo(load_audio(req.stereo_audio, "stereo_audio"), "stereo_audio")
     else:
         left = load_audio(req.left_audio, "left_audio")
@@ -169,8 +157,6 @@ def prepare_inputs(req: GenerationRequest) -> PreparedInputs:
 
     first, video, _ = _load_source(req)
     try:   # the video stays open for the sampling: closed here only when a later check fails
-        from .masks import to_latent_masks
-
         src_h, src_w = int(first.shape[0]), int(first.shape[1])
         size = select_bucket(src_h, src_w, req.resolution, scale=req.size_scale)
         h, w = size[0] // 8, size[1] // 8

@@ -14,17 +14,20 @@ Rules (documented in docs/media.md):
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
+from ..limits import EMPTY_MASK
+from ..video.reader import load_image_with_alpha
 from .resolution import resize_cover_crop
 
 __all__ = [
     "FACE_SCALE", "single_speaker_masks", "default_speaker_masks", "masks_from_image", "masks_from_speaker_masks",
-    "masks_from_x_ranges", "masks_from_boxes", "combine_speaker_masks", "mask_from_array", "to_latent_masks",
+    "masks_from_x_ranges", "masks_from_boxes", "combine_speaker_masks", "mask_from_array", "to_latent_masks", "check_mask",
 ]
 
 FACE_SCALE = 0.05   # the reference's margin of the default left/right regions
@@ -199,3 +202,26 @@ def to_latent_masks(masks: torch.Tensor, lat_h: int, lat_w: int, size: tuple[int
                 lat[2, i, j] = 1.0
                 break
     return lat
+
+
+_MASK_STRIP_PIXELS = 1 << 20   # mask pixels thresholded at a time: the float copy stays ~12 MB at any size
+
+
+def check_mask(path: str | os.PathLike, field: str = "mask_image") -> None:
+    """Refuse a mask image that marks nothing (all black / fully transparent): the job would "succeed" with
+    nothing moving. Probed first (so decoding stays within MAX_PIXELS), then one frame is decoded and
+    thresholded strip by strip with the pipeline's rule (`mask_from_array`), so a 40 MP mask is never
+    held as float. A mask marking everything is valid (everything is generated). InputError(field, EMPTY_MASK)."""
+    rgb, alpha = load_image_with_alpha(path, field)    # alpha only when not fully opaque: it then marks the region
+    plane = rgb if alpha is None else alpha
+    del rgb, alpha                                     # only the plane that decides stays in memory
+    height, width = int(plane.shape[0]), int(plane.shape[1])
+    step = max(2, _MASK_STRIP_PIXELS // width)
+    top = 0
+    while top < height:
+        end = height if height - top < 2 * step else top + step    # the last strip takes the rest (never 1 row)
+        strip = plane[top:end]
+        if bool(mask_from_array(strip, end - top, width, field).any()):
+            return
+        top = end
+    raise InputError(field, EMPTY_MASK)

@@ -15,19 +15,27 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
+from ..checkpoints.detect import ModelFiles, detect_component, find_models, pick
 from ..errors import InputError
-from ..runtime.options import RuntimeOptions
+from ..loaders.clip_vision import load_clip_vision
+from ..loaders.dit import load_dit
+from ..loaders.t5 import load_text_encoder
+from ..loaders.vae import load_vae
+from ..loaders.wav2vec2 import load_wav2vec2
+from ..ops.options import RuntimeOptions
+from ..runtime.budget import GiB, JobShape, Placement, auto_budget_bytes
+from ..runtime.kernels import check_kernels, configure_dit
+from ..runtime.plan import MemoryPlan, dit_weights_of, make_plan, module_bytes, plan_for_paths
+from ..runtime.streaming import BlockStreamer
+from .request import PRESETS
+from .resolution import BUCKETS
+from .sampler import Guidance
 
-if TYPE_CHECKING:
-    from ..runtime.budget import JobShape, Placement
-    from ..runtime.plan import MemoryPlan
-    from ..runtime.streaming import BlockStreamer
-
-__all__ = ["ModelBundle", "ModelPaths", "load_models", "resolve_model_paths", "default_device", "default_dtype"]
+__all__ = ["ModelBundle", "ModelPaths", "load_models", "resolve_model_paths", "default_device", "default_dtype",
+           "largest_bucket", "job_for", "plan_from_files"]
 
 COMPONENTS = ("dit", "wav2vec2", "text_encoder", "clip_vision", "vae")
 # Modules that visit the compute device only while used when offloading.
@@ -100,8 +108,6 @@ class ModelBundle:
 
         Returns the plan; when `plan.fits` is False the placement streams everything and the caller
         should refuse the job (generate does, with InputError naming `vram`)."""
-        from ..runtime.plan import dit_weights_of, make_plan, module_bytes
-
         if self.dit is None:
             raise InputError("models", "this bundle holds no DiT (a worker-pool front end cannot plan a job)")
         if self._sizes is None:
@@ -123,8 +129,6 @@ class ModelBundle:
 
     def _place(self, placement: Placement) -> None:
         """Move DiT blocks so that exactly `placement.streamed` stream and the rest sit on the device."""
-        from ..runtime.streaming import BlockStreamer
-
         want = tuple(placement.streamed)
         current = self._streamer.streamed if self._streamer is not None else ()
         if self.placement is not None and want == current:
@@ -185,8 +189,6 @@ def resolve_model_paths(models_dir: str | Path | None, preset: str = "quality", 
     (a "multi" patch preferred). The `fast` preset needs a step-distill LoRA (`loras/`, a lightx2v / FusionX
     / distill name preferred); without one it is an InputError naming the file to download.
     """
-    from ..checkpoints.detect import ModelFiles, detect_component, find_models, pick
-    from .request import PRESETS
 
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if models_dir is not None:
@@ -258,8 +260,6 @@ def load_models(models_dir: str | Path | None = None, preset: str = "quality", d
 
     `components`: only these are loaded, the others are None (multi-process runs: ranks ≠ 0 hold only the DiT,
     the ComfyUI process with a worker pool everything but the DiT)."""
-    from ..loaders import load_clip_vision, load_dit, load_text_encoder, load_vae, load_wav2vec2
-
     dev = torch.device(device) if device is not None else default_device()
     dt = _dtype(dtype) if dtype is not None else default_dtype(dev)
     off = (dev.type == "cuda") if offload is None else bool(offload)
@@ -271,16 +271,12 @@ def load_models(models_dir: str | Path | None = None, preset: str = "quality", d
     wanted = set(components)
     runtime = runtime if runtime is not None else RuntimeOptions()
     if "dit" in wanted:   # a missing attention package or unusable fp8 mode fails before any weights are read
-        from ..runtime.kernels import check_kernels
-
         check_kernels(runtime, dev)
     budget = _budget_bytes(runtime, dev)
     dit_home = dev if budget is None else torch.device("cpu")   # placed block by block below
     dit = (load_dit(paths.dit, paths.patch, loras=tuple((str(p), s) for p, s in paths.loras), dtype=dt,
                     device=dit_home) if "dit" in wanted else None)
     if dit is not None:
-        from ..runtime.kernels import configure_dit
-
         configure_dit(dit, runtime, dev)
     vae = load_vae(paths.vae, dtype=torch.float32, device=dev) if "vae" in wanted else None
     wav2vec2 = load_wav2vec2(paths.wav2vec2, dtype=torch.float32, device="cpu") if "wav2vec2" in wanted else None
@@ -290,8 +286,6 @@ def load_models(models_dir: str | Path | None = None, preset: str = "quality", d
     bundle = ModelBundle(dit=dit, wav2vec2=wav2vec2, text_encoder=text, clip_vision=clip, vae=vae,
                          device=dev, dtype=dt, paths=paths, offload=off, runtime=runtime, budget=budget)
     if dit is not None:
-        from ..runtime.plan import job_for
-
         bundle.prepare(job_for(preset))
     return bundle
 
@@ -301,8 +295,6 @@ def _budget_bytes(runtime: RuntimeOptions, device: torch.device) -> int | None:
     if runtime.budget_bytes is not None:
         return runtime.budget_bytes
     if device.type == "cuda":
-        from ..runtime.budget import auto_budget_bytes
-
         return auto_budget_bytes(torch.cuda.mem_get_info(device)[0])
     return None
 
@@ -315,3 +307,34 @@ def _dtype(value: torch.dtype | str) -> torch.dtype:
     if value not in names:
         raise InputError("dtype", f"{value!r} is not one of {', '.join(names)}")
     return names[value]
+
+
+def largest_bucket(resolution: str) -> tuple[int, int]:
+    """The bucket with the most DiT tokens at `resolution` (the worst case when the picture is not known)."""
+    if resolution not in BUCKETS:
+        raise InputError("resolution", f"expected one of {', '.join(BUCKETS)}, got {resolution!r}")
+    return max(BUCKETS[resolution].values(), key=lambda hw: (hw[0] // 16) * (hw[1] // 16))
+
+
+def job_for(preset: str, resolution: str = "480p", frame_num: int = 81, size: tuple[int, int] | None = None,
+            calls_per_step: int | None = None) -> JobShape:
+    """The JobShape of a request: its frame size (or the resolution's largest bucket) and the preset's calls."""
+    if calls_per_step is None:
+        p = PRESETS[preset]
+        calls_per_step = Guidance(p.text_guidance, p.audio_guidance).calls_per_step
+    h, w = size if size is not None else largest_bucket(resolution)
+    return JobShape.for_window(h, w, frame_num, calls_per_step)
+
+
+def plan_from_files(models_dir: str | Path | None, preset: str = "fast", resolution: str = "480p",
+                    vram_gb: float | None = None, overrides: dict | None = None, frame_num: int = 81,
+                    device: str = "cuda", dtype: torch.dtype = torch.bfloat16, batch_guidance: bool = True
+                    ) -> MemoryPlan:
+    """The plan of a job from file headers only (`python -m infinitetalk plan`): resolves the files and the
+    job here, sizes them in `runtime.plan.plan_for_paths` (which never imports the pipeline)."""
+    paths = resolve_model_paths(models_dir, preset, overrides)
+    budget = None if not vram_gb else int(vram_gb * GiB)
+    if budget is None and device == "cuda" and torch.cuda.is_available():
+        budget = auto_budget_bytes(torch.cuda.mem_get_info()[0])
+    return plan_for_paths(paths, job_for(preset, resolution, frame_num), budget, device=device, dtype=dtype,
+                          batch_guidance=batch_guidance, label=f"preset {preset}, {resolution}, {frame_num} frames/window")

@@ -28,7 +28,7 @@ import torch
 from .schedule import euler_step
 
 if TYPE_CHECKING:
-    from ..runtime.parallel import ParallelState
+    from ..ops.parallel import ParallelState
     from ..runtime.teacache import TeaCache
 
 DiTCall = Callable[..., torch.Tensor]  # InfiniteTalkDiT.forward(x, t, context, clip_fea, y, audio, masks)

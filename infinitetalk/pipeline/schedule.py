@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import InputError
+
 __all__ = ["SHIFT_BY_RESOLUTION", "shift_for", "timesteps", "euler_step"]
 
 # Default shift per resolution bucket family (the reference's `--sample_shift` for each `--size`).
@@ -12,8 +14,6 @@ SHIFT_BY_RESOLUTION: dict[str, float] = {"480p": 7.0, "720p": 11.0}
 
 def shift_for(resolution: str) -> float:
     """Default timestep shift for a resolution name ('480p' or '720p')."""
-    from ..errors import InputError
-
     try:
         return SHIFT_BY_RESOLUTION[resolution]
     except KeyError:
@@ -28,9 +28,7 @@ def timesteps(steps: int, shift: float, num_timesteps: int = 1000) -> torch.Tens
     The first S values are the times given to the model; the last is the final target time 0.
     """
     if int(steps) < 1:
-        from ..errors import InputError
-
-        raise InputError("steps", f"expected a positive number of sampling steps, got {steps}")
+            raise InputError("steps", f"expected a positive number of sampling steps, got {steps}")
     t = np.linspace(num_timesteps, 1, int(steps), dtype=np.float32)
     t = np.concatenate([t, np.zeros(1, dtype=np.float32)])
     sigma = t / np.float32(num_timesteps)

@@ -16,15 +16,14 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError
+from ..limits import FPS, MAX_SECONDS
 
 __all__ = [
-    "FPS", "MAX_SECONDS", "MAX_FRAMES", "FRAME_NUM", "MOTION_FRAMES", "AUDIO_WINDOW", "MIRROR_EXTRA_ROWS",
+    "MAX_FRAMES", "FRAME_NUM", "MOTION_FRAMES", "AUDIO_WINDOW", "MIRROR_EXTRA_ROWS",
     "ChunkPlan", "plan_chunks", "check_chunk_sizes", "gather_audio_window", "gather_audio_windows", "mirror_pad_rows",
     "frames_for_samples", "frames_for_seconds",
 ]
 
-FPS = 25                      # video frames per second everywhere (audio features are resampled to it)
-MAX_SECONDS = 600             # longest audio we accept (10 minutes)
 MAX_FRAMES = MAX_SECONDS * FPS
 FRAME_NUM = 81                # frames per chunk (4n+1; 21 latent frames)
 MOTION_FRAMES = 9             # frames carried into the next chunk (3 latent frames)

@@ -1,6 +1,4 @@
-"""Runtime: where models run. Device placement, VRAM budget and block streaming, kernels (attention
-backends, fp8 matmul, compile), guidance batching and multi-GPU parallelism live here, never inside
-`models/` (which stay plain nn.Modules whose state-dict names are the checkpoints')."""
-from .options import RuntimeOptions
-
-__all__ = ["RuntimeOptions"]
+"""Runtime: how a job runs on its hardware, applied from outside the models. `budget`, `plan`,
+`streaming`, `teacache` and `kernels` (configure a loaded DiT) sit below the pipeline, which uses them;
+`launch` and `workers` drive the pipeline across processes and sit above it. The kernels the models call
+(attention backends, GGML dequantisation, options, sequence-parallel collectives) live in `ops/`."""

@@ -3,7 +3,7 @@
 `configure_dit(dit, options, device)` is called once after loading (by `pipeline.models.load_models`);
 it changes speed and memory, never the maths beyond the rounding of the kernel chosen:
 
-- attention: the backend by name (`runtime.attention`), checked here so a missing package fails
+- attention: the backend by name (`ops.attention`), checked here so a missing package fails
   before any denoising step;
 - fp8 matmul: e4m3 Linear weights run through `torch._scaled_mm` (activation quantised per call with a
   per-tensor scale) instead of being dequantised to bf16 per call. `auto` = on CUDA GPUs of compute
@@ -22,8 +22,8 @@ from torch import nn
 
 from ..errors import InputError
 from ..models.layers import Linear
-from .attention import resolve_attention
-from .options import RuntimeOptions
+from ..ops.attention import resolve_attention
+from ..ops.options import RuntimeOptions
 
 __all__ = ["configure_dit", "check_kernels", "KernelReport", "fp8_matmul_supported", "compile_blocks"]
 

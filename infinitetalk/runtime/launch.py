@@ -152,7 +152,7 @@ class World:
         env = launch_env()
         if env is None:
             raise InputError("WORLD_SIZE", "a multi-process run needs WORLD_SIZE > 1 (start it with torchrun)")
-        from .parallel import init_parallel
+        from ..ops.parallel import init_parallel
 
         parallel = init_parallel(device=device, guidance_parallel=guidance_parallel, timeout_s=COLLECTIVE_TIMEOUT_S)
         control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=CONTROL_TIMEOUT_S))
@@ -221,7 +221,7 @@ class LeaderSampler:
 
     def _check_world_size(self, dit, guidance: Guidance) -> None:
         """InputError before any rank starts the window when its sequence groups cannot split the heads."""
-        from .parallel import guidance_layout
+        from ..ops.parallel import guidance_layout
 
         world, calls, grouped = self.world.world_size, guidance.calls_per_step, self.world.parallel.guidance_parallel
         heads = _heads_of(dit)

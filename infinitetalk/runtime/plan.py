@@ -1,7 +1,7 @@
 """The memory plan a user can read before starting: per component its bytes by storage dtype and where it
 lives, the predicted peaks of a DiT step and of a VAE decode, and whether the job fits the budget.
 
-Sizes come either from file headers (`plan_from_files`: no weights are read, so a 40 GB models folder is
+Sizes come either from file headers (`plan_for_paths`, behind `pipeline.models.plan_from_files`: no weights are read, so a 40 GB models folder is
 planned in milliseconds) or from loaded modules (`weights_of`, used at every job start). The decision itself
 is `budget.decide_placement`; this module gathers its inputs and renders the result.
 """
@@ -12,15 +12,17 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..checkpoints.reader import open_checkpoint
+from ..loaders.dit import is_audio_key
 from .budget import (GiB, PREFETCH_BLOCKS, RUNTIME_RESERVE_BYTES, DiTWeights, JobShape, Placement, ceil_gib,
                      decide_placement)
 
-__all__ = ["ComponentMemory", "MemoryPlan", "plan_from_files", "make_plan", "dit_weights_of", "module_bytes",
-           "largest_bucket", "job_for"]
+__all__ = ["ComponentMemory", "MemoryPlan", "plan_for_paths", "make_plan", "dit_weights_of", "module_bytes"]
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 _BLOCK = re.compile(r"(?:^|[._])blocks[._](\d+)[._]")
@@ -100,30 +102,6 @@ class MemoryPlan:
         }
 
 
-# ---------------------------------------------------------------------------------------------- job
-def largest_bucket(resolution: str) -> tuple[int, int]:
-    """The bucket with the most DiT tokens at `resolution` (the worst case when the picture is not known)."""
-    from ..errors import InputError
-    from ..pipeline.resolution import BUCKETS
-
-    if resolution not in BUCKETS:
-        raise InputError("resolution", f"expected one of {', '.join(BUCKETS)}, got {resolution!r}")
-    return max(BUCKETS[resolution].values(), key=lambda hw: (hw[0] // 16) * (hw[1] // 16))
-
-
-def job_for(preset: str, resolution: str = "480p", frame_num: int = 81, size: tuple[int, int] | None = None,
-            calls_per_step: int | None = None) -> JobShape:
-    """The JobShape of a request: its frame size (or the resolution's largest bucket) and the preset's calls."""
-    from ..pipeline.request import PRESETS
-    from ..pipeline.sampler import Guidance
-
-    if calls_per_step is None:
-        p = PRESETS[preset]
-        calls_per_step = Guidance(p.text_guidance, p.audio_guidance).calls_per_step
-    h, w = size if size is not None else largest_bucket(resolution)
-    return JobShape.for_window(h, w, frame_num, calls_per_step)
-
-
 # ---------------------------------------------------------------------------------------------- sizes
 def _canonical(key: str) -> str:
     for p in _PREFIXES:
@@ -150,8 +128,6 @@ def _stored(key: str, shape: torch.Size, dtype: torch.dtype, run_dtype: torch.dt
 
 
 def _header_tensors(path: Path | str) -> Iterable[tuple[str, torch.Size, torch.dtype]]:
-    from ..checkpoints.reader import open_checkpoint
-
     ckpt = open_checkpoint(path)
     for key in ckpt:
         yield key, ckpt.shape(key), ckpt.dtype(key)
@@ -173,8 +149,6 @@ def _file_bytes(path: Path | str, run_dtype: torch.dtype, only: str | None = Non
 def _dit_from_files(dit: Path, patch: Path | None, loras: Iterable[Path], run_dtype: torch.dtype
                     ) -> tuple[DiTWeights, dict[str, int]]:
     """DiTWeights of base (+ audio patch, + unmerged LoRA factors) from headers alone."""
-    from ..loaders.dit import is_audio_key
-
     chosen: dict[str, tuple[str, int, int]] = {}   # canonical -> (dtype name, bytes, fp8 elements)
     sources = [(dit, False)] + ([(patch, True)] if patch is not None else [])
     dim = ffn = 0
@@ -292,14 +266,10 @@ def _smallest_budget(weights: DiTWeights, job: JobShape, act_bytes: int, vae_byt
     return max([hi, *visit_peaks.values()])
 
 
-def plan_from_files(models_dir: str | Path | None, preset: str = "fast", resolution: str = "480p",
-                    vram_gb: float | None = None, overrides: dict | None = None, frame_num: int = 81,
-                    device: str = "cuda", dtype: torch.dtype = torch.bfloat16, batch_guidance: bool = True
-                    ) -> MemoryPlan:
-    """The plan of a job from file headers only (`python -m infinitetalk plan`)."""
-    from ..pipeline.models import resolve_model_paths
-
-    paths = resolve_model_paths(models_dir, preset, overrides)
+def plan_for_paths(paths: Any, job: JobShape, budget: int | None, *, device: str = "cuda",
+                   dtype: torch.dtype = torch.bfloat16, batch_guidance: bool = True, label: str = "") -> MemoryPlan:
+    """The plan of `job` from the headers of resolved model files (`paths`: a `pipeline.models.ModelPaths`;
+    no weights are read). The pipeline resolves the files and the job (`pipeline.models.plan_from_files`)."""
     dit = _dit_from_files(paths.dit, paths.patch, [p for p, _ in paths.loras], dtype)
     others = {
         "vae": _file_bytes(paths.vae, torch.float32),
@@ -307,12 +277,6 @@ def plan_from_files(models_dir: str | Path | None, preset: str = "fast", resolut
         "clip_vision": _file_bytes(paths.clip_vision, dtype, only="visual."),
         "wav2vec2": _file_bytes(paths.wav2vec2, torch.float32),
     }
-    budget = None if not vram_gb else int(vram_gb * GiB)
-    if budget is None and device == "cuda" and torch.cuda.is_available():
-        from .budget import auto_budget_bytes
-        budget = auto_budget_bytes(torch.cuda.mem_get_info()[0])
-    job = job_for(preset, resolution, frame_num)
-    label = f"preset {preset}, {resolution}, {frame_num} frames/window"
     return make_plan(dit, others, job, budget, device=device, label=label, act_bytes=dtype.itemsize,
                      vae_channels=_vae_channels(paths.vae), batch_guidance=batch_guidance)
 

@@ -60,9 +60,12 @@ def _probe(field: str, path: Path) -> float | None:
     """Check one input from its headers now (the budgets in `infinitetalk.limits`), so over-limit,
     broken and empty-mask files are refused at submit time. Returns an audio field's seconds."""
     from .. import limits
+    from ..audio.io import probe_audio
+    from ..pipeline.masks import check_mask
+    from ..video.reader import probe_image, probe_video
 
     if field.endswith("audio"):
-        info = limits.probe_audio(path, field)
+        info = probe_audio(path, field)
         if info.seconds == info.seconds:  # not NaN: the header knows the duration
             return info.seconds
         from ..audio.io import load_audio  # no duration in the header: decode (bounded by load_audio's limits)
@@ -72,12 +75,12 @@ def _probe(field: str, path: Path) -> float | None:
         limits.check_audio_format(clip.sample_rate, info.channels, seconds, field)
         return seconds
     if field == "video":
-        limits.probe_video(path, field)
+        probe_video(path, field)
         return None
     if field == "mask_image":
-        limits.check_mask(path, field)
+        check_mask(path, field)
         return None
-    limits.probe_image(path, field)
+    probe_image(path, field)
     return None
 
 

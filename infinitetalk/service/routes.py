@@ -20,6 +20,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from ..dependencies import missing_message
 from .auth import PROXY_HEADERS, access_summary, authorize, load_keys, open_access
 from .contract import MODELS, ApiError, envelope, error_envelope, public_message
 from .inputs import DEFAULT_RETENTION_S, InputSettings, disk_full_as_507
@@ -83,6 +84,9 @@ class JobApi:
         return handler
 
     def _check(self, request: web.Request) -> None:
+        missing = missing_message(public=True)
+        if missing:   # a requirements.txt package is not installed: every route says which (not a 500 per job)
+            raise ApiError(503, missing)
         try:
             keys = self.keys()
         except RuntimeError as exc:   # a named key file that cannot be read: admit nobody

@@ -4,6 +4,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TypeVar
 
+from ..errors import InputError
+
 T = TypeVar("T")
 
 __all__ = ["DEFAULT_PROMPT", "DEFAULT_NEGATIVE_PROMPT", "join_prompts", "window_prompts", "prompt_for_window"]
@@ -21,8 +23,6 @@ DEFAULT_NEGATIVE_PROMPT = (
 
 def join_prompts(prompt: str | list[str] | tuple[str, ...]) -> str:
     """The one text form of a prompt: a list of per-window prompts becomes one prompt per line."""
-    from ..errors import InputError
-
     if isinstance(prompt, str):
         return prompt
     if not isinstance(prompt, (list, tuple)) or not prompt or not all(isinstance(p, str) for p in prompt):

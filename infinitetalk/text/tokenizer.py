@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints.reader import CheckpointError
+from ..errors import CheckpointError
 
 __all__ = ["UMT5Tokenizer", "clean_prompt", "TEXT_LENGTH"]
 

@@ -8,6 +8,8 @@ with seeks for far jumps; nothing holds the whole video. Past the end, the sourc
 from __future__ import annotations
 
 import os
+import struct
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
@@ -16,14 +18,151 @@ import av
 import numpy as np
 import torch
 
-from ..audio.io import AudioClip, load_audio
+from ..audio.io import AudioClip, AudioInfo, audio_info, load_audio, open_capped, stream_seconds
 from ..errors import InputError, require_file
-from ..limits import MAX_PIXELS, MIN_SIDE, check_pixels, probe_image, probe_video
-from ..pipeline.windows import FPS
+from ..limits import FPS, MAX_PIXELS, MAX_VIDEO_SECONDS, MIN_SIDE, check_pixels
 
-__all__ = ["MIN_SIDE", "load_image", "load_image_with_alpha", "VideoSource"]
+__all__ = ["ImageInfo", "VideoInfo", "image_size_from_header", "probe_image", "probe_video", "load_image", "load_image_with_alpha", "VideoSource"]
 
 _SEEK_AHEAD = Fraction(2)  # seconds: jumps further ahead than this seek instead of decoding through
+
+
+# -- header probes: the limits checked before anything is decoded ------------------------------------
+@dataclass(frozen=True)
+class ImageInfo:
+    """Header facts of an image (or of a video's first frame)."""
+
+    width: int
+    height: int
+    format: str                  # "png", "jpeg", "webp", "gif", "bmp", or the FFmpeg codec name
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """Header facts of a video input: frame size, duration, and its audio track's facts if it has one."""
+
+    width: int
+    height: int
+    seconds: float
+    audio: AudioInfo | None
+
+
+# -- header-only probes --------------------------------------------------------------------------------
+_HEADER_BYTES = 1 << 20      # how far into a JPEG we look for its frame header
+
+
+def _jpeg_size(f) -> tuple[int, int] | None:
+    """(w, h) from the first SOFn segment of a JPEG, walking segment lengths (bounded by _HEADER_BYTES)."""
+    f.seek(2)
+    while f.tell() < _HEADER_BYTES:
+        b = f.read(1)
+        if not b:
+            return None
+        if b != b"\xff":
+            continue
+        marker = f.read(1)
+        while marker == b"\xff":
+            marker = f.read(1)
+        if not marker:
+            return None
+        m = marker[0]
+        if m in (0x01, 0xD8) or 0xD0 <= m <= 0xD7:       # markers without a length
+            continue
+        raw = f.read(2)
+        if len(raw) < 2:
+            return None
+        (length,) = struct.unpack(">H", raw)
+        if length < 2:                                     # corrupt: a length counts its own two bytes
+            return None
+        if 0xC0 <= m <= 0xCF and m not in (0xC4, 0xC8, 0xCC):
+            seg = f.read(5)
+            if len(seg) < 5:
+                return None
+            h, w = struct.unpack(">HH", seg[1:5])
+            return w, h
+        f.seek(length - 2, 1)
+    return None
+
+
+def image_size_from_header(path: str | os.PathLike) -> ImageInfo | None:
+    """Width and height of a PNG, JPEG, WebP, GIF or BMP from its first bytes (no decoding, ≤ 1 MB read);
+    None when the file is none of these (callers then ask FFmpeg's demuxer with a pixel cap)."""
+    with open(path, "rb") as f:
+        head = f.read(32)
+        if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+            w, h = struct.unpack(">II", head[16:24])
+            return ImageInfo(w, h, "png")
+        if head[:3] == b"\xff\xd8\xff":
+            size = _jpeg_size(f)
+            return None if size is None else ImageInfo(size[0], size[1], "jpeg")
+        if head[:6] in (b"GIF87a", b"GIF89a") and len(head) >= 10:
+            w, h = struct.unpack("<HH", head[6:10])
+            return ImageInfo(w, h, "gif")
+        if head[:2] == b"BM" and len(head) >= 26:
+            if struct.unpack("<I", head[14:18])[0] == 12:    # OS/2 BITMAPCOREHEADER: 16-bit sides
+                w, h = struct.unpack("<HH", head[18:22])
+            else:                                             # BITMAPINFOHEADER and later: signed 32-bit
+                w, h = struct.unpack("<ii", head[18:26])
+            return ImageInfo(abs(w), abs(h), "bmp")
+        if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+            kind = head[12:16]
+            if kind == b"VP8X" and len(head) >= 30:
+                w = 1 + int.from_bytes(head[24:27], "little")
+                h = 1 + int.from_bytes(head[27:30], "little")
+                return ImageInfo(w, h, "webp")
+            if kind == b"VP8L" and len(head) >= 25:
+                bits = int.from_bytes(head[21:25], "little")
+                return ImageInfo(1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF), "webp")
+            if kind == b"VP8 ":
+                f.seek(26)
+                raw = f.read(4)
+                if len(raw) == 4:
+                    w, h = struct.unpack("<HH", raw)
+                    return ImageInfo(w & 0x3FFF, h & 0x3FFF, "webp")
+    return None
+
+
+def _video_size(stream, path: Path, field: str) -> tuple[int, int]:
+    w, h = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
+    if w <= 0 or h <= 0:     # the capped decoder refused the frame during probing: too large (or corrupt)
+        raise InputError(field, f"cannot read the picture size of {path}: it is corrupt or larger than "
+                                f"{MAX_PIXELS / 1e6:.0f} megapixels (MAX_PIXELS)")
+    return w, h
+
+
+def probe_image(path: str | os.PathLike, field: str = "image") -> ImageInfo:
+    """Check an image input before decoding: it exists, is non-empty, and its header size is within
+    MIN_SIDE / MAX_SIDE / MAX_PIXELS. Returns its ImageInfo; InputError(field) otherwise."""
+    p = require_file(path, field)
+    info = image_size_from_header(p)
+    if info is None:
+        with open_capped(p, field, "an image") as container:
+            if not container.streams.video:
+                raise InputError(field, f"{p} contains no image")
+            stream = container.streams.video[0]
+            w, h = _video_size(stream, p, field)
+            info = ImageInfo(w, h, stream.codec_context.name)
+    check_pixels(info.width, info.height, field)
+    return info
+
+
+def probe_video(path: str | os.PathLike, field: str = "video") -> VideoInfo:
+    """Check a video input from its headers: frame size within the pixel limits and duration ≤
+    MAX_VIDEO_SECONDS. InputError(field) otherwise. Its audio track's facts are reported, not checked:
+    the track is checked (`probe_audio`) only where it is used as a speaker's audio."""
+    p = require_file(path, field)
+    with open_capped(p, field, "a video") as container:
+        if not container.streams.video:
+            raise InputError(field, f"{p} has no video track")
+        stream = container.streams.video[0]
+        w, h = _video_size(stream, p, field)
+        check_pixels(w, h, field)
+        seconds = stream_seconds(container, stream)
+        if seconds is not None and seconds > MAX_VIDEO_SECONDS:
+            raise InputError(field, f"the video is {seconds:.0f} s long; at most {MAX_VIDEO_SECONDS:.0f} s "
+                                    f"(MAX_VIDEO_SECONDS) is accepted")
+        audio = audio_info(container, container.streams.audio[0], field, check=False) if container.streams.audio else None
+    return VideoInfo(w, h, seconds if seconds is not None else float("nan"), audio)
 
 
 def _open(path: str | os.PathLike, name: str):
@@ -47,7 +186,7 @@ def load_image_with_alpha(path: str | os.PathLike, name: str = "image") -> tuple
     """First frame of an image (png, jpg, webp, bmp, …) or video: uint8 RGB `[H, W, 3]` and, when the image
     has a non-opaque alpha channel, its alpha as uint8 `[H, W]` (else None). Alpha is dropped from the RGB,
     not composited (as PIL's convert('RGB') in the reference). The header is checked against the limits
-    (`limits.probe_image`) before anything is decoded."""
+    (`probe_image`) before anything is decoded."""
     probe_image(path, name)
     with _open(path, name) as container:
         if not container.streams.video:
