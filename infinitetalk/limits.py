@@ -15,7 +15,7 @@ from __future__ import annotations
 from .errors import InputError
 
 __all__ = [
-    "FPS", "MAX_SECONDS", "MAX_PIXELS", "MAX_SIDE", "MIN_SIDE", "MAX_SAMPLE_RATE", "MIN_SAMPLE_RATE", "MAX_AUDIO_CHANNELS",
+    "FPS", "MAX_SECONDS", "MAX_FRAMES", "MAX_PIXELS", "MAX_SIDE", "MIN_SIDE", "MAX_SAMPLE_RATE", "MIN_SAMPLE_RATE", "MAX_AUDIO_CHANNELS",
     "MAX_AUDIO_VALUES", "MIN_AUDIO_SECONDS", "MAX_AUDIO_SECONDS", "MAX_VIDEO_SECONDS", "EMPTY_MASK",
     "check_pixels", "check_audio_format",
 ]
@@ -23,6 +23,7 @@ __all__ = [
 # -- the limits ------------------------------------------------------------------------------------------
 FPS = 25                         # video frames per second everywhere (audio features are resampled to it)
 MAX_SECONDS = 600                # longest audio a job accepts (10 minutes)
+MAX_FRAMES = MAX_SECONDS * FPS   # video frames of the longest job
 MAX_PIXELS = 40_000_000          # pixels of one image / video frame (40 MP: e.g. 8000×5000); RGB ≈ 120 MB
 MAX_SIDE = 16384                 # longest side of an image / frame in pixels
 MIN_SIDE = 32                    # smaller pictures cannot make a useful video (latents are 1/8 of the pixels)

@@ -11,7 +11,8 @@ from conftest import golden_cases
 from infinitetalk.errors import InputError
 from infinitetalk.parity.runner import Case
 from infinitetalk.pipeline.schedule import euler_step, shift_for, timesteps
-from infinitetalk.pipeline.windows import (FPS, MAX_SECONDS, ChunkPlan, check_chunk_sizes, frames_for_samples,
+from infinitetalk.limits import FPS, MAX_SECONDS
+from infinitetalk.pipeline.windows import (ChunkPlan, check_chunk_sizes, frames_for_samples,
                                            frames_for_seconds, gather_audio_window, gather_audio_windows, plan_chunks)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError
-from ..pipeline.windows import FPS, MAX_FRAMES, MAX_SECONDS
+from ..limits import FPS, MAX_FRAMES, MAX_SECONDS
 from .io import FEATURE_RATE, AudioClip, resample, to_mono
 
 __all__ = ["ORDERS", "Placement", "place_speakers", "placed_seconds"]

@@ -16,15 +16,14 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError
-from ..limits import FPS, MAX_SECONDS
+from ..limits import FPS
 
 __all__ = [
-    "MAX_FRAMES", "FRAME_NUM", "MOTION_FRAMES", "AUDIO_WINDOW", "MIRROR_EXTRA_ROWS",
+    "FRAME_NUM", "MOTION_FRAMES", "AUDIO_WINDOW", "MIRROR_EXTRA_ROWS",
     "ChunkPlan", "plan_chunks", "check_chunk_sizes", "gather_audio_window", "gather_audio_windows", "mirror_pad_rows",
     "frames_for_samples", "frames_for_seconds",
 ]
 
-MAX_FRAMES = MAX_SECONDS * FPS
 FRAME_NUM = 81                # frames per chunk (4n+1; 21 latent frames)
 MOTION_FRAMES = 9             # frames carried into the next chunk (3 latent frames)
 AUDIO_WINDOW = 5              # audio rows per video frame: offsets −2..+2
