@@ -34,7 +34,7 @@ class AudioInfo:
     seconds: float
 
 
-def open_capped(path: Path, field: str, what: str):
+def open_capped(path: Path, field: str, what: str) -> av.container.InputContainer:
     """av.open with decoders refusing frames over MAX_PIXELS, so stream probing cannot allocate more."""
     try:
         return av.open(str(path), mode="r", options={"max_pixels": str(MAX_PIXELS)})
@@ -42,7 +42,7 @@ def open_capped(path: Path, field: str, what: str):
         raise InputError(field, f"cannot read {path} as {what} ({exc})") from None
 
 
-def stream_seconds(container, stream) -> float | None:
+def stream_seconds(container: av.container.InputContainer, stream: av.stream.Stream) -> float | None:
     """Duration of a stream from its headers (the container's when the stream does not say)."""
     if stream.duration and stream.time_base:
         return float(stream.duration * stream.time_base)
@@ -51,7 +51,8 @@ def stream_seconds(container, stream) -> float | None:
     return None
 
 
-def audio_info(container, stream, field: str, check: bool = True) -> AudioInfo:
+def audio_info(container: av.container.InputContainer, stream: av.audio.AudioStream, field: str,
+               check: bool = True) -> AudioInfo:
     """AudioInfo of an open audio stream, checked against the limits unless `check` is False."""
     rate = int(stream.codec_context.sample_rate or stream.sample_rate or 0)
     channels = int(stream.codec_context.channels or 0)
@@ -63,7 +64,7 @@ def audio_info(container, stream, field: str, check: bool = True) -> AudioInfo:
 
 def probe_audio(path: str | os.PathLike, field: str = "left_audio") -> AudioInfo:
     """Check an audio input (or a video's audio track) from its container/stream headers: sample rate,
-    channel count, duration and decoded size within the limits above. InputError(field) otherwise.
+    channel count, duration and decoded size within `infinitetalk.limits`. InputError(field) otherwise.
     Nothing is decoded; time and memory are bounded whatever the file claims."""
     p = require_file(path, field)
     with open_capped(p, field, "audio or video") as container:

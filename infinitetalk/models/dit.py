@@ -2,7 +2,7 @@
 
 `forward` takes one latent chunk (no batch dimension); `forward_batch` runs several guidance branches of the
 same latent at once (they differ only in text context and audio). An optional `sequence` group (see
-`runtime.parallel`) splits the tokens across processes (Ulysses sequence parallelism).
+`ops.parallel`) splits the tokens across processes (Ulysses sequence parallelism).
 State-dict names equal the published checkpoints' names (`blocks.N.self_attn.q.weight`, ...).
 """
 from __future__ import annotations
@@ -138,7 +138,7 @@ class InfiniteTalkDiT(nn.Module):
         """x `[16,T,h,w]`, t `[1]` on the 0..1000 scale, context `[L,text_dim]` (unpadded), clip_fea
         `[1,257,image_dim]`, y `[20,T,h,w]`, audio `[H, 4(T−1)+1, 5, layers, channels]` (H = persons, 1 or
         2), ref_target_masks `[3,h,w]` (person 1, person 2, background; used only when H = 2).
-        `sequence`: a `runtime.parallel.SequenceGroup` to share the call with (every member calls it with
+        `sequence`: a `ops.parallel.SequenceGroup` to share the call with (every member calls it with
         equal arguments; every member gets the whole output). `block_cache`: step skipping (runtime/teacache.py),
         an object whose `run(tokens, e0, e, blocks)` returns the block stack's output."""
         return self.forward_batch(x, t, [context], clip_fea, y, [audio], ref_target_masks, sequence, block_cache)[0]

@@ -33,7 +33,7 @@ class SampleAudio:
 @dataclass
 class TokenShard:
     """Sequence parallelism: this process holds tokens `start … start+L_local` of the window's `n_tokens`
-    (the rest is zero padding past `n_tokens`). `group` is a `runtime.parallel.SequenceGroup` (duck-typed:
+    (the rest is zero padding past `n_tokens`). `group` is a `ops.parallel.SequenceGroup` (duck-typed:
     `rank`, `size`, `tokens_to_heads`, `heads_to_tokens`, `all_reduce`, `split`)."""
 
     group: Any
