@@ -148,6 +148,11 @@ def _generate(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\nstopped; rerun the same command to resume after the last finished window", file=sys.stderr)
         return 130
+    except Exception as exc:   # noqa: BLE001 - under torchrun: one line, not a traceback page per rank
+        if world is None:
+            raise
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     finally:
         if world is not None:
             world.close()

@@ -66,25 +66,20 @@ def test_window_job_travels_by_value_with_dtypes_and_shape():
     assert (shape.height, shape.width) == (32, 48)   # latent 4×6 -> pixels ×8
 
 
-def test_rank_0_refuses_a_world_size_whose_sequence_groups_cannot_split_the_heads():
+def test_every_world_size_gets_a_layout_for_both_presets_of_the_40_head_dit():
+    """3 ranks with the fast preset (2 calls) used to be refused: one group of 3 cannot split 40 heads."""
     from types import SimpleNamespace
 
     from infinitetalk.runtime.launch import LeaderSampler
+    from infinitetalk.runtime.parallel import guidance_layout
 
     dit = SimpleNamespace(config=SimpleNamespace(num_heads=40))
-    fast, quality = Guidance(1.0, 2.0), Guidance(5.0, 4.0)
-
-    def check(world_size: int, guidance: Guidance) -> None:
-        world = SimpleNamespace(world_size=world_size, parallel=SimpleNamespace(guidance_parallel=True))
-        LeaderSampler(world)._check_world_size(dit, guidance)
-
-    for world_size, guidance in ((2, fast), (4, fast), (8, fast), (3, quality), (6, quality), (8, quality),
-                                 (16, quality)):   # 16: 2 groups of 8 take the 3 calls in turn
-        check(world_size, guidance)
-    for world_size, guidance in ((3, fast), (6, fast), (7, quality)):
-        with pytest.raises(InputError, match="cannot split the DiT's 40 attention heads") as err:
-            check(world_size, guidance)
-        assert err.value.input_name == "nproc-per-node"
+    for world_size in range(2, 17):
+        for guidance in (Guidance(1.0, 2.0), Guidance(5.0, 4.0)):
+            world = SimpleNamespace(world_size=world_size, parallel=SimpleNamespace(guidance_parallel=True))
+            LeaderSampler(world)._check_world_size(dit, guidance)
+            groups, size = guidance_layout(world_size, guidance.calls_per_step, num_heads=40)
+            assert groups * size <= world_size and 40 % size == 0 and groups <= guidance.calls_per_step
 
 
 # -- end to end ----------------------------------------------------------------------------------------------

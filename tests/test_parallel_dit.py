@@ -128,10 +128,13 @@ def test_guidance_layout():
     assert guidance_layout(4, 2, num_heads=40) == (2, 2)
     assert guidance_layout(6, 3, num_heads=40) == (3, 2)
     assert guidance_layout(4, 2, guidance_parallel=False) == (1, 4)
-    with pytest.raises(InputError, match="world_size.*3 guidance calls.*3 heads"):
-        guidance_layout(4, 3, num_heads=3)                     # groups of 4 or 2 ranks: neither divides 3
-    with pytest.raises(InputError, match="world_size"):
-        guidance_layout(6, 2, num_heads=40)                    # groups of 3 or 6 ranks
+    # no layout of all W ranks splits the heads: the quickest one on fewer ranks, the rest sit the step out
+    assert guidance_layout(4, 3, num_heads=3) == (3, 1)        # groups of 4 or 2 ranks cannot split 3 heads
+    assert guidance_layout(3, 2, num_heads=40) == (2, 1)       # fast on 3 ranks: rank 2 adds zeros
+    assert guidance_layout(6, 2, num_heads=40) == (1, 5)       # 2 calls over 5 ranks beat 1 call over 2
+    assert guidance_layout(7, 3, num_heads=40) == (3, 2)
+    with pytest.raises(InputError, match="world_size.*2 guidance calls.*3 heads"):
+        guidance_layout(2, 2, guidance_parallel=False, num_heads=3)   # one group of all ranks was demanded
 
 
 def test_world_size_2_matches_one_process(tmp_path):

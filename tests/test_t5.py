@@ -144,3 +144,20 @@ def test_real_size_names_and_shapes_match_the_wan_checkpoint():
     assert {k.split(".", 2)[2] for k in sd if k.startswith("blocks.0.")} == {
         "norm1.weight", "attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.o.weight",
         "pos_embedding.embedding.weight", "norm2.weight", "ffn.gate.0.weight", "ffn.fc1.weight", "ffn.fc2.weight"}
+
+
+def test_encode_is_the_same_on_one_thread_and_on_all(text_dir):
+    """torchrun gives each rank OMP_NUM_THREADS=1 while one process uses every core: the context must not
+    depend on that (the CPU fused attention kernel's rounding did, and 40 steps made it visible in frames)."""
+    path = text_dir / tiny_t5.FILES["comfy_fp16"]
+    te = _load(path)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [te.encode(p) for p in (PROMPT, DEFAULT_NEGATIVE_PROMPT)]
+        torch.set_num_threads(max(2, threads))
+        many = [te.encode(p) for p in (PROMPT, DEFAULT_NEGATIVE_PROMPT)]
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b), f"{path.name}: differs by {(a - b).abs().max().item():.3g}"

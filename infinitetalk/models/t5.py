@@ -92,9 +92,16 @@ class T5Attention(nn.Module):
         self.o = Linear(dim_attn, dim, bias=False)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Explicit logits + float32 softmax, as the reference computes them, not `scaled_dot_product_attention`:
+        the CPU fused kernel rounds differently with the thread count (small head dims), so a torchrun rank
+        (torchrun sets OMP_NUM_THREADS=1) would encode another context than one process on all cores, and
+        40 denoising steps turn that 1e-6 into visibly different frames. The prompt is short (≤ 512 tokens)
+        and encoded once per job, so the L×L logits cost nothing that matters."""
         b, n, _ = x.shape
         q, k, v = (p(x).view(b, n, self.num_heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)  # T5: unscaled logits
+        logits = torch.matmul(q, k.transpose(-1, -2)) + bias   # T5: unscaled logits
+        weights = torch.softmax(logits.float(), dim=-1).to(v.dtype)
+        out = torch.matmul(weights, v)
         return self.o(out.transpose(1, 2).reshape(b, n, -1))
 
 

@@ -6,8 +6,9 @@ Layout for one denoising step with C guidance calls (2 fast, 3 quality) on W ran
 - sequence parallelism inside a group of P ranks: each rank holds 1/P of the window's tokens (padded to a
   multiple of P); self-attention swaps tokens for heads with an all-to-all (Ulysses), so P must divide the
   head count. When the layouts above do not divide it, G < C groups (G dividing W) take the calls in turn
-  (group g: calls g, g+G, …); when no layout fits, a clear InputError names the world size — never a silent
-  wrong answer.
+  (group g: calls g, g+G, …); when none of those fits either (W = 3 with 2 calls, W = 7 with 3, with 40
+  heads), G groups of P ranks with G·P < W do, and the ranks left over add zeros — never a silent wrong
+  answer, and no refusal of a world size a user may simply have at hand.
 - the velocities of all calls are summed across the world (each call contributed by exactly one rank, the
   others add zeros: exact), so every rank ends the step with the same latent.
 
@@ -123,6 +124,8 @@ class ParallelState:
                        for r in groups]  # every rank creates every group, in the same order
             self._layouts[key] = handles
         index = self.rank // size
+        if index >= n_groups:   # a rank left over by the layout (see guidance_layout): adds zeros to the sum
+            return GuidanceLayout((), None, contributes=False)
         sequence = SequenceGroup(self._layouts[key][index], self.rank % size, size) if size > 1 else None
         calls = tuple(range(index, calls_per_step, n_groups))
         return GuidanceLayout(calls, sequence, contributes=self.rank % size == 0)
@@ -190,7 +193,12 @@ def guidance_layout(world_size: int, calls_per_step: int, guidance_parallel: boo
     """(number of guidance groups G, ranks per group P) for a world of W ranks and C calls per step.
 
     Preference: C groups when W is a multiple of C; else one group of W (pure sequence parallelism); else the
-    most groups G < C dividing W — the first whose P divides `num_heads`. None fits: InputError("world_size")."""
+    most groups G < C dividing W — the first whose P divides `num_heads`. When none of these fits (e.g. W = 3
+    with 2 calls and 40 heads), the layout that finishes a step soonest (fewest calls per group over ranks per
+    group; ties: more groups, fewer all-to-alls) among those with G·P ≤ W and P dividing the heads: the
+    W − G·P ranks left over sit the step out (a correct result rather than a refusal). Without guidance
+    parallelism (one group of all W ranks demanded) a W that cannot split the heads is InputError("world_size").
+    """
     if world_size < 1 or calls_per_step < 1:
         raise ValueError(f"world size {world_size} and guidance calls {calls_per_step} must be >= 1")
     candidates = []
@@ -203,10 +211,26 @@ def guidance_layout(world_size: int, calls_per_step: int, guidance_parallel: boo
         size = world_size // groups
         if num_heads is None or size == 1 or num_heads % size == 0:
             return groups, size
+    if guidance_parallel:
+        return _partial_layout(world_size, calls_per_step, num_heads)
     raise InputError("world_size", (
         f"sequence parallelism splits attention heads over the ranks of a group, and no layout of {world_size} "
         f"ranks for {calls_per_step} guidance calls per step gives groups whose size divides the model's "
         f"{num_heads} heads; use a world size that does (e.g. {calls_per_step} or a divisor of {num_heads})"))
+
+
+def _partial_layout(world_size: int, calls_per_step: int, num_heads: int) -> tuple[int, int]:
+    """(G, P) using at most `world_size` ranks, P dividing `num_heads`: the shortest step (ceil(C/G)/P model
+    calls' worth of time per rank), ties broken towards more groups. G = min(C, W), P = 1 always qualifies."""
+    best = None
+    for groups in range(1, min(calls_per_step, world_size) + 1):
+        for size in range(1, world_size // groups + 1):
+            if num_heads % size:
+                continue
+            cost = (-(-calls_per_step // groups) / size, -groups)
+            if best is None or cost < best[0]:
+                best = (cost, (groups, size))
+    return best[1]
 
 
 def _pad_to(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:

@@ -284,15 +284,17 @@ def run_follower(load_dit: Callable[[torch.device], object], device: str | None 
     by the rank); returns the process exit code."""
     env = launch_env()
     assert env is not None and not env.is_main
-    world = World.join(rank_device(env, device))
+    world = None
     try:
+        world = World.join(rank_device(env, device))
         follow(world, load_dit(world.device))
         return 0
     except Exception as err:   # noqa: BLE001 - reported, and the non-zero exit makes torchrun stop the job
         print(f"rank {env.rank}: error: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
     finally:
-        world.close()
+        if world is not None:
+            world.close()
 
 
 def join_as_leader(device: str | torch.device | None = None) -> World:
