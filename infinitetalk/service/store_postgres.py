@@ -67,11 +67,14 @@ class PostgresStore:
             self._ensure_schema()
         return self._with_conn(fn)
 
-    def _with_conn(self, fn):
-        try:
-            conn = self._idle.get_nowait()
-        except queue.Empty:
-            conn = None
+    def _with_conn(self, fn, fresh: bool = False):
+        conn = None
+        if not fresh:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                pass
+        pooled = conn is not None
         try:
             if conn is None or conn.closed:
                 conn = self._connect()
@@ -79,6 +82,8 @@ class PostgresStore:
         except self.psycopg.OperationalError as exc:
             if conn is not None:
                 conn.close()
+            if pooled:   # a pooled connection the server dropped (e.g. it restarted): once more on a new one
+                return self._with_conn(fn, fresh=True)
             raise StoreUnavailable(f"the job database ({self.where}) is unreachable: {str(exc).strip()[:200]}") from exc
         except BaseException:
             if conn is not None and not conn.closed and conn.info.transaction_status != 0:  # 0 = idle
