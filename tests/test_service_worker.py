@@ -183,3 +183,21 @@ def test_a_dead_database_is_503_leaves_no_files_and_loses_nothing(tmp_path, post
         assert s == 200, r
         return job_id
     call(service, flow)
+
+
+def test_a_taken_over_job_whose_video_was_already_saved_is_recorded_not_run_again(tmp_path):
+    """The dead owner finished the video but not the record: the next claim finds the saved file."""
+    _, [(sa, ea, wa), (sb, eb, wb)] = fleet(tmp_path, str(tmp_path / "jobs.sqlite3"), lease_s=1.0)
+    eb.saved_outputs = lambda prefix: [{"filename": prefix.rpartition("/")[2] + "_00001_.mp4",
+                                        "subfolder": "infinitetalk_api", "type": "output"}]
+
+    async def flow(client):
+        s, r = await post(client, SUBMIT, body())
+        job_id = r["data"]["id"]
+        await wa.tick()
+        assert wa.job.id == job_id                     # A runs it, then dies
+        await until(lambda: step(wb, lambda: sb.get(job_id).status == "completed"), "the takeover")
+        return job_id
+    job_id = call(sa, flow)
+    assert eb.counter == 0                             # B never ran it
+    assert sb.get(job_id).outputs[0]["filename"] == f"{job_id}_00001_.mp4"

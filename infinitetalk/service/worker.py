@@ -98,6 +98,10 @@ class Worker:
                                    f"{self.lease_s:.0f} s expired)")
         if rec.cancel_requested:
             return await self._end(status="failed", error=CANCELLED)
+        saved = getattr(self.engine, "saved_outputs", None)
+        found = saved(output_prefix(rec.id)) if saved and rec.attempts > 1 else []
+        if found:   # the last owner finished the video but died before recording it: no need to run it again
+            return await self._end(status="completed", outputs=self.service.outputs.publish(rec.id, found))
         if rec.attempts > 1:
             log.info("InfiniteTalk worker %s took over job %s (attempt %d; it resumes from its last finished window)",
                      self.worker_id, rec.id, rec.attempts)
