@@ -163,3 +163,25 @@ def test_an_old_sqlite_file_gains_the_queue_columns(tmp_path):
 def test_a_database_url_of_another_kind_is_refused_by_name():
     with pytest.raises(RuntimeError, match="mysql://.*postgresql://"):
         open_store("mysql://db/jobs")
+
+
+def test_a_postgresql_url_without_psycopg_names_the_package(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)   # as if not installed
+    with pytest.raises(RuntimeError, match=r"psycopg\[binary\]") as info:
+        open_store("postgresql://jobs@127.0.0.1:1/jobs")
+    assert "INFINITETALK_API_DATABASE_URL" in str(info.value)
+
+
+def test_an_unreachable_database_at_start_is_not_fatal_and_names_it_without_the_password():
+    from infinitetalk.service.store import StoreUnavailable
+
+    pytest.importorskip("psycopg")
+    from pg_support import free_port
+
+    store = open_store(f"postgresql://jobs:s3cret@127.0.0.1:{free_port()}/jobs")   # nothing listens there
+    with pytest.raises(StoreUnavailable) as info:
+        store.get("x")
+    assert "127.0.0.1" in str(info.value) and "s3cret" not in str(info.value)
+    store.close()
