@@ -138,7 +138,10 @@ def test_a_killed_servers_job_is_finished_by_the_other_byte_identical(fleet):
     owner.process.wait(30)
     done = _wait(other, job_id)
     mp4 = _video_bytes(other, done, shared / "output")
-    assert "took over job" in other.log.read_text()[len(logs[other]):]
+    since = other.log.read_text()[len(logs[other]):]
+    assert f"took over job {job_id}" in since
+    resumed = [line for line in since.splitlines() if "resuming job" in line]
+    assert resumed and " 0 of " not in resumed[0], since[-3000:]   # resumed, not started over
     assert _status(other, job_id, "result") == done
 
     # The same request, same seed, uninterrupted (the job folder was removed when the first one finished).
