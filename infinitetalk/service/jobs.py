@@ -25,7 +25,7 @@ from .contract import MAX_SECONDS, ApiError, JobRequest, audio_seconds_for, bill
 from .graph import build_graph
 from .inputs import JOB_INPUTS, InputSettings, disk_full_as_507, remove_job_inputs, resolve_media
 from .outputs import LocalOutputs, OutputStore
-from .store import FINAL, JobRecord, Store, StoreUnavailable
+from .store import FINAL, JobRecord, Store
 
 log = logging.getLogger("infinitetalk.api")
 PARALLEL_PROBES = 2

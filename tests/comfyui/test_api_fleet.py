@@ -128,12 +128,13 @@ def test_a_killed_servers_job_is_finished_by_the_other_byte_identical(fleet):
         assert time.time() < deadline, "no window was committed"
         assert _status(b, job_id)["status"] != "failed", _status(b, job_id)
         time.sleep(0.2)
-    running = _status(b, job_id)                    # B answers for a job it does not hold
-    assert running["status"] in ("created", "processing"), running
     logs = {a: a.log.read_text(), b: b.log.read_text()}
     # the server that runs it is the one whose ComfyUI queue holds it
     owner = next(s for s in (a, b) if _call(s, "GET", "/queue")[1].get("queue_running"))
     other = b if owner is a else a
+    for route in ("status", "result"):               # the other server answers for a job it does not hold
+        running = _status(other, job_id, route)
+        assert running["id"] == job_id and running["status"] == "processing" and running["seed"] == 4242, running
     os.kill(owner.process.pid, signal.SIGKILL)
     owner.process.wait(30)
     done = _wait(other, job_id)
