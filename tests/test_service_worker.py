@@ -200,3 +200,19 @@ def test_a_taken_over_job_whose_video_was_already_saved_is_recorded_not_run_agai
     job_id = call(sa, flow)
     assert eb.counter == 0                             # B never ran it
     assert sb.get(job_id).outputs[0]["filename"] == f"{job_id}_00001_.mp4"
+
+
+def test_cancel_on_the_server_whose_worker_holds_the_job_acts_at_once(tmp_path):
+    from service_support import dispatch, make_env
+
+    env = make_env(tmp_path)
+
+    async def flow(client):
+        s, r = await post(client, SUBMIT, body())
+        job_id = r["data"]["id"]
+        pid = await dispatch(env, job_id)               # claimed and queued here, not started
+        s, r = await post(client, f"/infinitetalk/v1/predictions/{job_id}/cancel", {})
+        return s, r, pid
+    status, reply, pid = call(env["service"], flow)
+    assert status == 200 and reply["data"]["status"] == "failed" and reply["data"]["error"] == CANCELLED, reply
+    assert pid not in env["engine"].states and env["worker"].job is None   # gone from the local queue

@@ -51,6 +51,7 @@ class Worker:
         self._beat_at = 0.0
         self._final: dict[str, Any] | None = None  # a final write still to make (the database was down)
         self._stopping = asyncio.Event()
+        self._step = asyncio.Lock()   # a route's cancel and the loop's tick never interleave on one job
         service.worker = self
 
     async def _db(self, fn, *args, **kwargs):
@@ -79,6 +80,10 @@ class Worker:
 
     async def tick(self) -> None:
         """One step: finish a pending final write, else follow the current job, else claim one."""
+        async with self._step:
+            await self._tick()
+
+    async def _tick(self) -> None:
         if self._final is not None:
             await self._write_final()
         elif self.job is not None:
@@ -172,9 +177,10 @@ class Worker:
 
     async def cancel_if_mine(self, job_id: str) -> None:
         """A cancel flagged on this server for the job this worker holds: act now, not at the next beat."""
-        if self.job is not None and self.job.id == job_id and self.prompt_id and self._final is None:
-            self._beat_at = float("-inf")
-            await self._heartbeat()
+        async with self._step:
+            if self.job is not None and self.job.id == job_id and self.prompt_id and self._final is None:
+                self._beat_at = float("-inf")
+                await self._heartbeat()
 
     async def _end(self, **changes: Any) -> None:
         self._final = {**changes, "completed_at": now_iso(), "lease_expires_at": None}
