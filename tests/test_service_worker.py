@@ -216,3 +216,29 @@ def test_cancel_on_the_server_whose_worker_holds_the_job_acts_at_once(tmp_path):
     status, reply, pid = call(env["service"], flow)
     assert status == 200 and reply["data"]["status"] == "failed" and reply["data"]["error"] == CANCELLED, reply
     assert pid not in env["engine"].states and env["worker"].job is None   # gone from the local queue
+
+
+def test_webhook_is_checked_and_kept_and_on_final_hears_route_cancels(tmp_path):
+    from infinitetalk.service.contract import ApiError
+
+    finals = []
+
+    def check(url: str) -> str:
+        if not url.startswith("https://"):
+            raise ApiError(400, f"field 'webhook': expected an https URL; got {url!r}")
+        return url
+    _, [(service, _, _)] = fleet(tmp_path, str(tmp_path / "jobs.sqlite3"), servers=1, on_final=finals.append)
+    service.webhook_check = check
+
+    async def main():
+        with pytest.raises(ApiError) as info:
+            await service.submit("image-to-video-multi", body(), webhook="http://hooks.example.com/x")
+        assert info.value.code == 400 and "webhook" in info.value.message
+        rec = await service.submit("image-to-video-multi", body(), webhook="https://hooks.example.com/x")
+        assert service.get(rec.id).webhook == "https://hooks.example.com/x"
+        await service.cancel(rec.id)
+        return rec.id
+    job_id = asyncio.run(main())
+    assert [(f.id, f.status, f.error, f.webhook) for f in finals] == \
+        [(job_id, "failed", CANCELLED, "https://hooks.example.com/x")]
+    assert service.store.mark_once(job_id, "webhook") and not service.store.mark_once(job_id, "webhook")
