@@ -97,6 +97,22 @@ def temp_dir() -> Path:
     return path
 
 
+ENV_JOBS_DIR = "INFINITETALK_JOBS_DIR"
+
+
+def jobs_dir() -> Path:
+    """Where per-job resume folders live: `INFINITETALK_JOBS_DIR` (shared storage in a fleet, so another
+    server resumes a job from its last finished window), else `<temp>/infinitetalk/jobs`."""
+    raw = os.environ.get(ENV_JOBS_DIR, "").strip()
+    if not raw:
+        return temp_dir() / "infinitetalk" / "jobs"
+    path = Path(raw).expanduser()
+    if not path.is_absolute():
+        raise RuntimeError(f"{ENV_JOBS_DIR}={raw!r}: expected an absolute folder path (shared by the servers)")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def input_files(content_types: tuple[str, ...]) -> list[str]:
     """Files in the input folder of the given kinds ("audio", "video", "image"), sorted."""
     root = input_dir()

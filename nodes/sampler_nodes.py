@@ -242,11 +242,12 @@ def _expected_frames(left_audio: dict, right_audio: dict, order: str | None) -> 
 
 
 def _job_dir(request: GenerationRequest, bundle: Any) -> Path:
-    """A job folder named by the job's content, so re-queueing a cancelled job resumes its finished windows."""
+    """A job folder named by the job's content (not its paths), so re-queueing a cancelled job — here or, with
+    a shared `INFINITETALK_JOBS_DIR`, on another server — resumes its finished windows."""
     from infinitetalk.pipeline.job import fingerprint
 
     identity = bundle.identity() if hasattr(bundle, "identity") else type(bundle).__name__
-    return bridge.temp_dir() / "infinitetalk" / "jobs" / fingerprint(request, identity)[:24]
+    return bridge.jobs_dir() / fingerprint(request, identity)[:24]
 
 
 def _mask_image_file(mask_image: Any) -> Path | None:

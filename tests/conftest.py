@@ -53,3 +53,25 @@ def custom_node_package():
     builder = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(builder)
     return builder.import_package()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One throwaway PostgreSQL for the session (skips without the binaries; fails instead when CI=true)."""
+    from pg_support import PostgresServer, require_postgres
+
+    server = PostgresServer(require_postgres())
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture()
+def postgres_url(postgres_server):
+    """A running server with empty job tables (restarted first if a test stopped it)."""
+    if postgres_server.proc is None:
+        postgres_server.start()
+    postgres_server.reset()
+    return postgres_server.url

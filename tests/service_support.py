@@ -16,6 +16,7 @@ from infinitetalk.service.inputs import InputSettings
 from infinitetalk.service.jobs import EngineState, JobService
 from infinitetalk.service.routes import JobApi
 from infinitetalk.service.store import JobStore
+from infinitetalk.service.worker import Worker
 
 TEMPLATE = {
     "1": {"class_type": "LoadImage", "inputs": {"image": "x.png"}, "_meta": {"title": "image"}},
@@ -162,6 +163,9 @@ class FakeEngine:
     def state(self, prompt_id: str) -> EngineState:
         return self.states.get(prompt_id, EngineState("unknown", []))
 
+    def busy(self) -> bool:
+        return any(st.status in ("queued", "running") for st in self.states.values())
+
     def cancel(self, prompt_id: str) -> bool:
         if self.states.get(prompt_id) and self.states[prompt_id].status == "queued":
             del self.states[prompt_id]
@@ -185,17 +189,40 @@ def make_env(tmp_path: Path, **settings) -> dict:
     engine = FakeEngine()
     store_path = tmp_path / "user" / "jobs.sqlite3"
     service = JobService(JobStore(store_path), engine, InputSettings(input_dir=inputs, **settings), {
-        "image-to-video-multi": TEMPLATE, "video-to-video-multi": TEMPLATE})
-    return {"inputs": inputs, "engine": engine, "service": service, "store_path": store_path, "tmp": tmp_path}
+        "image-to-video-multi": TEMPLATE, "video-to-video-multi": TEMPLATE}, cancel_wait_s=0.0)
+    worker = Worker(service, lease_s=30.0, worker_id="worker-test")
+    return {"inputs": inputs, "engine": engine, "service": service, "store_path": store_path, "tmp": tmp_path,
+            "worker": worker}
+
+
+async def dispatch(env: dict, job_id: str, ticks: int = 50) -> str:
+    """Step the env's worker until it has queued `job_id` on the fake engine (ending whatever job it ran
+    before that the test has finished); returns the job's prompt id."""
+    worker = env["worker"]
+    for _ in range(ticks):
+        if worker.job is not None and worker.job.id == job_id and worker.prompt_id:
+            return worker.prompt_id
+        await worker.tick()
+    raise AssertionError(f"the worker never queued job {job_id}")
+
+
+async def settle(env: dict, ticks: int = 5) -> None:
+    """Let the env's worker observe the engine (a few steps), e.g. after the test moved a job on."""
+    for _ in range(ticks):
+        await env["worker"].tick()
 
 
 def call(service, requests, keys=(), is_open: bool = False):
-    """Run `requests(client)` against a loopback server hosting the API; returns its result."""
+    """Run `requests(client)` against a loopback server hosting the API; returns its result. Then the
+    service's worker (if any) takes a few steps, so the first queued job is on the fake engine."""
     async def main():
         app = web.Application(client_max_size=200 * 2**20)  # ComfyUI allows large bodies too
         app.add_routes(JobApi(service, keys=lambda: tuple(keys), is_open=lambda: is_open).routes())
         async with TestClient(TestServer(app, host="127.0.0.1")) as client:
-            return await requests(client)
+            result = await requests(client)
+        for _ in range(3 if service.worker is not None else 0):
+            await service.worker.tick()
+        return result
     return asyncio.run(main())
 
 

@@ -71,7 +71,7 @@ def test_every_world_size_gets_a_layout_for_both_presets_of_the_40_head_dit():
     from types import SimpleNamespace
 
     from infinitetalk.runtime.launch import LeaderSampler
-    from infinitetalk.runtime.parallel import guidance_layout
+    from infinitetalk.ops.parallel import guidance_layout
 
     dit = SimpleNamespace(config=SimpleNamespace(num_heads=40))
     for world_size in range(2, 17):

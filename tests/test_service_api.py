@@ -9,7 +9,7 @@ import pytest
 from infinitetalk.service.contract import ApiError, billed_seconds, validate_request
 from infinitetalk.service.jobs import EngineState
 from infinitetalk.service.store import JobStore
-from service_support import KEY, TEMPLATE, body, call, make_env, post, write_long_wav
+from service_support import KEY, TEMPLATE, body, call, dispatch, make_env, post, settle, write_long_wav
 
 
 @pytest.fixture()
@@ -65,7 +65,11 @@ def test_submit_poll_complete_result(env):
         assert data["status"] == "created" and data["model"] == "infinitetalk/image-to-video-multi"
         assert data["urls"]["get"].endswith(f"/infinitetalk/v1/predictions/{data['id']}/result")
         assert data["created_at"].endswith("Z") and data["billed_seconds"] == 5
-        pid = env["service"].get(data["id"]).prompt_id
+        assert env["engine"].counter == 0  # submitting only records the job; a worker runs it
+        pid = await dispatch(env, data["id"])
+        assert env["service"].get(data["id"]).prompt_id == pid
+        r = await (await client.get(f"/infinitetalk/v1/predictions/{data['id']}/status")).json()
+        assert r["data"]["status"] == "created"  # claimed and queued, not started
         graph = env["engine"].graphs[pid]
         assert graph["1"]["inputs"]["image"] == "two.png"
         assert graph["2"]["inputs"] == {"left_audio": "left.wav", "right_audio": "right.wav"}
@@ -73,9 +77,11 @@ def test_submit_poll_complete_result(env):
         assert 0 <= graph["4"]["inputs"]["seed"] <= 2**31 - 1 and graph["4"]["inputs"]["order"] == "left_right"
         assert graph["5"]["inputs"]["filename_prefix"] == f"infinitetalk_api/{data['id']}"
         env["engine"].states[pid] = EngineState("running", [])
+        await settle(env)
         r = await (await client.get(f"/infinitetalk/v1/predictions/{data['id']}/status")).json()
         assert r["data"]["status"] == "processing"
         env["engine"].finish(pid, "clip_00001.mp4")
+        await settle(env)
         r = await (await client.get(f"/infinitetalk/v1/predictions/{data['id']}/result")).json()
         assert r["data"]["status"] == "completed" and r["data"]["timings"]["inference"] == 1234
         assert r["data"]["outputs"] == [str(client.make_url("/view")) + "?filename=clip_00001.mp4&subfolder=infinitetalk_api&type=output"]
@@ -92,8 +98,9 @@ def test_cancel_queued_but_not_running(env):
         _, b = await post(client, "/infinitetalk/v1/image-to-video-multi", body(seed=7))
         s, r = await post(client, f"/infinitetalk/v1/predictions/{a['data']['id']}/cancel", {})
         assert s == 200 and r["data"]["status"] == "failed" and "cancelled" in r["data"]["error"]
-        pid = env["service"].get(b["data"]["id"]).prompt_id
+        pid = await dispatch(env, b["data"]["id"])
         env["engine"].states[pid] = EngineState("running", [])
+        await settle(env)
         s, r = await post(client, f"/infinitetalk/v1/predictions/{b['data']['id']}/cancel", {})
         assert s == 409 and r["code"] == 409 and "running" in r["message"] and r["data"] is None
         s, r = await post(client, "/infinitetalk/v1/predictions/nope/cancel", {})
@@ -136,11 +143,11 @@ def test_data_uri_input_is_written_into_the_input_folder(env):
         uri = "data:image/png;base64," + base64.b64encode(png).decode()
         status, reply = await post(client, "/infinitetalk/v1/image-to-video-multi", body(image=uri))
         assert status == 200, reply
-        return reply["data"]["id"]
-    job_id = call(env["service"], flow)
+        return reply["data"]["id"], await dispatch(env, reply["data"]["id"])
+    job_id, pid = call(env["service"], flow)
     saved = env["inputs"] / "infinitetalk_api" / job_id / "image.png"
     assert saved.read_bytes() == png
-    graph = env["engine"].graphs[env["service"].get(job_id).prompt_id]
+    graph = env["engine"].graphs[pid]
     assert graph["1"]["inputs"]["image"] == f"infinitetalk_api/{job_id}/image.png"
 
 
@@ -176,12 +183,13 @@ def test_twenty_jobs_at_once_none_lost(env):
         assert all(s == 200 for s, _ in replies), replies
         ids = [r["data"]["id"] for _, r in replies]
         assert len(set(ids)) == 20
-        for i, job_id in enumerate(ids):
-            pid = env["service"].get(job_id).prompt_id
+        for i, job_id in enumerate(sorted(ids, key=lambda j: (env["service"].get(j).created_at, j))):
+            pid = await dispatch(env, job_id)  # one at a time: the worker claims only when its engine is idle
             if i % 2:
                 env["engine"].finish(pid, f"clip_{i}.mp4")
             else:
                 env["engine"].states[pid] = EngineState("failed", [], error="boom")
+            await settle(env, 1)
         finals = []
         for job_id in ids:
             r = await (await client.get(f"/infinitetalk/v1/predictions/{job_id}/status")).json()
@@ -230,14 +238,18 @@ def test_job_finished_unobserved_before_a_restart_reports_its_saved_video(env, t
 
     async def flow(client):
         ids = []
+        (out / "infinitetalk_api").mkdir(parents=True)
         for seed in (1, 2):
             s, r = await post(client, "/infinitetalk/v1/image-to-video-multi", body(seed=seed))
             assert s == 200, r
             ids.append(r["data"]["id"])
-        (out / "infinitetalk_api").mkdir(parents=True)
-        (out / "infinitetalk_api" / f"{ids[0]}_00001_.mp4").write_bytes(b"mp4")
-        (out / "infinitetalk_api" / f".{ids[1]}_00001_.partial.mp4").write_bytes(b"half")  # never finished
-        engine.states.clear()  # the engine forgot both (its history lives in memory)
+            await dispatch(env, ids[-1])
+            if seed == 1:
+                (out / "infinitetalk_api" / f"{ids[0]}_00001_.mp4").write_bytes(b"mp4")
+            else:
+                (out / "infinitetalk_api" / f".{ids[1]}_00001_.partial.mp4").write_bytes(b"half")  # never finished
+            engine.states.clear()  # the engine forgot it (its history lives in memory)
+            await settle(env, 1)
         return ids, [(await (await client.get(f"/infinitetalk/v1/predictions/{i}/status")).json())["data"] for i in ids]
     ids, (done, lost) = call(service, flow)
     assert done["status"] == "completed" and done["error"] == ""

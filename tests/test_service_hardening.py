@@ -18,7 +18,7 @@ from infinitetalk.service.comfy_engine import ComfyEngine
 from infinitetalk.service.contract import ApiError, public_message
 from infinitetalk.service.jobs import EngineState
 from infinitetalk.service.routes import ENV_RETENTION, input_settings
-from service_support import KEY, body, call, make_env, post, write_png, write_wav
+from service_support import KEY, body, call, dispatch, make_env, post, settle, write_png, write_wav
 
 SUBMIT = "/infinitetalk/v1/image-to-video-multi"
 
@@ -188,14 +188,14 @@ def test_catch_all_route_checks_the_key_first(env):
 
 # -- messages hide the server's folders ---------------------------------------------------------------------
 def test_refusals_and_internal_errors_show_no_absolute_server_path(env):
-    engine = env["engine"]
+    store = env["service"].store
 
-    async def broken_queue(graph, job_id):
+    def broken_insert(record):
         raise OSError(f"cannot open {env['tmp']}/secret/place/db.sqlite")
 
     async def flow(client):
         refused = await post(client, SUBMIT, body(right_audio="broken.wav"))
-        engine.queue = broken_queue
+        store.insert = broken_insert
         failed = await post(client, SUBMIT, body())
         return refused, failed
     (s1, refused), (s2, failed) = call(env["service"], flow)
@@ -285,9 +285,10 @@ def test_finished_jobs_inputs_are_removed_after_the_retention(tmp_path):
             s, r = await post(client, SUBMIT, body(image=image, seed=seed))
             assert s == 200, r
             ids.append(r["data"]["id"])
+        engine.finish(await dispatch(env, ids[0]))
+        await settle(env, 1)
         return ids
     done, queued = call(service, flow)
-    engine.finish(service.get(done).prompt_id)
     orphan_old, orphan_new = (env["inputs"] / "infinitetalk_api" / n for n in ("a" * 32, "b" * 32))
     for orphan in (orphan_old, orphan_new):
         orphan.mkdir()
@@ -302,9 +303,9 @@ def test_finished_jobs_inputs_are_removed_after_the_retention(tmp_path):
     assert service.get(done).status == "completed"  # the record stays
 
 
-def test_inputs_of_a_job_recorded_but_never_queued_are_removed_after_the_retention(tmp_path):
-    """A crash between recording a job and queueing it leaves a 'created' record without a prompt id:
-    nothing will ever use its inputs, so they age out like an orphan folder (from the record's creation)."""
+def test_inputs_of_a_recorded_job_no_worker_claimed_yet_are_kept_whatever_their_age(tmp_path):
+    """A recorded job is in the queue: some worker will run it (perhaps hours later in a busy fleet), so its
+    inputs stay; once it ended they age out from its end."""
     from infinitetalk.service.store import JobRecord
 
     env = make_env(tmp_path, retention_s=3600.0)
@@ -317,7 +318,11 @@ def test_inputs_of_a_job_recorded_but_never_queued_are_removed_after_the_retenti
     folder.mkdir(parents=True)
     (folder / "image.png").write_bytes(b"x")
     assert service.clean_inputs(created + timedelta(minutes=59)) == []
-    assert service.clean_inputs(created + timedelta(minutes=61)) == [job_id]
+    assert service.clean_inputs(created + timedelta(hours=30)) == [] and job_folders(env) == [job_id]
+    ended = created + timedelta(hours=1)
+    service.store.update(job_id, status="failed", completed_at=ended.isoformat().replace("+00:00", "Z"))
+    assert service.clean_inputs(ended + timedelta(minutes=59)) == []
+    assert service.clean_inputs(ended + timedelta(minutes=61)) == [job_id]
     assert job_folders(env) == []
 
 
@@ -335,7 +340,8 @@ def test_failed_jobs_are_not_billed(env):
     async def flow(client):
         s, r = await post(client, SUBMIT, body())
         assert s == 200 and r["data"]["billed_seconds"] == 5
-        env["engine"].states[env["service"].get(r["data"]["id"]).prompt_id] = EngineState("failed", [], error="boom")
+        env["engine"].states[await dispatch(env, r["data"]["id"])] = EngineState("failed", [], error="boom")
+        await settle(env, 1)
         return (await (await client.get(f"/infinitetalk/v1/predictions/{r['data']['id']}/status")).json())["data"]
     data = call(env["service"], flow)
     assert data["status"] == "failed" and data["billed_seconds"] == 0
@@ -376,16 +382,26 @@ def test_engine_state_does_not_lose_a_job_finishing_between_reads():
     assert state.status != "unknown"
 
 
-def test_disk_full_while_updating_a_job_record_is_507(env, monkeypatch):
+def test_disk_full_while_the_worker_records_a_result_is_retried_not_lost(env, monkeypatch):
+    """The worker's final write finds the disk full: the job stays its own, and the write is retried
+    (the result is recorded once there is space again)."""
+    store, worker = env["service"].store, env["worker"]
+    real = store.fenced_update
+
+    def full(job_id, worker_id, **changes):
+        raise sqlite3.OperationalError("database or disk is full")
+
     async def flow(client):
         s, r = await post(client, SUBMIT, body())
         assert s == 200, r
-        env["engine"].finish(env["service"].get(r["data"]["id"]).prompt_id)
-
-        def full(job_id, **changes):
-            raise sqlite3.OperationalError("database or disk is full")
-        monkeypatch.setattr(env["service"].store, "update", full)
+        env["engine"].finish(await dispatch(env, r["data"]["id"]))
+        monkeypatch.setattr(store, "fenced_update", full)
+        with pytest.raises(sqlite3.OperationalError):
+            await worker.tick()
+        assert env["service"].get(r["data"]["id"]).status == "created"
+        monkeypatch.setattr(store, "fenced_update", real)
+        await settle(env, 1)
         resp = await client.get(f"/infinitetalk/v1/predictions/{r['data']['id']}/status")
         return resp.status, await resp.json()
     status, reply = call(env["service"], flow)
-    assert status == 507 and reply["code"] == 507 and "no space left" in reply["message"], reply
+    assert status == 200 and reply["data"]["status"] == "completed", reply

@@ -87,6 +87,11 @@ def _generate(request, req, inputs, models, progress, cancel, on_window, t_start
     job_id = fingerprint(request, models.identity())
     state = job.load(job_id)
     resumed = state.windows_done if state else 0
+    if resumed:   # operators of a fleet see that a taken-over job did not start over
+        import logging
+
+        logging.getLogger("infinitetalk").info("resuming job %s from its job folder: %d of %d windows already done",
+                                               job_id[:12], resumed, plan.num_chunks)
     if state is None:
         state = JobState(fingerprint=job_id, seed=req.seed, windows_total=plan.num_chunks,
                          info={"frames": plan.final_frames, "size": [height, width]})

@@ -13,7 +13,7 @@ everything outside the mask to the source latents, re-noised to the next step's 
 exactly at the source.
 
 Speed without changing the maths: `batch` runs up to that many of a step's guidance calls as one DiT batch
-(`InfiniteTalkDiT.forward_batch`); `parallel` (a `runtime.parallel.ParallelState`) spreads the calls over
+(`InfiniteTalkDiT.forward_batch`); `parallel` (a `ops.parallel.ParallelState`) spreads the calls over
 rank groups and splits each call's tokens over the ranks of its group (see docs/dit.md, "Parallel").
 """
 from __future__ import annotations
@@ -175,7 +175,7 @@ def sample_window(
 
     motion: clean latents [16, n, h, w] re-imposed on the first n latent frames before every model call and
     at the end. `on_step(i)` runs after step i (progress, cancellation). `batch`: guidance calls per DiT
-    pass (True = all, 1/False = one at a time; same result). `parallel`: a `runtime.parallel.ParallelState`;
+    pass (True = all, 1/False = one at a time; same result). `parallel`: a `ops.parallel.ParallelState`;
     then this is a collective — every rank calls it with equal arguments (except `batch`: the smallest over
     the ranks is used) and every rank returns the same latent.
     `teacache`: a `runtime.teacache.TeaCache` (quality recipe only) skips block stacks on slowly changing steps

@@ -136,7 +136,7 @@ class World:
 
     def __init__(self, rank: int, world_size: int, device: torch.device, parallel, control):
         self.rank, self.world_size, self.device = rank, world_size, device
-        self.parallel = parallel     # runtime.parallel.ParallelState: the DiT's groups (Ulysses, guidance)
+        self.parallel = parallel     # ops.parallel.ParallelState: the DiT's groups (Ulysses, guidance)
         self.control = control
         self.leads = False           # rank 0 of a torchrun job: tells the followers when the run is over
         self.finished = False        # the end of the run was sent / received: every rank is alive to say goodbye

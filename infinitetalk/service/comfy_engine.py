@@ -117,3 +117,16 @@ class ComfyEngine:
 
     def cancel(self, prompt_id: str) -> bool:
         return bool(self.server.prompt_queue.delete_queue_item(lambda item: item[1] == prompt_id))
+
+    def busy(self) -> bool:
+        """Anything running or queued here (API jobs or a user's own prompts): the worker claims no job then."""
+        running, queued = self.server.prompt_queue.get_current_queue_volatile()
+        return bool(running or queued)
+
+    def interrupt(self, prompt_id: str) -> None:
+        """Stop `prompt_id` if it is the one running (a worker that lost the job's lease to another)."""
+        running, _ = self.server.prompt_queue.get_current_queue_volatile()
+        if any(item[1] == prompt_id for item in running):
+            import nodes  # ComfyUI's module
+
+            nodes.interrupt_processing()

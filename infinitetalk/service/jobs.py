@@ -1,11 +1,15 @@
-"""Job lifecycle: submit (validate, fetch, probe, queue), status, result, cancel.
+"""Job lifecycle: submit (validate, fetch, probe, record in the queue), status, result, cancel.
 
-The engine is whatever runs graphs — ComfyUI's own prompt queue in production (`comfy_engine.py`),
-a fake in tests — behind a four-method protocol, so this module runs without ComfyUI.
+Submitting only records the job (status `created`) in the job store; a `Worker` (worker.py) beside a
+ComfyUI server claims it, runs it on its engine and writes the result. So any server sharing the store
+answers for any job. The engine is whatever runs graphs — ComfyUI's own prompt queue in production
+(`comfy_engine.py`), a fake in tests — behind a small protocol, so this module runs without ComfyUI.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import logging
 import random
 import shutil
@@ -14,16 +18,15 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
-from urllib.parse import urlencode
+from typing import Any, Awaitable, Callable, Protocol
 
 from ..errors import InputError
 from .contract import MAX_SECONDS, ApiError, JobRequest, audio_seconds_for, billed_seconds, now_iso, validate_request
 from .graph import build_graph
 from .inputs import JOB_INPUTS, InputSettings, disk_full_as_507, remove_job_inputs, resolve_media
-from .store import JobRecord, JobStore
+from .outputs import LocalOutputs, OutputStore
+from .store import FINAL, JobRecord, Store
 
-FINAL = ("completed", "failed")
 log = logging.getLogger("infinitetalk.api")
 PARALLEL_PROBES = 2
 
@@ -40,6 +43,8 @@ class Engine(Protocol):
     async def queue(self, graph: dict, job_id: str) -> str: ...
     def state(self, prompt_id: str) -> EngineState: ...
     def cancel(self, prompt_id: str) -> bool: ...
+    # Optional: `busy() -> bool`, whether the engine runs or queues anything (the worker claims only when idle);
+    # `interrupt(prompt_id)`, stop a running prompt (a worker that lost its lease).
     # Optional: `saved_outputs(prefix) -> [{filename, subfolder, type}]`, the videos already written under
     # an output prefix; lets a job that finished unobserved before a restart still report its video.
 
@@ -49,6 +54,10 @@ def _parse_time(value: str | None) -> datetime | None:
         return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
     except ValueError:
         return None
+
+
+CANCELLED = "cancelled by the client"
+OnFinal = Callable[[JobRecord], "Awaitable[None] | None"]
 
 
 def output_prefix(job_id: str) -> str:
@@ -84,26 +93,52 @@ def _probe(field: str, path: Path) -> float | None:
     return None
 
 
+def graph_params(request: dict[str, Any]) -> dict[str, Any]:
+    """The workflow parameters of a recorded request: input-folder-relative media names, prompt, order,
+    resolution and the resolved seed (the same on every server that runs it)."""
+    params: dict[str, Any] = dict(request.get("inputs") or {})
+    params.update(prompt=request["prompt"], order=request["order"], resolution=request["resolution"],
+                  seed=request["seed"])
+    return params
+
+
 class JobService:
-    def __init__(self, store: JobStore, engine: Engine, settings: InputSettings, workflows: dict[str, dict]):
+    """Submit/status/cancel over a job store. `outputs` publishes finished videos, `on_final` hears of every
+    job that reached its final state (from a worker or a route), `webhook_check` vets a submitted webhook URL."""
+
+    def __init__(self, store: Store, engine: Engine | None, settings: InputSettings, workflows: dict[str, dict],
+                 outputs: OutputStore | None = None, on_final: OnFinal | None = None,
+                 webhook_check: Callable[[str], str] | None = None, cancel_wait_s: float = 10.0):
         self.store = store
         self.engine = engine
         self.settings = settings
         self.workflows = workflows
+        self.outputs = outputs if outputs is not None else LocalOutputs()
+        self.on_final = on_final
+        self.webhook_check = webhook_check
+        self.cancel_wait_s = cancel_wait_s
+        self.worker = None  # the local Worker, when this server runs one (it handles cancels of its job at once)
         self._submitting: set[str] = set()  # job ids whose inputs are being fetched (never swept)
         self._last_sweep = float("-inf")
         # Probes are header reads (ms) but a mask is decoded: bound how many inputs are open at once.
         self._probing = asyncio.Semaphore(PARALLEL_PROBES)
 
-    async def submit(self, kind: str, body: Any) -> JobRecord:
-        """Validate, fetch and probe every input, then queue; a refusal leaves no file of this job behind."""
+    async def db(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        """A store call off the event loop (a slow or dead database must not stall the server)."""
+        return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args, **kwargs))
+
+    async def submit(self, kind: str, body: Any, webhook: str | None = None) -> JobRecord:
+        """Validate, fetch and probe every input, then record the job in the queue; a refusal (or a
+        database that cannot record it) leaves no file of this job behind."""
         req = validate_request(kind, body)
+        if webhook is not None and self.webhook_check is not None:
+            webhook = self.webhook_check(webhook)
         self.sweep_if_due()
         job_id = uuid.uuid4().hex
         self._submitting.add(job_id)
         queued = False
         try:
-            record = await self._fetch_probe_queue(job_id, req)
+            record = await self._fetch_probe_record(job_id, req, webhook)
             queued = True
             return record
         finally:
@@ -111,7 +146,7 @@ class JobService:
             if not queued:
                 remove_job_inputs(self.settings, job_id)
 
-    async def _fetch_probe_queue(self, job_id: str, req: JobRequest) -> JobRecord:
+    async def _fetch_probe_record(self, job_id: str, req: JobRequest, webhook: str | None) -> JobRecord:
         local: dict[str, Path] = {}
         for field_name, value in req.media.items():
             local[field_name] = await resolve_media(job_id, field_name, value, self.settings)
@@ -136,22 +171,19 @@ class JobService:
             raise ApiError(400, "the audio inputs are empty")
         seed = req.seed if req.seed >= 0 else random.SystemRandom().randint(0, 2**31 - 1)
         root = Path(self.settings.input_dir).resolve()
-        params: dict[str, Any] = {f: path.resolve().relative_to(root).as_posix() for f, path in local.items()}
-        params.update(prompt=req.prompt, order=req.order, resolution=req.resolution, seed=seed)
-        graph = build_graph(self.workflows[req.kind], params, filename_prefix=output_prefix(job_id))
-        record = JobRecord(id=job_id, model=req.model, request={**req.to_json(), "seed": seed}, status="created",
-                           created_at=now_iso(), video_seconds=total, billed_seconds=billed_seconds(total))
+        inputs = {f: path.resolve().relative_to(root).as_posix() for f, path in local.items()}
+        request = {**req.to_json(), "seed": seed, "inputs": inputs}
+        build_graph(self.workflows[req.kind], graph_params(request), filename_prefix=output_prefix(job_id))  # fits
+        record = JobRecord(id=job_id, model=req.model, request=request, status="created", created_at=now_iso(),
+                           video_seconds=total, billed_seconds=billed_seconds(total), webhook=webhook)
         with disk_full_as_507("the job database (in the user folder)"):
-            self.store.insert(record)
-        try:
-            prompt_id = await self.engine.queue(graph, job_id)
-        except Exception as exc:  # the record must not stay "created" for a job that never queued
-            error = exc.message if isinstance(exc, ApiError) else f"the job could not be queued ({type(exc).__name__})"
-            self.store.update(job_id, status="failed", completed_at=now_iso(), error=error)
-            raise
-        self.store.update(job_id, prompt_id=prompt_id)
-        record.prompt_id = prompt_id
+            await self.db(self.store.insert, record)
         return record
+
+    def graph_for(self, rec: JobRecord) -> dict:
+        """The ComfyUI graph of a recorded job (built by the worker that runs it)."""
+        return build_graph(self.workflows[rec.request["kind"]], graph_params(rec.request),
+                           filename_prefix=output_prefix(rec.id))
 
     def sweep_if_due(self) -> list[str]:
         """Run `clean_inputs` at most once per `settings.sweep_interval_s` (called on submit)."""
@@ -167,8 +199,7 @@ class JobService:
 
     def clean_inputs(self, now: datetime | None = None) -> list[str]:
         """Delete `<input>/infinitetalk_api/<id>/` of jobs that ended more than `retention_s` ago, and of
-        folders no queued job owns (no record, or a record never queued: a crash mid-submit) older than
-        that. Returns the removed job ids."""
+        folders no job record owns (a crash mid-submit) older than that. Returns the removed job ids."""
         root = Path(self.settings.input_dir) / JOB_INPUTS
         if not root.is_dir():
             return []
@@ -179,10 +210,8 @@ class JobService:
             if not folder.is_dir() or folder.name in self._submitting:
                 continue
             rec = self.store.get(folder.name)
-            if rec is not None:
-                rec = self.refresh(rec.id)
-                if rec.status not in FINAL and rec.prompt_id:
-                    continue   # queued or running: its inputs are in use, whatever their age
+            if rec is not None and rec.status not in FINAL:
+                continue   # queued or running (on any server): its inputs are in use, whatever their age
             ended = (_parse_time(rec.completed_at or rec.created_at) if rec is not None else None) \
                 or datetime.fromtimestamp(folder.stat().st_mtime, timezone.utc)
             if (now - ended).total_seconds() >= keep_s:
@@ -196,54 +225,56 @@ class JobService:
             raise ApiError(404, f"no prediction with id '{job_id}'")
         return rec
 
-    def refresh(self, job_id: str) -> JobRecord:
-        """The record, brought up to date from the engine."""
-        rec = self.get(job_id)
-        if rec.status in FINAL or not rec.prompt_id:
-            return rec
-        st = self.engine.state(rec.prompt_id)
-        changes: dict[str, Any] = {}
-        if st.status == "running" and rec.status == "created":
-            changes.update(status="processing", started_at=now_iso())
-        elif st.status == "completed":
-            if st.outputs:
-                changes.update(status="completed", outputs=st.outputs, completed_at=now_iso(), inference_ms=st.inference_ms)
-            else:
-                changes.update(status="failed", completed_at=now_iso(), error="the job finished without an output video")
-        elif st.status == "failed":
-            changes.update(status="failed", completed_at=now_iso(), error=st.error or "the job failed")
-        elif st.status == "unknown":
-            saved = getattr(self.engine, "saved_outputs", None)
-            outputs = saved(output_prefix(rec.id)) if saved else []
-            if outputs:  # it finished, but the engine's history of it is gone (a restart)
-                changes.update(status="completed", outputs=outputs, completed_at=now_iso())
-            else:
-                changes.update(status="failed", completed_at=now_iso(),
-                               error="the job was lost (the server restarted before it finished)")
-        if changes:
-            self.store.update(job_id, **changes)
-            rec = self.get(job_id)
-        return rec
+    refresh = get  # the record is kept current by the worker that runs the job
 
-    def cancel(self, job_id: str) -> JobRecord:
-        rec = self.refresh(job_id)
+    async def status(self, job_id: str) -> JobRecord:
+        return await self.db(self.get, job_id)
+
+    async def notify_final(self, rec: JobRecord) -> None:
+        """Tell `on_final` that `rec` reached its final state; its failures are logged, never raised."""
+        if self.on_final is None:
+            return
+        try:
+            result = self.on_final(rec)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:  # noqa: BLE001 - a notification must not undo a recorded result
+            log.exception("on_final for job %s failed", rec.id)
+
+    async def cancel(self, job_id: str) -> JobRecord:
+        """Unclaimed: cancelled now. Claimed but not started: flagged; its worker drops it from its queue at
+        its next heartbeat (answered once it did, or after `cancel_wait_s` with the flag set). Running: 409."""
+        rec = await self.status(job_id)
         if rec.status in FINAL:
             raise ApiError(409, f"prediction '{job_id}' has already ended ({rec.status}); nothing to cancel")
-        if rec.status == "processing" or not self.engine.cancel(rec.prompt_id or ""):
+        if rec.status == "created" and await self.db(self.store.cancel_unclaimed, job_id, CANCELLED):
+            rec = await self.status(job_id)
+            await self.notify_final(rec)
+            return rec
+        if rec.status == "processing" or not await self.db(self.store.request_cancel, job_id):
+            rec = await self.status(job_id)
+            if rec.status in FINAL and rec.error == CANCELLED:
+                return rec
             raise ApiError(409, f"prediction '{job_id}' is already running and cannot be cancelled")
-        self.store.update(job_id, status="failed", completed_at=now_iso(), error="cancelled by the client")
-        return self.get(job_id)
+        if self.worker is not None:
+            await self.worker.cancel_if_mine(job_id)
+        deadline = time.monotonic() + self.cancel_wait_s
+        while True:
+            rec = await self.status(job_id)
+            if rec.status == "processing":
+                raise ApiError(409, f"prediction '{job_id}' started before the cancel reached it and cannot be "
+                                    "cancelled now")
+            if rec.status in FINAL or time.monotonic() >= deadline:
+                return rec
+            await asyncio.sleep(0.2)
 
-    @staticmethod
-    def describe(rec: JobRecord, base_url: str) -> dict[str, Any]:
+    def describe(self, rec: JobRecord, base_url: str) -> dict[str, Any]:
         """The contract's `data` object for a record; URLs are absolute on `base_url`."""
         base = base_url.rstrip("/")
-        outputs = [f"{base}/view?{urlencode({'filename': o['filename'], 'subfolder': o.get('subfolder', ''), 'type': o.get('type', 'output')})}"
-                   for o in rec.outputs]
         return {
             "id": rec.id,
             "model": rec.model,
-            "outputs": outputs,
+            "outputs": self.outputs.urls(rec.outputs, base),
             "urls": {"get": f"{base}/infinitetalk/v1/predictions/{rec.id}/result"},
             "status": rec.status,
             "created_at": rec.created_at,

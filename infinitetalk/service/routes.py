@@ -25,13 +25,16 @@ from .auth import PROXY_HEADERS, access_summary, authorize, load_keys, open_acce
 from .contract import MODELS, ApiError, envelope, error_envelope, public_message
 from .inputs import DEFAULT_RETENTION_S, InputSettings, disk_full_as_507
 from .jobs import JobService
-from .store import JobStore
+from .store import StoreUnavailable, open_store
 
 PREFIX = "/infinitetalk/v1"
 ENV_ALLOW_HOSTS = "INFINITETALK_API_ALLOW_HOSTS"
 ENV_FETCH_TIMEOUT = "INFINITETALK_API_FETCH_TIMEOUT"
 ENV_WORKFLOWS = "INFINITETALK_API_WORKFLOWS"  # a folder with customised copies of the two API workflows
 ENV_RETENTION = "INFINITETALK_API_INPUT_RETENTION_HOURS"  # keep a finished job's inputs this long
+ENV_DATABASE_URL = "INFINITETALK_API_DATABASE_URL"  # postgresql://… for a fleet; unset = a SQLite file
+ENV_WORKER = "INFINITETALK_API_WORKER"  # 0 = an API-only server (runs no jobs)
+DB_DOWN = "the job database is unreachable; {what}, retry later"
 WORKFLOW_FILES = {
     "image-to-video-multi": "infinitetalk_multi_image_api.json",
     "video-to-video-multi": "infinitetalk_multi_video_api.json",
@@ -59,21 +62,28 @@ class JobApi:
 
     def routes(self) -> list[web.RouteDef]:
         out = [web.post(f"{PREFIX}/{kind}", self._submit_handler(kind)) for kind in MODELS]
-        out.append(web.post(PREFIX + "/{kind}", self._reply(self._unknown_model)))  # 404 in the contract's shape
+        out.append(web.post(PREFIX + "/{kind}", self.reply(self._unknown_model)))  # 404 in the contract's shape
+        status = self.reply(self._status, "the job's status cannot be read now (nothing is lost)")
         out += [
-            web.get(PREFIX + "/predictions/{id}/result", self._reply(self._status)),
-            web.get(PREFIX + "/predictions/{id}/status", self._reply(self._status)),
-            web.post(PREFIX + "/predictions/{id}/cancel", self._reply(self._cancel)),
-            web.route("*", PREFIX + "/{tail:.*}", self._reply(self._no_route)),  # last: other methods / paths
+            web.get(PREFIX + "/predictions/{id}/result", status),
+            web.get(PREFIX + "/predictions/{id}/status", status),
+            web.post(PREFIX + "/predictions/{id}/cancel", self.reply(self._cancel, "nothing was cancelled")),
+            web.route("*", PREFIX + "/{tail:.*}", self.reply(self._no_route)),  # last: other methods / paths
         ]
         return out
 
-    def _reply(self, fn):
+    def reply(self, fn, unavailable: str = "nothing was changed"):
+        """Wrap handler `fn(request) -> data` into the contract's envelope: ApiError → its code, a job
+        database that cannot be reached → 503 ("…; `unavailable`, retry later"), anything else → 500."""
         async def handler(request: web.Request) -> web.Response:
             try:
                 with disk_full_as_507("the job API's files"):  # any write that finds the disk full
                     data = await fn(request)
                 return web.json_response(envelope(data))
+            except StoreUnavailable as exc:
+                log.error("job API: %s", exc)
+                err = ApiError(503, DB_DOWN.format(what=unavailable))
+                return web.json_response(error_envelope(err), status=503, headers={"Retry-After": "5"})
             except ApiError as err:
                 err = ApiError(err.code, public_message(err.message, self.folders))
                 return web.json_response(error_envelope(err), status=err.code)
@@ -83,7 +93,10 @@ class JobApi:
                 return web.json_response(error_envelope(err), status=500)
         return handler
 
-    def _check(self, request: web.Request) -> None:
+    _reply = reply
+
+    def check(self, request: web.Request) -> None:
+        """Admit the request or raise ApiError 401/503 (missing packages, API keys, loopback-only without keys)."""
         missing = missing_message(public=True)
         if missing:   # a requirements.txt package is not installed: every route says which (not a 500 per job)
             raise ApiError(503, missing)
@@ -97,12 +110,13 @@ class JobApi:
         authorize(request.headers.get("Authorization"), request.remote, keys, proxied=proxied,
                   is_open=self.is_open())
 
+    _check = check
+
     @staticmethod
     def _base(request: web.Request) -> str:
         return str(request.url.origin())
 
     def _submit_handler(self, kind: str):
-        @self._reply
         async def submit(request: web.Request):
             self._check(request)
             try:
@@ -116,7 +130,7 @@ class JobApi:
                 raise ApiError(400, "request body must be a flat JSON object; it is nested too deeply") from exc
             rec = await self.service.submit(kind, body)
             return self.service.describe(rec, self._base(request))
-        return submit
+        return self.reply(submit, "nothing was queued")
 
     async def _unknown_model(self, request: web.Request):
         self._check(request)
@@ -134,12 +148,12 @@ class JobApi:
 
     async def _status(self, request: web.Request):
         self._check(request)
-        rec = self.service.refresh(request.match_info["id"])
+        rec = await self.service.status(request.match_info["id"])
         return self.service.describe(rec, self._base(request))
 
     async def _cancel(self, request: web.Request):
         self._check(request)
-        rec = self.service.cancel(request.match_info["id"])
+        rec = await self.service.cancel(request.match_info["id"])
         return self.service.describe(rec, self._base(request))
 
 
@@ -186,8 +200,11 @@ def register_with_comfyui() -> bool:
     from .comfy_engine import ComfyEngine
 
     workflows = Path(os.environ.get(ENV_WORKFLOWS) or Path(__file__).resolve().parents[2] / "workflows" / "api")
+    from .worker import Worker, lease_from_env
+
     user = Path(folder_paths.get_user_directory())
-    store = JobStore(user / "infinitetalk_api" / "jobs.sqlite3")
+    url = os.environ.get(ENV_DATABASE_URL, "").strip()
+    store = open_store(url or user / "infinitetalk_api" / "jobs.sqlite3")
     service = JobService(store, ComfyEngine(server), input_settings(Path(folder_paths.get_input_directory())),
                          load_workflows(workflows))
     folders = {"output": Path(folder_paths.get_output_directory()), "user": user,
@@ -202,5 +219,14 @@ def register_with_comfyui() -> bool:
     else:
         (log.info if keys else log.warning)(access_summary(keys, open_access()))
     removed = service.sweep_if_due()
-    log.info("InfiniteTalk job API registered under %s (removed the inputs of %d ended jobs)", PREFIX, len(removed))
+    log.info("InfiniteTalk job API registered under %s (job database: %s; removed the inputs of %d ended jobs)",
+             PREFIX, "PostgreSQL" if url else "SQLite", len(removed))
+    worker_flag = os.environ.get(ENV_WORKER, "1").strip()
+    if worker_flag not in ("0", "1", ""):
+        raise RuntimeError(f"{ENV_WORKER}={worker_flag!r}: expected 1 (run jobs here, the default) or 0 (API only)")
+    if worker_flag != "0":
+        worker = Worker(service, lease_s=lease_from_env())
+        server.loop.call_soon_threadsafe(lambda: server.loop.create_task(worker.run()))
+    else:
+        log.info("InfiniteTalk job API: %s=0, this server only records jobs; workers elsewhere run them", ENV_WORKER)
     return True

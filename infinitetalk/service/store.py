@@ -1,31 +1,39 @@
-"""Job records in SQLite, so status and results survive a server restart."""
+"""Job records and the job queue behind one protocol: SQLite (one server, the embedded default) or
+PostgreSQL (a fleet, `store_postgres.py`), chosen by `open_store`.
+
+A job is claimed by one worker at a time under a lease the worker extends (heartbeat); a lease that
+runs out (a dead worker) makes the job claimable again. Every write a worker makes is fenced by its
+id, so a worker that lost its lease cannot overwrite the job's new owner.
+"""
 from __future__ import annotations
 
 import json
 import sqlite3
 import threading
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,
-    model TEXT NOT NULL,
-    request TEXT NOT NULL,
-    status TEXT NOT NULL,
-    prompt_id TEXT,
-    created_at TEXT NOT NULL,
-    started_at TEXT,
-    completed_at TEXT,
-    billed_seconds INTEGER,
-    video_seconds REAL,
-    inference_ms INTEGER,
-    outputs TEXT NOT NULL DEFAULT '[]',
-    error TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
-"""
+FINAL = ("completed", "failed")
+ACTIVE = ("created", "processing")
+# Lease columns are internal: describe() never shows them to clients.
+COLUMNS = {
+    "id": "TEXT PRIMARY KEY", "model": "TEXT NOT NULL", "request": "TEXT NOT NULL", "status": "TEXT NOT NULL",
+    "prompt_id": "TEXT", "created_at": "TEXT NOT NULL", "started_at": "TEXT", "completed_at": "TEXT",
+    "billed_seconds": "INTEGER", "video_seconds": "REAL", "inference_ms": "INTEGER",
+    "outputs": "TEXT NOT NULL DEFAULT '[]'", "error": "TEXT NOT NULL DEFAULT ''", "webhook": "TEXT",
+    "worker_id": "TEXT", "lease_expires_at": "DOUBLE PRECISION", "attempts": "INTEGER NOT NULL DEFAULT 0",
+    "cancel_requested": "INTEGER NOT NULL DEFAULT 0",
+}
+EVENTS_TABLE = "CREATE TABLE IF NOT EXISTS job_events (job_id TEXT NOT NULL, event TEXT NOT NULL, " \
+               "at TEXT NOT NULL, PRIMARY KEY (job_id, event))"
+# Claimable: active, and unowned or owned under a lease that ran out. Oldest first.
+CLAIMABLE = "status IN ('created', 'processing') AND (worker_id IS NULL OR lease_expires_at < {now})"
+
+
+class StoreUnavailable(Exception):
+    """The job database cannot be reached or answered with an error; nothing was written."""
 
 
 @dataclass
@@ -41,52 +49,155 @@ class JobRecord:
     billed_seconds: int | None = None
     video_seconds: float | None = None
     inference_ms: int | None = None
-    outputs: list[dict[str, str]] = field(default_factory=list)  # {"filename", "subfolder", "type"}
+    outputs: list[dict[str, Any]] = field(default_factory=list)  # what OutputStore.publish returned
     error: str = ""
+    webhook: str | None = None
+    worker_id: str | None = None
+    lease_expires_at: float | None = None
+    attempts: int = 0
+    cancel_requested: int = 0
 
 
-class JobStore:
-    """Thread-safe access to one SQLite file (one connection, serialised by a lock)."""
+def encode(changes: dict[str, Any]) -> dict[str, Any]:
+    out = dict(changes)
+    for key in ("request", "outputs"):
+        if key in out:
+            out[key] = json.dumps(out[key])
+    return out
+
+
+def decode(row: dict[str, Any]) -> JobRecord:
+    names = {f.name for f in fields(JobRecord)}
+    d = {k: v for k, v in row.items() if k in names}
+    d["request"] = json.loads(d["request"])
+    d["outputs"] = json.loads(d["outputs"])
+    return JobRecord(**d)
+
+
+def _now_iso() -> str:
+    from .contract import now_iso
+
+    return now_iso()
+
+
+class Store(Protocol):
+    """What the job service and the workers need from a job database (both backends implement it)."""
+
+    def insert(self, rec: JobRecord) -> None: ...
+    def get(self, job_id: str) -> JobRecord | None: ...
+    def update(self, job_id: str, **changes: Any) -> None: ...
+    def claim(self, worker_id: str, lease_s: float) -> JobRecord | None: ...
+    def heartbeat(self, job_id: str, worker_id: str, lease_s: float) -> JobRecord | None: ...
+    def fenced_update(self, job_id: str, worker_id: str, **changes: Any) -> bool: ...
+    def cancel_unclaimed(self, job_id: str, error: str) -> bool: ...
+    def request_cancel(self, job_id: str) -> bool: ...
+    def mark_once(self, job_id: str, event: str) -> bool: ...
+    def close(self) -> None: ...
+
+
+class SQLiteStore:
+    """One SQLite file (one connection, serialised by a lock); claims take the write lock first
+    (`BEGIN IMMEDIATE`), so processes sharing the file never claim one job twice."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
+        cols = ", ".join(f"{k} {v}" for k, v in COLUMNS.items())
+        self._db.execute(f"CREATE TABLE IF NOT EXISTS jobs ({cols})")
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
+        for name, decl in COLUMNS.items():  # a file from before the queue: add the new columns
+            if name not in have:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
+        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status)")
+        self._db.execute(EVENTS_TABLE)
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
+    def _row(self, cur: sqlite3.Cursor) -> JobRecord | None:
+        row = cur.fetchone()
+        return None if row is None else decode(dict(zip([c[0] for c in cur.description], row)))
+
     def insert(self, rec: JobRecord) -> None:
-        d = asdict(rec)
-        d["request"] = json.dumps(d["request"])
-        d["outputs"] = json.dumps(d["outputs"])
-        cols = ", ".join(d)
+        d = encode(asdict(rec))
         with self._lock:
-            self._db.execute(f"INSERT INTO jobs ({cols}) VALUES ({', '.join('?' * len(d))})", list(d.values()))
+            self._db.execute(f"INSERT INTO jobs ({', '.join(d)}) VALUES ({', '.join('?' * len(d))})", list(d.values()))
 
     def update(self, job_id: str, **changes: Any) -> None:
-        if not changes:
-            return
-        for key in ("request", "outputs"):
-            if key in changes:
-                changes[key] = json.dumps(changes[key])
-        sets = ", ".join(f"{k} = ?" for k in changes)
-        with self._lock:
-            self._db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", [*changes.values(), job_id])
+        if changes:
+            d = encode(changes)
+            with self._lock:
+                self._db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in d)} WHERE id = ?",
+                                 [*d.values(), job_id])
 
     def get(self, job_id: str) -> JobRecord | None:
         with self._lock:
-            cur = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,))
-            row = cur.fetchone()
-            names = [c[0] for c in cur.description]
-        if row is None:
-            return None
-        d = dict(zip(names, row))
-        d["request"] = json.loads(d["request"])
-        d["outputs"] = json.loads(d["outputs"])
-        return JobRecord(**d)
+            return self._row(self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)))
 
+    def claim(self, worker_id: str, lease_s: float) -> JobRecord | None:
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute(f"SELECT id FROM jobs WHERE {CLAIMABLE.format(now='?')} "
+                                       "ORDER BY created_at, id LIMIT 1", (now,)).fetchone()
+                if row is not None:
+                    self._db.execute("UPDATE jobs SET worker_id = ?, lease_expires_at = ?, attempts = attempts + 1 "
+                                     "WHERE id = ?", (worker_id, now + lease_s, row[0]))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return None if row is None else self._row(self._db.execute("SELECT * FROM jobs WHERE id = ?", (row[0],)))
+
+    def heartbeat(self, job_id: str, worker_id: str, lease_s: float) -> JobRecord | None:
+        with self._lock:
+            cur = self._db.execute("UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND worker_id = ? "
+                                   "AND status IN ('created', 'processing')", (time.time() + lease_s, job_id, worker_id))
+            if cur.rowcount != 1:
+                return None
+            return self._row(self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)))
+
+    def fenced_update(self, job_id: str, worker_id: str, **changes: Any) -> bool:
+        d = encode(changes)
+        with self._lock:
+            cur = self._db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in d)} WHERE id = ? AND worker_id = ? "
+                                   "AND status IN ('created', 'processing')", [*d.values(), job_id, worker_id])
+            return cur.rowcount == 1
+
+    def cancel_unclaimed(self, job_id: str, error: str) -> bool:
+        with self._lock:
+            cur = self._db.execute("UPDATE jobs SET status = 'failed', error = ?, completed_at = ? WHERE id = ? AND "
+                                   "status = 'created' AND (worker_id IS NULL OR lease_expires_at < ?)",
+                                   (error, _now_iso(), job_id, time.time()))
+            return cur.rowcount == 1
+
+    def request_cancel(self, job_id: str) -> bool:
+        with self._lock:
+            cur = self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = 'created'", (job_id,))
+            return cur.rowcount == 1
+
+    def mark_once(self, job_id: str, event: str) -> bool:
+        with self._lock:
+            cur = self._db.execute("INSERT INTO job_events (job_id, event, at) VALUES (?, ?, ?) "
+                                   "ON CONFLICT DO NOTHING", (job_id, event, _now_iso()))
+            return cur.rowcount == 1
+
+
+JobStore = SQLiteStore  # the name before the queue existed
+
+
+def open_store(url_or_path: str | Path) -> Store:
+    """`postgresql://…` (or `postgres://…`) opens PostgreSQL (needs psycopg 3); anything else is a SQLite file."""
+    text = str(url_or_path)
+    if text.startswith(("postgresql://", "postgres://")):
+        from .store_postgres import PostgresStore
+
+        return PostgresStore(text)
+    if "://" in text:
+        raise RuntimeError(f"job database {text.split('://')[0]}://…: expected a postgresql:// URL or a SQLite file path")
+    return SQLiteStore(text)

@@ -1,0 +1,171 @@
+"""The job store and queue on PostgreSQL (psycopg 3), for a fleet of servers sharing one database.
+
+Claims use `FOR UPDATE SKIP LOCKED`, so workers racing for the queue each get a different job; lease
+times come from the database clock, so servers with skewed clocks agree on when a lease ran out.
+Every connection problem becomes `StoreUnavailable` (the routes answer 503; workers retry).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import asdict
+from typing import Any
+
+from .store import CLAIMABLE, COLUMNS, EVENTS_TABLE, JobRecord, StoreUnavailable, decode, encode, _now_iso
+
+_NOW = "extract(epoch from clock_timestamp())"
+CONNECT_TIMEOUT_S = 5
+STATEMENT_TIMEOUT_MS = 15000
+POOL_SIZE = 4
+
+
+def _psycopg():
+    try:
+        import psycopg
+    except ImportError:
+        raise RuntimeError("INFINITETALK_API_DATABASE_URL is a postgresql:// URL, which needs the 'psycopg' package "
+                           "(pip install 'psycopg[binary]>=3.1', or the package's 'fleet' extra); it is not "
+                           "installed") from None
+    return psycopg
+
+
+def _redacted(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    head, sep, rest = url.partition("://")
+    if "@" in rest:
+        cred, _, host = rest.rpartition("@")
+        rest = f"{cred.split(':')[0]}:***@{host}" if ":" in cred else f"{cred}@{host}"
+    return head + sep + rest
+
+
+class PostgresStore:
+    """A few pooled connections (autocommit, short timeouts); a broken one is dropped, not reused."""
+
+    def __init__(self, url: str):
+        self.psycopg = _psycopg()
+        from psycopg.rows import dict_row
+
+        self._dict_row = dict_row
+        self.url = url
+        self.where = _redacted(url)
+        self._idle: queue.LifoQueue = queue.LifoQueue()
+        self._closed = False
+        self._schema_lock = threading.Lock()
+        self._schema_ready = False
+        try:
+            self._ensure_schema()
+        except StoreUnavailable:  # the server still starts; routes answer 503 until the database is back
+            pass
+
+    def _connect(self):
+        return self.psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
+                                    options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}", row_factory=self._dict_row)
+
+    def _run(self, fn):
+        """Run `fn(conn)` on a pooled connection; connection-level failures become StoreUnavailable."""
+        if not self._schema_ready:
+            self._ensure_schema()
+        return self._with_conn(fn)
+
+    def _with_conn(self, fn, fresh: bool = False):
+        conn = None
+        if not fresh:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                pass
+        pooled = conn is not None
+        try:
+            if conn is None or conn.closed:
+                conn = self._connect()
+            result = fn(conn)
+        except self.psycopg.OperationalError as exc:
+            if conn is not None:
+                conn.close()
+            if pooled:   # a pooled connection the server dropped (e.g. it restarted): once more on a new one
+                return self._with_conn(fn, fresh=True)
+            raise StoreUnavailable(f"the job database ({self.where}) is unreachable: {str(exc).strip()[:200]}") from exc
+        except BaseException:
+            if conn is not None and not conn.closed and conn.info.transaction_status != 0:  # 0 = idle
+                conn.close()
+            raise
+        if self._closed or self._idle.qsize() >= POOL_SIZE:
+            conn.close()
+        else:
+            self._idle.put(conn)
+        return result
+
+    def _ensure_schema(self) -> None:
+        with self._schema_lock:
+            if self._schema_ready:
+                return
+
+            def create(conn):
+                cols = ", ".join(f"{k} {v}" for k, v in COLUMNS.items())
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(7311016)")  # servers starting together
+                    conn.execute(f"CREATE TABLE IF NOT EXISTS jobs ({cols})")
+                    for name, decl in COLUMNS.items():
+                        if name != "id":
+                            conn.execute(f"ALTER TABLE jobs ADD COLUMN IF NOT EXISTS {name} {decl}")
+                    conn.execute("CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, created_at)")
+                    conn.execute(EVENTS_TABLE)
+            self._with_conn(create)
+            self._schema_ready = True
+
+    def close(self) -> None:
+        self._closed = True
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return
+
+    @staticmethod
+    def _one(cur) -> JobRecord | None:
+        row = cur.fetchone()
+        return None if row is None else decode(row)
+
+    def insert(self, rec: JobRecord) -> None:
+        d = encode(asdict(rec))
+        sql = f"INSERT INTO jobs ({', '.join(d)}) VALUES ({', '.join(['%s'] * len(d))})"
+        self._run(lambda c: c.execute(sql, list(d.values())))
+
+    def update(self, job_id: str, **changes: Any) -> None:
+        if changes:
+            d = encode(changes)
+            sql = f"UPDATE jobs SET {', '.join(f'{k} = %s' for k in d)} WHERE id = %s"
+            self._run(lambda c: c.execute(sql, [*d.values(), job_id]))
+
+    def get(self, job_id: str) -> JobRecord | None:
+        return self._run(lambda c: self._one(c.execute("SELECT * FROM jobs WHERE id = %s", (job_id,))))
+
+    def claim(self, worker_id: str, lease_s: float) -> JobRecord | None:
+        sql = (f"UPDATE jobs SET worker_id = %s, lease_expires_at = {_NOW} + %s, attempts = attempts + 1 "
+               f"WHERE id = (SELECT id FROM jobs WHERE {CLAIMABLE.format(now=_NOW)} ORDER BY created_at, id "
+               "FOR UPDATE SKIP LOCKED LIMIT 1) RETURNING *")
+        return self._run(lambda c: self._one(c.execute(sql, (worker_id, lease_s))))
+
+    def heartbeat(self, job_id: str, worker_id: str, lease_s: float) -> JobRecord | None:
+        sql = (f"UPDATE jobs SET lease_expires_at = {_NOW} + %s WHERE id = %s AND worker_id = %s "
+               "AND status IN ('created', 'processing') RETURNING *")
+        return self._run(lambda c: self._one(c.execute(sql, (lease_s, job_id, worker_id))))
+
+    def fenced_update(self, job_id: str, worker_id: str, **changes: Any) -> bool:
+        d = encode(changes)
+        sql = (f"UPDATE jobs SET {', '.join(f'{k} = %s' for k in d)} WHERE id = %s AND worker_id = %s "
+               "AND status IN ('created', 'processing')")
+        return self._run(lambda c: c.execute(sql, [*d.values(), job_id, worker_id]).rowcount == 1)
+
+    def cancel_unclaimed(self, job_id: str, error: str) -> bool:
+        sql = ("UPDATE jobs SET status = 'failed', error = %s, completed_at = %s WHERE id = %s AND status = 'created' "
+               f"AND (worker_id IS NULL OR lease_expires_at < {_NOW})")
+        return self._run(lambda c: c.execute(sql, (error, _now_iso(), job_id)).rowcount == 1)
+
+    def request_cancel(self, job_id: str) -> bool:
+        sql = "UPDATE jobs SET cancel_requested = 1 WHERE id = %s AND status = 'created'"
+        return self._run(lambda c: c.execute(sql, (job_id,)).rowcount == 1)
+
+    def mark_once(self, job_id: str, event: str) -> bool:
+        sql = "INSERT INTO job_events (job_id, event, at) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING"
+        return self._run(lambda c: c.execute(sql, (job_id, event, _now_iso())).rowcount == 1)

@@ -1,0 +1,154 @@
+"""Real-ComfyUI tier: a fleet of two ComfyUI servers on one throwaway PostgreSQL (skipped unless
+COMFYUI_DIR is set; PostgreSQL as in the CI tier).
+
+Both servers share the input folder, the output folder and the job folders (`INFINITETALK_JOBS_DIR`) and
+use a short lease. A job long enough for 3 windows is submitted; once its first window is committed in the
+job folder, the server running it is killed (SIGKILL). The other server takes the job over when the lease
+runs out, resumes it from the committed window and finishes it; the video is byte-identical to an
+uninterrupted run with the same seed. Status and result answer on both servers, incl. the one that did
+not take the job.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import urllib.error
+import urllib.request
+import wave
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+import pytest
+
+from comfy_server import COMFYUI_DIR, make_base, spawn_server, stop_server, tiny_api_workflows
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
+              pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set (no ComfyUI source tree)")]
+
+RATE = 16000
+LEFT_S, RIGHT_S = 3.5, 3.0   # 6.5 s in a row = 162 frames: windows of 81, then +72, +72 → 3 windows
+LEASE_S = "4"
+FINAL = ("completed", "failed")
+
+
+def _wav(path: Path, seconds: float, freq: float) -> None:
+    t = np.arange(int(seconds * RATE)) / RATE
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(RATE)
+        w.writeframes((8000 * np.sin(2 * np.pi * freq * t)).astype("<i2").tobytes())
+
+
+def _call(server, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(server.url + path, data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def _status(server, job_id: str, route: str = "status") -> dict:
+    code, reply = _call(server, "GET", f"/infinitetalk/v1/predictions/{job_id}/{route}")
+    assert code == 200, reply
+    return reply["data"]
+
+
+def _wait(server, job_id: str, timeout: float = 600) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        data = _status(server, job_id)
+        if data["status"] in FINAL:
+            return data
+        assert server.process.poll() is None, "the server died:\n" + server.log.read_text()[-4000:]
+        time.sleep(0.5)
+    raise TimeoutError(f"job {job_id} did not end in {timeout} s")
+
+
+def _committed_windows(jobs_dir: Path) -> int:
+    best = 0
+    for state in jobs_dir.glob("*/state.json"):
+        try:
+            best = max(best, int(json.loads(state.read_text()).get("windows_done", 0)))
+        except (ValueError, OSError):   # being replaced right now
+            pass
+    return best
+
+
+def _video_bytes(server, data: dict, output: Path) -> bytes:
+    assert data["status"] == "completed" and data["error"] == "" and len(data["outputs"]) == 1, data
+    query = parse_qs(urlsplit(data["outputs"][0]).query)
+    with urllib.request.urlopen(data["outputs"][0], timeout=60) as r:
+        served = r.read()
+    assert served == (output / query["subfolder"][0] / query["filename"][0]).read_bytes()
+    return served
+
+
+@pytest.fixture()
+def fleet(tiny_models, tmp_path, postgres_url, custom_node_package):
+    shared = tmp_path / "shared"
+    for d in ("input", "output", "jobs"):
+        (shared / d).mkdir(parents=True)
+    picture = (np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8)
+    custom_node_package.nodes.media.write_png(picture, shared / "input" / "two.png")
+    _wav(shared / "input" / "left.wav", LEFT_S, 180.0)
+    _wav(shared / "input" / "right.wav", RIGHT_S, 290.0)
+    env = {"INFINITETALK_API_WORKFLOWS": str(tiny_api_workflows(tmp_path / "workflows")),
+           "INFINITETALK_API_DATABASE_URL": postgres_url, "INFINITETALK_JOBS_DIR": str(shared / "jobs"),
+           "INFINITETALK_API_LEASE_SECONDS": LEASE_S}
+    servers = []
+    try:
+        for name in ("a", "b"):
+            base = make_base(tmp_path / name)
+            for d in ("input", "output"):      # the shared folders, as NFS would provide them
+                (base / d).rmdir()
+                (base / d).symlink_to(shared / d, target_is_directory=True)
+            servers.append(spawn_server(tiny_models, base, env, fresh=False))
+        yield servers, shared
+    finally:
+        for server in servers:
+            if server.process.poll() is None:
+                stop_server(server)
+
+
+def test_a_killed_servers_job_is_finished_by_the_other_byte_identical(fleet):
+    (a, b), shared = fleet
+    body = {"image": "two.png", "left_audio": "left.wav", "right_audio": "right.wav", "order": "left_right",
+            "seed": 4242}
+    code, reply = _call(a, "POST", "/infinitetalk/v1/image-to-video-multi", body)
+    assert code == 200, reply
+    job_id = reply["data"]["id"]
+    deadline = time.time() + 600
+    while _committed_windows(shared / "jobs") < 1:   # the first window is on shared storage
+        assert time.time() < deadline, "no window was committed"
+        assert _status(b, job_id)["status"] != "failed", _status(b, job_id)
+        time.sleep(0.2)
+    logs = {a: a.log.read_text(), b: b.log.read_text()}
+    # the server that runs it is the one whose ComfyUI queue holds it
+    owner = next(s for s in (a, b) if _call(s, "GET", "/queue")[1].get("queue_running"))
+    other = b if owner is a else a
+    for route in ("status", "result"):               # the other server answers for a job it does not hold
+        running = _status(other, job_id, route)
+        assert running["id"] == job_id and running["status"] == "processing" and running["seed"] == 4242, running
+    os.kill(owner.process.pid, signal.SIGKILL)
+    owner.process.wait(30)
+    done = _wait(other, job_id)
+    mp4 = _video_bytes(other, done, shared / "output")
+    since = other.log.read_text()[len(logs[other]):]
+    assert f"took over job {job_id}" in since
+    resumed = [line for line in since.splitlines() if "resuming job" in line]
+    assert resumed and " 0 of " not in resumed[0], since[-3000:]   # resumed, not started over
+    assert _status(other, job_id, "result") == done
+
+    # The same request, same seed, uninterrupted (the job folder was removed when the first one finished).
+    assert _committed_windows(shared / "jobs") == 0
+    code, reply = _call(other, "POST", "/infinitetalk/v1/image-to-video-multi", body)
+    assert code == 200, reply
+    again = _wait(other, reply["data"]["id"])
+    assert again["seed"] == done["seed"] == 4242
+    assert _video_bytes(other, again, shared / "output") == mp4

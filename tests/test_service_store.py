@@ -1,0 +1,187 @@
+"""The job store protocol on both backends — SQLite and a real PostgreSQL — claims, leases, fencing,
+cancel paths and the at-most-once marker."""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+
+from infinitetalk.service.store import JobRecord, SQLiteStore, open_store
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def make_store(request, tmp_path):
+    """A factory of store handles on one database (several handles = several servers)."""
+    opened = []
+    target = tmp_path / "jobs.sqlite3" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+
+    def factory():
+        opened.append(open_store(target))
+        return opened[-1]
+    yield factory
+    for store in opened:
+        store.close()
+
+
+def job(n: int = 0, **over) -> JobRecord:
+    rec = JobRecord(id=uuid.uuid4().hex, model="infinitetalk/image-to-video-multi",
+                    request={"kind": "image-to-video-multi", "seed": n}, status="created",
+                    created_at=f"2026-01-01T00:00:{n:02d}.000Z", billed_seconds=5)
+    for k, v in over.items():
+        setattr(rec, k, v)
+    return rec
+
+
+def wait_for(fn, what: str, limit_s: float = 30.0):
+    """Poll `fn` until it returns something truthy (a lease running out); fail after `limit_s`."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{what} did not happen within {limit_s:.0f} s")
+
+
+def test_round_trip_keeps_every_field(make_store):
+    store = make_store()
+    rec = job(1, webhook="https://hooks.example.com/x", outputs=[{"filename": "a.mp4", "subfolder": "s", "type": "output"}],
+              video_seconds=1.5)
+    store.insert(rec)
+    got = store.get(rec.id)
+    assert got == rec
+    store.update(rec.id, status="failed", error="boom")
+    assert (store.get(rec.id).status, store.get(rec.id).error) == ("failed", "boom")
+    assert store.get("missing") is None
+
+
+def test_claims_are_oldest_first_and_each_job_goes_to_exactly_one_worker(make_store):
+    stores = [make_store() for _ in range(3)]   # three servers on one database
+    ids = []
+    for n in range(24):
+        rec = job(n)
+        stores[0].insert(rec)
+        ids.append(rec.id)
+    claimed: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def worker(index: int) -> None:
+        store, me = stores[index % 3], f"w{index}"
+        while (rec := store.claim(me, 60.0)) is not None:
+            with lock:
+                claimed.append((rec.id, me))
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(i for i, _ in claimed) == sorted(ids)      # every job, none twice
+    for job_id, me in claimed:
+        rec = stores[1].get(job_id)
+        assert rec.worker_id == me and rec.attempts == 1 and rec.status == "created"
+    first = make_store()
+    rec = job(99)
+    first.insert(rec)
+    assert first.claim("late", 60.0).id == rec.id and first.claim("late", 60.0) is None
+
+
+def test_an_expired_lease_passes_the_job_on_and_fences_the_old_owner(make_store):
+    a, b = make_store(), make_store()
+    rec = job(1)
+    a.insert(rec)
+    assert a.claim("A", 1.0).id == rec.id
+    assert b.claim("B", 1.0) is None                         # A's lease holds
+    assert a.heartbeat(rec.id, "A", 1.0) is not None         # still A's
+    assert a.fenced_update(rec.id, "A", status="processing", started_at="t0")
+    taken = wait_for(lambda: b.claim("B", 30.0), "B taking over the expired lease")
+    assert taken.id == rec.id and taken.attempts == 2 and taken.worker_id == "B" and taken.status == "processing"
+    assert a.heartbeat(rec.id, "A", 1.0) is None             # A learns it lost the job
+    assert not a.fenced_update(rec.id, "A", status="completed", outputs=[{"filename": "stale.mp4"}])
+    assert b.fenced_update(rec.id, "B", status="completed", outputs=[{"filename": "good.mp4"}])
+    final = a.get(rec.id)
+    assert final.status == "completed" and final.outputs == [{"filename": "good.mp4"}]
+    assert not b.fenced_update(rec.id, "B", status="failed")  # an ended job is never rewritten
+    assert b.claim("C", 1.0) is None
+
+
+def test_cancel_paths(make_store):
+    store = make_store()
+    free, claimed, running = job(1), job(2), job(3)
+    for rec in (free, claimed, running):
+        store.insert(rec)
+    assert store.cancel_unclaimed(free.id, "cancelled by the client")
+    assert store.get(free.id).status == "failed" and store.get(free.id).error == "cancelled by the client"
+    assert not store.cancel_unclaimed(free.id, "again")       # ended: nothing to cancel
+    assert store.claim("W", 60.0).id == claimed.id
+    assert store.claim("W2", 60.0).id == running.id
+    store.fenced_update(running.id, "W2", status="processing")
+    assert not store.cancel_unclaimed(claimed.id, "x")        # claimed: the worker has to act
+    assert store.request_cancel(claimed.id)
+    beat = store.heartbeat(claimed.id, "W", 60.0)
+    assert beat.cancel_requested == 1
+    assert not store.request_cancel(running.id)               # running: cannot be cancelled
+    assert store.get(running.id).cancel_requested == 0
+
+
+def test_mark_once_is_true_for_exactly_one_caller(make_store):
+    stores = [make_store(), make_store()]
+    results: list[bool] = []
+    lock = threading.Lock()
+
+    def mark(i: int) -> None:
+        got = stores[i % 2].mark_once("job1", "webhook")
+        with lock:
+            results.append(got)
+    threads = [threading.Thread(target=mark, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count(True) == 1 and len(results) == 8
+    assert stores[0].mark_once("job1", "other-event") and stores[1].mark_once("job2", "webhook")
+
+
+def test_an_old_sqlite_file_gains_the_queue_columns(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "jobs.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE jobs (id TEXT PRIMARY KEY, model TEXT NOT NULL, request TEXT NOT NULL, status TEXT "
+               "NOT NULL, prompt_id TEXT, created_at TEXT NOT NULL, started_at TEXT, completed_at TEXT, billed_seconds "
+               "INTEGER, video_seconds REAL, inference_ms INTEGER, outputs TEXT NOT NULL DEFAULT '[]', error TEXT NOT "
+               "NULL DEFAULT '')")
+    db.execute("INSERT INTO jobs (id, model, request, status, created_at) VALUES ('old', 'm', '{}', 'completed', 't')")
+    db.commit()
+    db.close()
+    store = SQLiteStore(path)
+    assert store.get("old").status == "completed" and store.get("old").attempts == 0 and store.get("old").webhook is None
+    store.close()
+
+
+def test_a_database_url_of_another_kind_is_refused_by_name():
+    with pytest.raises(RuntimeError, match="mysql://.*postgresql://"):
+        open_store("mysql://db/jobs")
+
+
+def test_a_postgresql_url_without_psycopg_names_the_package(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)   # as if not installed
+    with pytest.raises(RuntimeError, match=r"psycopg\[binary\]") as info:
+        open_store("postgresql://jobs@127.0.0.1:1/jobs")
+    assert "INFINITETALK_API_DATABASE_URL" in str(info.value)
+
+
+def test_an_unreachable_database_at_start_is_not_fatal_and_names_it_without_the_password():
+    from infinitetalk.service.store import StoreUnavailable
+
+    pytest.importorskip("psycopg")
+    from pg_support import free_port
+
+    store = open_store(f"postgresql://jobs:s3cret@127.0.0.1:{free_port()}/jobs")   # nothing listens there
+    with pytest.raises(StoreUnavailable) as info:
+        store.get("x")
+    assert "127.0.0.1" in str(info.value) and "s3cret" not in str(info.value)
+    store.close()

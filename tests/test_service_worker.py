@@ -1,0 +1,244 @@
+"""Workers on fake engines over one job store: takeover after a dead worker, give-up after N lost leases,
+cancel from any server, on_final once, and a dead PostgreSQL (503, nothing left, nothing lost)."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from infinitetalk.service.inputs import InputSettings
+from infinitetalk.service.jobs import CANCELLED, EngineState, JobService
+from infinitetalk.service.store import open_store
+from infinitetalk.service.worker import Worker, lease_from_env
+from service_support import TEMPLATE, FakeEngine, body, call, post, write_png, write_wav
+
+SUBMIT = "/infinitetalk/v1/image-to-video-multi"
+WORKFLOWS = {"image-to-video-multi": TEMPLATE, "video-to-video-multi": TEMPLATE}
+
+
+def fleet(tmp_path, url: str, servers: int = 2, lease_s: float = 1.0, on_final=None):
+    """`servers` services on one database and one shared input folder, each with its engine and worker."""
+    inputs = tmp_path / "input"
+    inputs.mkdir(exist_ok=True)
+    write_wav(inputs / "left.wav", 1.0)
+    write_wav(inputs / "right.wav", 0.6, freq=330)
+    write_png(inputs / "two.png")
+    out = []
+    for i in range(servers):
+        engine = FakeEngine()
+        service = JobService(open_store(url), engine, InputSettings(input_dir=inputs), WORKFLOWS,
+                             on_final=on_final, cancel_wait_s=5.0)
+        out.append((service, engine, Worker(service, lease_s=lease_s, worker_id=f"w{i}")))
+    return inputs, out
+
+
+async def until(fn, what: str, limit_s: float = 30.0):
+    """Await `fn()` (a coroutine function) until truthy; fail after `limit_s`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit_s
+    while loop.time() < deadline:
+        value = await fn()
+        if value:
+            return value
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{what} did not happen within {limit_s:.0f} s")
+
+
+async def step(worker: Worker, then=None):
+    """One worker tick; returns `then()` if given, else the job the worker holds."""
+    await worker.tick()
+    return then() if then else worker.job
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request, tmp_path):
+    return str(tmp_path / "jobs.sqlite3") if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+
+
+def test_a_dead_workers_job_is_taken_over_and_its_late_result_is_fenced_off(tmp_path, db_url):
+    finals = []
+    _, [(sa, ea, wa), (sb, eb, wb)] = fleet(tmp_path, db_url, on_final=finals.append)
+
+    async def flow(client):
+        s, r = await post(client, SUBMIT, body(seed=5))
+        assert s == 200, r
+        job_id = r["data"]["id"]
+        await wb.tick()                                  # B's engine is idle too; only one of them gets the job
+        await wa.tick()
+        owner, other = (wa, wb) if wa.job else (wb, wa)
+        assert owner.job.id == job_id and other.job is None
+        owner_engine = ea if owner is wa else eb
+        owner_engine.states[owner.prompt_id] = EngineState("running", [])
+        await owner.tick()
+        assert (await sb.status(job_id)).status == "processing"
+        # the owner dies here (no more ticks): its lease runs out and the other worker takes the job
+        await until(lambda: step(other), "the takeover")
+        assert other.job.id == job_id and other.job.attempts == 2
+        other_engine = eb if other is wb else ea
+        assert other_engine.graphs[other.prompt_id]["4"]["inputs"]["seed"] == 5   # the same resolved seed
+        other_engine.finish(other.prompt_id, "taken_over.mp4")
+        await other.tick()
+        owner_engine.finish(owner.prompt_id, "stale.mp4")    # the "dead" worker comes back and finishes too
+        await owner.tick()
+        await owner.tick()
+        assert owner.job is None
+        return job_id
+    job_id = call(sa, flow)
+    final = sb.get(job_id)
+    assert final.status == "completed" and [o["filename"] for o in final.outputs] == ["taken_over.mp4"]
+    assert [f.id for f in finals] == [job_id]          # on_final once, from the worker that wrote the end
+
+
+def test_a_job_whose_workers_keep_dying_fails_after_the_attempt_limit(tmp_path, db_url):
+    finals = []
+    _, servers = fleet(tmp_path, db_url, servers=4, on_final=finals.append)
+    service = servers[0][0]
+
+    async def flow(client):
+        s, r = await post(client, SUBMIT, body())
+        job_id = r["data"]["id"]
+        for attempt, (_, _, worker) in enumerate(servers[:3], start=1):   # three claims, each worker then "dies"
+            await until(lambda: step(worker), f"claim {attempt}")
+            assert worker.job.attempts == attempt
+        last = servers[3][2]
+        await until(lambda: step(last, lambda: service.get(job_id).status == "failed"), "the give-up")
+        return job_id
+    job_id = call(service, flow)
+    rec = service.get(job_id)
+    assert rec.status == "failed" and "given up after 3 attempts" in rec.error and "lease" in rec.error
+    assert [f.id for f in finals] == [job_id] and finals[0].status == "failed"
+    assert servers[3][1].counter == 0                 # the fourth claim never ran it
+
+
+def test_cancel_from_any_server(tmp_path, db_url):
+    finals = []
+    _, [(sa, ea, wa), (sb, eb, wb)] = fleet(tmp_path, db_url, lease_s=30.0, on_final=finals.append)
+    sb.worker = None   # B answers routes only (as if INFINITETALK_API_WORKER=0)
+
+    async def flow(client):
+        ids = [(await post(client, SUBMIT, body(seed=i)))[1]["data"]["id"] for i in range(3)]
+        await wa.tick()                                # A holds the first, queued but not started
+        assert wa.job.id == ids[0]
+
+        async def heartbeat_soon():
+            await asyncio.sleep(0.3)
+            wa._beat_at = float("-inf")                 # the next tick is a heartbeat
+            await wa.tick()
+        cancelled, _ = await asyncio.gather(sb.cancel(ids[0]), heartbeat_soon())  # asked on B
+        assert cancelled.status == "failed" and cancelled.error == CANCELLED and wa.job is None
+        assert ea.states == {}                          # removed from A's local queue
+        free = await sb.cancel(ids[1])                  # never claimed: cancelled at once
+        assert free.status == "failed" and free.error == CANCELLED
+        await wa.tick()
+        assert wa.job.id == ids[2]
+        ea.states[wa.prompt_id] = EngineState("running", [])
+        await wa.tick()
+        with pytest.raises(Exception) as info:
+            await sb.cancel(ids[2])
+        assert getattr(info.value, "code", None) == 409
+        return ids
+    ids = call(sa, flow)
+    assert sorted(f.id for f in finals) == sorted(ids[:2])
+
+
+def test_lease_setting_is_checked():
+    assert lease_from_env({}) == 60.0 and lease_from_env({"INFINITETALK_API_LEASE_SECONDS": "5"}) == 5.0
+    for bad in ("soon", "0", "-3"):
+        with pytest.raises(RuntimeError, match="INFINITETALK_API_LEASE_SECONDS"):
+            lease_from_env({"INFINITETALK_API_LEASE_SECONDS": bad})
+
+
+def test_a_dead_database_is_503_leaves_no_files_and_loses_nothing(tmp_path, postgres_server, postgres_url):
+    inputs, [(service, engine, worker)] = fleet(tmp_path, postgres_url, servers=1, lease_s=3.0)
+    png = "data:image/png;base64," + __import__("base64").b64encode((inputs / "two.png").read_bytes()).decode()
+    job_inputs = inputs / "infinitetalk_api"
+
+    async def flow(client):
+        s, r = await post(client, SUBMIT, body(seed=3, image=png))
+        job_id = r["data"]["id"]
+        await worker.tick()
+        pid = worker.prompt_id
+        engine.states[pid] = EngineState("running", [])
+        await worker.tick()
+        postgres_server.stop()                          # the database goes away mid-job
+        s, r = await post(client, SUBMIT, body(image=png))
+        assert s == 503 and r["code"] == 503 and r["data"] is None, r
+        assert "job database is unreachable" in r["message"] and "nothing was queued" in r["message"]
+        assert sorted(p.name for p in job_inputs.iterdir()) == [job_id]   # the refused submit left nothing; the job's stay
+        resp = await client.get(f"/infinitetalk/v1/predictions/{job_id}/status")
+        assert resp.status == 503 and "status cannot be read" in (await resp.json())["message"]
+        assert resp.headers.get("Retry-After")
+        worker._beat_at = float("-inf")
+        await worker.tick()                              # heartbeat fails: the job keeps running here
+        engine.finish(pid, "done.mp4")
+        await worker.tick()                              # the end cannot be written yet: kept for a retry
+        assert worker._final is not None and worker._final["status"] == "completed"
+        postgres_server.start()
+        await worker.tick()
+        resp = await client.get(f"/infinitetalk/v1/predictions/{job_id}/status")
+        data = (await resp.json())["data"]
+        assert resp.status == 200 and data["status"] == "completed" and data["outputs"][0].endswith("done.mp4&subfolder=infinitetalk_api&type=output")
+        s, r = await post(client, SUBMIT, body())        # and the server takes new jobs again
+        assert s == 200, r
+        return job_id
+    call(service, flow)
+
+
+def test_a_taken_over_job_whose_video_was_already_saved_is_recorded_not_run_again(tmp_path):
+    """The dead owner finished the video but not the record: the next claim finds the saved file."""
+    _, [(sa, ea, wa), (sb, eb, wb)] = fleet(tmp_path, str(tmp_path / "jobs.sqlite3"), lease_s=1.0)
+    eb.saved_outputs = lambda prefix: [{"filename": prefix.rpartition("/")[2] + "_00001_.mp4",
+                                        "subfolder": "infinitetalk_api", "type": "output"}]
+
+    async def flow(client):
+        s, r = await post(client, SUBMIT, body())
+        job_id = r["data"]["id"]
+        await wa.tick()
+        assert wa.job.id == job_id                     # A runs it, then dies
+        await until(lambda: step(wb, lambda: sb.get(job_id).status == "completed"), "the takeover")
+        return job_id
+    job_id = call(sa, flow)
+    assert eb.counter == 0                             # B never ran it
+    assert sb.get(job_id).outputs[0]["filename"] == f"{job_id}_00001_.mp4"
+
+
+def test_cancel_on_the_server_whose_worker_holds_the_job_acts_at_once(tmp_path):
+    from service_support import dispatch, make_env
+
+    env = make_env(tmp_path)
+
+    async def flow(client):
+        s, r = await post(client, SUBMIT, body())
+        job_id = r["data"]["id"]
+        pid = await dispatch(env, job_id)               # claimed and queued here, not started
+        s, r = await post(client, f"/infinitetalk/v1/predictions/{job_id}/cancel", {})
+        return s, r, pid
+    status, reply, pid = call(env["service"], flow)
+    assert status == 200 and reply["data"]["status"] == "failed" and reply["data"]["error"] == CANCELLED, reply
+    assert pid not in env["engine"].states and env["worker"].job is None   # gone from the local queue
+
+
+def test_webhook_is_checked_and_kept_and_on_final_hears_route_cancels(tmp_path):
+    from infinitetalk.service.contract import ApiError
+
+    finals = []
+
+    def check(url: str) -> str:
+        if not url.startswith("https://"):
+            raise ApiError(400, f"field 'webhook': expected an https URL; got {url!r}")
+        return url
+    _, [(service, _, _)] = fleet(tmp_path, str(tmp_path / "jobs.sqlite3"), servers=1, on_final=finals.append)
+    service.webhook_check = check
+
+    async def main():
+        with pytest.raises(ApiError) as info:
+            await service.submit("image-to-video-multi", body(), webhook="http://hooks.example.com/x")
+        assert info.value.code == 400 and "webhook" in info.value.message
+        rec = await service.submit("image-to-video-multi", body(), webhook="https://hooks.example.com/x")
+        assert service.get(rec.id).webhook == "https://hooks.example.com/x"
+        await service.cancel(rec.id)
+        return rec.id
+    job_id = asyncio.run(main())
+    assert [(f.id, f.status, f.error, f.webhook) for f in finals] == \
+        [(job_id, "failed", CANCELLED, "https://hooks.example.com/x")]
+    assert service.store.mark_once(job_id, "webhook") and not service.store.mark_once(job_id, "webhook")
