@@ -8,7 +8,8 @@ import uuid
 
 import pytest
 
-from infinitetalk.service.store import JobRecord, SQLiteStore, open_store
+from infinitetalk.service.database import open_store
+from infinitetalk.service.store import JobRecord, SQLiteStore
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

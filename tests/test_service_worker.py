@@ -8,7 +8,7 @@ import pytest
 
 from infinitetalk.service.inputs import InputSettings
 from infinitetalk.service.jobs import CANCELLED, EngineState, JobService
-from infinitetalk.service.store import open_store
+from infinitetalk.service.database import open_store
 from infinitetalk.service.worker import Worker, lease_from_env
 from service_support import TEMPLATE, FakeEngine, body, call, post, write_png, write_wav
 

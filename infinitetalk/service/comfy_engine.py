@@ -127,6 +127,6 @@ class ComfyEngine:
         """Stop `prompt_id` if it is the one running (a worker that lost the job's lease to another)."""
         running, _ = self.server.prompt_queue.get_current_queue_volatile()
         if any(item[1] == prompt_id for item in running):
-            import nodes  # ComfyUI's module
+            import comfy.model_management  # ComfyUI's module (what its Interrupt button calls)
 
-            nodes.interrupt_processing()
+            comfy.model_management.interrupt_current_processing()

@@ -25,7 +25,8 @@ from .auth import PROXY_HEADERS, access_summary, authorize, load_keys, open_acce
 from .contract import MODELS, ApiError, envelope, error_envelope, public_message
 from .inputs import DEFAULT_RETENTION_S, InputSettings, disk_full_as_507
 from .jobs import JobService
-from .store import StoreUnavailable, open_store
+from .database import open_store
+from .store import StoreUnavailable
 
 PREFIX = "/infinitetalk/v1"
 ENV_ALLOW_HOSTS = "INFINITETALK_API_ALLOW_HOSTS"

@@ -1,5 +1,5 @@
 """Job records and the job queue behind one protocol: SQLite (one server, the embedded default) or
-PostgreSQL (a fleet, `store_postgres.py`), chosen by `open_store`.
+PostgreSQL (a fleet, `store_postgres.py`), chosen by `database.open_store`.
 
 A job is claimed by one worker at a time under a lease the worker extends (heartbeat); a lease that
 runs out (a dead worker) makes the job claimable again. Every write a worker makes is fenced by its
@@ -189,15 +189,3 @@ class SQLiteStore:
 
 
 JobStore = SQLiteStore  # the name before the queue existed
-
-
-def open_store(url_or_path: str | Path) -> Store:
-    """`postgresql://…` (or `postgres://…`) opens PostgreSQL (needs psycopg 3); anything else is a SQLite file."""
-    text = str(url_or_path)
-    if text.startswith(("postgresql://", "postgres://")):
-        from .store_postgres import PostgresStore
-
-        return PostgresStore(text)
-    if "://" in text:
-        raise RuntimeError(f"job database {text.split('://')[0]}://…: expected a postgresql:// URL or a SQLite file path")
-    return SQLiteStore(text)
