@@ -20,6 +20,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from .compat import compat_routes
 from .auth import PROXY_HEADERS, access_summary, authorize, load_keys, open_access
 from .contract import MODELS, ApiError, envelope, error_envelope, public_message
 from .inputs import DEFAULT_RETENTION_S, InputSettings, disk_full_as_507
@@ -40,7 +41,8 @@ log = logging.getLogger("infinitetalk.api")
 _AT = r"(?:/api)?" + re.escape(PREFIX)  # ComfyUI also serves every route under /api
 _ROUTE_SHAPES = [("POST", re.compile(_AT + "/(" + "|".join(map(re.escape, MODELS)) + ")")),
                  ("GET", re.compile(_AT + r"/predictions/[^/]+/(status|result)")),
-                 ("POST", re.compile(_AT + r"/predictions/[^/]+/cancel"))]
+                 ("POST", re.compile(_AT + r"/predictions/[^/]+/cancel")),
+                 ("GET", re.compile(_AT + r"/uploads/[^/]+/[^/]+")), ("PUT", re.compile(_AT + r"/uploads/[^/]+/[^/]+"))]
 
 
 class JobApi:
@@ -65,6 +67,7 @@ class JobApi:
             web.post(PREFIX + "/predictions/{id}/cancel", self._reply(self._cancel)),
             web.route("*", PREFIX + "/{tail:.*}", self._reply(self._no_route)),  # last: other methods / paths
         ]
+        out[-1:-1] = compat_routes(self)  # WaveSpeed / RunComfy drop-in paths (compat.py), before the catch-all
         return out
 
     def _reply(self, fn):
