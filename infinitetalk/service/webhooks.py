@@ -109,13 +109,15 @@ class WebhookSender:
 
     def __init__(self, store: Any, settings: WebhookSettings, inputs: InputSettings,
                  envelope_for: Callable[[JobRecord], dict], webhook_of: Callable[[JobRecord], str | None],
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 clock: Callable[[], float] = time.monotonic):
         self.store = store
         self.settings = settings
         self.inputs = inputs
         self.envelope_for = envelope_for
         self.webhook_of = webhook_of
         self.sleep = sleep
+        self.clock = clock
         self.tasks: set[asyncio.Task] = set()  # strong references until done
         self.attempts: dict[str, list[int | str]] = {}  # job id -> HTTP status or error name per attempt
 
@@ -152,7 +154,7 @@ class WebhookSender:
 
     async def _attempts(self, job_id: str, url: str, body: bytes) -> bool:
         s = self.settings
-        deadline = time.monotonic() + s.total_s
+        deadline = self.clock() + s.total_s
         tried = self.attempts.setdefault(job_id, [])
         for attempt in range(s.max_attempts):
             outcome = await self._post_once(url, job_id, body)
@@ -164,7 +166,7 @@ class WebhookSender:
                 log.warning("webhook for job %s not delivered: %s; not retried", job_id, outcome)
                 return False
             delay = min(s.max_delay_s, s.first_delay_s * 2 ** attempt) * random.uniform(0.8, 1.0)
-            if attempt + 1 >= s.max_attempts or time.monotonic() + delay > deadline:
+            if attempt + 1 >= s.max_attempts or self.clock() + delay > deadline:
                 break
             await self.sleep(delay)
         log.warning("webhook for job %s given up after %d attempts (last: %s)", job_id, len(tried), tried[-1])
