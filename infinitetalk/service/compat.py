@@ -21,6 +21,7 @@ import logging
 import os
 import time
 from typing import Any
+from urllib.parse import unquote
 
 from aiohttp import web
 
@@ -81,8 +82,8 @@ class Compat:
             try:
                 data = await fn(request)
                 return web.json_response(envelope(data) if shape == "wavespeed" else data)
-            except ApiError as err:
-                err = ApiError(err.code, public_message(err.message, folders))
+            except ApiError as exc:
+                err = ApiError(exc.code, public_message(exc.message, folders))
             except Exception as exc:  # noqa: BLE001 - never let a handler take the server down
                 log.exception("job API error")
                 err = ApiError(500, public_message(f"internal error: {type(exc).__name__}: {exc}", folders))
@@ -163,7 +164,7 @@ class Compat:
                 raise ApiError(400, "missing multipart field 'file'")
             if getattr(part, "name", None) == "file":
                 break
-        name = uploads.safe_name(part.filename)
+        name = uploads.safe_name(unquote(part.filename or ""))  # some clients percent-encode the name
 
         async def chunks():
             while True:
