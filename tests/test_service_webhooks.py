@@ -226,6 +226,26 @@ def test_bad_webhook_is_refused_at_submit_and_nothing_is_queued(tmp_path):
     assert err.code == 400 and "INFINITETALK_API_WEBHOOK_SECRET" in err.message
 
 
+def test_build_from_environment_wires_s3_off_and_webhooks_on(tmp_path):
+    from infinitetalk.service.edge_standins import LocalViewOutputs, build_edge_service
+    from infinitetalk.service.store import JobRecord, JobStore
+    from service_support import TEMPLATE, FakeEngine
+
+    settings = InputSettings(input_dir=tmp_path, allow_hosts=("127.0.0.1",))
+    service = build_edge_service(JobStore(tmp_path / "j.sqlite3"), FakeEngine(), settings,
+                                 {"image-to-video-multi": TEMPLATE}, tmp_path,
+                                 {"INFINITETALK_API_WEBHOOK_SECRET": SECRET, "INFINITETALK_API_PUBLIC_URL": "https://api.example/"})
+    assert isinstance(service.outputs, LocalViewOutputs) and service.on_final == service.webhook_sender.on_final
+    built = service.webhook_sender.envelope_for
+    rec = JobRecord(id="j1", model="m", request={"seed": 1}, status="completed", created_at="t",
+                    outputs=[{"filename": "a.mp4", "subfolder": "s", "type": "output"}])
+    assert built(rec)["data"]["outputs"] == ["https://api.example/view?filename=a.mp4&subfolder=s&type=output"]
+    with pytest.raises(RuntimeError) as info:
+        build_edge_service(JobStore(tmp_path / "k.sqlite3"), FakeEngine(), settings, {}, tmp_path,
+                           {"INFINITETALK_API_S3_BUCKET": "UPPER"})
+    assert "INFINITETALK_API_S3_BUCKET" in str(info.value)
+
+
 def test_secret_setting():
     assert webhook_settings_from_env({}) is None
     assert webhook_settings_from_env({"INFINITETALK_API_WEBHOOK_SECRET": SECRET}).secret == SECRET

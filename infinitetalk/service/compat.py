@@ -109,8 +109,11 @@ class Compat:
         webhook = request.query.get("webhook")
         kwargs: dict[str, Any] = {}
         if webhook is not None:
+            params = inspect.signature(self.service.submit).parameters
+            if "webhook" not in params:
+                raise ApiError(400, "query parameter 'webhook': this server is not set up to send webhooks")
             kwargs["webhook"] = webhook
-            if "base_url" in inspect.signature(self.service.submit).parameters:
+            if "base_url" in params:
                 kwargs["base_url"] = self._base(request)
         return await self.service.submit(kind, body, **kwargs)
 

@@ -158,3 +158,19 @@ def output_path(output_dir: Path, item: dict) -> Path:
     if root not in target.parents:
         raise OutputPublishError(f"output {item.get('filename')!r} is not inside the output folder")
     return target
+
+
+def build_edge_service(store: JobStore, engine: Engine, settings: InputSettings, workflows: dict[str, dict],
+                       output_dir: Path, environ: dict[str, str] | None = None) -> EdgeJobService:
+    """The service with S3 outputs and webhooks as the environment configures them (what
+    `register_with_comfyui` should build); RuntimeError naming a bad setting."""
+    from .s3 import s3_outputs_from_env
+    from .webhooks import WebhookSender, make_webhook_check, result_envelope_for, webhook_settings_from_env
+
+    service = EdgeJobService(store, engine, settings, workflows, outputs=s3_outputs_from_env(output_dir, environ))
+    hooks = webhook_settings_from_env(environ)
+    if hooks is not None:
+        sender = WebhookSender(store, hooks, settings, result_envelope_for(service, environ), service.webhook_of)
+        service.on_final, service.webhook_check = sender.on_final, make_webhook_check(settings)
+        service.webhook_sender = sender
+    return service

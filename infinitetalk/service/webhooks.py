@@ -204,3 +204,16 @@ async def call_hook(hook: Callable[[JobRecord], Awaitable[None] | None] | None, 
             await result
     except Exception:  # noqa: BLE001
         log.exception("on_final hook failed for job %s", rec.id)
+
+
+def result_envelope_for(service: Any, environ: Mapping[str, str] | None = None) -> Callable[[JobRecord], dict]:
+    """The webhook body builder: the GET-result envelope, links based on `INFINITETALK_API_PUBLIC_URL`
+    or else on the origin the job was submitted to (`service.submit_base_url`)."""
+    from .contract import envelope
+
+    env = os.environ if environ is None else environ
+
+    def build(rec: JobRecord) -> dict:
+        base = env.get(ENV_PUBLIC_URL, "").strip() or getattr(service, "submit_base_url", lambda r: "")(rec)
+        return envelope(service.describe(rec, base.rstrip("/")))
+    return build
