@@ -13,6 +13,7 @@ import pytest
 
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto")
+pytest.importorskip("flask")  # moto's server mode (moto[server])
 
 from edge_support import MotoServer, make_edge_env  # noqa: E402
 from infinitetalk.service.s3 import S3Outputs, S3Settings, s3_outputs_from_env, s3_settings_from_env  # noqa: E402

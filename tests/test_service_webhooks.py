@@ -134,6 +134,23 @@ def test_gives_up_after_the_attempt_limit_and_does_not_retry_4xx_or_redirects(tm
     assert out[404] == ([404], 1) and out[302] == ([302], 1)
 
 
+def test_receiver_down_is_retried_then_given_up(tmp_path):
+    from edge_support import free_port
+
+    env = _wired(tmp_path, max_attempts=3, first_delay_s=0.5)
+    url = f"http://127.0.0.1:{free_port()}/hook"   # nothing listens there
+
+    async def main():
+        rec = await env["service"].submit("image-to-video-multi", body(), webhook=url, base_url="http://x")
+        env["engine"].finish(rec.prompt_id)
+        env["service"].refresh(rec.id)
+        await env["sender"].drain()
+        return env["sender"].attempts[rec.id]
+
+    attempts = asyncio.run(main())
+    assert len(attempts) == 3 and all(isinstance(a, str) and "Connect" in a for a in attempts), attempts
+
+
 def test_bounded_total_time_stops_retrying(tmp_path):
     env = _wired(tmp_path, max_attempts=50, first_delay_s=10.0, total_s=20.0)
 
