@@ -20,8 +20,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .compat import compat_routes
 from .auth import PROXY_HEADERS, access_summary, authorize, load_keys, open_access
+from .compat import compat_routes
 from .contract import MODELS, ApiError, envelope, error_envelope, public_message
 from .inputs import DEFAULT_RETENTION_S, InputSettings, disk_full_as_507
 from .jobs import JobService

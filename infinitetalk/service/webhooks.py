@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import inspect
 import json
 import logging
 import os
@@ -192,18 +191,6 @@ class WebhookSender:
                     return resp.status
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             return type(exc).__name__
-
-
-async def call_hook(hook: Callable[[JobRecord], Awaitable[None] | None] | None, rec: JobRecord) -> None:
-    """Run an `on_final` hook, sync or async, logging (not raising) its errors."""
-    if hook is None:
-        return
-    try:
-        result = hook(rec)
-        if inspect.isawaitable(result):
-            await result
-    except Exception:  # noqa: BLE001
-        log.exception("on_final hook failed for job %s", rec.id)
 
 
 def result_envelope_for(service: Any, environ: Mapping[str, str] | None = None) -> Callable[[JobRecord], dict]:
