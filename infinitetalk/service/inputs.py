@@ -1,5 +1,8 @@
 """Turn a submitted media field (https URL, `data:` URI, or an uploaded file name) into a local file.
 
+A URL that is a `download_url` of this server's upload routes (`uploads.py`) is taken from the upload
+folder without an HTTP request; every other URL goes through the guard.
+
 Fetched and decoded files land in `<input>/infinitetalk_api/<job id>/`, written under a temporary
 name and renamed when complete, so a refused or broken download leaves nothing a graph could read.
 A refused submission removes its whole folder (`remove_job_inputs`); finished jobs' folders are removed
@@ -200,6 +203,24 @@ async def fetch_url(url: str, field_name: str, settings: InputSettings, folder: 
     raise ApiError(400, f"field '{field_name}': too many redirects (more than {settings.max_redirects})")
 
 
+def _link_into(source: Path, folder: Path, field_name: str) -> Path:
+    """The job's own copy of an uploaded file (a hard link where possible), so sweeping uploads never
+    takes a queued job's input away."""
+    target = folder / f"{field_name}{source.suffix.lower()}"
+    tmp = folder / f".{target.name}.partial"
+    try:
+        with disk_full_as_507(f"the input folder's {JOB_INPUTS}/", field_name):
+            try:
+                os.link(source, tmp)
+            except OSError:
+                shutil.copyfile(source, tmp)
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return target
+
+
 async def resolve_media(job_id: str, field_name: str, value: str, settings: InputSettings) -> Path:
     """Local file for one media field (see module docstring)."""
     if value.startswith("data:"):
@@ -210,5 +231,10 @@ async def resolve_media(job_id: str, field_name: str, value: str, settings: Inpu
         scheme = value.split("://", 1)[0].lower()
         if scheme not in ("http", "https"):
             raise ApiError(400, f"field '{field_name}': URL refused: scheme '{scheme}' is not allowed; use https (or http)")
+        from .uploads import local_upload  # a download_url of this server's upload routes: no HTTP fetch
+
+        uploaded = local_upload(settings, value, field_name)
+        if uploaded is not None:
+            return _link_into(uploaded, _job_folder(settings, job_id), field_name)
         return await fetch_url(value, field_name, settings, _job_folder(settings, job_id))
     return safe_input_path(settings.input_dir, value, field_name)

@@ -22,6 +22,7 @@ from aiohttp import web
 
 from ..dependencies import missing_message
 from .auth import PROXY_HEADERS, access_summary, authorize, load_keys, open_access
+from .compat import compat_routes
 from .contract import MODELS, ApiError, envelope, error_envelope, public_message
 from .inputs import DEFAULT_RETENTION_S, InputSettings, disk_full_as_507
 from .jobs import JobService
@@ -45,7 +46,8 @@ log = logging.getLogger("infinitetalk.api")
 _AT = r"(?:/api)?" + re.escape(PREFIX)  # ComfyUI also serves every route under /api
 _ROUTE_SHAPES = [("POST", re.compile(_AT + "/(" + "|".join(map(re.escape, MODELS)) + ")")),
                  ("GET", re.compile(_AT + r"/predictions/[^/]+/(status|result)")),
-                 ("POST", re.compile(_AT + r"/predictions/[^/]+/cancel"))]
+                 ("POST", re.compile(_AT + r"/predictions/[^/]+/cancel")),
+                 ("GET", re.compile(_AT + r"/uploads/[^/]+/[^/]+")), ("PUT", re.compile(_AT + r"/uploads/[^/]+/[^/]+"))]
 
 
 class JobApi:
@@ -71,6 +73,7 @@ class JobApi:
             web.post(PREFIX + "/predictions/{id}/cancel", self.reply(self._cancel, "nothing was cancelled")),
             web.route("*", PREFIX + "/{tail:.*}", self.reply(self._no_route)),  # last: other methods / paths
         ]
+        out[-1:-1] = compat_routes(self)  # WaveSpeed / RunComfy drop-in paths (compat.py), before the catch-all
         return out
 
     def reply(self, fn, unavailable: str = "nothing was changed"):

@@ -1,0 +1,270 @@
+"""Drop-in routes beside /infinitetalk/v1: WaveSpeed's v3 paths and RunComfy's model-API paths.
+
+WaveSpeed (the contract's envelope `{code, message, data}`, `data` as GET result answers it):
+  POST /api/v3/wavespeed-ai/infinitetalk/image-to-video-multi | video-to-video-multi  [?webhook=URL]
+       body may hold `enable_sync_mode: true`: answer once the job ended (bounded wait, see SYNC_WAIT)
+  GET  /api/v3/predictions/{id}/result
+  POST /api/v3/media/upload/binary     multipart `file` -> {type, download_url, filename, size}
+  POST /api/v3/media/uploads           {filename, size, content_type} -> PUT ticket + download_url
+  PUT  /infinitetalk/v1/uploads/{id}/{name}?token=..   the ticket's upload (token instead of Bearer)
+  GET  /infinitetalk/v1/uploads/{id}/{name}            the uploaded file
+RunComfy (its own shapes; status words in_queue, in_progress, completed, cancelled):
+  POST /v1/models/community/infinite-talk/fast/multi  [?webhook=URL]
+  GET  /v1/requests/{id}/status | /v1/requests/{id}/result      POST /v1/requests/{id}/cancel
+Every route but the ticketed PUT needs the same Bearer key as the contract's routes.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import time
+from typing import Any
+from urllib.parse import unquote
+
+from aiohttp import web
+
+from . import uploads
+from .contract import ApiError, envelope, error_envelope, public_message
+from .jobs import FINAL
+
+WAVESPEED_MODELS = {"wavespeed-ai/infinitetalk/image-to-video-multi": "image-to-video-multi",
+                    "wavespeed-ai/infinitetalk/video-to-video-multi": "video-to-video-multi"}
+RUNCOMFY_MODEL = "community/infinite-talk/fast/multi"
+ENV_SYNC_WAIT = "INFINITETALK_API_SYNC_WAIT_SECONDS"
+SYNC_WAIT_DEFAULT_S, SYNC_WAIT_MAX_S = 300.0, 3600.0
+SYNC_POLL_S = 0.5
+log = logging.getLogger("infinitetalk.api")
+
+
+def sync_wait_s() -> float:
+    """How long `enable_sync_mode` holds a request open (env setting, default 300 s, at most 3600 s)."""
+    raw = os.environ.get(ENV_SYNC_WAIT, "").strip()
+    if not raw:
+        return SYNC_WAIT_DEFAULT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= SYNC_WAIT_MAX_S:
+        raise ApiError(500, f"server setting {ENV_SYNC_WAIT}={raw!r}: expected seconds in (0, {SYNC_WAIT_MAX_S:.0f}]")
+    return value
+
+
+def runcomfy_status(rec: Any) -> str:
+    """RunComfy's status word: a failed job is `completed` (its result carries the error) unless cancelled."""
+    if rec.status == "created":
+        return "in_queue"
+    if rec.status == "processing":
+        return "in_progress"
+    if rec.status == "failed" and rec.error == "cancelled by the client":
+        return "cancelled"
+    return "completed"
+
+
+class Compat:
+    """The drop-in handlers over one JobApi (its service, key check and message cleaning)."""
+
+    def __init__(self, api: Any):
+        self.api = api
+        self.service = api.service
+
+    # -- plumbing -------------------------------------------------------------------------------------------
+    def _check(self, request: web.Request) -> None:
+        (getattr(self.api, "check", None) or self.api._check)(request)
+
+    def _wrap(self, fn, shape: str):
+        """Handler answering `fn`'s data in the WaveSpeed envelope or as RunComfy's bare JSON."""
+        folders = self.api.folders
+
+        async def handler(request: web.Request) -> web.Response:
+            try:
+                data = await fn(request)
+                return web.json_response(envelope(data) if shape == "wavespeed" else data)
+            except ApiError as exc:
+                err = ApiError(exc.code, public_message(exc.message, folders))
+            except Exception as exc:  # noqa: BLE001 - never let a handler take the server down
+                log.exception("job API error")
+                err = ApiError(500, public_message(f"internal error: {type(exc).__name__}: {exc}", folders))
+            body = error_envelope(err) if shape == "wavespeed" else {"error": err.message, "code": err.code}
+            return web.json_response(body, status=err.code)
+        return handler
+
+    @staticmethod
+    def _base(request: web.Request) -> str:
+        return str(request.url.origin())
+
+    @staticmethod
+    async def _json(request: web.Request) -> Any:
+        try:
+            return await request.json()
+        except web.HTTPRequestEntityTooLarge as exc:
+            raise ApiError(413, "request body is larger than this server accepts; send URLs or upload the "
+                                "files first (POST /api/v3/media/upload/binary)") from exc
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise ApiError(400, f"request body must be a JSON object ({type(exc).__name__})") from exc
+
+    async def _submit(self, request: web.Request, kind: str, body: Any):
+        webhook = request.query.get("webhook")
+        kwargs: dict[str, Any] = {}
+        if webhook is not None:
+            params = inspect.signature(self.service.submit).parameters
+            if "webhook" not in params:
+                raise ApiError(400, "query parameter 'webhook': this server is not set up to send webhooks")
+            kwargs["webhook"] = webhook
+            if "base_url" in params:
+                kwargs["base_url"] = self._base(request)
+        return await self.service.submit(kind, body, **kwargs)
+
+    def _wavespeed_data(self, rec: Any, base: str) -> dict:
+        data = self.service.describe(rec, base)
+        data["urls"] = {"get": f"{base}/api/v3/predictions/{rec.id}/result"}
+        return data
+
+    # -- WaveSpeed ------------------------------------------------------------------------------------------
+    def _ws_submit(self, kind: str):
+        async def submit(request: web.Request):
+            self._check(request)
+            body = await self._json(request)
+            sync = False
+            if isinstance(body, dict):
+                body = dict(body)
+                sync = body.pop("enable_sync_mode", False)
+                if not isinstance(sync, bool):
+                    raise ApiError(400, f"field 'enable_sync_mode' must be true or false; got {sync!r}")
+                body.pop("enable_base64_output", None)  # accepted and ignored: outputs are always URLs
+            wait = sync_wait_s() if sync else 0.0
+            rec = await self._submit(request, kind, body)
+            base = self._base(request)
+            if not sync:
+                return self._wavespeed_data(rec, base)
+            deadline = time.monotonic() + wait
+            while rec.status not in FINAL and time.monotonic() < deadline:
+                await asyncio.sleep(SYNC_POLL_S)
+                rec = self.service.refresh(rec.id)
+            data = self._wavespeed_data(rec, base)
+            if rec.status not in FINAL:  # the SDK recognises this wording and reports the task id
+                data["error"] = (f"Sync mode timed out after {wait:.0f} s; the job goes on: query the result "
+                                 f"at {data['urls']['get']}")
+            return data
+        return submit
+
+    async def _ws_result(self, request: web.Request):
+        self._check(request)
+        rec = self.service.refresh(request.match_info["id"])
+        return self._wavespeed_data(rec, self._base(request))
+
+    async def _ws_upload_binary(self, request: web.Request):
+        self._check(request)
+        if not request.content_type.startswith("multipart/"):
+            raise ApiError(400, f"the upload must be multipart/form-data with a 'file' part; got "
+                                f"Content-Type {request.content_type!r}")
+        reader = await request.multipart()
+        while True:
+            part = await reader.next()
+            if part is None:
+                raise ApiError(400, "missing multipart field 'file'")
+            if getattr(part, "name", None) == "file":
+                break
+        name = uploads.safe_name(unquote(part.filename or ""))  # some clients percent-encode the name
+
+        async def chunks():
+            while True:
+                chunk = await part.read_chunk(1 << 16)
+                if not chunk:
+                    return
+                yield chunk
+        uploads.sweep(self.service.settings)
+        upload_id, _path, size = await uploads.save(self.service.settings, name, chunks())
+        return {"type": uploads.media_type(name), "download_url": uploads.download_url(self._base(request), upload_id, name),
+                "filename": name, "size": size}
+
+    async def _ws_upload_ticket(self, request: web.Request):
+        self._check(request)
+        body = await self._json(request)
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body must be a JSON object {filename, size[, content_type]}")
+        if not isinstance(body.get("filename"), str) or not body["filename"].strip():
+            raise ApiError(400, f"field 'filename' must be the file's name; got {body.get('filename')!r}")
+        uploads.sweep(self.service.settings)
+        upload_id, name, token = uploads.create_ticket(self.service.settings, body["filename"], body.get("size"))
+        base = self._base(request)
+        target = uploads.download_url(base, upload_id, name)
+        ctype = body.get("content_type") if isinstance(body.get("content_type"), str) else "application/octet-stream"
+        return {"upload": {"method": "PUT", "url": f"{target}?token={token}", "headers": {"Content-Type": ctype},
+                           "expires_in": int(uploads.TICKET_TTL_S)},
+                "download_url": target, "filename": name, "size": body["size"], "type": uploads.media_type(name)}
+
+    async def _upload_put(self, request: web.Request):
+        upload_id, name = request.match_info["id"], request.match_info["name"]
+        size = uploads.take_ticket(self.service.settings, upload_id, name, request.query.get("token", ""))
+        _id, _path, got = await uploads.save(self.service.settings, name, request.content.iter_chunked(1 << 16),
+                                             upload_id=upload_id, expected_size=size)
+        return {"download_url": uploads.download_url(self._base(request), upload_id, name), "size": got}
+
+    async def _upload_get(self, request: web.Request) -> web.StreamResponse:
+        try:
+            self._check(request)
+            path = uploads.stored_file(self.service.settings, request.match_info["id"], request.match_info["name"])
+        except ApiError as err:
+            return web.json_response(error_envelope(err), status=err.code)
+        return web.FileResponse(path)
+
+    # -- RunComfy -------------------------------------------------------------------------------------------
+    def _rc_urls(self, base: str, job_id: str) -> dict:
+        root = f"{base}/v1/requests/{job_id}"
+        return {"status_url": f"{root}/status", "result_url": f"{root}/result", "cancel_url": f"{root}/cancel"}
+
+    async def _rc_submit(self, request: web.Request):
+        self._check(request)
+        body = await self._json(request)
+        kind = "video-to-video-multi" if isinstance(body, dict) and body.get("video") not in (None, "") \
+            else "image-to-video-multi"
+        rec = await self._submit(request, kind, body)
+        return {"request_id": rec.id, **self._rc_urls(self._base(request), rec.id)}
+
+    async def _rc_status(self, request: web.Request):
+        self._check(request)
+        rec = self.service.refresh(request.match_info["id"])
+        out = {"request_id": rec.id, "status": runcomfy_status(rec)}
+        urls = self._rc_urls(self._base(request), rec.id)
+        out.update(status_url=urls["status_url"], result_url=urls["result_url"])
+        return out
+
+    async def _rc_result(self, request: web.Request):
+        self._check(request)
+        rec = self.service.refresh(request.match_info["id"])
+        data = self.service.describe(rec, self._base(request))
+        videos = data["outputs"]
+        return {"request_id": rec.id, "status": runcomfy_status(rec),
+                "outputs": {"video": videos[0]} if videos else None,
+                "error": rec.error or None, "created_at": rec.created_at, "finished_at": rec.completed_at,
+                "billed_seconds": data["billed_seconds"], "seed": data["seed"]}
+
+    async def _rc_cancel(self, request: web.Request):
+        self._check(request)
+        rec = self.service.cancel(request.match_info["id"])
+        return {"request_id": rec.id, "status": runcomfy_status(rec)}
+
+    def routes(self) -> list[web.RouteDef]:
+        ws, rc = "wavespeed", "runcomfy"
+        out = [web.post(f"/api/v3/{model}", self._wrap(self._ws_submit(kind), ws))
+               for model, kind in WAVESPEED_MODELS.items()]
+        out += [
+            web.get("/api/v3/predictions/{id}/result", self._wrap(self._ws_result, ws)),
+            web.post("/api/v3/media/upload/binary", self._wrap(self._ws_upload_binary, ws)),
+            web.post("/api/v3/media/uploads", self._wrap(self._ws_upload_ticket, ws)),
+            web.put(uploads.URL_PATH + "/{id}/{name}", self._wrap(self._upload_put, ws)),
+            web.get(uploads.URL_PATH + "/{id}/{name}", self._upload_get),
+            web.post(f"/v1/models/{RUNCOMFY_MODEL}", self._wrap(self._rc_submit, rc)),
+            web.get("/v1/requests/{id}/status", self._wrap(self._rc_status, rc)),
+            web.get("/v1/requests/{id}/result", self._wrap(self._rc_result, rc)),
+            web.post("/v1/requests/{id}/cancel", self._wrap(self._rc_cancel, rc)),
+        ]
+        return out
+
+
+def compat_routes(api: Any) -> list[web.RouteDef]:
+    """The WaveSpeed and RunComfy drop-in routes over a JobApi (append before its catch-all route)."""
+    return Compat(api).routes()

@@ -1,0 +1,184 @@
+"""Files uploaded through the WaveSpeed-style upload routes, kept under `<input>/infinitetalk_api/uploads/`.
+
+Each upload gets a random 128-bit id: `<input>/infinitetalk_api/uploads/<id>/<name>`. Its
+`download_url` is `<server>/infinitetalk/v1/uploads/<id>/<name>`; a submission naming such a URL is
+served from that folder without any HTTP request (`local_upload`), whatever host the URL names, since
+the id is the capability. Files are written under a temporary name and renamed when complete, capped
+like inputs (images and audio 50 MB, video 100 MB), and removed after the input retention time.
+
+The two-step upload (`POST /api/v3/media/uploads`, then `PUT` to the returned URL, as the wavespeed
+SDK does) authorises the PUT by a one-time ticket token in its URL, like an S3 presigned PUT: the SDK
+sends no Authorization header there. The ticket lives beside the file, so any server sharing the input
+folder can take the PUT.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from .contract import SIZE_CAPS, ApiError
+from .inputs import JOB_INPUTS, InputSettings, disk_full_as_507
+
+UPLOADS = "uploads"
+URL_PATH = "/infinitetalk/v1/uploads"
+TICKET_TTL_S = 3600.0
+_TYPES = {
+    "image": (".png", ".jpg", ".jpeg", ".webp", ".bmp"),
+    "video": (".mp4", ".mov", ".webm", ".mkv", ".avi"),
+    "audio": (".wav", ".mp3", ".flac", ".ogg", ".m4a", ".aac", ".opus"),
+}
+CAPS = {"image": SIZE_CAPS["image"], "video": SIZE_CAPS["video"], "audio": SIZE_CAPS["left_audio"]}
+_LOCAL = re.compile(r"(?:/api)?" + re.escape(URL_PATH) + r"/([0-9a-f]{32})/([^/]+)")
+_TICKET = ".ticket.json"
+
+
+def uploads_root(settings: InputSettings) -> Path:
+    return Path(settings.input_dir) / JOB_INPUTS / UPLOADS
+
+
+def media_type(name: str) -> str:
+    """image / video / audio from the file name's extension; ApiError 400 for anything else."""
+    suffix = Path(name).suffix.lower()
+    for kind, suffixes in _TYPES.items():
+        if suffix in suffixes:
+            return kind
+    known = ", ".join(s for group in _TYPES.values() for s in group)
+    raise ApiError(400, f"field 'file': file name {name!r} has extension {suffix or '(none)'!r}; expected one of {known}")
+
+
+def safe_name(name: str | None) -> str:
+    """A plain file name from a client's name: its last path part, other characters replaced by '_'."""
+    base = re.split(r"[\\/]", (name or "").strip())[-1]
+    stem, suffix = os.path.splitext(base)
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", stem).strip("._")[:80] or "upload"
+    clean = stem + suffix.lower()
+    media_type(clean)
+    return clean
+
+
+def download_url(base_url: str, upload_id: str, name: str) -> str:
+    return f"{base_url.rstrip('/')}{URL_PATH}/{upload_id}/{name}"
+
+
+def _folder(settings: InputSettings, upload_id: str) -> Path:
+    if not re.fullmatch(r"[0-9a-f]{32}", upload_id):
+        raise ApiError(404, f"no upload with id {upload_id!r}")
+    return uploads_root(settings) / upload_id
+
+
+async def save(settings: InputSettings, name: str, chunks: AsyncIterator[bytes], upload_id: str | None = None,
+               expected_size: int | None = None) -> tuple[str, Path, int]:
+    """Stream `chunks` to a new upload (or the ticketed `upload_id`); returns (id, path, size)."""
+    kind = media_type(name)
+    cap = CAPS[kind]
+    upload_id = upload_id or uuid.uuid4().hex
+    folder = _folder(settings, upload_id)
+    with disk_full_as_507(f"the input folder's {JOB_INPUTS}/{UPLOADS}/", "file"):
+        folder.mkdir(parents=True, exist_ok=True)
+    final, tmp = folder / name, folder / f".{name}.partial"
+    size = 0
+    try:
+        with disk_full_as_507(f"the input folder's {JOB_INPUTS}/{UPLOADS}/", "file"):
+            with open(tmp, "wb") as f:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > cap or (expected_size is not None and size > expected_size):
+                        limit = f"the {cap / 2**20:.0f} MB limit for {kind}" if size > cap else \
+                            f"the {expected_size} bytes announced for this upload"
+                        raise ApiError(413, f"field 'file': the upload is larger than {limit}")
+                    f.write(chunk)
+        if size == 0:
+            raise ApiError(400, "field 'file': the uploaded file is empty")
+        if expected_size is not None and size != expected_size:
+            raise ApiError(400, f"field 'file': {size} bytes arrived; the upload ticket announced {expected_size}")
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+        if not final.exists() and expected_size is None:
+            shutil.rmtree(folder, ignore_errors=True)
+    return upload_id, final, size
+
+
+def create_ticket(settings: InputSettings, filename: str, size: object) -> tuple[str, str, str]:
+    """A one-time PUT ticket for `filename` of `size` bytes: (upload id, clean name, token)."""
+    name = safe_name(filename if isinstance(filename, str) else None)
+    cap = CAPS[media_type(name)]
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= cap:
+        raise ApiError(400 if not isinstance(size, int) or size <= 0 else 413,
+                       f"field 'size' must be the file's size in bytes, 1 .. {cap} for {media_type(name)}; got {size!r}")
+    upload_id, token = uuid.uuid4().hex, secrets.token_urlsafe(24)
+    folder = _folder(settings, upload_id)
+    with disk_full_as_507(f"the input folder's {JOB_INPUTS}/{UPLOADS}/", "file"):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / _TICKET).write_text(json.dumps({
+            "name": name, "size": size, "expires": time.time() + TICKET_TTL_S,
+            "token_sha256": hashlib.sha256(token.encode()).hexdigest()}))
+    return upload_id, name, token
+
+
+def take_ticket(settings: InputSettings, upload_id: str, name: str, token: str) -> int:
+    """Check and consume the ticket of a PUT; returns the announced size. 403/404/410 otherwise."""
+    path = _folder(settings, upload_id) / _TICKET
+    try:
+        ticket = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise ApiError(404, f"no open upload ticket {upload_id!r} (already used, expired or never issued)") from None
+    digest = hashlib.sha256((token or "").encode()).hexdigest()
+    if not hmac.compare_digest(digest, ticket.get("token_sha256", "")) or name != ticket.get("name"):
+        raise ApiError(403, "the upload URL's token or file name does not match its ticket")
+    try:
+        path.unlink()  # one use: a second PUT with the same URL finds no ticket
+    except FileNotFoundError:
+        raise ApiError(404, f"no open upload ticket {upload_id!r} (already used)") from None
+    if ticket.get("expires", 0) < time.time():
+        raise ApiError(410, f"the upload ticket {upload_id!r} expired; ask for a new one")
+    return int(ticket["size"])
+
+
+def stored_file(settings: InputSettings, upload_id: str, name: str) -> Path:
+    """The completed upload `<id>/<name>`; ApiError 404 when there is none."""
+    folder = _folder(settings, upload_id)
+    path = folder / name
+    if "/" in name or "\\" in name or name.startswith(".") or not path.is_file():
+        raise ApiError(404, f"no uploaded file {upload_id}/{name} on this server (expired or never uploaded)")
+    return path
+
+
+def local_upload(settings: InputSettings, value: str, field_name: str) -> Path | None:
+    """The local file a `download_url` of this server names, or None when `value` is another URL."""
+    try:
+        path = urlsplit(value).path
+    except ValueError:
+        return None
+    m = _LOCAL.fullmatch(path)
+    if not m:
+        return None
+    try:
+        return stored_file(settings, m.group(1), unquote(m.group(2)))
+    except ApiError as exc:
+        raise ApiError(400, f"field '{field_name}': {exc.message}") from None
+
+
+def sweep(settings: InputSettings, now: float | None = None) -> list[str]:
+    """Remove uploads (and unused tickets) older than the input retention time; returns their ids."""
+    root = uploads_root(settings)
+    if not root.is_dir():
+        return []
+    now = time.time() if now is None else now
+    removed = []
+    for folder in root.iterdir():
+        if folder.is_dir() and now - folder.stat().st_mtime >= settings.retention_s:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+    return removed

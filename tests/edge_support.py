@@ -1,0 +1,109 @@
+"""Helpers for the S3 / webhook / drop-in route tests: an EdgeJobService env, a recording webhook
+receiver and a moto S3 server, all on 127.0.0.1 and each stopped by the test that started it."""
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from aiohttp import web
+
+from infinitetalk.service.edge_standins import EdgeJobService
+from infinitetalk.service.inputs import InputSettings
+from infinitetalk.service.store import JobStore
+from service_support import TEMPLATE, FakeEngine, write_png, write_wav
+
+SECRET = "whsec_test-secret-0123456789abcdef"
+
+
+def make_edge_env(tmp_path: Path, store_path: Path | None = None, inputs: Path | None = None, **service_kw) -> dict:
+    """Like service_support.make_env, with an EdgeJobService (outputs / on_final / webhook_check)."""
+    if inputs is None:
+        inputs = tmp_path / "input"
+        inputs.mkdir()
+        write_wav(inputs / "left.wav", 1.0)
+        write_wav(inputs / "right.wav", 0.6, freq=330)
+        write_png(inputs / "two.png")
+    engine = FakeEngine()
+    store_path = store_path or tmp_path / "user" / "jobs.sqlite3"
+    settings = InputSettings(input_dir=inputs, allow_hosts=("127.0.0.1",))
+    service = EdgeJobService(JobStore(store_path), engine, settings,
+                             {"image-to-video-multi": TEMPLATE, "video-to-video-multi": TEMPLATE}, **service_kw)
+    return {"inputs": inputs, "engine": engine, "service": service, "store_path": store_path, "settings": settings}
+
+
+class Receiver:
+    """A webhook receiver on 127.0.0.1 answering `statuses` in turn (the last one repeating)."""
+
+    def __init__(self, statuses: list[int]):
+        self.statuses = list(statuses)
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def _hook(self, request: web.Request) -> web.Response:
+        self.received.append((dict(request.headers), await request.read()))
+        status = self.statuses[min(len(self.received), len(self.statuses)) - 1]
+        if status in (301, 302, 307):
+            return web.Response(status=status, headers={"Location": "http://127.0.0.1:9/elsewhere"})
+        return web.Response(status=status, text="ok")
+
+    async def __aenter__(self) -> "Receiver":
+        app = web.Application()
+        app.router.add_post("/hook", self._hook)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/hook"
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.runner.cleanup()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MotoServer:
+    """`python -m moto.server -H 127.0.0.1 -p PORT` as a subprocess; `stop()` ends it by its own PID."""
+
+    def __init__(self, log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = open(log, "wb")
+        self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                        stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(self.url + "/moto-api/", timeout=2).read()
+                return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if self.process.poll() is not None or time.time() > deadline:
+                    self.stop()
+                    raise RuntimeError("moto server did not start:\n" + log.read_text()[-2000:])
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self._log.close()
+
+
+def run(coro):
+    return asyncio.run(coro)

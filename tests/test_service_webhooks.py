@@ -1,0 +1,271 @@
+"""Webhooks against a real aiohttp receiver on 127.0.0.1: signature (checked here independently),
+retries with backoff, giving up, no redirects, one delivery when two services end the same job, and the
+guard's decisions on given addresses (no traffic to private or public hosts)."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import time
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from aiohttp import web
+
+from edge_support import SECRET, Receiver, make_edge_env
+from infinitetalk.service.contract import ApiError, envelope
+from infinitetalk.service.inputs import InputSettings
+from infinitetalk.service.routes import JobApi
+from infinitetalk.service.webhooks import (WebhookSender, WebhookSettings, make_webhook_check,
+                                           webhook_settings_from_env)
+from service_support import body
+
+
+def _independent_check(headers: dict[str, str], raw: bytes) -> bool:
+    """WaveSpeed's documented verification, written from the docs (not from webhooks.py)."""
+    key = SECRET[len("whsec_"):].encode()
+    wid, ts, sig = headers["webhook-id"], headers["webhook-timestamp"], headers["webhook-signature"]
+    expected = hmac.new(key, wid.encode() + b"." + ts.encode() + b"." + raw, hashlib.sha256).hexdigest()
+    version, _, given = sig.partition(",")
+    return version == "v3" and hmac.compare_digest(expected, given) and abs(time.time() - int(ts)) <= 300
+
+
+def _sub(tmp_path, name):
+    (tmp_path / name).mkdir()
+    return tmp_path / name
+
+
+def _wired(tmp_path, store_path=None, inputs=None, delays=None, **ws):
+    """An EdgeJobService whose on_final is a WebhookSender (sleep recorded, not waited)."""
+    holder: dict = {}
+    now = [1000.0]
+
+    async def fake_sleep(seconds: float) -> None:
+        (delays if delays is not None else []).append(seconds)
+        now[0] += seconds
+
+    env = make_edge_env(tmp_path, store_path=store_path, inputs=inputs,
+                        webhook_check=make_webhook_check(InputSettings(input_dir=tmp_path, allow_hosts=("127.0.0.1",))))
+    service = env["service"]
+    sender = WebhookSender(service.store, WebhookSettings(secret=SECRET, **ws), env["settings"],
+                           envelope_for=lambda rec: envelope(service.describe(rec, service.submit_base_url(rec))),
+                           webhook_of=service.webhook_of, sleep=fake_sleep, clock=lambda: now[0])
+    service.on_final = sender.on_final
+    holder.update(env, sender=sender)
+    return holder
+
+
+async def _submit_and_finish(client, env, url):
+    base = str(client.make_url("")).rstrip("/")
+    rec = await env["service"].submit("image-to-video-multi", body(), webhook=url, base_url=base)
+    env["engine"].finish(rec.prompt_id, "clip_00001_.mp4")
+    return rec
+
+
+async def _app_client(service) -> TestClient:
+    app = web.Application()
+    app.add_routes(JobApi(service, keys=lambda: (), is_open=lambda: False).routes())
+    client = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    return client
+
+
+def test_delivery_is_the_result_envelope_signed_like_wavespeed(tmp_path):
+    env = _wired(tmp_path)
+
+    async def main():
+        async with Receiver([200]) as hook:
+            client = await _app_client(env["service"])
+            try:
+                rec = await _submit_and_finish(client, env, hook.url)
+                result = await (await client.get(f"/infinitetalk/v1/predictions/{rec.id}/result")).json()
+                await env["sender"].drain()
+            finally:
+                await client.close()
+            return rec, result, hook.received
+
+    rec, result, received = asyncio.run(main())
+    assert len(received) == 1
+    headers, raw = received[0]
+    assert _independent_check(headers, raw)
+    assert headers["webhook-id"] == rec.id and headers["Content-Type"] == "application/json"
+    assert json.loads(raw) == result and result["data"]["status"] == "completed"
+    tampered = raw.replace(b"completed", b"failed!!!")
+    assert not _independent_check(headers, tampered)
+
+
+def test_retries_after_500s_with_growing_delays_then_succeeds(tmp_path):
+    delays: list[float] = []
+    env = _wired(tmp_path, delays=delays, first_delay_s=1.0)
+
+    async def main():
+        async with Receiver([500, 503, 200]) as hook:
+            rec = await env["service"].submit("image-to-video-multi", body(), webhook=hook.url, base_url="http://x")
+            env["engine"].finish(rec.prompt_id)
+            env["service"].refresh(rec.id)
+            await env["sender"].drain()
+            return rec, hook.received
+
+    rec, received = asyncio.run(main())
+    assert len(received) == 3 and env["sender"].attempts[rec.id] == [500, 503, 200]
+    assert len({h["webhook-id"] for h, _ in received}) == 1          # one id across retries
+    assert all(_independent_check(h, raw) for h, raw in received)    # each attempt signed afresh
+    assert len(delays) == 2 and 0.8 <= delays[0] <= 1.0 and 1.6 <= delays[1] <= 2.0  # 1 s, then doubled
+
+
+def test_gives_up_after_the_attempt_limit_and_does_not_retry_4xx_or_redirects(tmp_path):
+    delays: list[float] = []
+    env = _wired(tmp_path, delays=delays, max_attempts=4, first_delay_s=0.5)
+
+    async def main():
+        out = {}
+        for statuses in ([500], [404], [302]):
+            async with Receiver(statuses) as hook:
+                rec = await env["service"].submit("image-to-video-multi", body(), webhook=hook.url, base_url="http://x")
+                env["engine"].finish(rec.prompt_id)
+                env["service"].refresh(rec.id)
+                await env["sender"].drain()
+                out[statuses[0]] = (env["sender"].attempts[rec.id], len(hook.received))
+        return out
+
+    out = asyncio.run(main())
+    assert out[500] == ([500] * 4, 4) and len(delays) == 3
+    assert out[404] == ([404], 1) and out[302] == ([302], 1)
+
+
+def test_receiver_down_is_retried_then_given_up(tmp_path):
+    from edge_support import free_port
+
+    env = _wired(tmp_path, max_attempts=3, first_delay_s=0.5)
+    url = f"http://127.0.0.1:{free_port()}/hook"   # nothing listens there
+
+    async def main():
+        rec = await env["service"].submit("image-to-video-multi", body(), webhook=url, base_url="http://x")
+        env["engine"].finish(rec.prompt_id)
+        env["service"].refresh(rec.id)
+        await env["sender"].drain()
+        return env["sender"].attempts[rec.id]
+
+    attempts = asyncio.run(main())
+    assert len(attempts) == 3 and all(isinstance(a, str) and "Connect" in a for a in attempts), attempts
+
+
+def test_bounded_total_time_stops_retrying(tmp_path):
+    env = _wired(tmp_path, max_attempts=50, first_delay_s=10.0, total_s=20.0)
+
+    async def main():
+        async with Receiver([500]) as hook:
+            rec = await env["service"].submit("image-to-video-multi", body(), webhook=hook.url, base_url="http://x")
+            env["engine"].finish(rec.prompt_id)
+            env["service"].refresh(rec.id)
+            await env["sender"].drain()
+            return len(hook.received)
+
+    assert asyncio.run(main()) == 2   # a first wait of 8..10 s fits in 20 s; the next (16..20 s more) would not
+
+
+def test_two_services_finishing_the_same_job_deliver_once(tmp_path):
+    a = _wired(_sub(tmp_path, "a"))
+    b = _wired(_sub(tmp_path, "b"), store_path=a["store_path"], inputs=a["inputs"])
+    b["engine"].states = a["engine"].states   # one ComfyUI queue seen by both servers
+
+    async def main():
+        async with Receiver([200]) as hook:
+            rec = await a["service"].submit("image-to-video-multi", body(), webhook=hook.url, base_url="http://x")
+            a["engine"].finish(rec.prompt_id)
+            a["sender"].on_final(b["service"].get(rec.id))
+            b["sender"].on_final(b["service"].get(rec.id))  # both notice the end at once
+            await asyncio.gather(a["sender"].drain(), b["sender"].drain())
+            a["service"].refresh(rec.id)   # and a later status read changes nothing
+            await a["sender"].drain()
+            return hook.received
+
+    assert len(asyncio.run(main())) == 1
+
+
+def test_a_failed_or_cancelled_job_is_notified_too(tmp_path):
+    env = _wired(tmp_path)
+
+    async def main():
+        async with Receiver([200]) as hook:
+            rec = await env["service"].submit("image-to-video-multi", body(), webhook=hook.url, base_url="http://x")
+            env["service"].cancel(rec.id)
+            await env["sender"].drain()
+            return hook.received
+
+    [(headers, raw)] = asyncio.run(main())
+    data = json.loads(raw)["data"]
+    assert data["status"] == "failed" and data["error"] == "cancelled by the client" and _independent_check(headers, raw)
+
+
+def fixed(*addresses):
+    return lambda host, port: list(addresses)
+
+
+@pytest.mark.parametrize("url,addresses,allow,ok,why", [
+    ("https://hooks.example/h", ("93.184.216.34",), (), True, ""),
+    ("https://hooks.example/h", ("10.0.0.5",), (), False, "private"),
+    ("http://127.0.0.1:8080/h", ("127.0.0.1",), (), False, "loopback"),
+    ("http://127.0.0.1:8080/h", ("127.0.0.1",), ("127.0.0.1",), True, ""),
+    ("https://meta.example/h", ("169.254.169.254",), (), False, "link-local"),
+    ("ftp://hooks.example/h", ("93.184.216.34",), (), False, "scheme"),
+    ("https://user:pw@hooks.example/h", ("93.184.216.34",), (), False, "credentials"),
+])
+def test_guard_decisions_without_traffic(tmp_path, url, addresses, allow, ok, why):
+    check = make_webhook_check(InputSettings(input_dir=tmp_path, allow_hosts=allow, resolver=fixed(*addresses)))
+    if ok:
+        assert check(url) == url
+    else:
+        with pytest.raises(ApiError) as info:
+            check(url)
+        assert info.value.code == 400 and "webhook" in info.value.message and why in info.value.message
+
+
+def test_bad_webhook_is_refused_at_submit_and_nothing_is_queued(tmp_path):
+    env = _wired(tmp_path)
+
+    async def main():
+        with pytest.raises(ApiError) as info:
+            await env["service"].submit("image-to-video-multi", body(), webhook="ftp://x/h")
+        return info.value
+
+    err = asyncio.run(main())
+    assert err.code == 400 and "webhook" in err.message and env["engine"].graphs == {}
+    plain = make_edge_env(_sub(tmp_path, "p"))
+
+    async def no_secret():
+        with pytest.raises(ApiError) as info:
+            await plain["service"].submit("image-to-video-multi", body(), webhook="https://x.example/h")
+        return info.value
+
+    err = asyncio.run(no_secret())
+    assert err.code == 400 and "INFINITETALK_API_WEBHOOK_SECRET" in err.message
+
+
+def test_build_from_environment_wires_s3_off_and_webhooks_on(tmp_path):
+    from infinitetalk.service.edge_standins import LocalViewOutputs, build_edge_service
+    from infinitetalk.service.store import JobRecord, JobStore
+    from service_support import TEMPLATE, FakeEngine
+
+    settings = InputSettings(input_dir=tmp_path, allow_hosts=("127.0.0.1",))
+    service = build_edge_service(JobStore(tmp_path / "j.sqlite3"), FakeEngine(), settings,
+                                 {"image-to-video-multi": TEMPLATE}, tmp_path,
+                                 {"INFINITETALK_API_WEBHOOK_SECRET": SECRET, "INFINITETALK_API_PUBLIC_URL": "https://api.example/"})
+    assert isinstance(service.outputs, LocalViewOutputs) and service.on_final == service.webhook_sender.on_final
+    built = service.webhook_sender.envelope_for
+    rec = JobRecord(id="j1", model="m", request={"seed": 1}, status="completed", created_at="t",
+                    outputs=[{"filename": "a.mp4", "subfolder": "s", "type": "output"}])
+    assert built(rec)["data"]["outputs"] == ["https://api.example/view?filename=a.mp4&subfolder=s&type=output"]
+    with pytest.raises(RuntimeError) as info:
+        build_edge_service(JobStore(tmp_path / "k.sqlite3"), FakeEngine(), settings, {}, tmp_path,
+                           {"INFINITETALK_API_S3_BUCKET": "UPPER"})
+    assert "INFINITETALK_API_S3_BUCKET" in str(info.value)
+
+
+def test_secret_setting():
+    assert webhook_settings_from_env({}) is None
+    assert webhook_settings_from_env({"INFINITETALK_API_WEBHOOK_SECRET": SECRET}).secret == SECRET
+    with pytest.raises(RuntimeError) as info:
+        webhook_settings_from_env({"INFINITETALK_API_WEBHOOK_SECRET": "whsec_short"})
+    assert "INFINITETALK_API_WEBHOOK_SECRET" in str(info.value) and "expected" in str(info.value)
