@@ -1,4 +1,4 @@
-"""Helpers for the S3 / webhook / drop-in route tests: an EdgeJobService env, a recording webhook
+"""Helpers for the S3 / webhook / drop-in route tests: a JobService + Worker env, a recording webhook
 receiver and a moto S3 server, all on 127.0.0.1 and each stopped by the test that started it."""
 from __future__ import annotations
 
@@ -13,28 +13,40 @@ from pathlib import Path
 
 from aiohttp import web
 
-from infinitetalk.service.edge_standins import EdgeJobService
+from infinitetalk.service.jobs import JobService
+from infinitetalk.service.worker import Worker
 from infinitetalk.service.inputs import InputSettings
 from infinitetalk.service.store import JobStore
-from service_support import TEMPLATE, FakeEngine, write_png, write_wav
+from service_support import TEMPLATE, FakeEngine, dispatch, settle, write_png, write_wav
 
 SECRET = "whsec_test-secret-0123456789abcdef"
 
 
-def make_edge_env(tmp_path: Path, store_path: Path | None = None, inputs: Path | None = None, **service_kw) -> dict:
-    """Like service_support.make_env, with an EdgeJobService (outputs / on_final / webhook_check)."""
+def make_edge_env(tmp_path: Path, store_path: Path | None = None, inputs: Path | None = None,
+                  engine: FakeEngine | None = None, **service_kw) -> dict:
+    """Like service_support.make_env, with `service_kw` for JobService (outputs / on_final / webhook_check)."""
     if inputs is None:
         inputs = tmp_path / "input"
         inputs.mkdir()
         write_wav(inputs / "left.wav", 1.0)
         write_wav(inputs / "right.wav", 0.6, freq=330)
         write_png(inputs / "two.png")
-    engine = FakeEngine()
+    engine = engine or FakeEngine()
     store_path = store_path or tmp_path / "user" / "jobs.sqlite3"
     settings = InputSettings(input_dir=inputs, allow_hosts=("127.0.0.1",))
-    service = EdgeJobService(JobStore(store_path), engine, settings,
-                             {"image-to-video-multi": TEMPLATE, "video-to-video-multi": TEMPLATE}, **service_kw)
-    return {"inputs": inputs, "engine": engine, "service": service, "store_path": store_path, "settings": settings}
+    service = JobService(JobStore(store_path), engine, settings,
+                         {"image-to-video-multi": TEMPLATE, "video-to-video-multi": TEMPLATE}, cancel_wait_s=0.0,
+                         **service_kw)
+    worker = Worker(service, lease_s=30.0, poll_s=0.02, worker_id=f"worker-{store_path.parent.name}")
+    return {"inputs": inputs, "engine": engine, "service": service, "store_path": store_path, "settings": settings,
+            "worker": worker}
+
+
+async def finish_job(env: dict, job_id: str, filename: str = "out.mp4") -> None:
+    """The env's worker queues `job_id` on the fake engine, the engine finishes it, the worker records the end."""
+    prompt_id = await dispatch(env, job_id)
+    env["engine"].finish(prompt_id, filename)
+    await settle(env)
 
 
 class Receiver:

@@ -27,6 +27,7 @@ LOCAL_THIRD_PARTY = {
     "sageattention": "optional attention kernel, imported only when asked for by name",
     "psycopg": "optional job-store backend, only when configured",
     "boto3": "optional object-store backend, only when configured",
+    "botocore": "boto3's own core (client config), with boto3 only when S3 outputs are configured",
     "aiohttp": "the job API's HTTP client/server: only where a URL is fetched",
     "PIL": "ComfyUI's image library, for node previews only",
     "torch": "nodes/CLI start (ComfyUI import, --help) without importing torch",

@@ -13,7 +13,7 @@ from edge_support import make_edge_env
 from infinitetalk.service import uploads
 from infinitetalk.service.jobs import EngineState
 from infinitetalk.service.routes import JobApi
-from service_support import KEY, FakeEngine, body, write_wav
+from service_support import KEY, FakeEngine, body, dispatch, settle, write_wav
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 WS = "/api/v3/wavespeed-ai/infinitetalk"
@@ -36,12 +36,20 @@ def env(tmp_path):
     return make_edge_env(tmp_path)
 
 
-def serve(service, flow, keys=(KEY,)):
+def serve(service, flow, keys=(KEY,), worker_runs: bool = False):
+    """`flow(client)` against the API on 127.0.0.1; `worker_runs`: the service's worker runs meanwhile (as on a
+    server), else the test steps it itself (service_support.dispatch / settle)."""
     async def main():
         app = web.Application(client_max_size=200 * 2**20)
         app.add_routes(JobApi(service, keys=lambda: tuple(keys), is_open=lambda: False).routes())
-        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
-            return await flow(client)
+        runner = asyncio.get_running_loop().create_task(service.worker.run()) if worker_runs else None
+        try:
+            async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+                return await flow(client)
+        finally:
+            if runner is not None:
+                service.worker.stop()
+                await runner
     return asyncio.run(main())
 
 
@@ -54,7 +62,8 @@ def test_wavespeed_submit_and_result_shapes(env):
         s1, sub = await _json(await client.post(f"{WS}/image-to-video-multi", json=body(), headers=AUTH))
         s2, vid = await _json(await client.post(f"{WS}/video-to-video-multi", json=body(), headers=AUTH))
         job = sub["data"]["id"]
-        env["engine"].finish(env["service"].get(job).prompt_id, "clip_00001_.mp4")
+        env["engine"].finish(await dispatch(env, job), "clip_00001_.mp4")
+        await settle(env)
         s3, res = await _json(await client.get(f"/api/v3/predictions/{job}/result", headers=AUTH))
         s4, missing = await _json(await client.get("/api/v3/predictions/nope/result", headers=AUTH))
         s5, noauth = await _json(await client.get(f"/api/v3/predictions/{job}/result"))
@@ -72,15 +81,14 @@ def test_wavespeed_submit_and_result_shapes(env):
 
 
 def test_enable_sync_mode_answers_the_final_envelope(tmp_path, monkeypatch):
-    env = make_edge_env(tmp_path)
-    env["service"].engine = AutoEngine()
+    env = make_edge_env(tmp_path, engine=AutoEngine())
     monkeypatch.setattr("infinitetalk.service.compat.SYNC_POLL_S", 0.01)
 
     async def flow(client):
         return await _json(await client.post(f"{WS}/image-to-video-multi", json={**body(), "enable_sync_mode": True},
                                              headers=AUTH))
 
-    status, reply = serve(env["service"], flow)
+    status, reply = serve(env["service"], flow, worker_runs=True)
     assert status == 200 and reply["data"]["status"] == "completed" and len(reply["data"]["outputs"]) == 1
 
 
@@ -121,6 +129,7 @@ def test_binary_upload_then_submit_resolves_locally_without_fetching(tmp_path):
         s2, sub = await _json(await client.post(f"{WS}/image-to-video-multi", json=body(left_audio=url), headers=AUTH))
         gone = url.replace(url.split("/")[-2], "0" * 32)
         s3, bad = await _json(await client.post(f"{WS}/image-to-video-multi", json=body(left_audio=gone), headers=AUTH))
+        await dispatch(env, sub["data"]["id"])
         return up["data"], (got.status, await got.read()), (s2, sub), (s3, bad)
 
     up, got, (s2, sub), (s3, bad) = serve(env["service"], flow)
@@ -201,11 +210,13 @@ def test_runcomfy_status_words_result_and_cancel(env):
         rc = "/v1/models/community/infinite-talk/fast/multi"
         _, sub = await _json(await client.post(rc, json=body(), headers=AUTH))
         job = sub["request_id"]
-        pid = env["service"].get(job).prompt_id
+        pid = await dispatch(env, job)
         words = [(await _json(await client.get(f"/v1/requests/{job}/status", headers=AUTH)))[1]["status"]]
         env["engine"].states[pid] = EngineState("running", [])
+        await settle(env)
         words.append((await _json(await client.get(f"/v1/requests/{job}/status", headers=AUTH)))[1]["status"])
         env["engine"].finish(pid, "clip_00001_.mp4")
+        await settle(env)
         words.append((await _json(await client.get(f"/v1/requests/{job}/status", headers=AUTH)))[1]["status"])
         _, result = await _json(await client.get(f"/v1/requests/{job}/result", headers=AUTH))
         late = await _json(await client.post(f"/v1/requests/{job}/cancel", headers=AUTH))
@@ -233,8 +244,7 @@ def test_runcomfy_status_words_result_and_cancel(env):
 def test_wavespeed_sdk_uploads_and_runs_a_job(tmp_path):
     """The official SDK, unmodified but its base URL, against the in-process API with a fake engine."""
     wavespeed = pytest.importorskip("wavespeed")
-    env = make_edge_env(tmp_path)
-    env["service"].engine = AutoEngine()
+    env = make_edge_env(tmp_path, engine=AutoEngine())
     env["service"].settings.allow_hosts = ()   # uploads must resolve locally, not over HTTP
     media = Path(tmp_path / "client")
     media.mkdir()
@@ -261,7 +271,7 @@ def test_wavespeed_sdk_uploads_and_runs_a_job(tmp_path):
     import infinitetalk.service.compat as compat
     compat.SYNC_POLL_S, saved = 0.02, compat.SYNC_POLL_S
     try:
-        image, out, sync = serve(env["service"], flow)
+        image, out, sync = serve(env["service"], flow, worker_runs=True)
     finally:
         compat.SYNC_POLL_S = saved
     assert "/infinitetalk/v1/uploads/" in image and image.endswith("/two.png")

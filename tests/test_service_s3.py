@@ -17,7 +17,7 @@ pytest.importorskip("flask")  # moto's server mode (moto[server])
 
 from edge_support import MotoServer, make_edge_env  # noqa: E402
 from infinitetalk.service.s3 import S3Outputs, S3Settings, s3_outputs_from_env, s3_settings_from_env  # noqa: E402
-from service_support import body, call, post  # noqa: E402
+from service_support import body, call, dispatch, post, settle  # noqa: E402
 
 CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -147,8 +147,8 @@ def test_job_outputs_are_presigned_urls_through_the_api(moto, tmp_path, aws_env)
         status, reply = await post(client, "/infinitetalk/v1/image-to-video-multi", body())
         assert status == 200, reply
         job = reply["data"]["id"]
-        pid = env["service"].get(job).prompt_id
-        env["engine"].finish(pid, item["filename"])
+        env["engine"].finish(await dispatch(env, job), item["filename"])
+        await settle(env)
         r = await (await client.get(f"/infinitetalk/v1/predictions/{job}/result")).json()
         return job, r["data"]
 
@@ -167,7 +167,8 @@ def test_upload_failure_fails_the_job_with_a_clear_error(moto, tmp_path, aws_env
     async def flow(client):
         status, reply = await post(client, "/infinitetalk/v1/image-to-video-multi", body())
         job = reply["data"]["id"]
-        env["engine"].finish(env["service"].get(job).prompt_id, item["filename"])
+        env["engine"].finish(await dispatch(env, job), item["filename"])
+        await settle(env)
         resp = await client.get(f"/infinitetalk/v1/predictions/{job}/result")
         again = await (await client.get(f"/infinitetalk/v1/predictions/{job}/result")).json()
         return resp.status, await resp.json(), again

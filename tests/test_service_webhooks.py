@@ -13,7 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from aiohttp import web
 
-from edge_support import SECRET, Receiver, make_edge_env
+from edge_support import SECRET, Receiver, finish_job, make_edge_env
 from infinitetalk.service.contract import ApiError, envelope
 from infinitetalk.service.inputs import InputSettings
 from infinitetalk.service.routes import JobApi
@@ -37,7 +37,7 @@ def _sub(tmp_path, name):
 
 
 def _wired(tmp_path, store_path=None, inputs=None, delays=None, **ws):
-    """An EdgeJobService whose on_final is a WebhookSender (sleep recorded, not waited)."""
+    """A JobService whose on_final is a WebhookSender (sleep recorded, not waited)."""
     holder: dict = {}
     now = [1000.0]
 
@@ -49,8 +49,8 @@ def _wired(tmp_path, store_path=None, inputs=None, delays=None, **ws):
                         webhook_check=make_webhook_check(InputSettings(input_dir=tmp_path, allow_hosts=("127.0.0.1",))))
     service = env["service"]
     sender = WebhookSender(service.store, WebhookSettings(secret=SECRET, **ws), env["settings"],
-                           envelope_for=lambda rec: envelope(service.describe(rec, service.submit_base_url(rec))),
-                           webhook_of=service.webhook_of, sleep=fake_sleep, clock=lambda: now[0])
+                           envelope_for=lambda rec: envelope(service.describe(rec, rec.request.get("base_url", ""))),
+                           sleep=fake_sleep, clock=lambda: now[0])
     service.on_final = sender.on_final
     holder.update(env, sender=sender)
     return holder
@@ -59,7 +59,7 @@ def _wired(tmp_path, store_path=None, inputs=None, delays=None, **ws):
 async def _submit_and_finish(client, env, url):
     base = str(client.make_url("")).rstrip("/")
     rec = await env["service"].submit("image-to-video-multi", body(), webhook=url, base_url=base)
-    env["engine"].finish(rec.prompt_id, "clip_00001_.mp4")
+    await finish_job(env, rec.id, "clip_00001_.mp4")
     return rec
 
 
@@ -102,8 +102,7 @@ def test_retries_after_500s_with_growing_delays_then_succeeds(tmp_path):
     async def main():
         async with Receiver([500, 503, 200]) as hook:
             rec = await env["service"].submit("image-to-video-multi", body(), webhook=hook.url, base_url="http://x")
-            env["engine"].finish(rec.prompt_id)
-            env["service"].refresh(rec.id)
+            await finish_job(env, rec.id)
             await env["sender"].drain()
             return rec, hook.received
 
@@ -123,8 +122,7 @@ def test_gives_up_after_the_attempt_limit_and_does_not_retry_4xx_or_redirects(tm
         for statuses in ([500], [404], [302]):
             async with Receiver(statuses) as hook:
                 rec = await env["service"].submit("image-to-video-multi", body(), webhook=hook.url, base_url="http://x")
-                env["engine"].finish(rec.prompt_id)
-                env["service"].refresh(rec.id)
+                await finish_job(env, rec.id)
                 await env["sender"].drain()
                 out[statuses[0]] = (env["sender"].attempts[rec.id], len(hook.received))
         return out
@@ -142,8 +140,7 @@ def test_receiver_down_is_retried_then_given_up(tmp_path):
 
     async def main():
         rec = await env["service"].submit("image-to-video-multi", body(), webhook=url, base_url="http://x")
-        env["engine"].finish(rec.prompt_id)
-        env["service"].refresh(rec.id)
+        await finish_job(env, rec.id)
         await env["sender"].drain()
         return env["sender"].attempts[rec.id]
 
@@ -157,8 +154,7 @@ def test_bounded_total_time_stops_retrying(tmp_path):
     async def main():
         async with Receiver([500]) as hook:
             rec = await env["service"].submit("image-to-video-multi", body(), webhook=hook.url, base_url="http://x")
-            env["engine"].finish(rec.prompt_id)
-            env["service"].refresh(rec.id)
+            await finish_job(env, rec.id)
             await env["sender"].drain()
             return len(hook.received)
 
@@ -173,11 +169,11 @@ def test_two_services_finishing_the_same_job_deliver_once(tmp_path):
     async def main():
         async with Receiver([200]) as hook:
             rec = await a["service"].submit("image-to-video-multi", body(), webhook=hook.url, base_url="http://x")
-            a["engine"].finish(rec.prompt_id)
+            await finish_job(a, rec.id)   # a's worker records the end and notifies
             a["sender"].on_final(b["service"].get(rec.id))
             b["sender"].on_final(b["service"].get(rec.id))  # both notice the end at once
             await asyncio.gather(a["sender"].drain(), b["sender"].drain())
-            a["service"].refresh(rec.id)   # and a later status read changes nothing
+            await a["service"].status(rec.id)   # and a later status read changes nothing
             await a["sender"].drain()
             return hook.received
 
@@ -190,7 +186,7 @@ def test_a_failed_or_cancelled_job_is_notified_too(tmp_path):
     async def main():
         async with Receiver([200]) as hook:
             rec = await env["service"].submit("image-to-video-multi", body(), webhook=hook.url, base_url="http://x")
-            env["service"].cancel(rec.id)
+            await env["service"].cancel(rec.id)
             await env["sender"].drain()
             return hook.received
 
@@ -244,21 +240,22 @@ def test_bad_webhook_is_refused_at_submit_and_nothing_is_queued(tmp_path):
 
 
 def test_build_from_environment_wires_s3_off_and_webhooks_on(tmp_path):
-    from infinitetalk.service.edge_standins import LocalViewOutputs, build_edge_service
+    from infinitetalk.service.outputs import LocalOutputs
+    from infinitetalk.service.routes import service_from_env
     from infinitetalk.service.store import JobRecord, JobStore
     from service_support import TEMPLATE, FakeEngine
 
     settings = InputSettings(input_dir=tmp_path, allow_hosts=("127.0.0.1",))
-    service = build_edge_service(JobStore(tmp_path / "j.sqlite3"), FakeEngine(), settings,
+    service = service_from_env(JobStore(tmp_path / "j.sqlite3"), FakeEngine(), settings,
                                  {"image-to-video-multi": TEMPLATE}, tmp_path,
                                  {"INFINITETALK_API_WEBHOOK_SECRET": SECRET, "INFINITETALK_API_PUBLIC_URL": "https://api.example/"})
-    assert isinstance(service.outputs, LocalViewOutputs) and service.on_final == service.webhook_sender.on_final
+    assert isinstance(service.outputs, LocalOutputs) and service.on_final == service.webhook_sender.on_final
     built = service.webhook_sender.envelope_for
     rec = JobRecord(id="j1", model="m", request={"seed": 1}, status="completed", created_at="t",
                     outputs=[{"filename": "a.mp4", "subfolder": "s", "type": "output"}])
     assert built(rec)["data"]["outputs"] == ["https://api.example/view?filename=a.mp4&subfolder=s&type=output"]
     with pytest.raises(RuntimeError) as info:
-        build_edge_service(JobStore(tmp_path / "k.sqlite3"), FakeEngine(), settings, {}, tmp_path,
+        service_from_env(JobStore(tmp_path / "k.sqlite3"), FakeEngine(), settings, {}, tmp_path,
                            {"INFINITETALK_API_S3_BUCKET": "UPPER"})
     assert "INFINITETALK_API_S3_BUCKET" in str(info.value)
 

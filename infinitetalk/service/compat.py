@@ -16,7 +16,6 @@ Every route but the ticketed PUT needs the same Bearer key as the contract's rou
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
 import time
@@ -106,16 +105,8 @@ class Compat:
             raise ApiError(400, f"request body must be a JSON object ({type(exc).__name__})") from exc
 
     async def _submit(self, request: web.Request, kind: str, body: Any):
-        webhook = request.query.get("webhook")
-        kwargs: dict[str, Any] = {}
-        if webhook is not None:
-            params = inspect.signature(self.service.submit).parameters
-            if "webhook" not in params:
-                raise ApiError(400, "query parameter 'webhook': this server is not set up to send webhooks")
-            kwargs["webhook"] = webhook
-            if "base_url" in params:
-                kwargs["base_url"] = self._base(request)
-        return await self.service.submit(kind, body, **kwargs)
+        return await self.service.submit(kind, body, webhook=request.query.get("webhook"),
+                                         base_url=self._base(request))
 
     def _wavespeed_data(self, rec: Any, base: str) -> dict:
         data = self.service.describe(rec, base)
@@ -142,7 +133,7 @@ class Compat:
             deadline = time.monotonic() + wait
             while rec.status not in FINAL and time.monotonic() < deadline:
                 await asyncio.sleep(SYNC_POLL_S)
-                rec = self.service.refresh(rec.id)
+                rec = await self.service.status(rec.id)
             data = self._wavespeed_data(rec, base)
             if rec.status not in FINAL:  # the SDK recognises this wording and reports the task id
                 data["error"] = (f"Sync mode timed out after {wait:.0f} s; the job goes on: query the result "
@@ -152,7 +143,7 @@ class Compat:
 
     async def _ws_result(self, request: web.Request):
         self._check(request)
-        rec = self.service.refresh(request.match_info["id"])
+        rec = await self.service.status(request.match_info["id"])
         return self._wavespeed_data(rec, self._base(request))
 
     async def _ws_upload_binary(self, request: web.Request):
@@ -226,7 +217,7 @@ class Compat:
 
     async def _rc_status(self, request: web.Request):
         self._check(request)
-        rec = self.service.refresh(request.match_info["id"])
+        rec = await self.service.status(request.match_info["id"])
         out = {"request_id": rec.id, "status": runcomfy_status(rec)}
         urls = self._rc_urls(self._base(request), rec.id)
         out.update(status_url=urls["status_url"], result_url=urls["result_url"])
@@ -234,7 +225,7 @@ class Compat:
 
     async def _rc_result(self, request: web.Request):
         self._check(request)
-        rec = self.service.refresh(request.match_info["id"])
+        rec = await self.service.status(request.match_info["id"])
         data = self.service.describe(rec, self._base(request))
         videos = data["outputs"]
         return {"request_id": rec.id, "status": runcomfy_status(rec),
@@ -244,7 +235,7 @@ class Compat:
 
     async def _rc_cancel(self, request: web.Request):
         self._check(request)
-        rec = self.service.cancel(request.match_info["id"])
+        rec = await self.service.cancel(request.match_info["id"])
         return {"request_id": rec.id, "status": runcomfy_status(rec)}
 
     def routes(self) -> list[web.RouteDef]:

@@ -20,7 +20,7 @@ import re
 import shutil
 import socket
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote_to_bytes, urljoin, urlsplit
@@ -221,8 +221,10 @@ def _link_into(source: Path, folder: Path, field_name: str) -> Path:
     return target
 
 
-async def resolve_media(job_id: str, field_name: str, value: str, settings: InputSettings) -> Path:
-    """Local file for one media field (see module docstring)."""
+async def resolve_media(job_id: str, field_name: str, value: str, settings: InputSettings,
+                        local_upload: Callable[[InputSettings, str, str], Path | None] | None = None) -> Path:
+    """Local file for one media field (see module docstring). `local_upload(settings, url, field)` names the
+    file behind a `download_url` of this server's upload routes (None for any other URL)."""
     if value.startswith("data:"):
         cap = settings.size_caps.get(field_name, 50 * 2**20)
         data, ext = decode_data_uri(value, field_name, cap)
@@ -231,9 +233,7 @@ async def resolve_media(job_id: str, field_name: str, value: str, settings: Inpu
         scheme = value.split("://", 1)[0].lower()
         if scheme not in ("http", "https"):
             raise ApiError(400, f"field '{field_name}': URL refused: scheme '{scheme}' is not allowed; use https (or http)")
-        from .uploads import local_upload  # a download_url of this server's upload routes: no HTTP fetch
-
-        uploaded = local_upload(settings, value, field_name)
+        uploaded = local_upload(settings, value, field_name) if local_upload is not None else None
         if uploaded is not None:
             return _link_into(uploaded, _job_folder(settings, job_id), field_name)
         return await fetch_url(value, field_name, settings, _job_folder(settings, job_id))

@@ -25,6 +25,7 @@ from .contract import MAX_SECONDS, ApiError, JobRequest, audio_seconds_for, bill
 from .graph import build_graph
 from .inputs import JOB_INPUTS, InputSettings, disk_full_as_507, remove_job_inputs, resolve_media
 from .outputs import LocalOutputs, OutputStore
+from .uploads import UPLOADS, local_upload
 from .store import FINAL, JobRecord, Store
 
 log = logging.getLogger("infinitetalk.api")
@@ -117,6 +118,7 @@ class JobService:
         self.on_final = on_final
         self.webhook_check = webhook_check
         self.cancel_wait_s = cancel_wait_s
+        self.webhook_sender = None  # the WebhookSender behind `on_final`, when webhooks are configured
         self.worker = None  # the local Worker, when this server runs one (it handles cancels of its job at once)
         self._submitting: set[str] = set()  # job ids whose inputs are being fetched (never swept)
         self._last_sweep = float("-inf")
@@ -127,18 +129,22 @@ class JobService:
         """A store call off the event loop (a slow or dead database must not stall the server)."""
         return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args, **kwargs))
 
-    async def submit(self, kind: str, body: Any, webhook: str | None = None) -> JobRecord:
+    async def submit(self, kind: str, body: Any, webhook: str | None = None, base_url: str = "") -> JobRecord:
         """Validate, fetch and probe every input, then record the job in the queue; a refusal (or a
-        database that cannot record it) leaves no file of this job behind."""
+        database that cannot record it) leaves no file of this job behind. `base_url`: the origin the client
+        used, kept with the job for the links of its webhook."""
         req = validate_request(kind, body)
-        if webhook is not None and self.webhook_check is not None:
+        if webhook is not None:
+            if self.webhook_check is None:
+                raise ApiError(400, "query parameter 'webhook': this server sends no webhooks "
+                                    "(INFINITETALK_API_WEBHOOK_SECRET is not set)")
             webhook = self.webhook_check(webhook)
         self.sweep_if_due()
         job_id = uuid.uuid4().hex
         self._submitting.add(job_id)
         queued = False
         try:
-            record = await self._fetch_probe_record(job_id, req, webhook)
+            record = await self._fetch_probe_record(job_id, req, webhook, base_url)
             queued = True
             return record
         finally:
@@ -146,10 +152,11 @@ class JobService:
             if not queued:
                 remove_job_inputs(self.settings, job_id)
 
-    async def _fetch_probe_record(self, job_id: str, req: JobRequest, webhook: str | None) -> JobRecord:
+    async def _fetch_probe_record(self, job_id: str, req: JobRequest, webhook: str | None,
+                                  base_url: str) -> JobRecord:
         local: dict[str, Path] = {}
         for field_name, value in req.media.items():
-            local[field_name] = await resolve_media(job_id, field_name, value, self.settings)
+            local[field_name] = await resolve_media(job_id, field_name, value, self.settings, local_upload)
         loop = asyncio.get_running_loop()
         seconds: dict[str, float | None] = {}
         for field_name, path in local.items():
@@ -172,7 +179,7 @@ class JobService:
         seed = req.seed if req.seed >= 0 else random.SystemRandom().randint(0, 2**31 - 1)
         root = Path(self.settings.input_dir).resolve()
         inputs = {f: path.resolve().relative_to(root).as_posix() for f, path in local.items()}
-        request = {**req.to_json(), "seed": seed, "inputs": inputs}
+        request = {**req.to_json(), "seed": seed, "inputs": inputs, "base_url": base_url.rstrip("/")}
         build_graph(self.workflows[req.kind], graph_params(request), filename_prefix=output_prefix(job_id))  # fits
         record = JobRecord(id=job_id, model=req.model, request=request, status="created", created_at=now_iso(),
                            video_seconds=total, billed_seconds=billed_seconds(total), webhook=webhook)
@@ -207,7 +214,7 @@ class JobService:
         keep_s = self.settings.retention_s
         removed = []
         for folder in sorted(root.iterdir()):
-            if not folder.is_dir() or folder.name in self._submitting:
+            if not folder.is_dir() or folder.name in self._submitting or folder.name == UPLOADS:  # uploads: own sweep
                 continue
             rec = self.store.get(folder.name)
             if rec is not None and rec.status not in FINAL:
@@ -225,7 +232,6 @@ class JobService:
             raise ApiError(404, f"no prediction with id '{job_id}'")
         return rec
 
-    refresh = get  # the record is kept current by the worker that runs the job
 
     async def status(self, job_id: str) -> JobRecord:
         return await self.db(self.get, job_id)

@@ -6,8 +6,29 @@ its `/view` route on whichever server the client asked (in a fleet the output fo
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlencode
+
+
+class OutputPublishError(Exception):
+    """Publishing a finished job's video failed; the message is shown to the client as the job's error."""
+
+
+def view_url(item: dict, base_url: str) -> str:
+    """ComfyUI's `/view` URL of an output item."""
+    query = urlencode({"filename": item["filename"], "subfolder": item.get("subfolder", ""),
+                       "type": item.get("type", "output")})
+    return f"{base_url.rstrip('/')}/view?{query}"
+
+
+def output_path(output_dir: Path, item: dict) -> Path:
+    """The file of an output item, refusing names that leave the output folder."""
+    root = Path(output_dir).resolve()
+    target = (root / item.get("subfolder", "") / item["filename"]).resolve()
+    if root not in target.parents:
+        raise OutputPublishError(f"output {item.get('filename')!r} is not inside the output folder")
+    return target
 
 
 class OutputStore(Protocol):
@@ -27,6 +48,4 @@ class LocalOutputs:
         return [dict(o) for o in engine_outputs]
 
     def urls(self, outputs: list[dict[str, Any]], base_url: str) -> list[str]:
-        base = base_url.rstrip("/")
-        return [f"{base}/view?{urlencode({'filename': o['filename'], 'subfolder': o.get('subfolder', ''), 'type': o.get('type', 'output')})}"
-                for o in outputs]
+        return [view_url(o, base_url) for o in outputs]

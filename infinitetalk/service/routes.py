@@ -15,8 +15,9 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -27,7 +28,10 @@ from .contract import MODELS, ApiError, envelope, error_envelope, public_message
 from .inputs import DEFAULT_RETENTION_S, InputSettings, disk_full_as_507
 from .jobs import JobService
 from .database import open_store
-from .store import StoreUnavailable
+from .outputs import LocalOutputs
+from .s3 import s3_outputs_from_env
+from .webhooks import WebhookSender, make_webhook_check, result_envelope_for, webhook_settings_from_env
+from .store import Store, StoreUnavailable
 
 PREFIX = "/infinitetalk/v1"
 ENV_ALLOW_HOSTS = "INFINITETALK_API_ALLOW_HOSTS"
@@ -132,7 +136,8 @@ class JobApi:
                 raise ApiError(400, f"request body must be JSON ({exc})") from exc
             except RecursionError as exc:
                 raise ApiError(400, "request body must be a flat JSON object; it is nested too deeply") from exc
-            rec = await self.service.submit(kind, body)
+            rec = await self.service.submit(kind, body, webhook=request.query.get("webhook"),
+                                            base_url=self._base(request))
             return self.service.describe(rec, self._base(request))
         return self.reply(submit, "nothing was queued")
 
@@ -191,6 +196,21 @@ def _env_number(name: str, default: float) -> float:
     return value
 
 
+def service_from_env(store: Store, engine: Any, settings: InputSettings, workflows: dict[str, dict],
+                     output_dir: Path, environ: Mapping[str, str] | None = None) -> JobService:
+    """The job service as the environment configures it: S3 outputs when `INFINITETALK_API_S3_BUCKET` is set
+    (else `/view` URLs), signed webhooks when `INFINITETALK_API_WEBHOOK_SECRET` is set. RuntimeError names
+    a bad setting."""
+    service = JobService(store, engine, settings, workflows,
+                         outputs=s3_outputs_from_env(output_dir, environ) or LocalOutputs())
+    hooks = webhook_settings_from_env(environ)
+    if hooks is not None:   # webhooks only with a signing secret: receivers must be able to verify them
+        sender = WebhookSender(store, hooks, settings, result_envelope_for(service, environ))
+        service.on_final, service.webhook_check = sender.on_final, make_webhook_check(settings)
+        service.webhook_sender = sender
+    return service
+
+
 def register_with_comfyui() -> bool:
     """Add the routes to the running ComfyUI server (no-op outside ComfyUI). Returns True if added."""
     try:
@@ -209,8 +229,8 @@ def register_with_comfyui() -> bool:
     user = Path(folder_paths.get_user_directory())
     url = os.environ.get(ENV_DATABASE_URL, "").strip()
     store = open_store(url or user / "infinitetalk_api" / "jobs.sqlite3")
-    service = JobService(store, ComfyEngine(server), input_settings(Path(folder_paths.get_input_directory())),
-                         load_workflows(workflows))
+    service = service_from_env(store, ComfyEngine(server), input_settings(Path(folder_paths.get_input_directory())),
+                               load_workflows(workflows), Path(folder_paths.get_output_directory()))
     folders = {"output": Path(folder_paths.get_output_directory()), "user": user,
                "temp": Path(folder_paths.get_temp_directory()), "comfyui": Path(folder_paths.base_path),
                "package": Path(__file__).resolve().parents[2]}

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .edge_standins import OutputPublishError, output_path, view_url
+from .outputs import OutputPublishError, output_path, view_url
 
 ENV = "INFINITETALK_API_S3_"
 MAX_EXPIRY_S = 7 * 24 * 3600  # SigV4's limit for presigned URLs

@@ -94,12 +94,6 @@ def webhook_settings_from_env(environ: Mapping[str, str] | None = None) -> Webho
     return WebhookSettings(secret=secret)
 
 
-def _mark_once(store: Any, job_id: str, event: str) -> bool:
-    from .edge_standins import mark_once  # the store's own mark_once once the fleet store has it
-
-    return mark_once(store, job_id, event)
-
-
 class WebhookSender:
     """Posts a finished job's envelope to its webhook; use `on_final` as JobService's `on_final` hook.
 
@@ -107,7 +101,8 @@ class WebhookSender:
     """
 
     def __init__(self, store: Any, settings: WebhookSettings, inputs: InputSettings,
-                 envelope_for: Callable[[JobRecord], dict], webhook_of: Callable[[JobRecord], str | None],
+                 envelope_for: Callable[[JobRecord], dict],
+                 webhook_of: Callable[[JobRecord], str | None] = lambda rec: rec.webhook,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  clock: Callable[[], float] = time.monotonic):
         self.store = store
@@ -141,7 +136,8 @@ class WebhookSender:
         """Deliver once (across servers); True when a receiver answered 2xx. Never raises."""
         try:
             url = self.webhook_of(rec)
-            if not url or not _mark_once(self.store, rec.id, "webhook"):
+            if not url or not await asyncio.get_running_loop().run_in_executor(None, self.store.mark_once, rec.id,
+                                                                                 "webhook"):
                 return False
             body = json.dumps(self.envelope_for(rec), separators=(",", ":")).encode()
             return await self._attempts(rec.id, url, body)
@@ -195,12 +191,12 @@ class WebhookSender:
 
 def result_envelope_for(service: Any, environ: Mapping[str, str] | None = None) -> Callable[[JobRecord], dict]:
     """The webhook body builder: the GET-result envelope, links based on `INFINITETALK_API_PUBLIC_URL`
-    or else on the origin the job was submitted to (`service.submit_base_url`)."""
+    or else on the origin the job was submitted to (kept in the job's request as `base_url`)."""
     from .contract import envelope
 
     env = os.environ if environ is None else environ
 
     def build(rec: JobRecord) -> dict:
-        base = env.get(ENV_PUBLIC_URL, "").strip() or getattr(service, "submit_base_url", lambda r: "")(rec)
+        base = env.get(ENV_PUBLIC_URL, "").strip() or str(rec.request.get("base_url") or "")
         return envelope(service.describe(rec, base.rstrip("/")))
     return build

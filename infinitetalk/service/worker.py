@@ -19,6 +19,7 @@ from typing import Any
 
 from .contract import ApiError, now_iso
 from .jobs import CANCELLED, EngineState, JobService, output_prefix
+from .outputs import OutputPublishError
 from .store import JobRecord, StoreUnavailable
 
 log = logging.getLogger("infinitetalk.api")
@@ -106,7 +107,7 @@ class Worker:
         saved = getattr(self.engine, "saved_outputs", None)
         found = saved(output_prefix(rec.id)) if saved and rec.attempts > 1 else []
         if found:   # the last owner finished the video but died before recording it: no need to run it again
-            return await self._end(status="completed", outputs=self.service.outputs.publish(rec.id, found))
+            return await self._complete(found)
         if rec.attempts > 1:
             log.info("InfiniteTalk worker %s took over job %s (attempt %d; it resumes from its last finished window)",
                      self.worker_id, rec.id, rec.attempts)
@@ -132,8 +133,7 @@ class Worker:
                 self.job.status = "processing"
         elif st.status == "completed":
             if st.outputs:
-                outputs = self.service.outputs.publish(rec.id, st.outputs)
-                await self._end(status="completed", outputs=outputs, inference_ms=st.inference_ms)
+                await self._complete(st.outputs, inference_ms=st.inference_ms)
             else:
                 await self._end(status="failed", error="the job finished without an output video")
         elif st.status == "failed":
@@ -142,7 +142,7 @@ class Worker:
             saved = getattr(self.engine, "saved_outputs", None)
             found = saved(output_prefix(rec.id)) if saved else []
             if found:
-                await self._end(status="completed", outputs=self.service.outputs.publish(rec.id, found))
+                await self._complete(found)
             else:
                 await self._end(status="failed", error="the job was lost (its server dropped it before it finished)")
 
@@ -181,6 +181,19 @@ class Worker:
             if self.job is not None and self.job.id == job_id and self.prompt_id and self._final is None:
                 self._beat_at = float("-inf")
                 await self._heartbeat()
+
+    async def _complete(self, engine_outputs: list[dict], **changes: Any) -> None:
+        """Publish the finished video (off the loop: an upload can take minutes) and record the end; a
+        failed publish fails the job with its reason (and it is not billed)."""
+        try:
+            outputs = await asyncio.get_running_loop().run_in_executor(
+                None, self.service.outputs.publish, self.job.id, engine_outputs)
+        except Exception as exc:  # noqa: BLE001 - OutputPublishError or a storage client's own error
+            log.error("InfiniteTalk worker %s: publishing job %s failed: %s", self.worker_id, self.job.id, exc)
+            message = str(exc) if isinstance(exc, OutputPublishError) else \
+                f"the finished video could not be published ({type(exc).__name__})"
+            return await self._end(status="failed", outputs=[], error=message, **changes)
+        await self._end(status="completed", outputs=outputs, **changes)
 
     async def _end(self, **changes: Any) -> None:
         self._final = {**changes, "completed_at": now_iso(), "lease_expires_at": None}
