@@ -84,15 +84,15 @@ class JobApi:
         return handler
 
     def _check(self, request: web.Request) -> None:
-        missing = missing_message(public=True)
-        if missing:   # a requirements.txt package is not installed: every route says which (not a 500 per job)
-            raise ApiError(503, missing)
         try:
             keys = self.keys()
         except RuntimeError as exc:   # a named key file that cannot be read: admit nobody
             log.error("job API refused a request: %s", exc)
             raise ApiError(503, "the server's API key configuration cannot be used right now, so no request is "
                                 "admitted; the operator has to fix it (see the server log)") from None
+        missing = missing_message(public=True)
+        if missing:   # a requirements.txt package is not installed: every route says which (not a 500 per job)
+            raise ApiError(503, missing)
         proxied = any(name in request.headers for name in PROXY_HEADERS)
         authorize(request.headers.get("Authorization"), request.remote, keys, proxied=proxied,
                   is_open=self.is_open())
