@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+from .dependencies import missing_message
+
 
 def _make_tiny_models(args: argparse.Namespace) -> int:
     from .errors import InputError, require_writable_folder
@@ -341,4 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("generate", "demo") and (missing := missing_message()):
+        print(f"error: {missing}", file=sys.stderr)   # the one sentence, not a ModuleNotFoundError mid-job
+        return 2
     return int(args.func(args) or 0)

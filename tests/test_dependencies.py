@@ -92,3 +92,11 @@ def test_a_missing_soxr_is_said_once_and_answered_with_503(tmp_path):
 def test_two_missing_packages_are_named_together(tmp_path):
     out, _ = _run_without(tmp_path, "soxr,gguf")
     assert "lacks soxr, gguf" in out["message"]
+
+
+def test_the_cli_says_the_sentence_instead_of_a_traceback(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(BLOCKER)
+    env = {**os.environ, "INFINITETALK_TEST_BLOCK": "soxr", "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    proc = subprocess.run([sys.executable, "-m", "infinitetalk", "demo", "--out", str(tmp_path / "d.mp4")], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "lacks soxr" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

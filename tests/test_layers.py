@@ -35,6 +35,9 @@ LOCAL_THIRD_PARTY = {
     "server": "ComfyUI-only module (absent outside ComfyUI)",
     "execution": "ComfyUI-only module (absent outside ComfyUI)",
     "comfy": "ComfyUI-only package (absent outside ComfyUI)",
+    # An absolute `nodes` is ComfyUI's top-level module (interrupt_processing, ...): ComfyUI imports this pack
+    # as custom_nodes.<folder>, so our nodes/ package is only ever reached relatively (see __init__.py).
+    "nodes": "ComfyUI's top-level nodes module (absent outside ComfyUI); ours is imported relatively only",
 }
 # Our modules that may import our own modules inside functions, and why. The acyclicity test proves none of
 # these imports dodges a circle.
@@ -72,6 +75,18 @@ def _modules(root: Path = ROOT) -> dict[str, tuple[Path, str]]:
     return out
 
 
+COMFYUI_NODES = "<comfyui>.nodes"   # an absolute `nodes` import: ComfyUI's module, never our package
+
+
+def _absolute(name: str) -> str:
+    """An absolutely imported name; `nodes...` is ComfyUI's top-level module (ours is reached relatively)."""
+    return COMFYUI_NODES + name[len("nodes"):] if name.split(".")[0] == "nodes" else name
+
+
+def _ours(name: str) -> bool:
+    return name.split(".")[0] in OURS
+
+
 def _owner(name: str, mods: dict) -> str | None:
     while name and name not in mods:
         name = name.rpartition(".")[0]
@@ -85,14 +100,14 @@ def _imports(tree: ast.AST, package: str, mods: dict):
             inner = local or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
             if isinstance(child, ast.Import):
                 for a in child.names:
-                    yield a.name, inner, child.lineno
+                    yield _absolute(a.name), inner, child.lineno
             elif isinstance(child, ast.ImportFrom):
                 if child.level:
                     base = package.split(".") if package else []
                     base = base[: len(base) - (child.level - 1)]
                     module = ".".join(base + ([child.module] if child.module else []))
                 else:
-                    module = child.module or ""
+                    module = _absolute(child.module or "")
                 for a in child.names:
                     sub = f"{module}.{a.name}"
                     yield (sub if sub in mods else module), inner, child.lineno
@@ -109,7 +124,7 @@ def import_graph(root: Path = ROOT) -> tuple[dict[str, set[str]], list[tuple[str
     local: list[tuple[str, str, int]] = []
     for name, (path, package) in mods.items():
         for target, is_local, line in _imports(ast.parse(path.read_text()), package, mods):
-            owner = _owner(target, mods) if target.split(".")[0] in OURS else None
+            owner = _owner(target, mods) if _ours(target) else None
             if owner and owner != name:
                 edges[name].add(owner)
             if is_local:
@@ -152,6 +167,23 @@ def test_the_checker_sees_a_circle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
     assert find_cycle({"a": {"b"}, "b": {"a"}}) == ["a", "b", "a"]
     assert "infinitetalk.pipeline.models" in EDGES and "infinitetalk.runtime.plan" in EDGES["infinitetalk.pipeline.models"]
+
+
+def test_the_graph_counts_function_local_imports(tmp_path):
+    """End to end on a tiny synthetic package: a circle closed only inside a function is found, and an
+    absolute `import nodes` (ComfyUI's module) is not taken for our nodes/ package."""
+    pkg = tmp_path / "infinitetalk"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .b import f\n")
+    (pkg / "b.py").write_text("def f():\n    from . import a\n    import nodes\n    return a, nodes\n")
+    (tmp_path / "nodes").mkdir()
+    (tmp_path / "nodes" / "__init__.py").write_text("")
+    edges, local = import_graph(tmp_path)
+    assert find_cycle(edges) in (["infinitetalk.a", "infinitetalk.b", "infinitetalk.a"],
+                                 ["infinitetalk.b", "infinitetalk.a", "infinitetalk.b"])
+    assert "nodes" not in edges["infinitetalk.b"]
+    assert {(m, t) for m, t, _ in local} == {("infinitetalk.b", "infinitetalk.a"), ("infinitetalk.b", COMFYUI_NODES)}
 
 
 def test_no_import_circles():
@@ -206,9 +238,9 @@ def test_nothing_in_the_library_imports_the_nodes():
 def test_function_local_imports_have_a_listed_reason():
     stdlib = set(sys.stdlib_module_names)
     for module, target, line in LOCAL:
-        top = target.split(".")[0]
+        top = "nodes" if target.startswith(COMFYUI_NODES) else target.split(".")[0]
         where = f"{module}:{line} imports {target} inside a function"
-        if top in OURS:
+        if _ours(target):
             assert any(module == p or (p.endswith(".") and module.startswith(p)) for p in LOCAL_OURS), \
                 where + ": import it at module level (the graph is acyclic) or list the module in LOCAL_OURS"
         elif top not in stdlib:

@@ -71,7 +71,7 @@ class Compat:
 
     # -- plumbing -------------------------------------------------------------------------------------------
     def _check(self, request: web.Request) -> None:
-        (getattr(self.api, "check", None) or self.api._check)(request)
+        self.api.check(request)
 
     def _wrap(self, fn, shape: str):
         """Handler answering `fn`'s data in the WaveSpeed envelope or as RunComfy's bare JSON."""

@@ -101,8 +101,6 @@ class JobApi:
                 return web.json_response(error_envelope(err), status=500)
         return handler
 
-    _reply = reply
-
     def check(self, request: web.Request) -> None:
         """Admit the request or raise ApiError 401/503 (missing packages, API keys, loopback-only without keys)."""
         missing = missing_message(public=True)
@@ -118,7 +116,6 @@ class JobApi:
         authorize(request.headers.get("Authorization"), request.remote, keys, proxied=proxied,
                   is_open=self.is_open())
 
-    _check = check
 
     @staticmethod
     def _base(request: web.Request) -> str:
@@ -126,7 +123,7 @@ class JobApi:
 
     def _submit_handler(self, kind: str):
         async def submit(request: web.Request):
-            self._check(request)
+            self.check(request)
             try:
                 body = await request.json()
             except web.HTTPRequestEntityTooLarge as exc:
@@ -142,12 +139,12 @@ class JobApi:
         return self.reply(submit, "nothing was queued")
 
     async def _unknown_model(self, request: web.Request):
-        self._check(request)
+        self.check(request)
         kind = request.match_info["kind"]
         raise ApiError(404, f"unknown model route '{kind}'; available: {', '.join(MODELS)}")
 
     async def _no_route(self, request: web.Request):
-        self._check(request)
+        self.check(request)
         path = request.path
         allowed = [method for method, pattern in _ROUTE_SHAPES if pattern.fullmatch(path)]
         if allowed and request.method not in allowed:
@@ -156,12 +153,12 @@ class JobApi:
                             f"GET {PREFIX}/predictions/<id>/status|result, POST {PREFIX}/predictions/<id>/cancel")
 
     async def _status(self, request: web.Request):
-        self._check(request)
+        self.check(request)
         rec = await self.service.status(request.match_info["id"])
         return self.service.describe(rec, self._base(request))
 
     async def _cancel(self, request: web.Request):
-        self._check(request)
+        self.check(request)
         rec = await self.service.cancel(request.match_info["id"])
         return self.service.describe(rec, self._base(request))
 
