@@ -246,7 +246,7 @@ def test_build_from_environment_wires_s3_off_and_webhooks_on(tmp_path):
     from service_support import TEMPLATE, FakeEngine
 
     settings = InputSettings(input_dir=tmp_path, allow_hosts=("127.0.0.1",))
-    service = service_from_env(JobStore(tmp_path / "j.sqlite3"), FakeEngine(), settings,
+    service = service_from_env(lambda: JobStore(tmp_path / "j.sqlite3"), FakeEngine(), settings,
                                  {"image-to-video-multi": TEMPLATE}, tmp_path,
                                  {"INFINITETALK_API_WEBHOOK_SECRET": SECRET, "INFINITETALK_API_PUBLIC_URL": "https://api.example/"})
     assert isinstance(service.outputs, LocalOutputs) and service.on_final == service.webhook_sender.on_final
@@ -255,9 +255,10 @@ def test_build_from_environment_wires_s3_off_and_webhooks_on(tmp_path):
                     outputs=[{"filename": "a.mp4", "subfolder": "s", "type": "output"}])
     assert built(rec)["data"]["outputs"] == ["https://api.example/view?filename=a.mp4&subfolder=s&type=output"]
     with pytest.raises(RuntimeError) as info:
-        service_from_env(JobStore(tmp_path / "k.sqlite3"), FakeEngine(), settings, {}, tmp_path,
-                           {"INFINITETALK_API_S3_BUCKET": "UPPER"})
+        service_from_env(lambda: JobStore(tmp_path / "k.sqlite3"), FakeEngine(), settings, {}, tmp_path,
+                         {"INFINITETALK_API_S3_BUCKET": "UPPER"})
     assert "INFINITETALK_API_S3_BUCKET" in str(info.value)
+    assert not (tmp_path / "k.sqlite3").exists()    # a bad setting is found before the database is opened
 
 
 def test_secret_setting():

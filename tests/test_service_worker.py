@@ -168,6 +168,15 @@ def test_a_dead_database_is_503_leaves_no_files_and_loses_nothing(tmp_path, post
         resp = await client.get(f"/infinitetalk/v1/predictions/{job_id}/status")
         assert resp.status == 503 and "status cannot be read" in (await resp.json())["message"]
         assert resp.headers.get("Retry-After")
+        resp = await client.get(f"/api/v3/predictions/{job_id}/result")           # the drop-in paths say the same
+        assert resp.status == 503 and "status cannot be read" in (await resp.json())["message"]
+        resp = await client.get(f"/v1/requests/{job_id}/status")
+        reply = await resp.json()
+        assert resp.status == 503 and reply["code"] == 503 and "job database is unreachable" in reply["error"]
+        resp = await client.post("/api/v3/wavespeed-ai/infinitetalk/image-to-video-multi", json=body(image=png))
+        assert resp.status == 503 and "nothing was queued" in (await resp.json())["message"]
+        assert resp.headers.get("Retry-After")
+        assert sorted(p.name for p in job_inputs.iterdir()) == [job_id]
         worker._beat_at = float("-inf")
         await worker.tick()                              # heartbeat fails: the job keeps running here
         engine.finish(pid, "done.mp4")

@@ -25,7 +25,8 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from . import uploads
-from .contract import ApiError, envelope, error_envelope, public_message
+from .contract import ApiError, envelope, error_envelope
+from .inputs import disk_full_as_507
 from .jobs import FINAL
 
 WAVESPEED_MODELS = {"wavespeed-ai/infinitetalk/image-to-video-multi": "image-to-video-multi",
@@ -73,21 +74,17 @@ class Compat:
     def _check(self, request: web.Request) -> None:
         self.api.check(request)
 
-    def _wrap(self, fn, shape: str):
-        """Handler answering `fn`'s data in the WaveSpeed envelope or as RunComfy's bare JSON."""
-        folders = self.api.folders
-
+    def _wrap(self, fn, shape: str, unavailable: str = "nothing was changed"):
+        """Handler answering `fn`'s data in the WaveSpeed envelope or as RunComfy's bare JSON; errors as
+        the contract's routes answer them (`JobApi.api_error`)."""
         async def handler(request: web.Request) -> web.Response:
             try:
-                data = await fn(request)
+                with disk_full_as_507("the job API's files"):
+                    data = await fn(request)
                 return web.json_response(envelope(data) if shape == "wavespeed" else data)
-            except ApiError as exc:
-                err = ApiError(exc.code, public_message(exc.message, folders))
             except Exception as exc:  # noqa: BLE001 - never let a handler take the server down
-                log.exception("job API error")
-                err = ApiError(500, public_message(f"internal error: {type(exc).__name__}: {exc}", folders))
-            body = error_envelope(err) if shape == "wavespeed" else {"error": err.message, "code": err.code}
-            return web.json_response(body, status=err.code)
+                err, headers = self.api.api_error(exc, unavailable)
+            return web.json_response(error_body(err, shape), status=err.code, headers=headers)
         return handler
 
     @staticmethod
@@ -239,21 +236,45 @@ class Compat:
         return {"request_id": rec.id, "status": runcomfy_status(rec)}
 
     def routes(self) -> list[web.RouteDef]:
-        ws, rc = "wavespeed", "runcomfy"
-        out = [web.post(f"/api/v3/{model}", self._wrap(self._ws_submit(kind), ws))
-               for model, kind in WAVESPEED_MODELS.items()]
-        out += [
-            web.get("/api/v3/predictions/{id}/result", self._wrap(self._ws_result, ws)),
-            web.post("/api/v3/media/upload/binary", self._wrap(self._ws_upload_binary, ws)),
-            web.post("/api/v3/media/uploads", self._wrap(self._ws_upload_ticket, ws)),
-            web.put(uploads.URL_PATH + "/{id}/{name}", self._wrap(self._upload_put, ws)),
-            web.get(uploads.URL_PATH + "/{id}/{name}", self._upload_get),
-            web.post(f"/v1/models/{RUNCOMFY_MODEL}", self._wrap(self._rc_submit, rc)),
-            web.get("/v1/requests/{id}/status", self._wrap(self._rc_status, rc)),
-            web.get("/v1/requests/{id}/result", self._wrap(self._rc_result, rc)),
-            web.post("/v1/requests/{id}/cancel", self._wrap(self._rc_cancel, rc)),
-        ]
+        queued, read, cancelled = "nothing was queued", "the job's status cannot be read now (nothing is lost)", \
+            "nothing was cancelled"
+        handlers = {
+            **{("POST", f"/api/v3/{model}"): (self._ws_submit(kind), queued) for model, kind in WAVESPEED_MODELS.items()},
+            ("GET", "/api/v3/predictions/{id}/result"): (self._ws_result, read),
+            ("POST", "/api/v3/media/upload/binary"): (self._ws_upload_binary, "nothing was stored"),
+            ("POST", "/api/v3/media/uploads"): (self._ws_upload_ticket, "nothing was stored"),
+            ("PUT", uploads.URL_PATH + "/{id}/{name}"): (self._upload_put, "nothing was stored"),
+            ("POST", f"/v1/models/{RUNCOMFY_MODEL}"): (self._rc_submit, queued),
+            ("GET", "/v1/requests/{id}/status"): (self._rc_status, read),
+            ("GET", "/v1/requests/{id}/result"): (self._rc_result, read),
+            ("POST", "/v1/requests/{id}/cancel"): (self._rc_cancel, cancelled),
+        }
+        out = []
+        for method, path in ROUTES:
+            if (method, path) == ("GET", uploads.URL_PATH + "/{id}/{name}"):
+                out.append(web.get(path, self._upload_get))   # a file, not an envelope
+                continue
+            fn, unavailable = handlers[method, path]
+            out.append(web.route(method, path, self._wrap(fn, reply_shape(path), unavailable)))
         return out
+
+
+# Every drop-in route, (method, path): also what a misconfigured server refuses (routes.refusing_routes).
+ROUTES = (*(("POST", f"/api/v3/{model}") for model in WAVESPEED_MODELS),
+          ("GET", "/api/v3/predictions/{id}/result"), ("POST", "/api/v3/media/upload/binary"),
+          ("POST", "/api/v3/media/uploads"), ("PUT", uploads.URL_PATH + "/{id}/{name}"),
+          ("GET", uploads.URL_PATH + "/{id}/{name}"), ("POST", f"/v1/models/{RUNCOMFY_MODEL}"),
+          ("GET", "/v1/requests/{id}/status"), ("GET", "/v1/requests/{id}/result"), ("POST", "/v1/requests/{id}/cancel"))
+
+
+def reply_shape(path: str) -> str:
+    """RunComfy's paths answer its bare JSON; every other path the contract's (WaveSpeed's) envelope."""
+    return "runcomfy" if path.startswith("/v1/") else "wavespeed"
+
+
+def error_body(err: ApiError, shape: str) -> dict:
+    """An error as a route family (`reply_shape`) answers it."""
+    return error_envelope(err) if shape == "wavespeed" else {"error": err.message, "code": err.code}
 
 
 def compat_routes(api: Any) -> list[web.RouteDef]:

@@ -13,5 +13,6 @@ def open_store(url_or_path: str | Path) -> Store:
     if text.startswith(("postgresql://", "postgres://")):
         return PostgresStore(text)
     if "://" in text:
-        raise RuntimeError(f"job database {text.split('://')[0]}://…: expected a postgresql:// URL or a SQLite file path")
+        raise RuntimeError(f"INFINITETALK_API_DATABASE_URL={text.split('://')[0]}://…: expected a postgresql:// URL "
+                           "(or, unset, the server's SQLite file)")
     return SQLiteStore(text)

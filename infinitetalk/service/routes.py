@@ -23,7 +23,7 @@ from aiohttp import web
 
 from ..dependencies import missing_message
 from .auth import PROXY_HEADERS, access_summary, authorize, load_keys, open_access
-from .compat import compat_routes
+from .compat import ROUTES as COMPAT_ROUTES, compat_routes, error_body, reply_shape
 from .contract import MODELS, ApiError, envelope, error_envelope, public_message
 from .inputs import DEFAULT_RETENTION_S, InputSettings, disk_full_as_507
 from .jobs import JobService
@@ -88,18 +88,21 @@ class JobApi:
                 with disk_full_as_507("the job API's files"):  # any write that finds the disk full
                     data = await fn(request)
                 return web.json_response(envelope(data))
-            except StoreUnavailable as exc:
-                log.error("job API: %s", exc)
-                err = ApiError(503, DB_DOWN.format(what=unavailable))
-                return web.json_response(error_envelope(err), status=503, headers={"Retry-After": "5"})
-            except ApiError as err:
-                err = ApiError(err.code, public_message(err.message, self.folders))
-                return web.json_response(error_envelope(err), status=err.code)
             except Exception as exc:  # noqa: BLE001 - never let a handler take the server down
-                log.exception("job API error")
-                err = ApiError(500, public_message(f"internal error: {type(exc).__name__}: {exc}", self.folders))
-                return web.json_response(error_envelope(err), status=500)
+                err, headers = self.api_error(exc, unavailable)
+                return web.json_response(error_envelope(err), status=err.code, headers=headers)
         return handler
+
+    def api_error(self, exc: Exception, unavailable: str = "nothing was changed") -> tuple[ApiError, dict[str, str]]:
+        """What a failed handler answers (every route family shapes it in its own body): ApiError → its code
+        with server paths removed, an unreachable job database → 503 with Retry-After, anything else → 500."""
+        if isinstance(exc, StoreUnavailable):
+            log.error("job API: %s", exc)
+            return ApiError(503, DB_DOWN.format(what=unavailable)), {"Retry-After": "5"}
+        if isinstance(exc, ApiError):
+            return ApiError(exc.code, public_message(exc.message, self.folders)), {}
+        log.error("job API error", exc_info=exc)
+        return ApiError(500, public_message(f"internal error: {type(exc).__name__}: {exc}", self.folders)), {}
 
     def check(self, request: web.Request) -> None:
         """Admit the request or raise ApiError 401/503 (missing packages, API keys, loopback-only without keys)."""
@@ -193,14 +196,16 @@ def _env_number(name: str, default: float) -> float:
     return value
 
 
-def service_from_env(store: Store, engine: Any, settings: InputSettings, workflows: dict[str, dict],
-                     output_dir: Path, environ: Mapping[str, str] | None = None) -> JobService:
+def service_from_env(open_db: Callable[[], Store], engine: Any, settings: InputSettings,
+                     workflows: dict[str, dict], output_dir: Path,
+                     environ: Mapping[str, str] | None = None) -> JobService:
     """The job service as the environment configures it: S3 outputs when `INFINITETALK_API_S3_BUCKET` is set
     (else `/view` URLs), signed webhooks when `INFINITETALK_API_WEBHOOK_SECRET` is set. RuntimeError names
-    a bad setting."""
-    service = JobService(store, engine, settings, workflows,
-                         outputs=s3_outputs_from_env(output_dir, environ) or LocalOutputs())
+    a bad setting; the job database (`open_db()`) is opened only once every setting has been read."""
+    outputs = s3_outputs_from_env(output_dir, environ) or LocalOutputs()
     hooks = webhook_settings_from_env(environ)
+    store = open_db()
+    service = JobService(store, engine, settings, workflows, outputs=outputs)
     if hooks is not None:   # webhooks only with a signing secret: receivers must be able to verify them
         sender = WebhookSender(store, hooks, settings, result_envelope_for(service, environ))
         service.on_final, service.webhook_check = sender.on_final, make_webhook_check(settings)
@@ -208,8 +213,31 @@ def service_from_env(store: Store, engine: Any, settings: InputSettings, workflo
     return service
 
 
+MISCONFIGURED = ("the job API is not running: the server setting {names} is wrong, so no request is admitted; "
+                 "the operator has to fix it and restart the server (the server log says what is wrong)")
+
+
+def refusing_routes(message: str) -> list[web.RouteDef]:
+    """Every job-API path answering 503 with `message`, in its family's body: a server whose API settings
+    are wrong still tells each client why (the nodes keep working) instead of answering 404."""
+    async def refuse(request: web.Request) -> web.Response:
+        err = ApiError(503, message)
+        return web.json_response(error_body(err, reply_shape(request.path)), status=503)
+    paths = [path for _method, path in COMPAT_ROUTES if not path.startswith(PREFIX)]
+    return [web.route("*", path, refuse) for path in dict.fromkeys(paths)] + [web.route("*", PREFIX + "/{tail:.*}", refuse)]
+
+
+def misconfigured_message(exc: Exception) -> str:
+    """The clients' sentence for a bad setting: the setting's name, not its value (that may be a secret)."""
+    names = sorted(set(re.findall(r"INFINITETALK_API_[A-Z0-9_]+", str(exc))))
+    return MISCONFIGURED.format(names=", ".join(names) or "(see the log)")
+
+
 def register_with_comfyui() -> bool:
-    """Add the routes to the running ComfyUI server (no-op outside ComfyUI). Returns True if added."""
+    """Add the routes to the running ComfyUI server (no-op outside ComfyUI). Returns True if added.
+
+    A bad API setting (RuntimeError naming it) is logged once and every API path answers 503 saying which
+    setting; the custom nodes load either way."""
     try:
         import folder_paths
         from server import PromptServer
@@ -218,19 +246,13 @@ def register_with_comfyui() -> bool:
     server = getattr(PromptServer, "instance", None)
     if server is None:
         return False
-    from .comfy_engine import ComfyEngine
-
-    workflows = Path(os.environ.get(ENV_WORKFLOWS) or Path(__file__).resolve().parents[2] / "workflows" / "api")
-    from .worker import Worker, lease_from_env
-
-    user = Path(folder_paths.get_user_directory())
-    url = os.environ.get(ENV_DATABASE_URL, "").strip()
-    store = open_store(url or user / "infinitetalk_api" / "jobs.sqlite3")
-    service = service_from_env(store, ComfyEngine(server), input_settings(Path(folder_paths.get_input_directory())),
-                               load_workflows(workflows), Path(folder_paths.get_output_directory()))
-    folders = {"output": Path(folder_paths.get_output_directory()), "user": user,
-               "temp": Path(folder_paths.get_temp_directory()), "comfyui": Path(folder_paths.base_path),
-               "package": Path(__file__).resolve().parents[2]}
+    try:
+        service, worker, folders, url = _service_for_comfyui(server, folder_paths)
+    except RuntimeError as exc:
+        log.error("InfiniteTalk job API not started: %s", exc)
+        for route in refusing_routes(misconfigured_message(exc)):
+            server.routes.route(route.method, route.path)(route.handler)
+        return False
     for route in JobApi(service, folders=folders).routes():
         server.routes.route(route.method, route.path)(route.handler)
     try:
@@ -242,12 +264,35 @@ def register_with_comfyui() -> bool:
     removed = service.sweep_if_due()
     log.info("InfiniteTalk job API registered under %s (job database: %s; removed the inputs of %d ended jobs)",
              PREFIX, "PostgreSQL" if url else "SQLite", len(removed))
-    worker_flag = os.environ.get(ENV_WORKER, "1").strip()
-    if worker_flag not in ("0", "1", ""):
-        raise RuntimeError(f"{ENV_WORKER}={worker_flag!r}: expected 1 (run jobs here, the default) or 0 (API only)")
-    if worker_flag != "0":
-        worker = Worker(service, lease_s=lease_from_env())
+    if worker is not None:
         server.loop.call_soon_threadsafe(lambda: server.loop.create_task(worker.run()))
     else:
         log.info("InfiniteTalk job API: %s=0, this server only records jobs; workers elsewhere run them", ENV_WORKER)
     return True
+
+
+def _service_for_comfyui(server: Any, folder_paths: Any) -> tuple[JobService, Any, dict[str, Path], str]:
+    """The job service, its worker (None for an API-only server), the folders hidden in messages and the
+    database URL, all from the environment; RuntimeError names a bad setting before anything is opened."""
+    from .comfy_engine import ComfyEngine
+    from .worker import Worker, lease_from_env
+
+    worker_flag = os.environ.get(ENV_WORKER, "1").strip()
+    if worker_flag not in ("0", "1", ""):
+        raise RuntimeError(f"{ENV_WORKER}={worker_flag!r}: expected 1 (run jobs here, the default) or 0 (API only)")
+    lease_s = lease_from_env()
+    settings = input_settings(Path(folder_paths.get_input_directory()))
+    workflows = Path(os.environ.get(ENV_WORKFLOWS) or Path(__file__).resolve().parents[2] / "workflows" / "api")
+    try:
+        graphs = load_workflows(workflows)
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"{ENV_WORKFLOWS}: the API workflows cannot be read ({type(exc).__name__}: {exc})") from exc
+    user = Path(folder_paths.get_user_directory())
+    url = os.environ.get(ENV_DATABASE_URL, "").strip()
+    service = service_from_env(lambda: open_store(url or user / "infinitetalk_api" / "jobs.sqlite3"),
+                               ComfyEngine(server), settings, graphs, Path(folder_paths.get_output_directory()))
+    folders = {"output": Path(folder_paths.get_output_directory()), "user": user,
+               "temp": Path(folder_paths.get_temp_directory()), "comfyui": Path(folder_paths.base_path),
+               "package": Path(__file__).resolve().parents[2]}
+    worker = Worker(service, lease_s=lease_s) if worker_flag != "0" else None
+    return service, worker, folders, url

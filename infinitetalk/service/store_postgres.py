@@ -38,6 +38,13 @@ def _redacted(url: str) -> str:
     return head + sep + rest
 
 
+def _without_password(text: str, url: str) -> str:
+    """`text` with the URL's password (as written in it) replaced by ***."""
+    cred = url.partition("://")[2].rpartition("@")[0]
+    password = cred.partition(":")[2]
+    return text.replace(password, "***") if password else text
+
+
 class PostgresStore:
     """A few pooled connections (autocommit, short timeouts); a broken one is dropped, not reused."""
 
@@ -48,6 +55,11 @@ class PostgresStore:
         self._dict_row = dict_row
         self.url = url
         self.where = _redacted(url)
+        try:   # a malformed URL is a setting to fix, not a database to wait for
+            self.psycopg.conninfo.conninfo_to_dict(url)
+        except self.psycopg.ProgrammingError as exc:
+            raise RuntimeError(f"INFINITETALK_API_DATABASE_URL={self.where}: not a PostgreSQL connection URL "
+                               f"({_without_password(str(exc).strip(), url)})") from None
         self._idle: queue.LifoQueue = queue.LifoQueue()
         self._closed = False
         self._schema_lock = threading.Lock()
