@@ -126,22 +126,58 @@ def test_cancel_paths(make_store):
     assert store.get(running.id).cancel_requested == 0
 
 
-def test_mark_once_is_true_for_exactly_one_caller(make_store):
+def test_a_delivery_is_claimed_by_exactly_one_caller(make_store):
     stores = [make_store(), make_store()]
-    results: list[bool] = []
+    results: list[object] = []
     lock = threading.Lock()
 
-    def mark(i: int) -> None:
-        got = stores[i % 2].mark_once("job1", "webhook")
+    def claim(i: int) -> None:
+        got = stores[i % 2].claim_event("job1", "webhook", f"S{i}", 60.0)
         with lock:
             results.append(got)
-    threads = [threading.Thread(target=mark, args=(i,)) for i in range(8)]
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert results.count(True) == 1 and len(results) == 8
-    assert stores[0].mark_once("job1", "other-event") and stores[1].mark_once("job2", "webhook")
+    assert [r for r in results if r is not None] == [(0, None)] and len(results) == 8
+    assert stores[0].claim_event("job1", "other-event", "S0", 60.0) == (0, None)
+    assert stores[1].claim_event("job2", "webhook", "S1", 60.0) == (0, None)
+
+
+def test_a_delivery_lease_runs_out_hands_on_its_tries_and_ends_once(make_store):
+    a, b = make_store(), make_store()
+    assert a.claim_event("job1", "webhook", "A", 0.3) == (0, None)
+    assert a.hold_event("job1", "webhook", "A", 0.3, 2, 1234.5)     # A made 2 tries, the first at 1234.5
+    assert not b.hold_event("job1", "webhook", "B", 0.3, 1, 1.0)     # not B's
+    assert b.claim_event("job1", "webhook", "B", 60.0) is None        # A's lease still runs
+    time.sleep(0.5)
+    assert b.claim_event("job1", "webhook", "B", 60.0) == (2, 1234.5)  # A went silent: B goes on from try 3
+    assert not a.hold_event("job1", "webhook", "A", 60.0, 3, 1234.5)  # A lost it: its writes are fenced
+    assert not a.end_event("job1", "webhook", "A", "delivered")
+    assert b.end_event("job1", "webhook", "B", "delivered")
+    assert not b.end_event("job1", "webhook", "B", "delivered")       # once
+    time.sleep(0.1)
+    assert a.claim_event("job1", "webhook", "A", 0.01) is None        # done: never claimed again
+
+
+def test_webhooks_due_are_ended_jobs_with_a_webhook_not_delivered_nor_held(make_store):
+    store = make_store()
+    recent = "2026-12-07T10:00:00.000Z"
+    jobs = {name: job(i, webhook="https://hooks.example.com/x" if name != "no_hook" else None,
+                      status="completed" if name != "running" else "processing", completed_at=recent)
+            for i, name in enumerate(["fresh", "held", "stalled", "done", "no_hook", "running", "old"])}
+    jobs["old"].completed_at = "2026-12-05T10:00:00.000Z"
+    for rec in jobs.values():
+        store.insert(rec)
+    store.claim_event(jobs["held"].id, "webhook", "S", 60.0)
+    store.claim_event(jobs["stalled"].id, "webhook", "S", 0.01)
+    store.claim_event(jobs["done"].id, "webhook", "S", 60.0)
+    store.end_event(jobs["done"].id, "webhook", "S", "delivered")
+    time.sleep(0.1)
+    due = store.webhooks_due("2026-12-06T10:00:00.000Z", 10)
+    assert sorted(r.id for r in due) == sorted([jobs["fresh"].id, jobs["stalled"].id])
+    assert all(r == store.get(r.id) for r in due) and len(store.webhooks_due("2026-12-06T10:00:00.000Z", 1)) == 1
 
 
 def test_an_old_sqlite_file_gains_the_queue_columns(tmp_path):
@@ -154,10 +190,15 @@ def test_an_old_sqlite_file_gains_the_queue_columns(tmp_path):
                "INTEGER, video_seconds REAL, inference_ms INTEGER, outputs TEXT NOT NULL DEFAULT '[]', error TEXT NOT "
                "NULL DEFAULT '')")
     db.execute("INSERT INTO jobs (id, model, request, status, created_at) VALUES ('old', 'm', '{}', 'completed', 't')")
+    db.execute("CREATE TABLE job_events (job_id TEXT NOT NULL, event TEXT NOT NULL, at TEXT NOT NULL, "
+               "PRIMARY KEY (job_id, event))")      # the once-only marks of before the delivery lease
+    db.execute("INSERT INTO job_events VALUES ('old', 'webhook', 't')")
     db.commit()
     db.close()
     store = SQLiteStore(path)
     assert store.get("old").status == "completed" and store.get("old").attempts == 0 and store.get("old").webhook is None
+    assert store.claim_event("old", "webhook", "S", 60.0) is None      # delivered back then: not sent again
+    assert store.claim_event("new", "webhook", "S", 60.0) == (0, None)
     store.close()
 
 

@@ -1,6 +1,7 @@
 """Webhooks against a real aiohttp receiver on 127.0.0.1: signature (checked here independently),
-retries with backoff, giving up, no redirects, one delivery when two services end the same job, and the
-guard's decisions on given addresses (no traffic to private or public hosts)."""
+retries with backoff, giving up, no redirects, one delivery when two services end the same job, a
+delivery handed on when its server dies mid-retries or before notifying, and the guard's decisions on
+given addresses (no traffic to private or public hosts)."""
 from __future__ import annotations
 
 import asyncio
@@ -178,6 +179,76 @@ def test_two_services_finishing_the_same_job_deliver_once(tmp_path):
             return hook.received
 
     assert len(asyncio.run(main())) == 1
+
+
+def _delivery_row(store_path, job_id):
+    import sqlite3
+
+    with sqlite3.connect(store_path) as db:
+        return db.execute("SELECT tries, outcome, done FROM job_events WHERE job_id = ? AND event = 'webhook'",
+                          (job_id,)).fetchone()
+
+
+def test_a_server_dying_mid_retries_hands_the_delivery_on(tmp_path):
+    """A posts once (500) and dies in its backoff wait; once A's lease runs out B carries on with try 2."""
+    lease = {"request_timeout_s": 0.5, "lease_s": 0.1, "first_delay_s": 0.1}
+    a = _wired(_sub(tmp_path, "a"), **lease)
+    b = _wired(_sub(tmp_path, "b"), store_path=a["store_path"], inputs=a["inputs"], **lease)
+    in_wait = asyncio.Event()
+
+    async def dies_here(seconds: float) -> None:
+        in_wait.set()
+        await asyncio.Event().wait()                 # never returns: the process is killed in this wait
+    a["sender"].sleep = dies_here
+
+    async def main():
+        async with Receiver([500, 200]) as hook:
+            rec = await a["service"].submit("image-to-video-multi", body(), webhook=hook.url, base_url="http://x")
+            await finish_job(a, rec.id)               # A records the end and starts delivering
+            await asyncio.wait_for(in_wait.wait(), 10)
+            for task in list(a["sender"].tasks.values()):
+                task.cancel()                         # A dies
+            await asyncio.gather(*a["sender"].tasks.values(), return_exceptions=True)
+            assert await b["sender"].sweep() == 0     # A's lease still runs: B leaves it alone
+            await asyncio.sleep(1.0)                  # past A's lease (wait + request timeout + lease)
+            assert await b["sender"].sweep() == 1
+            await b["sender"].drain()
+            assert await b["sender"].sweep() == 0     # delivered: never again
+            return rec, hook.received
+
+    rec, received = asyncio.run(main())
+    assert len(received) == 2 and {h["webhook-id"] for h, _ in received} == {rec.id}
+    assert all(_independent_check(h, raw) for h, raw in received)
+    assert a["sender"].attempts[rec.id] == [500] and b["sender"].attempts[rec.id] == [200]
+    assert _delivery_row(a["store_path"], rec.id) == (2, "delivered", 1)   # B went on at try 2
+
+
+def test_a_job_ended_by_a_server_that_stopped_before_notifying_is_swept_up(tmp_path):
+    a = _wired(_sub(tmp_path, "a"))
+    b = _wired(_sub(tmp_path, "b"), store_path=a["store_path"], inputs=a["inputs"], sweep_s=0.05)
+    a["service"].on_final = None                     # A stops right after recording the job's end
+
+    async def main():
+        async with Receiver([200]) as hook:
+            rec = await a["service"].submit("image-to-video-multi", body(), webhook=hook.url, base_url="http://x")
+            await finish_job(a, rec.id)
+            assert hook.received == [] and a["service"].get(rec.id).status == "completed"
+            sweeping = asyncio.get_running_loop().create_task(b["sender"].run())   # what every server runs
+            for _ in range(200):
+                if hook.received:
+                    break
+                await asyncio.sleep(0.02)
+            await b["sender"].drain()
+            await asyncio.sleep(0.2)                  # a few more sweeps: nothing more is sent
+            b["sender"].stop()
+            await asyncio.wait_for(sweeping, 5)
+            a["sender"].on_final(a["service"].get(rec.id))   # A comes back and notifies late: no repeat
+            await a["sender"].drain()
+            return rec, hook.received
+
+    rec, received = asyncio.run(main())
+    assert len(received) == 1 and json.loads(received[0][1])["data"]["status"] == "completed"
+    assert _delivery_row(a["store_path"], rec.id) == (1, "delivered", 1)
 
 
 def test_a_failed_or_cancelled_job_is_notified_too(tmp_path):

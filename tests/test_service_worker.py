@@ -250,4 +250,5 @@ def test_webhook_is_checked_and_kept_and_on_final_hears_route_cancels(tmp_path):
     job_id = asyncio.run(main())
     assert [(f.id, f.status, f.error, f.webhook) for f in finals] == \
         [(job_id, "failed", CANCELLED, "https://hooks.example.com/x")]
-    assert service.store.mark_once(job_id, "webhook") and not service.store.mark_once(job_id, "webhook")
+    assert service.store.claim_event(job_id, "webhook", "S1", 60.0) == (0, None)   # one delivery at a time
+    assert service.store.claim_event(job_id, "webhook", "S2", 60.0) is None

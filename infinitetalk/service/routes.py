@@ -264,6 +264,9 @@ def register_with_comfyui() -> bool:
     removed = service.sweep_if_due()
     log.info("InfiniteTalk job API registered under %s (job database: %s; removed the inputs of %d ended jobs)",
              PREFIX, "PostgreSQL" if url else "SQLite", len(removed))
+    sender = service.webhook_sender
+    if sender is not None:   # every server sweeps for deliveries a stopped server left unfinished
+        server.loop.call_soon_threadsafe(lambda: server.loop.create_task(sender.run()))
     if worker is not None:
         server.loop.call_soon_threadsafe(lambda: server.loop.create_task(worker.run()))
     else:

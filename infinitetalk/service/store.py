@@ -26,8 +26,24 @@ COLUMNS = {
     "worker_id": "TEXT", "lease_expires_at": "DOUBLE PRECISION", "attempts": "INTEGER NOT NULL DEFAULT 0",
     "cancel_requested": "INTEGER NOT NULL DEFAULT 0",
 }
+# Once-per-job deliveries (a job's webhook), leased like jobs so a server that dies mid-retries hands the
+# delivery on. `done` defaults to 1: rows from before the lease columns (delivered once) stay done.
+EVENT_COLUMNS = {"owner": "TEXT", "lease_expires_at": "DOUBLE PRECISION", "tries": "INTEGER NOT NULL DEFAULT 0",
+                 "first_try_at": "DOUBLE PRECISION", "outcome": "TEXT", "done": "INTEGER NOT NULL DEFAULT 1"}
 EVENTS_TABLE = "CREATE TABLE IF NOT EXISTS job_events (job_id TEXT NOT NULL, event TEXT NOT NULL, " \
                "at TEXT NOT NULL, PRIMARY KEY (job_id, event))"
+# Takes an event row: a new one, or one not done whose lease ran out. {p}: placeholder, {now}: the clock.
+CLAIM_EVENT = ("INSERT INTO job_events (job_id, event, at, owner, lease_expires_at, done) VALUES ({p}, {p}, {p}, {p}, "
+               "{now} + {p}, 0) ON CONFLICT (job_id, event) DO UPDATE SET owner = excluded.owner, "
+               "lease_expires_at = excluded.lease_expires_at WHERE job_events.done = 0 AND "
+               "(job_events.lease_expires_at IS NULL OR job_events.lease_expires_at < {now})")
+HOLD_EVENT = ("UPDATE job_events SET lease_expires_at = {now} + {p}, tries = {p}, first_try_at = COALESCE(first_try_at, {p}) "
+              "WHERE job_id = {p} AND event = {p} AND owner = {p} AND done = 0")
+END_EVENT = "UPDATE job_events SET done = 1, outcome = {p}, at = {p} WHERE job_id = {p} AND event = {p} AND owner = {p} AND done = 0"
+# Ended jobs with a webhook whose delivery has not started, or stalled (its server died); oldest first.
+WEBHOOKS_DUE = ("SELECT j.* FROM jobs j LEFT JOIN job_events e ON e.job_id = j.id AND e.event = 'webhook' "
+                "WHERE j.status IN ('completed', 'failed') AND j.webhook IS NOT NULL AND j.completed_at >= {p} AND "
+                "(e.job_id IS NULL OR (e.done = 0 AND e.lease_expires_at < {now})) ORDER BY j.completed_at LIMIT {p}")
 # Claimable: active, and unowned or owned under a lease that ran out. Oldest first.
 CLAIMABLE = "status IN ('created', 'processing') AND (worker_id IS NULL OR lease_expires_at < {now})"
 
@@ -91,7 +107,10 @@ class Store(Protocol):
     def fenced_update(self, job_id: str, worker_id: str, **changes: Any) -> bool: ...
     def cancel_unclaimed(self, job_id: str, error: str) -> bool: ...
     def request_cancel(self, job_id: str) -> bool: ...
-    def mark_once(self, job_id: str, event: str) -> bool: ...
+    def claim_event(self, job_id: str, event: str, owner: str, lease_s: float) -> tuple[int, float | None] | None: ...
+    def hold_event(self, job_id: str, event: str, owner: str, lease_s: float, tries: int, first_try_at: float) -> bool: ...
+    def end_event(self, job_id: str, event: str, owner: str, outcome: str) -> bool: ...
+    def webhooks_due(self, since_iso: str, limit: int) -> list[JobRecord]: ...
     def close(self) -> None: ...
 
 
@@ -113,6 +132,10 @@ class SQLiteStore:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
         self._db.execute("CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status)")
         self._db.execute(EVENTS_TABLE)
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(job_events)")}
+        for name, decl in EVENT_COLUMNS.items():
+            if name not in have:
+                self._db.execute(f"ALTER TABLE job_events ADD COLUMN {name} {decl}")
 
     def close(self) -> None:
         with self._lock:
@@ -181,11 +204,32 @@ class SQLiteStore:
             cur = self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = 'created'", (job_id,))
             return cur.rowcount == 1
 
-    def mark_once(self, job_id: str, event: str) -> bool:
+    def claim_event(self, job_id: str, event: str, owner: str, lease_s: float) -> tuple[int, float | None] | None:
+        """Take the job's `event` under a lease: (tries so far, time of the first try) or None (done, or held)."""
+        now = time.time()
         with self._lock:
-            cur = self._db.execute("INSERT INTO job_events (job_id, event, at) VALUES (?, ?, ?) "
-                                   "ON CONFLICT DO NOTHING", (job_id, event, _now_iso()))
-            return cur.rowcount == 1
+            cur = self._db.execute(CLAIM_EVENT.format(p="?", now="?"), (job_id, event, _now_iso(), owner, now, lease_s, now))
+            if cur.rowcount != 1:
+                return None
+            row = self._db.execute("SELECT tries, first_try_at FROM job_events WHERE job_id = ? AND event = ?",
+                                   (job_id, event)).fetchone()
+            return row[0], row[1]
+
+    def hold_event(self, job_id: str, event: str, owner: str, lease_s: float, tries: int, first_try_at: float) -> bool:
+        """Extend the lease and record the tries; False when another server holds it now (or it is done)."""
+        with self._lock:
+            return self._db.execute(HOLD_EVENT.format(p="?", now="?"), (time.time(), lease_s, tries, first_try_at,
+                                                                       job_id, event, owner)).rowcount == 1
+
+    def end_event(self, job_id: str, event: str, owner: str, outcome: str) -> bool:
+        with self._lock:
+            return self._db.execute(END_EVENT.format(p="?"), (outcome, _now_iso(), job_id, event, owner)).rowcount == 1
+
+    def webhooks_due(self, since_iso: str, limit: int) -> list[JobRecord]:
+        with self._lock:
+            cur = self._db.execute(WEBHOOKS_DUE.format(p="?", now="?"), (since_iso, time.time(), limit))
+            names = [c[0] for c in cur.description]
+            return [decode(dict(zip(names, row))) for row in cur.fetchall()]
 
 
 JobStore = SQLiteStore  # the name before the queue existed

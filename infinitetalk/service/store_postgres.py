@@ -11,7 +11,8 @@ import threading
 from dataclasses import asdict
 from typing import Any
 
-from .store import CLAIMABLE, COLUMNS, EVENTS_TABLE, JobRecord, StoreUnavailable, decode, encode, _now_iso
+from .store import (CLAIM_EVENT, CLAIMABLE, COLUMNS, END_EVENT, EVENT_COLUMNS, EVENTS_TABLE, HOLD_EVENT, WEBHOOKS_DUE,
+                    JobRecord, StoreUnavailable, decode, encode, _now_iso)
 
 _NOW = "extract(epoch from clock_timestamp())"
 CONNECT_TIMEOUT_S = 5
@@ -122,6 +123,8 @@ class PostgresStore:
                             conn.execute(f"ALTER TABLE jobs ADD COLUMN IF NOT EXISTS {name} {decl}")
                     conn.execute("CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, created_at)")
                     conn.execute(EVENTS_TABLE)
+                    for name, decl in EVENT_COLUMNS.items():
+                        conn.execute(f"ALTER TABLE job_events ADD COLUMN IF NOT EXISTS {name} {decl}")
             self._with_conn(create)
             self._schema_ready = True
 
@@ -178,6 +181,22 @@ class PostgresStore:
         sql = "UPDATE jobs SET cancel_requested = 1 WHERE id = %s AND status = 'created'"
         return self._run(lambda c: c.execute(sql, (job_id,)).rowcount == 1)
 
-    def mark_once(self, job_id: str, event: str) -> bool:
-        sql = "INSERT INTO job_events (job_id, event, at) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING"
-        return self._run(lambda c: c.execute(sql, (job_id, event, _now_iso())).rowcount == 1)
+    def claim_event(self, job_id: str, event: str, owner: str, lease_s: float) -> tuple[int, float | None] | None:
+        sql = CLAIM_EVENT.format(p="%s", now=_NOW) + " RETURNING tries, first_try_at"
+
+        def claim(conn):
+            row = conn.execute(sql, (job_id, event, _now_iso(), owner, lease_s)).fetchone()
+            return None if row is None else (row["tries"], row["first_try_at"])
+        return self._run(claim)
+
+    def hold_event(self, job_id: str, event: str, owner: str, lease_s: float, tries: int, first_try_at: float) -> bool:
+        sql = HOLD_EVENT.format(p="%s", now=_NOW)
+        return self._run(lambda c: c.execute(sql, (lease_s, tries, first_try_at, job_id, event, owner)).rowcount == 1)
+
+    def end_event(self, job_id: str, event: str, owner: str, outcome: str) -> bool:
+        sql = END_EVENT.format(p="%s")
+        return self._run(lambda c: c.execute(sql, (outcome, _now_iso(), job_id, event, owner)).rowcount == 1)
+
+    def webhooks_due(self, since_iso: str, limit: int) -> list[JobRecord]:
+        sql = WEBHOOKS_DUE.format(p="%s", now=_NOW)
+        return self._run(lambda c: [decode(row) for row in c.execute(sql, (since_iso, limit)).fetchall()])

@@ -7,10 +7,16 @@ base64-decoded). `webhook-id` is the job id, the same on every retry, so a recei
 
 The URL is checked by the same guard as inputs (http/https, public addresses only; hosts named in
 `INFINITETALK_API_ALLOW_HOSTS` are admitted: that is how tests reach 127.0.0.1) at submit and again
-before every attempt, and the connection goes only to the addresses just checked. Delivery runs as a
-background task: it never blocks the server loop and never raises into it. It is attempted at most once
-per job across servers sharing a store (`mark_once(job_id, "webhook")`), retried on connection errors,
-408, 429 and 5xx with exponential backoff inside a bounded total time; redirects are not followed.
+before every attempt, and the connection goes only to the addresses just checked. Redirects are not
+followed. Retries on connection errors, 408, 425, 429 and 5xx, with exponential backoff inside a bounded
+total time.
+
+Delivery is at least once across a fleet: a server claims the job's delivery in the job store under a
+lease it extends before every attempt and every wait (`claim_event` / `hold_event`), and records the end
+(`end_event`). Servers sharing the store never deliver one job at the same time. A server that dies
+mid-retries (or right after recording the job's end) leaves the delivery due; every server's sweep
+(`run`) takes due ones up once their lease runs out and carries on with the tries and the deadline
+where they were. Delivery runs as background tasks: it never blocks the server loop or raises into it.
 """
 from __future__ import annotations
 
@@ -22,14 +28,16 @@ import logging
 import os
 import random
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
-from .contract import ApiError
+from .contract import ApiError, envelope
 from .guard import check_url
 from .inputs import InputSettings, _pinned_resolver
-from .store import JobRecord
+from .store import JobRecord, StoreUnavailable
 
 ENV_SECRET = "INFINITETALK_API_WEBHOOK_SECRET"
 ENV_PUBLIC_URL = "INFINITETALK_API_PUBLIC_URL"  # base URL of result links in webhook bodies
@@ -37,6 +45,8 @@ SIGNATURE_VERSION = "v3"
 MAX_AGE_S = 300  # what a receiver should accept (WaveSpeed's documented window)
 MAX_URL_CHARS = 2048
 RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
+EVENT = "webhook"
+MAX_LATE_S = 24 * 3600  # a job that ended longer ago than this is not swept up any more
 log = logging.getLogger("infinitetalk.api")
 
 
@@ -80,6 +90,9 @@ class WebhookSettings:
     max_delay_s: float = 120.0
     total_s: float = 900.0         # give up once this long has passed since the first attempt
     request_timeout_s: float = 15.0
+    lease_s: float = 60.0          # how long past its next step a silent server keeps a delivery
+    sweep_s: float = 15.0          # how often a server looks for deliveries that are due
+    max_in_flight: int = 16        # deliveries one server runs at a time
 
 
 def webhook_settings_from_env(environ: Mapping[str, str] | None = None) -> WebhookSettings | None:
@@ -95,16 +108,18 @@ def webhook_settings_from_env(environ: Mapping[str, str] | None = None) -> Webho
 
 
 class WebhookSender:
-    """Posts a finished job's envelope to its webhook; use `on_final` as JobService's `on_final` hook.
+    """Posts a finished job's envelope to its webhook; use `on_final` as JobService's `on_final` hook and
+    run `run()` beside the server (the sweep for deliveries another server left unfinished).
 
     `envelope_for(rec)` builds the body (the GET-result envelope); `webhook_of(rec)` says where to send.
+    `clock` is wall time (the first try's time is kept in the store and read by other servers).
     """
 
     def __init__(self, store: Any, settings: WebhookSettings, inputs: InputSettings,
                  envelope_for: Callable[[JobRecord], dict],
                  webhook_of: Callable[[JobRecord], str | None] = lambda rec: rec.webhook,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.time, owner: str | None = None):
         self.store = store
         self.settings = settings
         self.inputs = inputs
@@ -112,60 +127,118 @@ class WebhookSender:
         self.webhook_of = webhook_of
         self.sleep = sleep
         self.clock = clock
-        self.tasks: set[asyncio.Task] = set()  # strong references until done
-        self.attempts: dict[str, list[int | str]] = {}  # job id -> HTTP status or error name per attempt
+        self.owner = owner or f"webhooks:{uuid.uuid4().hex[:12]}"
+        self.tasks: dict[str, asyncio.Task] = {}  # job id -> its delivery here (strong references until done)
+        self.attempts: dict[str, list[int | str]] = {}  # job id -> HTTP status or error name per attempt here
+        self._stopping = asyncio.Event()
 
     def on_final(self, rec: JobRecord) -> None:
         """Start delivery in the background (needs a running loop); never raises."""
         try:
-            if not self.webhook_of(rec):
-                return
-            task = asyncio.get_running_loop().create_task(self.deliver(rec))
+            if self.webhook_of(rec) and rec.id not in self.tasks:
+                self._start(rec)
         except Exception:  # noqa: BLE001 - a webhook must never break the caller (a request handler)
             log.exception("webhook for job %s could not be started", rec.id)
-            return
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+
+    def _start(self, rec: JobRecord) -> None:
+        task = asyncio.get_running_loop().create_task(self.deliver(rec))
+        self.tasks[rec.id] = task
+        task.add_done_callback(lambda _t, job_id=rec.id: self.tasks.pop(job_id, None))
 
     async def drain(self) -> None:
         """Wait for the deliveries in flight (tests, shutdown)."""
         while self.tasks:
-            await asyncio.gather(*list(self.tasks), return_exceptions=True)
+            await asyncio.gather(*list(self.tasks.values()), return_exceptions=True)
+
+    async def sweep(self) -> int:
+        """Start the deliveries that are due (never started, or left by a server that stopped); how many."""
+        room = self.settings.max_in_flight - len(self.tasks)
+        if room <= 0:
+            return 0
+        since = datetime.fromtimestamp(self.clock() - MAX_LATE_S, timezone.utc).isoformat(timespec="milliseconds")
+        due = await self._db(self.store.webhooks_due, since.replace("+00:00", "Z"), room)
+        started = 0
+        for rec in due:
+            if rec.id not in self.tasks and self.webhook_of(rec):
+                self._start(rec)
+                started += 1
+        return started
+
+    async def run(self) -> None:
+        """Sweep every `sweep_s` until `stop()`; database trouble is logged and retried."""
+        while not self._stopping.is_set():
+            try:
+                await self.sweep()
+            except StoreUnavailable as exc:
+                log.warning("webhook sweep: %s; retrying", exc)
+            except Exception:  # noqa: BLE001 - the sweep must outlive any one delivery's trouble
+                log.exception("webhook sweep failed")
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.settings.sweep_s)
+            except asyncio.TimeoutError:
+                pass
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def _db(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
     async def deliver(self, rec: JobRecord) -> bool:
-        """Deliver once (across servers); True when a receiver answered 2xx. Never raises."""
+        """Deliver (one server at a time); True when a receiver answered 2xx. Never raises."""
         try:
             url = self.webhook_of(rec)
-            if not url or not await asyncio.get_running_loop().run_in_executor(None, self.store.mark_once, rec.id,
-                                                                                 "webhook"):
+            if not url:
                 return False
+            claimed = await self._db(self.store.claim_event, rec.id, EVENT, self.owner, self._lease())
+            if claimed is None:   # done, or another server is on it
+                return False
+            tries, first_try_at = claimed
+            if tries:
+                log.info("webhook for job %s taken over after %d attempts elsewhere", rec.id, tries)
             body = json.dumps(self.envelope_for(rec), separators=(",", ":")).encode()
-            return await self._attempts(rec.id, url, body)
+            outcome = await self._attempts(rec.id, url, body, tries, first_try_at)
+            if outcome is None:   # another server took it over (this one was too slow to extend the lease)
+                return False
+            await self._db(self.store.end_event, rec.id, EVENT, self.owner, outcome)
+            return outcome == "delivered"
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - includes StoreUnavailable: the lease runs out, a sweep retries
             log.exception("webhook for job %s failed unexpectedly", rec.id)
             return False
 
-    async def _attempts(self, job_id: str, url: str, body: bytes) -> bool:
+    def _lease(self, wait_s: float = 0.0) -> float:
+        return wait_s + self.settings.request_timeout_s + self.settings.lease_s
+
+    async def _attempts(self, job_id: str, url: str, body: bytes, tries: int, first_try_at: float | None) -> str | None:
+        """Attempts from number `tries` on: "delivered", "gave up: …", "refused: …", or None (taken over)."""
         s = self.settings
-        deadline = self.clock() + s.total_s
+        first = self.clock() if first_try_at is None else first_try_at
+        deadline = first + s.total_s
         tried = self.attempts.setdefault(job_id, [])
-        for attempt in range(s.max_attempts):
+        for attempt in range(tries, s.max_attempts):
+            if self.clock() > deadline:   # a delivery taken over late: its time may be up already
+                break
+            if not await self._db(self.store.hold_event, job_id, EVENT, self.owner, self._lease(), attempt + 1, first):
+                return None
             outcome = await self._post_once(url, job_id, body)
             tried.append(outcome)
             if isinstance(outcome, int) and 200 <= outcome < 300:
                 log.info("webhook for job %s delivered (HTTP %d, attempt %d)", job_id, outcome, attempt + 1)
-                return True
+                return "delivered"
             if outcome == "refused" or (isinstance(outcome, int) and outcome not in RETRY_STATUSES):
                 log.warning("webhook for job %s not delivered: %s; not retried", job_id, outcome)
-                return False
+                return f"refused: {outcome}"
             delay = min(s.max_delay_s, s.first_delay_s * 2 ** attempt) * random.uniform(0.8, 1.0)
             if attempt + 1 >= s.max_attempts or self.clock() + delay > deadline:
                 break
+            if not await self._db(self.store.hold_event, job_id, EVENT, self.owner, self._lease(delay), attempt + 1, first):
+                return None
             await self.sleep(delay)
-        log.warning("webhook for job %s given up after %d attempts (last: %s)", job_id, len(tried), tried[-1])
-        return False
+        last = tried[-1] if tried else "no attempt left in its time"
+        log.warning("webhook for job %s given up after %d attempts (last: %s)", job_id, max(len(tried), tries), last)
+        return f"gave up: {last}"
 
     async def _post_once(self, url: str, job_id: str, body: bytes) -> int | str:
         """One signed POST: the HTTP status, "refused" (guard) or the connection error's name."""
@@ -192,8 +265,6 @@ class WebhookSender:
 def result_envelope_for(service: Any, environ: Mapping[str, str] | None = None) -> Callable[[JobRecord], dict]:
     """The webhook body builder: the GET-result envelope, links based on `INFINITETALK_API_PUBLIC_URL`
     or else on the origin the job was submitted to (kept in the job's request as `base_url`)."""
-    from .contract import envelope
-
     env = os.environ if environ is None else environ
 
     def build(rec: JobRecord) -> dict:
