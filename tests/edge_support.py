@@ -3,6 +3,7 @@ receiver and a moto S3 server, all on 127.0.0.1 and each stopped by the test tha
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import subprocess
 import sys
@@ -89,12 +90,12 @@ def free_port() -> int:
 class MotoServer:
     """`python -m moto.server -H 127.0.0.1 -p PORT` as a subprocess; `stop()` ends it by its own PID."""
 
-    def __init__(self, log: Path):
+    def __init__(self, log: Path, env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = open(log, "wb")
         self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                        stdout=self._log, stderr=subprocess.STDOUT)
+                                        stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         deadline = time.time() + 60
         while True:
             try:

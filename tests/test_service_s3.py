@@ -1,6 +1,6 @@
 """S3 outputs against a real S3-compatible server (moto's server mode on 127.0.0.1, started and
-stopped here): upload, presigned URLs fetched over loopback, the expiry setting, bad settings, and an
-upload failure that fails the job with a clear error."""
+stopped here): upload, presigned URLs fetched over loopback, the expiry setting, bad settings, and
+uploads that fail (no bucket, the endpoint down, credentials refused) failing the job with a clear error."""
 from __future__ import annotations
 
 import os
@@ -159,8 +159,8 @@ def test_job_outputs_are_presigned_urls_through_the_api(moto, tmp_path, aws_env)
     assert _fetch(url) == (200, (tmp_path / "output" / "infinitetalk_api" / item["filename"]).read_bytes())
 
 
-def test_upload_failure_fails_the_job_with_a_clear_error(moto, tmp_path, aws_env):
-    out = _outputs(moto, tmp_path, "no-such-bucket-here")   # never created
+def _published_through_a_job(out, tmp_path):
+    """Submit, let the worker finish the job on the fake engine with `out` as its outputs; the result read twice."""
     env = make_edge_env(tmp_path, outputs=out)
     item = _video(tmp_path, "clip_00003_.mp4")
 
@@ -172,11 +172,38 @@ def test_upload_failure_fails_the_job_with_a_clear_error(moto, tmp_path, aws_env
         resp = await client.get(f"/infinitetalk/v1/predictions/{job}/result")
         again = await (await client.get(f"/infinitetalk/v1/predictions/{job}/result")).json()
         return resp.status, await resp.json(), again
+    return call(env["service"], flow)
 
-    status, reply, again = call(env["service"], flow)
+
+def test_upload_failure_fails_the_job_with_a_clear_error(moto, tmp_path, aws_env):
+    status, reply, again = _published_through_a_job(_outputs(moto, tmp_path, "no-such-bucket-here"), tmp_path)
     assert status == 200 and reply["data"]["status"] == "failed" and reply["data"]["outputs"] == []
     assert "no-such-bucket-here" in reply["data"]["error"] and "NoSuchBucket" in reply["data"]["error"]
     assert reply["data"]["billed_seconds"] == 0 and again["data"] == reply["data"]
+
+
+def test_an_endpoint_that_is_down_fails_the_job_in_bounded_time(tmp_path, aws_env):
+    from edge_support import free_port
+
+    env = {"INFINITETALK_API_S3_BUCKET": "out-down", "INFINITETALK_API_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
+    started = time.monotonic()
+    status, reply, _ = _published_through_a_job(s3_outputs_from_env(tmp_path / "output", env), tmp_path)
+    assert status == 200 and reply["data"]["status"] == "failed" and reply["data"]["outputs"] == []
+    assert "could not be stored in S3" in reply["data"]["error"] and "EndpointConnectionError" in reply["data"]["error"]
+    assert time.monotonic() - started < 60                 # retried a few times, not for ever
+
+
+def test_credentials_the_server_refuses_fail_the_job_with_its_code(tmp_path_factory, tmp_path, aws_env):
+    strict = MotoServer(tmp_path_factory.mktemp("moto-auth") / "moto.log", env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    try:   # this moto checks access keys (it knows none): S3's answer to an unknown key
+        out = s3_outputs_from_env(tmp_path / "output", {"INFINITETALK_API_S3_BUCKET": "out-denied",
+                                                        "INFINITETALK_API_S3_ENDPOINT_URL": strict.url})
+        status, reply, _ = _published_through_a_job(out, tmp_path)
+    finally:
+        strict.stop()
+    assert status == 200 and reply["data"]["status"] == "failed" and reply["data"]["billed_seconds"] == 0
+    assert "out-denied" in reply["data"]["error"] and "InvalidAccessKeyId" in reply["data"]["error"]
+    assert CREDS["AWS_SECRET_ACCESS_KEY"] not in reply["data"]["error"]
 
 
 def test_explicit_settings_object(moto, tmp_path, aws_env):

@@ -3,6 +3,7 @@ cancel from any server, on_final once, and a dead PostgreSQL (503, nothing left,
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -252,3 +253,35 @@ def test_webhook_is_checked_and_kept_and_on_final_hears_route_cancels(tmp_path):
         [(job_id, "failed", CANCELLED, "https://hooks.example.com/x")]
     assert service.store.claim_event(job_id, "webhook", "S1", 60.0) == (0, None)   # one delivery at a time
     assert service.store.claim_event(job_id, "webhook", "S2", 60.0) is None
+
+
+def test_an_upload_longer_than_the_lease_keeps_the_job(tmp_path, db_url):
+    """Publishing (an S3 upload of a long video) can outlast the lease: the worker extends it meanwhile,
+    so no other worker takes the job over and runs it again."""
+    from infinitetalk.service.outputs import LocalOutputs
+
+    _, [(sa, ea, wa), (sb, eb, wb)] = fleet(tmp_path, db_url, lease_s=0.6)
+
+    class SlowUpload(LocalOutputs):
+        def publish(self, job_id, engine_outputs):
+            time.sleep(2.0)                               # more than three leases
+            return super().publish(job_id, engine_outputs)
+    sa.outputs = SlowUpload()
+
+    async def flow(client):
+        s, r = await post(client, SUBMIT, body())
+        job_id = r["data"]["id"]
+        await wa.tick()
+        ea.finish(wa.prompt_id, "clip_00001_.mp4")
+        finishing = asyncio.get_running_loop().create_task(wa.tick())   # A publishes (slowly) and records
+        claims = []
+        while not finishing.done():
+            await wb.tick()                               # B keeps trying to claim meanwhile
+            claims.append(wb.job)
+            await asyncio.sleep(0.1)
+        await finishing
+        return job_id, claims
+    job_id, claims = call(sa, flow)
+    assert len(claims) >= 10 and all(c is None for c in claims) and eb.graphs == {}
+    rec = sa.get(job_id)
+    assert rec.status == "completed" and rec.attempts == 1 and rec.outputs[0]["filename"] == "clip_00001_.mp4"

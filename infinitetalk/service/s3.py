@@ -86,7 +86,9 @@ def _client(settings: S3Settings):
     from botocore.config import Config
 
     # SigV4 presigning (X-Amz-Expires; the 7-day limit), path-style keys on custom endpoints (MinIO & co.)
-    config = Config(signature_version="s3v4", s3={"addressing_style": "path" if settings.endpoint_url else "auto"})
+    # Bounded waits: an endpoint that is down fails the upload (and the job, with the reason) in seconds.
+    config = Config(signature_version="s3v4", s3={"addressing_style": "path" if settings.endpoint_url else "auto"},
+                    connect_timeout=10, read_timeout=120, retries={"mode": "standard", "max_attempts": 3})
     return session.client("s3", endpoint_url=settings.endpoint_url, region_name=settings.region, config=config)
 
 

@@ -15,6 +15,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Awaitable
 from typing import Any
 
 from .contract import ApiError, now_iso
@@ -186,14 +187,33 @@ class Worker:
         """Publish the finished video (off the loop: an upload can take minutes) and record the end; a
         failed publish fails the job with its reason (and it is not billed)."""
         try:
-            outputs = await asyncio.get_running_loop().run_in_executor(
-                None, self.service.outputs.publish, self.job.id, engine_outputs)
+            outputs = await self._holding_lease(asyncio.get_running_loop().run_in_executor(
+                None, self.service.outputs.publish, self.job.id, engine_outputs))
         except Exception as exc:  # noqa: BLE001 - OutputPublishError or a storage client's own error
             log.error("InfiniteTalk worker %s: publishing job %s failed: %s", self.worker_id, self.job.id, exc)
             message = str(exc) if isinstance(exc, OutputPublishError) else \
                 f"the finished video could not be published ({type(exc).__name__})"
             return await self._end(status="failed", outputs=[], error=message, **changes)
         await self._end(status="completed", outputs=outputs, **changes)
+
+    async def _holding_lease(self, work: Awaitable[Any]) -> Any:
+        """Await `work` (an upload: it can outlast the lease) while extending the job's lease every third of it;
+        a lost lease is logged (the final write is fenced anyway)."""
+        task = asyncio.ensure_future(work)
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=self.lease_s / 3)
+            if done:
+                return task.result()
+            try:
+                held = await self._db(self.store.heartbeat, self.job.id, self.worker_id, self.lease_s)
+            except StoreUnavailable as exc:
+                log.warning("InfiniteTalk worker %s: heartbeat of job %s failed during its upload (%s)",
+                            self.worker_id, self.job.id, exc)
+                continue
+            self._beat_at = time.monotonic()
+            if held is None:
+                log.warning("InfiniteTalk worker %s lost the lease of job %s during its upload", self.worker_id,
+                            self.job.id)
 
     async def _end(self, **changes: Any) -> None:
         self._final = {**changes, "completed_at": now_iso(), "lease_expires_at": None}
