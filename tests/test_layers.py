@@ -48,11 +48,6 @@ LOCAL_OURS = {
     "infinitetalk.tiny.": "tiny test checkpoints build only the component asked for",
     "infinitetalk.service.": "the job API imports (and answers 503) without the media/model dependencies",
     "nodes.": "ComfyUI imports node packs at start: nothing heavy before a node runs",
-    # Multi-rank work in flight edits these functions (content edits only there for now); deferred, not
-    # circle-dodging (see the acyclicity test): hoist once it has merged.
-    "infinitetalk.pipeline.generate": "deferred (in-flight multi-rank fix)",
-    "infinitetalk.runtime.launch": "deferred (in-flight multi-rank fix)",
-    "infinitetalk.runtime.workers": "deferred (in-flight multi-rank fix)",
 }
 
 BOTTOM = ("infinitetalk", "infinitetalk.errors", "infinitetalk.limits", "infinitetalk.dependencies")

@@ -13,8 +13,11 @@ Reads top to bottom like the method:
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import inspect
 import json
+import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -24,15 +27,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import JobCancelled
+from ..audio.loudness import normalize_loudness
+from ..errors import InputError, JobCancelled
+from ..models.wav2vec2 import normalize_waveform
+from ..runtime.budget import JobShape
 from ..runtime.teacache import TeaCache
-from ..text.prompts import prompt_for_window, window_prompts
+from ..text.prompts import DEFAULT_NEGATIVE_PROMPT, prompt_for_window, window_prompts
+from ..video.segments import concat_segments
+from ..video.writer import Mp4Writer
+from .color import match_and_blend_colors
 from .conditioning import motion_latents, reference_condition, to_model_frames, to_uint8_frames
+from .inputs import prepare_inputs
 from .job import JobFolder, JobState, default_job_dir, fingerprint
 from .progress import JobProgress, ProgressHook, ProgressInfo
 from .request import GenerationRequest
 from .sampler import Guidance, KeepRegion, WindowConditioning, sample_window, window_noise
 from .schedule import shift_for, timesteps
+from .windows import gather_audio_windows
 
 if TYPE_CHECKING:
     from .models import ModelBundle
@@ -66,7 +77,6 @@ def generate(request: GenerationRequest, models: ModelBundle, progress: Progress
     Raises InputError (bad input, nothing written), JobCancelled (the job folder keeps finished windows;
     rerun the same request to resume). Nothing appears under the output name unless the job completed.
     """
-    from .inputs import prepare_inputs
 
     t_start = time.perf_counter()
     req = request.resolved()
@@ -88,7 +98,6 @@ def _generate(request, req, inputs, models, progress, cancel, on_window, t_start
     state = job.load(job_id)
     resumed = state.windows_done if state else 0
     if resumed:   # operators of a fleet see that a taken-over job did not start over
-        import logging
 
         logging.getLogger("infinitetalk").info("resuming job %s from its job folder: %d of %d windows already done",
                                                job_id[:12], resumed, plan.num_chunks)
@@ -117,7 +126,6 @@ def _generate(request, req, inputs, models, progress, cancel, on_window, t_start
         _run_windows(req, models, inputs, job, state, times, guidance, on_step, on_window, tracker)
 
     # -- finish: one file, atomic ------------------------------------------------------------------
-    from ..video.segments import concat_segments
 
     out = Path(req.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -147,9 +155,6 @@ def _settings(req: GenerationRequest, seed: int, height: int, width: int, frames
 @torch.no_grad()
 def _run_windows(req, models, inputs, job: JobFolder, state: JobState, times, guidance, on_step, on_window,
                  tracker: JobProgress) -> None:
-    from ..video.writer import Mp4Writer
-    from .color import match_and_blend_colors
-    from .windows import gather_audio_windows
 
     plan, (height, width) = inputs.plan, inputs.size
     device, dtype = models.device, models.dtype
@@ -217,7 +222,6 @@ def _run_windows(req, models, inputs, job: JobFolder, state: JobState, times, gu
 
 def _check_sampler(models, req) -> None:
     """Refuse, before any model work, a setting the multi-process sampler (`models.sampler`) cannot run."""
-    from ..errors import InputError
 
     if req.teacache and models.sampler is not None and "teacache" not in inspect.signature(models.sampler).parameters:
         raise InputError("teacache", f"step skipping ({req.teacache:g}) is not available with multi-process "
@@ -227,10 +231,7 @@ def _check_sampler(models, req) -> None:
 def _place_for_job(models, req, inputs) -> None:
     """Decide where the DiT's blocks live for this job's size (runtime/plan.py), log the plan, and refuse a
     job that cannot fit the VRAM budget with the plan in the error, before any model work."""
-    import logging
 
-    from ..errors import InputError
-    from ..runtime.budget import JobShape
 
     if getattr(models, "dit", None) is None or not hasattr(models, "prepare"):
         return   # a bundle without the DiT (its workers plan their own memory)
@@ -244,8 +245,6 @@ def _place_for_job(models, req, inputs) -> None:
 
 def _release_host_memory() -> None:
     """Return freed heap pages to the OS (glibc keeps them otherwise, so transient peaks would stack)."""
-    import ctypes
-    import gc
 
     gc.collect()
     try:
@@ -256,8 +255,6 @@ def _release_host_memory() -> None:
 
 def _speaker_features(models, inputs) -> list[torch.Tensor]:
     """wav2vec2 features `[N, L, C]` of each speaker's placed, loudness-normalised 16 kHz track."""
-    from ..audio.loudness import normalize_loudness
-    from ..models.wav2vec2 import normalize_waveform
 
     out = []
     with models.using("wav2vec2") as w2v:
@@ -275,7 +272,6 @@ def _speaker_features(models, inputs) -> list[torch.Tensor]:
 def _prompt_embeddings(models, req) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Each window's prompt embedding (one per line of the prompt, the last repeating; each distinct prompt
     encoded once, kept in host memory until its window) and the negative prompt's, on the compute device."""
-    from ..text.prompts import DEFAULT_NEGATIVE_PROMPT
 
     negative = req.negative_prompt if req.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT
     prompts = window_prompts(req.prompt)

@@ -26,7 +26,9 @@ import torch
 import torch.distributed as dist
 
 from ..errors import InputError, WorkerLost
+from ..ops.parallel import guidance_layout, init_parallel
 from ..pipeline.sampler import Guidance, KeepRegion, WindowConditioning, sample_window
+from .budget import JobShape
 
 __all__ = ["LaunchEnv", "launch_env", "rank_device", "WindowJob", "World", "LeaderSampler", "follow", "sample_job",
            "job_shape", "place_for", "collective_failure", "join_as_leader", "run_follower", "stop_on_sigterm",
@@ -152,8 +154,6 @@ class World:
         env = launch_env()
         if env is None:
             raise InputError("WORLD_SIZE", "a multi-process run needs WORLD_SIZE > 1 (start it with torchrun)")
-        from ..ops.parallel import init_parallel
-
         parallel = init_parallel(device=device, guidance_parallel=guidance_parallel, timeout_s=COLLECTIVE_TIMEOUT_S)
         control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=CONTROL_TIMEOUT_S))
         return cls(env.rank, env.world_size, device, parallel, control)
@@ -221,8 +221,6 @@ class LeaderSampler:
 
     def _check_world_size(self, dit, guidance: Guidance) -> None:
         """InputError before any rank starts the window when its sequence groups cannot split the heads."""
-        from ..ops.parallel import guidance_layout
-
         world, calls, grouped = self.world.world_size, guidance.calls_per_step, self.world.parallel.guidance_parallel
         heads = _heads_of(dit)
         try:   # the layout the ranks will use (uneven guidance groups included)
@@ -237,8 +235,6 @@ class LeaderSampler:
 
 def job_shape(job: WindowJob):
     """The memory-planning shape of a window (runtime/budget.py JobShape), read from its latent."""
-    from .budget import JobShape
-
     _, t, h, w = job.noise.shape
     return JobShape.for_window(8 * h, 8 * w, 4 * (t - 1) + 1, job.guidance.calls_per_step)
 

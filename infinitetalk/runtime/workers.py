@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError, JobCancelled, WorkerLost
-from .launch import WindowJob
+from ..pipeline.models import load_models
+from .launch import World, WindowJob, guidance_batch, launch_env, place_for, rank_device, sample_job
 
 __all__ = ["WorkerPool", "FRONT_COMPONENTS", "STARTUP_TIMEOUT_S"]
 
@@ -254,8 +255,6 @@ class WorkerPool:
 # -- the worker process -------------------------------------------------------------------------------
 def _worker_main() -> int:
     """One pool worker: connect to the ComfyUI process, load the DiT, join the world, sample until told to stop."""
-    from .launch import World, guidance_batch, launch_env, place_for, rank_device, sample_job
-
     host, port = os.environ[_ADDRESS_ENV].rsplit(":", 1)
     conn = Client((host, int(port)), authkey=bytes.fromhex(os.environ.pop(_KEY_ENV)))
     env = launch_env()
@@ -264,8 +263,6 @@ def _worker_main() -> int:
     try:
         _, load_kwargs, device_type = _receive(conn)
         world = World.join(rank_device(env, device_type))
-        from ..pipeline.models import load_models
-
         models = load_models(**load_kwargs, device=world.device, components=("dit",))
         _send(conn, ("ready", env.rank))
         shape = None
