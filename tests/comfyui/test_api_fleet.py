@@ -6,13 +6,18 @@ use a short lease. A job long enough for 3 windows is submitted; once its first 
 job folder, the server running it is killed (SIGKILL). The other server takes the job over when the lease
 runs out, resumes it from the committed window and finishes it; the video is byte-identical to an
 uninterrupted run with the same seed. Status and result answer on both servers, incl. the one that did
-not take the job.
+not take the job. The job's webhook (a loopback receiver here, answering 500 once, then 200) is delivered
+once, signed, by the server that finished it, after one retry.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
+import http.server
 import json
 import os
 import signal
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -32,6 +37,35 @@ RATE = 16000
 LEFT_S, RIGHT_S = 3.5, 3.0   # 6.5 s in a row = 162 frames: windows of 81, then +72, +72 → 3 windows
 LEASE_S = "4"
 FINAL = ("completed", "failed")
+SECRET = "whsec_fleet-test-secret-0123456789"
+
+
+class Receiver(http.server.ThreadingHTTPServer):
+    """A webhook receiver on 127.0.0.1 answering `statuses` in turn (the last repeating); keeps what it got."""
+
+    def __init__(self, statuses: list[int]):
+        self.statuses, self.received = statuses, []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                outer.received.append((dict(self.headers), raw))
+                self.send_response(outer.statuses[min(len(outer.received), len(outer.statuses)) - 1])
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}/hook"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def _signed(headers: dict, raw: bytes) -> bool:
+    key = SECRET.removeprefix("whsec_").encode()
+    given = headers["webhook-signature"].partition(",")[2]
+    mac = hmac.new(key, f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + raw, hashlib.sha256)
+    return hmac.compare_digest(mac.hexdigest(), given)
 
 
 def _wav(path: Path, seconds: float, freq: float) -> None:
@@ -100,7 +134,8 @@ def fleet(tiny_models, tmp_path, postgres_url, custom_node_package):
     _wav(shared / "input" / "right.wav", RIGHT_S, 290.0)
     env = {"INFINITETALK_API_WORKFLOWS": str(tiny_api_workflows(tmp_path / "workflows")),
            "INFINITETALK_API_DATABASE_URL": postgres_url, "INFINITETALK_JOBS_DIR": str(shared / "jobs"),
-           "INFINITETALK_API_LEASE_SECONDS": LEASE_S}
+           "INFINITETALK_API_LEASE_SECONDS": LEASE_S, "INFINITETALK_API_WEBHOOK_SECRET": SECRET,
+           "INFINITETALK_API_ALLOW_HOSTS": "127.0.0.1"}   # the webhook receiver is on loopback (tests only)
     servers = []
     try:
         for name in ("a", "b"):
@@ -120,7 +155,8 @@ def test_a_killed_servers_job_is_finished_by_the_other_byte_identical(fleet):
     (a, b), shared = fleet
     body = {"image": "two.png", "left_audio": "left.wav", "right_audio": "right.wav", "order": "left_right",
             "seed": 4242}
-    code, reply = _call(a, "POST", "/infinitetalk/v1/image-to-video-multi", body)
+    hook = Receiver([500, 200])
+    code, reply = _call(a, "POST", f"/infinitetalk/v1/image-to-video-multi?webhook={hook.url}", body)
     assert code == 200, reply
     job_id = reply["data"]["id"]
     deadline = time.time() + 600
@@ -144,6 +180,16 @@ def test_a_killed_servers_job_is_finished_by_the_other_byte_identical(fleet):
     resumed = [line for line in since.splitlines() if "resuming job" in line]
     assert resumed and " 0 of " not in resumed[0], since[-3000:]   # resumed, not started over
     assert _status(other, job_id, "result") == done
+    deadline = time.time() + 60
+    while len(hook.received) < 2 and time.time() < deadline:   # the 500, then the retry (2 s later)
+        time.sleep(0.2)
+    time.sleep(1.0)
+    hook.shutdown()
+    assert len(hook.received) == 2, hook.received
+    assert all(h["webhook-id"] == job_id and _signed(h, raw) for h, raw in hook.received)
+    sent = json.loads(hook.received[1][1])["data"]   # the result envelope the API answers, its links on the
+    assert sent["outputs"][0].startswith(a.url + "/") and sent["urls"]["get"].startswith(a.url + "/")  # submit origin
+    assert json.dumps(sent).replace(a.url, "") == json.dumps(done).replace(other.url, "")
 
     # The same request, same seed, uninterrupted (the job folder was removed when the first one finished).
     assert _committed_windows(shared / "jobs") == 0
