@@ -40,6 +40,7 @@ CLAIM_EVENT = ("INSERT INTO job_events (job_id, event, at, owner, lease_expires_
 HOLD_EVENT = ("UPDATE job_events SET lease_expires_at = {now} + {p}, tries = {p}, first_try_at = COALESCE(first_try_at, {p}) "
               "WHERE job_id = {p} AND event = {p} AND owner = {p} AND done = 0")
 END_EVENT = "UPDATE job_events SET done = 1, outcome = {p}, at = {p} WHERE job_id = {p} AND event = {p} AND owner = {p} AND done = 0"
+WEBHOOK_INDEX = "CREATE INDEX IF NOT EXISTS jobs_webhook_ended ON jobs(completed_at) WHERE webhook IS NOT NULL"
 # Ended jobs with a webhook whose delivery has not started, or stalled (its server died); oldest first.
 WEBHOOKS_DUE = ("SELECT j.* FROM jobs j LEFT JOIN job_events e ON e.job_id = j.id AND e.event = 'webhook' "
                 "WHERE j.status IN ('completed', 'failed') AND j.webhook IS NOT NULL AND j.completed_at >= {p} AND "
@@ -131,6 +132,7 @@ class SQLiteStore:
             if name not in have:
                 self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
         self._db.execute("CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status)")
+        self._db.execute(WEBHOOK_INDEX)
         self._db.execute(EVENTS_TABLE)
         have = {r[1] for r in self._db.execute("PRAGMA table_info(job_events)")}
         for name, decl in EVENT_COLUMNS.items():

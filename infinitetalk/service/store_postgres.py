@@ -11,8 +11,8 @@ import threading
 from dataclasses import asdict
 from typing import Any
 
-from .store import (CLAIM_EVENT, CLAIMABLE, COLUMNS, END_EVENT, EVENT_COLUMNS, EVENTS_TABLE, HOLD_EVENT, WEBHOOKS_DUE,
-                    JobRecord, StoreUnavailable, decode, encode, _now_iso)
+from .store import (CLAIM_EVENT, CLAIMABLE, COLUMNS, END_EVENT, EVENT_COLUMNS, EVENTS_TABLE, HOLD_EVENT,
+                    WEBHOOK_INDEX, WEBHOOKS_DUE, JobRecord, StoreUnavailable, decode, encode, _now_iso)
 
 _NOW = "extract(epoch from clock_timestamp())"
 CONNECT_TIMEOUT_S = 5
@@ -122,6 +122,7 @@ class PostgresStore:
                         if name != "id":
                             conn.execute(f"ALTER TABLE jobs ADD COLUMN IF NOT EXISTS {name} {decl}")
                     conn.execute("CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, created_at)")
+                    conn.execute(WEBHOOK_INDEX)
                     conn.execute(EVENTS_TABLE)
                     for name, decl in EVENT_COLUMNS.items():
                         conn.execute(f"ALTER TABLE job_events ADD COLUMN IF NOT EXISTS {name} {decl}")

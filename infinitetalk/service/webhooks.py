@@ -204,7 +204,10 @@ class WebhookSender:
             return outcome == "delivered"
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001 - includes StoreUnavailable: the lease runs out, a sweep retries
+        except StoreUnavailable as exc:   # the lease runs out; a sweep carries on once the database is back
+            log.warning("webhook for job %s paused: %s", rec.id, exc)
+            return False
+        except Exception:  # noqa: BLE001
             log.exception("webhook for job %s failed unexpectedly", rec.id)
             return False
 
@@ -212,11 +215,12 @@ class WebhookSender:
         return wait_s + self.settings.request_timeout_s + self.settings.lease_s
 
     async def _attempts(self, job_id: str, url: str, body: bytes, tries: int, first_try_at: float | None) -> str | None:
-        """Attempts from number `tries` on: "delivered", "gave up: …", "refused: …", or None (taken over)."""
+        """Attempts from number `tries` on: "delivered", "gave up …", "not retried: …", or None (taken over)."""
         s = self.settings
         first = self.clock() if first_try_at is None else first_try_at
         deadline = first + s.total_s
         tried = self.attempts.setdefault(job_id, [])
+        made = tries   # attempts so far, on any server
         for attempt in range(tries, s.max_attempts):
             if self.clock() > deadline:   # a delivery taken over late: its time may be up already
                 break
@@ -224,12 +228,13 @@ class WebhookSender:
                 return None
             outcome = await self._post_once(url, job_id, body)
             tried.append(outcome)
+            made += 1
             if isinstance(outcome, int) and 200 <= outcome < 300:
                 log.info("webhook for job %s delivered (HTTP %d, attempt %d)", job_id, outcome, attempt + 1)
                 return "delivered"
             if outcome == "refused" or (isinstance(outcome, int) and outcome not in RETRY_STATUSES):
                 log.warning("webhook for job %s not delivered: %s; not retried", job_id, outcome)
-                return f"refused: {outcome}"
+                return f"not retried: {outcome}"
             delay = min(s.max_delay_s, s.first_delay_s * 2 ** attempt) * random.uniform(0.8, 1.0)
             if attempt + 1 >= s.max_attempts or self.clock() + delay > deadline:
                 break
@@ -237,8 +242,8 @@ class WebhookSender:
                 return None
             await self.sleep(delay)
         last = tried[-1] if tried else "no attempt left in its time"
-        log.warning("webhook for job %s given up after %d attempts (last: %s)", job_id, max(len(tried), tries), last)
-        return f"gave up: {last}"
+        log.warning("webhook for job %s given up after %d attempts (last: %s)", job_id, made, last)
+        return f"gave up after {made} attempts: {last}"
 
     async def _post_once(self, url: str, job_id: str, body: bytes) -> int | str:
         """One signed POST: the HTTP status, "refused" (guard) or the connection error's name."""
