@@ -169,6 +169,9 @@ def test_a_dead_database_is_503_leaves_no_files_and_loses_nothing(tmp_path, post
         resp = await client.get(f"/infinitetalk/v1/predictions/{job_id}/status")
         assert resp.status == 503 and "status cannot be read" in (await resp.json())["message"]
         assert resp.headers.get("Retry-After")
+        resp = await client.get("/infinitetalk/v1/health")                          # not ready, and why
+        reply = await resp.json()
+        assert resp.status == 503 and reply["message"] == "not ready: the job database is unreachable", reply
         resp = await client.get(f"/api/v3/predictions/{job_id}/result")           # the drop-in paths say the same
         assert resp.status == 503 and "status cannot be read" in (await resp.json())["message"]
         resp = await client.get(f"/v1/requests/{job_id}/status")
@@ -190,6 +193,8 @@ def test_a_dead_database_is_503_leaves_no_files_and_loses_nothing(tmp_path, post
         assert resp.status == 200 and data["status"] == "completed" and data["outputs"][0].endswith("done.mp4&subfolder=infinitetalk_api&type=output")
         s, r = await post(client, SUBMIT, body())        # and the server takes new jobs again
         assert s == 200, r
+        resp = await client.get("/infinitetalk/v1/health")
+        assert resp.status == 200 and (await resp.json())["data"]["database"] == "ok"
         return job_id
     call(service, flow)
 
@@ -285,3 +290,28 @@ def test_an_upload_longer_than_the_lease_keeps_the_job(tmp_path, db_url):
     assert len(claims) >= 10 and all(c is None for c in claims) and eb.graphs == {}
     rec = sa.get(job_id)
     assert rec.status == "completed" and rec.attempts == 1 and rec.outputs[0]["filename"] == "clip_00001_.mp4"
+
+
+def test_health_needs_no_key_and_says_only_status_words(tmp_path):
+    """For load balancers (which send no key): ready or not, the worker's state, nothing about any job."""
+    _, [(service, engine, worker)] = fleet(tmp_path, str(tmp_path / "jobs.sqlite3"), servers=1)
+
+    async def flow(client):
+        async def health():
+            resp = await client.get("/infinitetalk/v1/health")
+            return resp.status, (await resp.json())["data"]
+        seen = [await health()]
+        s, r = await post(client, SUBMIT, body())
+        assert s == 401, r                                 # the API itself still wants the key
+        await service.submit("image-to-video-multi", body())
+        await worker.tick()
+        seen.append(await health())                        # a job on this server's engine
+        service.worker = None
+        seen.append(await health())                        # an API-only server
+        resp = await client.post("/infinitetalk/v1/health")
+        return seen, resp.status
+    seen, post_status = call(service, flow, keys=("k-123",))
+    assert seen == [(200, {"status": "ok", "database": "ok", "worker": "idle"}),
+                    (200, {"status": "ok", "database": "ok", "worker": "busy"}),
+                    (200, {"status": "ok", "database": "ok", "worker": "off"})]
+    assert post_status == 401                               # only GET health is open without a key

@@ -6,6 +6,7 @@ Routes (all answer the contract's envelope `{code, message, data}`):
   GET  /infinitetalk/v1/predictions/{id}/result
   GET  /infinitetalk/v1/predictions/{id}/status
   POST /infinitetalk/v1/predictions/{id}/cancel
+  GET  /infinitetalk/v1/health          (no key: for load balancers; status words only)
 Anything else under the prefix (another method, an unknown path) answers 405/404 in the same envelope.
 Messages never show absolute server paths (`public_message`).
 """
@@ -49,7 +50,7 @@ log = logging.getLogger("infinitetalk.api")
 # (method, path pattern) of every route, to answer 405 rather than 404 for a known path.
 _AT = r"(?:/api)?" + re.escape(PREFIX)  # ComfyUI also serves every route under /api
 _ROUTE_SHAPES = [("POST", re.compile(_AT + "/(" + "|".join(map(re.escape, MODELS)) + ")")),
-                 ("GET", re.compile(_AT + r"/predictions/[^/]+/(status|result)")),
+                 ("GET", re.compile(_AT + r"/predictions/[^/]+/(status|result)")), ("GET", re.compile(_AT + "/health")),
                  ("POST", re.compile(_AT + r"/predictions/[^/]+/cancel")),
                  ("GET", re.compile(_AT + r"/uploads/[^/]+/[^/]+")), ("PUT", re.compile(_AT + r"/uploads/[^/]+/[^/]+"))]
 
@@ -75,6 +76,7 @@ class JobApi:
             web.get(PREFIX + "/predictions/{id}/result", status),
             web.get(PREFIX + "/predictions/{id}/status", status),
             web.post(PREFIX + "/predictions/{id}/cancel", self.reply(self._cancel, "nothing was cancelled")),
+            web.get(PREFIX + "/health", self.reply(self._health)),
             web.route("*", PREFIX + "/{tail:.*}", self.reply(self._no_route)),  # last: other methods / paths
         ]
         out[-1:-1] = compat_routes(self)  # WaveSpeed / RunComfy drop-in paths (compat.py), before the catch-all
@@ -154,6 +156,24 @@ class JobApi:
             raise ApiError(405, f"{request.method} is not allowed on {path}; use {' or '.join(allowed)}")
         raise ApiError(404, f"no API route {request.method} {path}; routes: POST {PREFIX}/<model>, "
                             f"GET {PREFIX}/predictions/<id>/status|result, POST {PREFIX}/predictions/<id>/cancel")
+
+    async def _health(self, request: web.Request):
+        """Ready or not, for a load balancer or an orchestrator: no key needed, so it shows status words only
+        (no job data, no package or setting names); 503 names what is wrong."""
+        problems = []
+        if missing_message(public=True):
+            problems.append("a package this server needs is not installed (see the server log)")
+        try:
+            await self.service.db(self.service.store.get, "")   # one round trip to the job database
+            database = "ok"
+        except StoreUnavailable:
+            database = "unreachable"
+            problems.append("the job database is unreachable")
+        if problems:
+            raise ApiError(503, "not ready: " + "; ".join(problems))
+        worker = self.service.worker
+        return {"status": "ok", "database": database,
+                "worker": "off" if worker is None else "busy" if worker.job is not None else "idle"}
 
     async def _status(self, request: web.Request):
         self.check(request)
