@@ -155,6 +155,9 @@ def test_a_killed_servers_job_is_finished_by_the_other_byte_identical(fleet):
     (a, b), shared = fleet
     body = {"image": "two.png", "left_audio": "left.wav", "right_audio": "right.wav", "order": "left_right",
             "seed": 4242}
+    for server in (a, b):                            # both ready, each with its own worker
+        assert _call(server, "GET", "/infinitetalk/v1/health") == \
+            (200, {"code": 200, "message": "success", "data": {"status": "ok", "database": "ok", "worker": "idle"}})
     hook = Receiver([500, 200])
     code, reply = _call(a, "POST", f"/infinitetalk/v1/image-to-video-multi?webhook={hook.url}", body)
     assert code == 200, reply

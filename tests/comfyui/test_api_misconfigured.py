@@ -25,12 +25,13 @@ def test_comfyui_with_a_bad_s3_setting_answers_503_naming_it(tiny_models, tmp_pa
             message = reply.get("message") or reply.get("error")
             assert status == 503 and "INFINITETALK_API_S3_BUCKET" in message, (path, reply)
             assert "Not_A_Bucket!" not in message
-        try:
-            urllib.request.urlopen(server.url + "/v1/requests/abc/status", timeout=30)
-            raise AssertionError("status answered 200 with a bad setting")
-        except urllib.error.HTTPError as err:
-            reply = json.loads(err.read())
-            assert err.code == 503 and reply["code"] == 503 and "INFINITETALK_API_S3_BUCKET" in reply["error"]
+        for path, field in (("/v1/requests/abc/status", "error"), ("/infinitetalk/v1/health", "message")):
+            try:
+                urllib.request.urlopen(server.url + path, timeout=30)
+                raise AssertionError(f"{path} answered 200 with a bad setting")
+            except urllib.error.HTTPError as err:
+                reply = json.loads(err.read())
+                assert err.code == 503 and reply["code"] == 503 and "INFINITETALK_API_S3_BUCKET" in reply[field]
     finally:
         stop_server(server)
     log = server.log.read_text()
