@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 from aiohttp import web
 
 from infinitetalk.service.jobs import JobService
@@ -120,3 +121,23 @@ class MotoServer:
 
 def run(coro):
     return asyncio.run(coro)
+
+
+CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 for the module (import the fixture into a test module to use it)."""
+    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def aws_env(monkeypatch):
+    """boto3's credentials for moto, and no profile or session token of the machine's."""
+    for k, v in CREDS.items():
+        monkeypatch.setenv(k, v)
+    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(k, raising=False)

@@ -15,26 +15,9 @@ boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto")
 pytest.importorskip("flask")  # moto's server mode (moto[server])
 
-from edge_support import MotoServer, make_edge_env  # noqa: E402
+from edge_support import CREDS, MotoServer, aws_env, make_edge_env, moto  # noqa: E402,F401 (fixtures)
 from infinitetalk.service.s3 import S3Outputs, S3Settings, s3_outputs_from_env, s3_settings_from_env  # noqa: E402
 from service_support import body, call, dispatch, post, settle  # noqa: E402
-
-CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory):
-    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
-    yield server
-    server.stop()
-
-
-@pytest.fixture()
-def aws_env(monkeypatch):
-    for k, v in CREDS.items():
-        monkeypatch.setenv(k, v)
-    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(k, raising=False)
 
 
 def _bucket(moto, name: str) -> str:

@@ -25,6 +25,7 @@ from .contract import MAX_SECONDS, ApiError, JobRequest, audio_seconds_for, bill
 from .graph import build_graph
 from .inputs import JOB_INPUTS, InputSettings, disk_full_as_507, remove_job_inputs, resolve_media
 from .outputs import LocalOutputs, OutputStore
+from .staging import InputStagingError
 from .uploads import UPLOADS, local_upload
 from .store import FINAL, JobRecord, Store
 
@@ -119,6 +120,7 @@ class JobService:
         self.webhook_check = webhook_check
         self.cancel_wait_s = cancel_wait_s
         self.webhook_sender = None  # the WebhookSender behind `on_final`, when webhooks are configured
+        self.staging = None  # S3Inputs (staging.py) when job inputs are staged in S3 for workers elsewhere
         self.worker = None  # the local Worker, when this server runs one (it handles cancels of its job at once)
         self._submitting: set[str] = set()  # job ids whose inputs are being fetched (never swept)
         self._last_sweep = float("-inf")
@@ -181,16 +183,47 @@ class JobService:
         inputs = {f: path.resolve().relative_to(root).as_posix() for f, path in local.items()}
         request = {**req.to_json(), "seed": seed, "inputs": inputs, "base_url": base_url.rstrip("/")}
         build_graph(self.workflows[req.kind], graph_params(request), filename_prefix=output_prefix(job_id))  # fits
+        if self.staging is not None:   # for a worker without this server's input folder
+            try:
+                request["staged"] = await loop.run_in_executor(None, self.staging.stage, job_id, local)
+            except InputStagingError as exc:
+                log.error("job API: staging the inputs of a submission failed: %s", exc)
+                raise ApiError(503, f"{exc}; nothing was queued, retry later") from exc
         record = JobRecord(id=job_id, model=req.model, request=request, status="created", created_at=now_iso(),
                            video_seconds=total, billed_seconds=billed_seconds(total), webhook=webhook)
-        with disk_full_as_507("the job database (in the user folder)"):
-            await self.db(self.store.insert, record)
+        try:
+            with disk_full_as_507("the job database (in the user folder)"):
+                await self.db(self.store.insert, record)
+        except BaseException:
+            await self._unstage(record)
+            raise
         return record
 
-    def graph_for(self, rec: JobRecord) -> dict:
-        """The ComfyUI graph of a recorded job (built by the worker that runs it)."""
-        return build_graph(self.workflows[rec.request["kind"]], graph_params(rec.request),
-                           filename_prefix=output_prefix(rec.id))
+    async def _unstage(self, rec: JobRecord) -> None:
+        """Delete a job's staged inputs (best effort: a bucket lifecycle rule is the backstop)."""
+        staged = rec.request.get("staged")
+        if self.staging is None or not staged:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.staging.remove, staged)
+        except Exception as exc:  # noqa: BLE001 - the job's outcome stands whatever the bucket says
+            log.warning("job API: the staged inputs of job %s were not deleted: %s", rec.id, exc)
+
+    def graph_for(self, rec: JobRecord, inputs: dict[str, str] | None = None) -> dict:
+        """The ComfyUI graph of a recorded job (built by the worker that runs it); `inputs` replaces the
+        recorded input names (the worker's copies of staged inputs)."""
+        params = graph_params(rec.request)
+        params.update(inputs or {})
+        return build_graph(self.workflows[rec.request["kind"]], params, filename_prefix=output_prefix(rec.id))
+
+    async def local_inputs(self, rec: JobRecord) -> dict[str, str] | None:
+        """This server's input names for the job: None when they are the recorded ones (nothing staged),
+        else its own copies of the staged inputs (downloaded if it lacks them). InputStagingError."""
+        staged = rec.request.get("staged")
+        if self.staging is None or not staged:
+            return None
+        return await asyncio.get_running_loop().run_in_executor(
+            None, self.staging.materialize, rec.id, rec.request["inputs"], staged, Path(self.settings.input_dir))
 
     def sweep_if_due(self) -> list[str]:
         """Run `clean_inputs` at most once per `settings.sweep_interval_s` (called on submit)."""
@@ -237,7 +270,9 @@ class JobService:
         return await self.db(self.get, job_id)
 
     async def notify_final(self, rec: JobRecord) -> None:
-        """Tell `on_final` that `rec` reached its final state; its failures are logged, never raised."""
+        """Tell `on_final` that `rec` reached its final state (and delete its staged inputs); its failures are
+        logged, never raised."""
+        await self._unstage(rec)
         if self.on_final is None:
             return
         try:

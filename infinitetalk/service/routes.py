@@ -31,6 +31,7 @@ from .jobs import JobService
 from .database import open_store
 from .outputs import LocalOutputs
 from .s3 import s3_outputs_from_env
+from .staging import s3_inputs_from_env
 from .webhooks import WebhookSender, make_webhook_check, result_envelope_for, webhook_settings_from_env
 from .store import Store, StoreUnavailable
 
@@ -220,12 +221,14 @@ def service_from_env(open_db: Callable[[], Store], engine: Any, settings: InputS
                      workflows: dict[str, dict], output_dir: Path,
                      environ: Mapping[str, str] | None = None) -> JobService:
     """The job service as the environment configures it: S3 outputs when `INFINITETALK_API_S3_BUCKET` is set
-    (else `/view` URLs), signed webhooks when `INFINITETALK_API_WEBHOOK_SECRET` is set. RuntimeError names
+    (else `/view` URLs), job inputs staged there too with `INFINITETALK_API_S3_INPUTS=1`, signed webhooks when `INFINITETALK_API_WEBHOOK_SECRET` is set. RuntimeError names
     a bad setting; the job database (`open_db()`) is opened only once every setting has been read."""
     outputs = s3_outputs_from_env(output_dir, environ) or LocalOutputs()
+    staging = s3_inputs_from_env(environ)
     hooks = webhook_settings_from_env(environ)
     store = open_db()
     service = JobService(store, engine, settings, workflows, outputs=outputs)
+    service.staging = staging
     if hooks is not None:   # webhooks only with a signing secret: receivers must be able to verify them
         sender = WebhookSender(store, hooks, settings, result_envelope_for(service, environ))
         service.on_final, service.webhook_check = sender.on_final, make_webhook_check(settings)

@@ -2,6 +2,7 @@
 
 Settings (all optional; without `INFINITETALK_API_S3_BUCKET` outputs stay on ComfyUI's `/view`):
   INFINITETALK_API_S3_BUCKET               bucket name (turns S3 outputs on)
+  INFINITETALK_API_S3_INPUTS               1: also stage job inputs there (staging.py; default 0)
   INFINITETALK_API_S3_ENDPOINT_URL         http(s) endpoint of an S3-compatible service (MinIO, R2, ...)
   INFINITETALK_API_S3_REGION               region (default: boto3's own configuration)
   INFINITETALK_API_S3_PREFIX               key prefix, e.g. `infinitetalk/` (default none)
@@ -74,7 +75,8 @@ def s3_settings_from_env(environ: Mapping[str, str] | None = None) -> S3Settings
                       url_expiry_s=expiry)
 
 
-def _client(settings: S3Settings):
+def s3_client(settings: S3Settings) -> Any:
+    """A boto3 S3 client for the settings (SigV4, bounded timeouts); RuntimeError without boto3 or credentials."""
     try:
         import boto3
     except ImportError:
@@ -98,7 +100,7 @@ class S3Outputs:
     def __init__(self, settings: S3Settings, output_dir: Path, client: Any = None):
         self.settings = settings
         self.output_dir = Path(output_dir)
-        self.client = client if client is not None else _client(settings)
+        self.client = client if client is not None else s3_client(settings)
 
     def key_for(self, job_id: str, filename: str) -> str:
         return f"{self.settings.prefix}{job_id}/{Path(filename).name}"

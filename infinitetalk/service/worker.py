@@ -21,6 +21,7 @@ from typing import Any
 from .contract import ApiError, now_iso
 from .jobs import CANCELLED, EngineState, JobService, output_prefix
 from .outputs import OutputPublishError
+from .staging import InputStagingError
 from .store import JobRecord, StoreUnavailable
 
 log = logging.getLogger("infinitetalk.api")
@@ -113,7 +114,11 @@ class Worker:
             log.info("InfiniteTalk worker %s took over job %s (attempt %d; it resumes from its last finished window)",
                      self.worker_id, rec.id, rec.attempts)
         try:
-            self.prompt_id = await self.engine.queue(self.service.graph_for(rec), rec.id)
+            inputs = await self._holding_lease(self.service.local_inputs(rec))   # staged inputs: a download
+        except InputStagingError as exc:
+            return await self._end(status="failed", error=str(exc))
+        try:
+            self.prompt_id = await self.engine.queue(self.service.graph_for(rec, inputs), rec.id)
         except Exception as exc:  # noqa: BLE001 - the record must not stay queued for a graph that cannot run
             error = exc.message if isinstance(exc, ApiError) else f"the job could not be queued ({type(exc).__name__})"
             return await self._end(status="failed", error=error)
