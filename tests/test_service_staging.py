@@ -144,3 +144,86 @@ def test_the_staging_setting_is_checked():
         s3_inputs_from_env({"INFINITETALK_API_S3_INPUTS": "yes", "INFINITETALK_API_S3_BUCKET": "b-1"})
     with pytest.raises(RuntimeError, match="needs INFINITETALK_API_S3_BUCKET"):
         s3_inputs_from_env({"INFINITETALK_API_S3_INPUTS": "1"})
+
+
+def _serve_two(a, b, flow):
+    """`flow(client_a, client_b)` against both servers' APIs on 127.0.0.1 (no keys: loopback is admitted)."""
+    import asyncio
+
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from infinitetalk.service.routes import JobApi
+
+    async def main():
+        clients = []
+        for env in (a, b):
+            app = web.Application(client_max_size=200 * 2**20)
+            app.add_routes(JobApi(env["service"], keys=lambda: (), is_open=lambda: False).routes())
+            clients.append(TestClient(TestServer(app, host="127.0.0.1")))
+            await clients[-1].start_server()
+        try:
+            return await flow(*clients)
+        finally:
+            for client in clients:
+                await client.close()
+    return asyncio.run(main())
+
+
+def test_uploads_to_one_server_are_taken_by_a_submission_to_another(moto, tmp_path, aws_env):
+    """The wavespeed SDK uploads through A (its PUT goes straight to the bucket, presigned) and a multipart
+    upload goes to A too; the submission naming them reaches B, which brings them from the bucket."""
+    import asyncio
+
+    from aiohttp import FormData
+
+    wavespeed = pytest.importorskip("wavespeed")
+    bucket = _bucket(moto, "stage-uploads")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, b = _two_servers(tmp_path, _staging(moto.url, bucket))
+    for env in (a, b):
+        env["settings"].allow_hosts = ()          # nothing over HTTP: uploads resolve from a folder or the bucket
+    client_files = tmp_path / "client"
+    client_files.mkdir()
+    write_png(client_files / "pair.png", 96, 64)
+
+    async def flow(client_a, client_b):
+        base_a = str(client_a.make_url("")).rstrip("/")
+        sdk = wavespeed.Client(api_key="unused-on-loopback", base_url=base_a)
+        loop = asyncio.get_running_loop()
+        image = await loop.run_in_executor(None, sdk.upload, str(client_files / "pair.png"))
+        assert image.startswith(base_a + "/infinitetalk/v1/uploads/")
+        form = FormData()
+        form.add_field("file", (a["inputs"] / "left.wav").read_bytes(), filename="voice.wav")
+        reply = await (await client_a.post("/api/v3/media/upload/binary", data=form)).json()
+        left = reply["data"]["download_url"]
+        assert not list((b["inputs"]).rglob("pair.png"))       # B has neither file
+        fetched = await client_b.get(image[len(base_a):])       # B serves the upload from the bucket
+        assert fetched.status == 200 and await fetched.read() == (client_files / "pair.png").read_bytes()
+        s, r = await post(client_b, SUBMIT, body(image=image, left_audio=left))
+        assert s == 200, r
+        return r["data"]["id"]
+    job = _serve_two(a, b, flow)
+    used = b["service"].get(job).request["inputs"]
+    assert (b["inputs"] / used["image"]).read_bytes() == (client_files / "pair.png").read_bytes()
+    assert (b["inputs"] / used["left_audio"]).read_bytes() == (a["inputs"] / "left.wav").read_bytes()
+    assert any(k.startswith("uploads/") and k.endswith("/pair.png") for k in _keys(moto, bucket))
+
+
+def test_an_oversized_upload_in_the_bucket_is_refused_at_submit(moto, tmp_path, aws_env):
+    from infinitetalk.service import uploads
+
+    bucket = _bucket(moto, "stage-big")
+    env = make_edge_env(tmp_path)
+    env["service"].staging = staging = _staging(moto.url, bucket)
+    upload_id = "c" * 32
+    boto3.client("s3", endpoint_url=moto.url).put_object(Bucket=bucket, Key=staging.upload_key(upload_id, "big.wav"),
+                                                         Body=b"\0" * (uploads.CAPS["audio"] + 1))
+
+    async def flow(client):
+        url = f"http://127.0.0.1:9/infinitetalk/v1/uploads/{upload_id}/big.wav"
+        return await post(client, SUBMIT, body(left_audio=url))
+    status, reply = call(env["service"], flow)
+    assert status == 413 and "field 'left_audio'" in reply["message"] and "limit" in reply["message"], reply
+    assert not list(uploads.uploads_root(env["settings"]).rglob("big.wav"))

@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import time
+import uuid
 from typing import Any
 from urllib.parse import unquote
 
@@ -28,6 +30,7 @@ from . import uploads
 from .contract import ApiError, envelope, error_envelope
 from .inputs import disk_full_as_507
 from .jobs import FINAL
+from .staging import InputStagingError
 
 WAVESPEED_MODELS = {"wavespeed-ai/infinitetalk/image-to-video-multi": "image-to-video-multi",
                     "wavespeed-ai/infinitetalk/video-to-video-multi": "video-to-video-multi"}
@@ -164,9 +167,22 @@ class Compat:
                     return
                 yield chunk
         uploads.sweep(self.service.settings)
-        upload_id, _path, size = await uploads.save(self.service.settings, name, chunks())
+        upload_id, path, size = await uploads.save(self.service.settings, name, chunks())
+        await self._to_bucket(upload_id, name, path)
         return {"type": uploads.media_type(name), "download_url": uploads.download_url(self._base(request), upload_id, name),
                 "filename": name, "size": size}
+
+    async def _to_bucket(self, upload_id: str, name: str, path) -> None:
+        """With staged inputs, the upload goes to the bucket too (any server may take the submission naming it);
+        503 and nothing kept when it cannot."""
+        staging = self.service.staging
+        if staging is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, staging.put_upload, upload_id, name, path)
+        except InputStagingError as exc:
+            shutil.rmtree(path.parent, ignore_errors=True)
+            raise ApiError(503, f"{exc}; nothing was kept, retry later") from exc
 
     async def _ws_upload_ticket(self, request: web.Request):
         self._check(request)
@@ -175,14 +191,20 @@ class Compat:
             raise ApiError(400, "request body must be a JSON object {filename, size[, content_type]}")
         if not isinstance(body.get("filename"), str) or not body["filename"].strip():
             raise ApiError(400, f"field 'filename' must be the file's name; got {body.get('filename')!r}")
-        uploads.sweep(self.service.settings)
-        upload_id, name, token = uploads.create_ticket(self.service.settings, body["filename"], body.get("size"))
-        base = self._base(request)
-        target = uploads.download_url(base, upload_id, name)
         ctype = body.get("content_type") if isinstance(body.get("content_type"), str) else "application/octet-stream"
-        return {"upload": {"method": "PUT", "url": f"{target}?token={token}", "headers": {"Content-Type": ctype},
+        base = self._base(request)
+        if self.service.staging is not None:   # the PUT goes straight to the bucket, presigned (as S3 tickets do)
+            name, _size = uploads.ticket_terms(body["filename"], body.get("size"))
+            upload_id = uuid.uuid4().hex
+            put_url = self.service.staging.upload_url(upload_id, name, ctype, int(uploads.TICKET_TTL_S))
+        else:
+            uploads.sweep(self.service.settings)
+            upload_id, name, token = uploads.create_ticket(self.service.settings, body["filename"], body.get("size"))
+            put_url = f"{uploads.download_url(base, upload_id, name)}?token={token}"
+        return {"upload": {"method": "PUT", "url": put_url, "headers": {"Content-Type": ctype},
                            "expires_in": int(uploads.TICKET_TTL_S)},
-                "download_url": target, "filename": name, "size": body["size"], "type": uploads.media_type(name)}
+                "download_url": uploads.download_url(base, upload_id, name), "filename": name, "size": body["size"],
+                "type": uploads.media_type(name)}
 
     async def _upload_put(self, request: web.Request):
         upload_id, name = request.match_info["id"], request.match_info["name"]
@@ -194,8 +216,13 @@ class Compat:
     async def _upload_get(self, request: web.Request) -> web.StreamResponse:
         try:
             self._check(request)
-            path = uploads.stored_file(self.service.settings, request.match_info["id"], request.match_info["name"])
+            value = str(request.url)   # the download_url itself: this server's copy, else the bucket's
+            path = await asyncio.get_running_loop().run_in_executor(None, self.service.local_upload,
+                                                                    self.service.settings, value, "file")
+            if path is None:   # not an upload id
+                raise ApiError(404, f"no upload with id {request.match_info['id']!r}")
         except ApiError as err:
+            err = ApiError(404 if err.code == 400 else err.code, err.message)
             return web.json_response(error_envelope(err), status=err.code)
         return web.FileResponse(path)
 

@@ -233,7 +233,8 @@ async def resolve_media(job_id: str, field_name: str, value: str, settings: Inpu
         scheme = value.split("://", 1)[0].lower()
         if scheme not in ("http", "https"):
             raise ApiError(400, f"field '{field_name}': URL refused: scheme '{scheme}' is not allowed; use https (or http)")
-        uploaded = local_upload(settings, value, field_name) if local_upload is not None else None
+        uploaded = None if local_upload is None else \
+            await asyncio.get_running_loop().run_in_executor(None, local_upload, settings, value, field_name)  # may download
         if uploaded is not None:
             return _link_into(uploaded, _job_folder(settings, job_id), field_name)
         return await fetch_url(value, field_name, settings, _job_folder(settings, job_id))

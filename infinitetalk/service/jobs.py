@@ -25,8 +25,8 @@ from .contract import MAX_SECONDS, ApiError, JobRequest, audio_seconds_for, bill
 from .graph import build_graph
 from .inputs import JOB_INPUTS, InputSettings, disk_full_as_507, remove_job_inputs, resolve_media
 from .outputs import LocalOutputs, OutputStore
-from .staging import InputStagingError
-from .uploads import UPLOADS, local_upload
+from .staging import InputStagingError, UploadTooLarge
+from .uploads import CAPS as UPLOAD_CAPS, UPLOADS, local_upload, media_type, uploads_root
 from .store import FINAL, JobRecord, Store
 
 log = logging.getLogger("infinitetalk.api")
@@ -158,7 +158,7 @@ class JobService:
                                   base_url: str) -> JobRecord:
         local: dict[str, Path] = {}
         for field_name, value in req.media.items():
-            local[field_name] = await resolve_media(job_id, field_name, value, self.settings, local_upload)
+            local[field_name] = await resolve_media(job_id, field_name, value, self.settings, self.local_upload)
         loop = asyncio.get_running_loop()
         seconds: dict[str, float | None] = {}
         for field_name, path in local.items():
@@ -198,6 +198,18 @@ class JobService:
             await self._unstage(record)
             raise
         return record
+
+    def local_upload(self, settings: InputSettings, value: str, field_name: str) -> Path | None:
+        """uploads.local_upload, bringing an upload another server took from the bucket when inputs are staged."""
+        remote = None
+        if self.staging is not None:
+            def remote(upload_id: str, name: str) -> Path | None:
+                try:
+                    return self.staging.fetch_upload(upload_id, name, uploads_root(settings) / upload_id,
+                                                     UPLOAD_CAPS[media_type(name)])
+                except InputStagingError as exc:
+                    raise ApiError(413 if isinstance(exc, UploadTooLarge) else 503, f"field '{field_name}': {exc}") from exc
+        return local_upload(settings, value, field_name, remote=remote)
 
     async def _unstage(self, rec: JobRecord) -> None:
         """Delete a job's staged inputs (best effort: a bucket lifecycle rule is the backstop)."""

@@ -7,6 +7,10 @@ same bytes at the same place (it took the submission itself, or the folder is sh
 otherwise downloads the object into `<input>/infinitetalk_api/<job id>/staged/<field>/`, checked against
 the size and the SHA-256, under a temporary name renamed when complete. The objects are deleted when the
 job ends (a bucket lifecycle rule on `<prefix>inputs/` is the backstop for a server that died first).
+
+Files sent to the drop-in upload routes go to `<prefix>uploads/<id>/<name>` as well (the two-step upload's
+PUT goes straight there, presigned), so a submission naming one may reach any server: a server that
+lacks the upload brings it from the bucket (`fetch_upload`). Expire that prefix with the same rule.
 """
 from __future__ import annotations
 
@@ -24,6 +28,10 @@ STAGED = "staged"
 
 class InputStagingError(Exception):
     """An input could not be staged or fetched back; the message names the field and the reason."""
+
+
+class UploadTooLarge(InputStagingError):
+    """An upload in the bucket is larger than the upload routes accept."""
 
 
 def file_sha256(path: Path) -> str:
@@ -101,6 +109,55 @@ class S3Inputs:
                     part.unlink(missing_ok=True)
             out[field] = rel
         return out
+
+    # -- uploads (the drop-in upload routes), so any server can take the submission that names one ----------
+    def upload_key(self, upload_id: str, name: str) -> str:
+        return f"{self.settings.prefix}uploads/{upload_id}/{name}"
+
+    def put_upload(self, upload_id: str, name: str, path: Path) -> None:
+        """Copy a file uploaded to this server into the bucket. InputStagingError."""
+        from botocore.exceptions import BotoCoreError, ClientError
+        from boto3.exceptions import S3UploadFailedError
+
+        try:
+            self.client.upload_file(str(path), self.settings.bucket, self.upload_key(upload_id, name))
+        except (BotoCoreError, ClientError, S3UploadFailedError, OSError) as exc:
+            cause = exc.__context__ if isinstance(exc, S3UploadFailedError) and exc.__context__ else exc
+            raise InputStagingError(f"the upload could not be stored in S3 (bucket {self.settings.bucket!r}): "
+                                    f"{_reason(cause)}") from exc
+
+    def upload_url(self, upload_id: str, name: str, content_type: str, expires_s: int) -> str:
+        """A presigned PUT of the upload straight into the bucket (the two-step upload's second step)."""
+        return self.client.generate_presigned_url(
+            "put_object", Params={"Bucket": self.settings.bucket, "Key": self.upload_key(upload_id, name),
+                                  "ContentType": content_type}, ExpiresIn=expires_s)
+
+    def fetch_upload(self, upload_id: str, name: str, folder: Path, cap: int) -> Path | None:
+        """The bucket's copy of an upload, downloaded into `folder` (None when the bucket has none).
+        InputStagingError when it is larger than `cap` bytes or cannot be read."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        key = self.upload_key(upload_id, name)
+        target = Path(folder) / name
+        part = target.with_name(f".{name}.partial")
+        try:
+            head = self.client.head_object(Bucket=self.settings.bucket, Key=key)
+            if head["ContentLength"] > cap:
+                raise UploadTooLarge(f"the uploaded file is {head['ContentLength']} bytes; the limit is {cap}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.client.download_file(self.settings.bucket, key, str(part))
+            os.replace(part, target)
+            return target
+        except ClientError as exc:
+            if str(getattr(exc, "response", {}).get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise InputStagingError(f"the upload could not be read from S3 (bucket {self.settings.bucket!r}): "
+                                    f"{_reason(exc)}") from exc
+        except (BotoCoreError, OSError) as exc:
+            raise InputStagingError(f"the upload could not be read from S3 (bucket {self.settings.bucket!r}): "
+                                    f"{_reason(exc)}") from exc
+        finally:
+            part.unlink(missing_ok=True)
 
     def remove(self, staged: Mapping[str, dict[str, Any]]) -> None:
         """Delete the staged objects (missing ones are fine)."""

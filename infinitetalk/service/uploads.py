@@ -22,7 +22,7 @@ import secrets
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -110,13 +110,19 @@ async def save(settings: InputSettings, name: str, chunks: AsyncIterator[bytes],
     return upload_id, final, size
 
 
-def create_ticket(settings: InputSettings, filename: str, size: object) -> tuple[str, str, str]:
-    """A one-time PUT ticket for `filename` of `size` bytes: (upload id, clean name, token)."""
+def ticket_terms(filename: object, size: object) -> tuple[str, int]:
+    """The clean name and checked size of an announced upload; ApiError 400/413 naming the field."""
     name = safe_name(filename if isinstance(filename, str) else None)
     cap = CAPS[media_type(name)]
     if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= cap:
         raise ApiError(400 if not isinstance(size, int) or size <= 0 else 413,
                        f"field 'size' must be the file's size in bytes, 1 .. {cap} for {media_type(name)}; got {size!r}")
+    return name, size
+
+
+def create_ticket(settings: InputSettings, filename: str, size: object) -> tuple[str, str, str]:
+    """A one-time PUT ticket for `filename` of `size` bytes: (upload id, clean name, token)."""
+    name, size = ticket_terms(filename, size)
     upload_id, token = uuid.uuid4().hex, secrets.token_urlsafe(24)
     folder = _folder(settings, upload_id)
     with disk_full_as_507(f"the input folder's {JOB_INPUTS}/{UPLOADS}/", "file"):
@@ -155,8 +161,11 @@ def stored_file(settings: InputSettings, upload_id: str, name: str) -> Path:
     return path
 
 
-def local_upload(settings: InputSettings, value: str, field_name: str) -> Path | None:
-    """The local file a `download_url` of this server names, or None when `value` is another URL."""
+def local_upload(settings: InputSettings, value: str, field_name: str,
+                 remote: Callable[[str, str], Path | None] | None = None) -> Path | None:
+    """The local file a `download_url` of this server's upload routes names, or None when `value` is another
+    URL. `remote(upload_id, name)` brings an upload this server lacks from where the fleet keeps them (a
+    bucket) and returns its local path, or None when there is none either."""
     try:
         path = urlsplit(value).path
     except ValueError:
@@ -164,10 +173,22 @@ def local_upload(settings: InputSettings, value: str, field_name: str) -> Path |
     m = _LOCAL.fullmatch(path)
     if not m:
         return None
+    upload_id, name = m.group(1), unquote(m.group(2))
     try:
-        return stored_file(settings, m.group(1), unquote(m.group(2)))
+        return stored_file(settings, upload_id, name)
     except ApiError as exc:
+        fetched = remote(upload_id, name) if remote is not None and exc.code == 404 and _clean(name) else None
+        if fetched is not None:
+            return fetched
         raise ApiError(400, f"field '{field_name}': {exc.message}") from None
+
+
+def _clean(name: str) -> bool:
+    """Whether `name` is one the upload routes could have stored (what safe_name leaves unchanged)."""
+    try:
+        return safe_name(name) == name
+    except ApiError:
+        return False
 
 
 def sweep(settings: InputSettings, now: float | None = None) -> list[str]:
