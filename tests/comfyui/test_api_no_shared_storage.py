@@ -1,5 +1,6 @@
 """Real-ComfyUI tier: a fleet that shares no folder at all, only a PostgreSQL job store and an S3 bucket
-(moto's server, on 127.0.0.1): an API-only ComfyUI takes the submission (data: URIs), stages the inputs in the
+(moto's server, on 127.0.0.1): the wavespeed SDK uploads the picture through an API-only ComfyUI (straight into
+the bucket), that server takes the submission (the upload's URL and data: URIs) and stages the inputs in the
 bucket, a second ComfyUI with its own input and output folders runs the job from the staged copies and
 uploads the video, and the result's presigned URL serves it. Skipped unless COMFYUI_DIR is set."""
 from __future__ import annotations
@@ -58,8 +59,10 @@ def test_a_fleet_sharing_only_the_database_and_a_bucket(tiny_models, tmp_path, p
         api = spawn_server(tiny_models, tmp_path / "api", {**env, "INFINITETALK_API_WORKER": "0"})
         gpu = spawn_server(tiny_models, tmp_path / "gpu", env)
         try:
-            body = {"image": "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode(),
-                    "left_audio": _wav_uri(0.6, 180.0), "right_audio": _wav_uri(0.4, 290.0), "seed": 11}
+            wavespeed = pytest.importorskip("wavespeed")   # its upload helper: a presigned PUT into the bucket
+            image = wavespeed.Client(api_key="loopback-needs-none", base_url=api.url).upload(str(png))
+            assert image.startswith(api.url + "/infinitetalk/v1/uploads/")
+            body = {"image": image, "left_audio": _wav_uri(0.6, 180.0), "right_audio": _wav_uri(0.4, 290.0), "seed": 11}
             code, reply = _call(api, "POST", "/infinitetalk/v1/image-to-video-multi", body)
             assert code == 200, reply
             job = reply["data"]["id"]
@@ -81,7 +84,8 @@ def test_a_fleet_sharing_only_the_database_and_a_bucket(tiny_models, tmp_path, p
             listed = boto3.client("s3", endpoint_url=s3.url, region_name="us-east-1", aws_access_key_id="testing",
                                   aws_secret_access_key="testing").list_objects_v2(Bucket=BUCKET)
             keys = sorted(o["Key"] for o in listed.get("Contents", []))
-            assert len(keys) == 1 and keys[0].startswith(f"{job}/")     # the video; the staged inputs are gone
+            assert [k for k in keys if not k.startswith("uploads/")] == [k for k in keys if k.startswith(f"{job}/")]
+            assert len([k for k in keys if k.startswith(f"{job}/")]) == 1   # the video; the staged inputs are gone
         finally:
             stop_server(api)
             stop_server(gpu)
