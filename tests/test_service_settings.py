@@ -129,3 +129,14 @@ def test_a_malformed_postgres_url_names_the_setting_without_its_password():
     text = str(info.value)
     assert "INFINITETALK_API_DATABASE_URL=postgresql://app:***@db.invalid/jobs" in text, text
     assert "pass word" not in text, text
+
+
+def test_a_job_database_that_cannot_be_opened_is_refused_like_a_bad_setting(comfyui, caplog):
+    """A SQLite file that cannot be created (its folder is a file here): 503 on every path, logged once."""
+    (comfyui.folders["user"] / "infinitetalk_api").write_text("not a folder")
+    with caplog.at_level(logging.ERROR, logger="infinitetalk.api"):
+        assert routes.register_with_comfyui() is False
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "the job database cannot be opened" in errors[0], errors
+    (status, reply), = answers(comfyui.server.routes, [("GET", "/infinitetalk/v1/health")])
+    assert status == 503 and "restart" in reply["message"], reply

@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from infinitetalk.service.database import open_store
-from infinitetalk.service.store import JobRecord, SQLiteStore
+from infinitetalk.service.store import JobRecord, SQLiteStore, StoreUnavailable
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -227,3 +227,64 @@ def test_an_unreachable_database_at_start_is_not_fatal_and_names_it_without_the_
         store.get("x")
     assert "127.0.0.1" in str(info.value) and "s3cret" not in str(info.value)
     store.close()
+
+
+def test_a_locked_sqlite_file_is_unavailable_not_an_error(tmp_path):
+    """Another process holding the file past the busy timeout: StoreUnavailable (routes answer 503)."""
+    import sqlite3
+
+    store = SQLiteStore(tmp_path / "jobs.sqlite3")
+    store.insert(job(1))
+    store._db.execute("PRAGMA busy_timeout = 50")
+    other = sqlite3.connect(tmp_path / "jobs.sqlite3", isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreUnavailable, match="jobs.sqlite3"):
+            store.insert(job(2))
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    store.insert(job(3))                                   # and it works again once the lock is gone
+    store.close()
+
+
+def test_a_role_without_create_rights_uses_tables_an_admin_made(postgres_server, postgres_url):
+    """Production databases often give the app role only data rights; a role with none is unavailable (503)."""
+    psycopg = pytest.importorskip("psycopg")
+    admin = open_store(postgres_url)                       # the admin's first start creates the schema
+    admin.close()
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        for role in ("jobs_app", "jobs_nobody"):
+            conn.execute(f"DROP ROLE IF EXISTS {role}")
+            conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute("GRANT SELECT, INSERT, UPDATE, DELETE ON jobs, job_events TO jobs_app")
+        conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+    app_url = postgres_url.replace("postgres@", "jobs_app@", 1)
+    app = open_store(app_url)
+    rec = job(1)
+    app.insert(rec)
+    assert app.get(rec.id) == rec and app.claim("W", 60.0).id == rec.id
+    assert app.claim_event(rec.id, "webhook", "S", 60.0) == (0, None)
+    app.close()
+    nobody = open_store(postgres_url.replace("postgres@", "jobs_nobody@", 1))
+    with pytest.raises(StoreUnavailable, match="refused the request"):
+        nobody.get(rec.id)
+    nobody.close()
+
+
+def test_an_owner_replaying_its_claim_gets_it_again(make_store):
+    """A claim whose reply was lost is sent again on a new connection: the owner gets its delivery, not None."""
+    store = make_store()
+    assert store.claim_event("job1", "webhook", "S", 60.0) == (0, None)
+    assert store.claim_event("job1", "webhook", "S", 60.0) == (0, None)
+    assert store.claim_event("job1", "webhook", "T", 60.0) is None
+
+
+def test_an_insert_replayed_after_a_lost_reply_changes_nothing(make_store):
+    store = make_store()
+    rec = job(1)
+    store.insert(rec)
+    if isinstance(store, SQLiteStore):
+        return   # one connection, no replay; the PostgreSQL insert is the one a lost reply can repeat
+    store.insert(rec)
+    assert store.get(rec.id) == rec

@@ -10,6 +10,7 @@ import pytest
 from infinitetalk.service.inputs import InputSettings
 from infinitetalk.service.jobs import CANCELLED, EngineState, JobService
 from infinitetalk.service.database import open_store
+from infinitetalk.service.store import StoreUnavailable
 from infinitetalk.service.worker import Worker, lease_from_env
 from service_support import TEMPLATE, FakeEngine, body, call, post, write_png, write_wav
 
@@ -315,3 +316,107 @@ def test_health_needs_no_key_and_says_only_status_words(tmp_path):
                     (200, {"status": "ok", "database": "ok", "worker": "busy"}),
                     (200, {"status": "ok", "database": "ok", "worker": "off"})]
     assert post_status == 401                               # only GET health is open without a key
+
+
+def test_a_failure_while_starting_a_claimed_job_leaves_the_worker_working(tmp_path):
+    """A takeover whose saved-output check fails (an NFS hiccup): the worker lets the job go back to the queue
+    and keeps claiming, instead of holding a job it never queued."""
+    _, [(sa, ea, wa), (sb, eb, wb)] = fleet(tmp_path, str(tmp_path / "jobs.sqlite3"), lease_s=0.6)
+    calls = []
+
+    def flaky(prefix):
+        calls.append(prefix)
+        if len(calls) == 1:
+            raise OSError(116, "Stale file handle")
+        return []
+    eb.saved_outputs = flaky
+
+    async def flow(client):
+        s, r = await post(client, SUBMIT, body())
+        job_id = r["data"]["id"]
+        await wa.tick()                                  # A runs it, then dies
+        await until(lambda: step(wb, lambda: wb.prompt_id is not None), "B queueing the job after one failed start")
+        return job_id
+    job_id = call(sa, flow)
+    assert len(calls) == 2 and wb.job.id == job_id and sa.get(job_id).attempts == 3
+
+
+def test_no_heartbeat_for_a_whole_lease_stops_the_job_here(tmp_path, postgres_server, postgres_url):
+    """Cut off from the database past the lease, a worker stops its job (another server may run it now)."""
+    _, [(service, engine, worker)] = fleet(tmp_path, postgres_url, servers=1, lease_s=1.0)
+    dropped = []
+    engine.interrupt = dropped.append
+
+    async def flow(client):
+        s, r = await post(client, SUBMIT, body())
+        await worker.tick()
+        pid = worker.prompt_id
+        engine.states[pid] = EngineState("running", [])
+        await worker.tick()
+        postgres_server.stop()
+        try:
+            worker._beat_at = float("-inf")
+            await worker.tick()                          # within the lease: it keeps the job
+            assert worker.job is not None and dropped == [] and engine.states[pid].status == "running"
+            await asyncio.sleep(1.1)
+            worker._beat_at = float("-inf")
+            await worker.tick()                          # a whole lease without a heartbeat: stopped here
+            assert worker.job is None
+        finally:
+            postgres_server.start()
+        return pid
+    pid = call(service, flow)
+    assert dropped == [pid] or engine.states.get(pid) is None
+
+
+def test_a_cancel_for_another_job_does_not_wait_for_this_workers_step(tmp_path):
+    _, [(service, engine, worker)] = fleet(tmp_path, str(tmp_path / "jobs.sqlite3"), servers=1)
+
+    async def main():
+        async with worker._step:                         # a long step (an upload) in progress
+            await asyncio.wait_for(worker.cancel_if_mine("some-other-job"), 0.5)
+    asyncio.run(main())
+
+
+def test_a_cancel_flag_that_came_too_late_is_cleared_when_the_job_starts(tmp_path):
+    """Flagged while claimed, then ComfyUI started it anyway: a later owner (after a crash) must run it, not
+    fail it as cancelled."""
+    _, [(sa, ea, wa), (sb, eb, wb)] = fleet(tmp_path, str(tmp_path / "jobs.sqlite3"), lease_s=0.6)
+
+    async def flow(client):
+        s, r = await post(client, SUBMIT, body())
+        job_id = r["data"]["id"]
+        await wa.tick()
+        assert sa.store.request_cancel(job_id)           # flagged before A's heartbeat saw it
+        ea.states[wa.prompt_id] = EngineState("running", [])
+        await wa.tick()                                   # A records `processing`
+        assert sa.get(job_id).status == "processing" and sa.get(job_id).cancel_requested == 0
+        await until(lambda: step(wb, lambda: wb.prompt_id is not None), "B taking over")   # A died
+        return job_id
+    job_id = call(sa, flow)
+    assert sb.get(job_id).status == "processing" and sb.get(job_id).error == ""
+
+
+def test_an_end_recorded_but_not_readable_is_still_notified(tmp_path):
+    finals = []
+    _, [(service, engine, worker)] = fleet(tmp_path, str(tmp_path / "jobs.sqlite3"), servers=1, on_final=finals.append)
+
+    async def flow(client):
+        s, r = await post(client, SUBMIT, body())
+        await worker.tick()
+        engine.finish(worker.prompt_id, "clip_00001_.mp4")
+        real_get = service.store.get
+
+        def get(job_id):
+            if worker._final is None and worker.job is None:
+                raise StoreUnavailable("the job database is unreachable")   # right after the final write
+            return real_get(job_id)
+        service.store.get = get
+        try:
+            await worker.tick()
+        finally:
+            service.store.get = real_get
+        return r["data"]["id"]
+    job_id = call(service, flow)
+    assert [(f.id, f.status, f.outputs[0]["filename"]) for f in finals] == [(job_id, "completed", "clip_00001_.mp4")]
+    assert service.get(job_id).status == "completed"

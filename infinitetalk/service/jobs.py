@@ -8,6 +8,7 @@ answers for any job. The engine is whatever runs graphs — ComfyUI's own prompt
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import inspect
 import logging
@@ -27,7 +28,7 @@ from .inputs import JOB_INPUTS, InputSettings, disk_full_as_507, remove_job_inpu
 from .outputs import LocalOutputs, OutputStore
 from .staging import InputStagingError, UploadTooLarge
 from .uploads import CAPS as UPLOAD_CAPS, UPLOADS, local_upload, media_type, uploads_root
-from .store import FINAL, JobRecord, Store
+from .store import FINAL, JobRecord, Store, StoreUnavailable
 
 log = logging.getLogger("infinitetalk.api")
 PARALLEL_PROBES = 2
@@ -301,7 +302,10 @@ class JobService:
         if rec.status in FINAL:
             raise ApiError(409, f"prediction '{job_id}' has already ended ({rec.status}); nothing to cancel")
         if rec.status == "created" and await self.db(self.store.cancel_unclaimed, job_id, CANCELLED):
-            rec = await self.status(job_id)
+            try:
+                rec = await self.status(job_id)
+            except StoreUnavailable:   # cancelled, but not readable now: answer (and notify) from what was written
+                rec = dataclasses.replace(rec, status="failed", error=CANCELLED, completed_at=now_iso())
             await self.notify_final(rec)
             return rec
         if rec.status == "processing" or not await self.db(self.store.request_cancel, job_id):

@@ -315,8 +315,16 @@ def _service_for_comfyui(server: Any, folder_paths: Any) -> tuple[JobService, An
         raise RuntimeError(f"{ENV_WORKFLOWS}: the API workflows cannot be read ({type(exc).__name__}: {exc})") from exc
     user = Path(folder_paths.get_user_directory())
     url = os.environ.get(ENV_DATABASE_URL, "").strip()
-    service = service_from_env(lambda: open_store(url or user / "infinitetalk_api" / "jobs.sqlite3"),
-                               ComfyEngine(server), settings, graphs, Path(folder_paths.get_output_directory()))
+    def open_db() -> Store:
+        try:
+            return open_store(url or user / "infinitetalk_api" / "jobs.sqlite3")
+        except RuntimeError:
+            raise
+        except Exception as exc:   # e.g. a SQLite file that cannot be created: a setting (or folder) to fix
+            where = ENV_DATABASE_URL if url else "the job database file in ComfyUI's user folder"
+            raise RuntimeError(f"{where}: the job database cannot be opened ({type(exc).__name__}: "
+                               f"{str(exc)[:200]})") from exc
+    service = service_from_env(open_db, ComfyEngine(server), settings, graphs, Path(folder_paths.get_output_directory()))
     folders = {"output": Path(folder_paths.get_output_directory()), "user": user,
                "temp": Path(folder_paths.get_temp_directory()), "comfyui": Path(folder_paths.base_path),
                "package": Path(__file__).resolve().parents[2]}

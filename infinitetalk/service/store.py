@@ -7,12 +7,14 @@ id, so a worker that lost its lease cannot overwrite the job's new owner.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 FINAL = ("completed", "failed")
@@ -36,7 +38,8 @@ EVENTS_TABLE = "CREATE TABLE IF NOT EXISTS job_events (job_id TEXT NOT NULL, eve
 CLAIM_EVENT = ("INSERT INTO job_events (job_id, event, at, owner, lease_expires_at, done) VALUES ({p}, {p}, {p}, {p}, "
                "{now} + {p}, 0) ON CONFLICT (job_id, event) DO UPDATE SET owner = excluded.owner, "
                "lease_expires_at = excluded.lease_expires_at WHERE job_events.done = 0 AND "
-               "(job_events.lease_expires_at IS NULL OR job_events.lease_expires_at < {now})")
+               "(job_events.lease_expires_at IS NULL OR job_events.lease_expires_at < {now} "
+               "OR job_events.owner = excluded.owner)")   # the owner's own replay (a lost reply) gets it again
 HOLD_EVENT = ("UPDATE job_events SET lease_expires_at = {now} + {p}, tries = {p}, first_try_at = COALESCE(first_try_at, {p}) "
               "WHERE job_id = {p} AND event = {p} AND owner = {p} AND done = 0")
 END_EVENT = "UPDATE job_events SET done = 1, outcome = {p}, at = {p} WHERE job_id = {p} AND event = {p} AND owner = {p} AND done = 0"
@@ -143,29 +146,41 @@ class SQLiteStore:
         with self._lock:
             self._db.close()
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The connection's lock; a database that cannot serve (locked past the timeout, an I/O error) becomes
+        StoreUnavailable, like a PostgreSQL outage. "Disk is full" stays sqlite3's (the routes answer 507)."""
+        with self._lock:
+            try:
+                yield
+            except sqlite3.OperationalError as exc:
+                if "full" in str(exc).lower():
+                    raise
+                raise StoreUnavailable(f"the job database ({self.path.name}) cannot be used: {exc}") from exc
+
     def _row(self, cur: sqlite3.Cursor) -> JobRecord | None:
         row = cur.fetchone()
         return None if row is None else decode(dict(zip([c[0] for c in cur.description], row)))
 
     def insert(self, rec: JobRecord) -> None:
         d = encode(asdict(rec))
-        with self._lock:
+        with self._locked():
             self._db.execute(f"INSERT INTO jobs ({', '.join(d)}) VALUES ({', '.join('?' * len(d))})", list(d.values()))
 
     def update(self, job_id: str, **changes: Any) -> None:
         if changes:
             d = encode(changes)
-            with self._lock:
+            with self._locked():
                 self._db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in d)} WHERE id = ?",
                                  [*d.values(), job_id])
 
     def get(self, job_id: str) -> JobRecord | None:
-        with self._lock:
+        with self._locked():
             return self._row(self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)))
 
     def claim(self, worker_id: str, lease_s: float) -> JobRecord | None:
         now = time.time()
-        with self._lock:
+        with self._locked():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 row = self._db.execute(f"SELECT id FROM jobs WHERE {CLAIMABLE.format(now='?')} "
@@ -180,7 +195,7 @@ class SQLiteStore:
             return None if row is None else self._row(self._db.execute("SELECT * FROM jobs WHERE id = ?", (row[0],)))
 
     def heartbeat(self, job_id: str, worker_id: str, lease_s: float) -> JobRecord | None:
-        with self._lock:
+        with self._locked():
             cur = self._db.execute("UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND worker_id = ? "
                                    "AND status IN ('created', 'processing')", (time.time() + lease_s, job_id, worker_id))
             if cur.rowcount != 1:
@@ -189,27 +204,27 @@ class SQLiteStore:
 
     def fenced_update(self, job_id: str, worker_id: str, **changes: Any) -> bool:
         d = encode(changes)
-        with self._lock:
+        with self._locked():
             cur = self._db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in d)} WHERE id = ? AND worker_id = ? "
                                    "AND status IN ('created', 'processing')", [*d.values(), job_id, worker_id])
             return cur.rowcount == 1
 
     def cancel_unclaimed(self, job_id: str, error: str) -> bool:
-        with self._lock:
+        with self._locked():
             cur = self._db.execute("UPDATE jobs SET status = 'failed', error = ?, completed_at = ? WHERE id = ? AND "
                                    "status = 'created' AND (worker_id IS NULL OR lease_expires_at < ?)",
                                    (error, _now_iso(), job_id, time.time()))
             return cur.rowcount == 1
 
     def request_cancel(self, job_id: str) -> bool:
-        with self._lock:
+        with self._locked():
             cur = self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = 'created'", (job_id,))
             return cur.rowcount == 1
 
     def claim_event(self, job_id: str, event: str, owner: str, lease_s: float) -> tuple[int, float | None] | None:
         """Take the job's `event` under a lease: (tries so far, time of the first try) or None (done, or held)."""
         now = time.time()
-        with self._lock:
+        with self._locked():
             cur = self._db.execute(CLAIM_EVENT.format(p="?", now="?"), (job_id, event, _now_iso(), owner, now, lease_s, now))
             if cur.rowcount != 1:
                 return None
@@ -219,16 +234,16 @@ class SQLiteStore:
 
     def hold_event(self, job_id: str, event: str, owner: str, lease_s: float, tries: int, first_try_at: float) -> bool:
         """Extend the lease and record the tries; False when another server holds it now (or it is done)."""
-        with self._lock:
+        with self._locked():
             return self._db.execute(HOLD_EVENT.format(p="?", now="?"), (time.time(), lease_s, tries, first_try_at,
                                                                        job_id, event, owner)).rowcount == 1
 
     def end_event(self, job_id: str, event: str, owner: str, outcome: str) -> bool:
-        with self._lock:
+        with self._locked():
             return self._db.execute(END_EVENT.format(p="?"), (outcome, _now_iso(), job_id, event, owner)).rowcount == 1
 
     def webhooks_due(self, since_iso: str, limit: int) -> list[JobRecord]:
-        with self._lock:
+        with self._locked():
             cur = self._db.execute(WEBHOOKS_DUE.format(p="?", now="?"), (since_iso, time.time(), limit))
             names = [c[0] for c in cur.description]
             return [decode(dict(zip(names, row))) for row in cur.fetchall()]

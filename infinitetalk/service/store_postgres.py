@@ -71,16 +71,22 @@ class PostgresStore:
             pass
 
     def _connect(self):
+        # TCP keepalives and a user timeout: a database that vanishes from the network (no RST) is noticed in
+        # seconds, not after the kernel's retransmission time (a heartbeat must not hang for 15 minutes).
         return self.psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
-                                    options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}", row_factory=self._dict_row)
+                                    options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}", row_factory=self._dict_row,
+                                    keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
+                                    tcp_user_timeout=STATEMENT_TIMEOUT_MS + 5000)
 
-    def _run(self, fn):
-        """Run `fn(conn)` on a pooled connection; connection-level failures become StoreUnavailable."""
+    def _run(self, fn, replay: bool = True):
+        """Run `fn(conn)` on a pooled connection; a database that cannot serve it becomes StoreUnavailable.
+        `replay`: whether `fn` may run again on a new connection when a pooled one fails (only statements
+        whose repetition changes nothing: the first run may have committed before its reply was lost)."""
         if not self._schema_ready:
             self._ensure_schema()
-        return self._with_conn(fn)
+        return self._with_conn(fn, replay=replay)
 
-    def _with_conn(self, fn, fresh: bool = False):
+    def _with_conn(self, fn, fresh: bool = False, replay: bool = True):
         conn = None
         if not fresh:
             try:
@@ -95,9 +101,15 @@ class PostgresStore:
         except self.psycopg.OperationalError as exc:
             if conn is not None:
                 conn.close()
-            if pooled:   # a pooled connection the server dropped (e.g. it restarted): once more on a new one
+            if pooled and replay:   # a pooled connection the server dropped (e.g. it restarted): once more
                 return self._with_conn(fn, fresh=True)
             raise StoreUnavailable(f"the job database ({self.where}) is unreachable: {str(exc).strip()[:200]}") from exc
+        except (self.psycopg.errors.InsufficientPrivilege, self.psycopg.errors.ReadOnlySqlTransaction,
+                self.psycopg.InternalError) as exc:   # the server answers but cannot serve this server now
+            if conn is not None:
+                conn.close()
+            raise StoreUnavailable(f"the job database ({self.where}) refused the request: "
+                                   f"{str(exc).strip()[:200]}") from exc
         except BaseException:
             if conn is not None and not conn.closed and conn.info.transaction_status != 0:  # 0 = idle
                 conn.close()
@@ -114,6 +126,14 @@ class PostgresStore:
                 return
 
             def create(conn):
+                have = {(r["table_name"], r["column_name"]) for r in conn.execute(
+                    "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = "
+                    "current_schema() AND table_name IN ('jobs', 'job_events')").fetchall()}
+                index = conn.execute("SELECT 1 FROM pg_indexes WHERE schemaname = current_schema() AND "
+                                     "indexname = 'jobs_webhook_ended'").fetchone()
+                wanted = {("jobs", c) for c in COLUMNS} | {("job_events", c) for c in EVENT_COLUMNS}
+                if wanted <= have and index is not None:
+                    return   # up to date: a role without CREATE rights (tables made by an admin) works too
                 cols = ", ".join(f"{k} {v}" for k, v in COLUMNS.items())
                 with conn.transaction():
                     conn.execute("SELECT pg_advisory_xact_lock(7311016)")  # servers starting together
@@ -143,8 +163,8 @@ class PostgresStore:
         return None if row is None else decode(row)
 
     def insert(self, rec: JobRecord) -> None:
-        d = encode(asdict(rec))
-        sql = f"INSERT INTO jobs ({', '.join(d)}) VALUES ({', '.join(['%s'] * len(d))})"
+        d = encode(asdict(rec))   # ON CONFLICT: a replay after a lost reply inserts nothing twice
+        sql = f"INSERT INTO jobs ({', '.join(d)}) VALUES ({', '.join(['%s'] * len(d))}) ON CONFLICT (id) DO NOTHING"
         self._run(lambda c: c.execute(sql, list(d.values())))
 
     def update(self, job_id: str, **changes: Any) -> None:
@@ -160,7 +180,7 @@ class PostgresStore:
         sql = (f"UPDATE jobs SET worker_id = %s, lease_expires_at = {_NOW} + %s, attempts = attempts + 1 "
                f"WHERE id = (SELECT id FROM jobs WHERE {CLAIMABLE.format(now=_NOW)} ORDER BY created_at, id "
                "FOR UPDATE SKIP LOCKED LIMIT 1) RETURNING *")
-        return self._run(lambda c: self._one(c.execute(sql, (worker_id, lease_s))))
+        return self._run(lambda c: self._one(c.execute(sql, (worker_id, lease_s))), replay=False)  # 2 claims
 
     def heartbeat(self, job_id: str, worker_id: str, lease_s: float) -> JobRecord | None:
         sql = (f"UPDATE jobs SET lease_expires_at = {_NOW} + %s WHERE id = %s AND worker_id = %s "

@@ -10,6 +10,7 @@ keeps running and the heartbeat / final write are retried until the database ans
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -27,6 +28,7 @@ from .store import JobRecord, StoreUnavailable
 log = logging.getLogger("infinitetalk.api")
 DEFAULT_LEASE_S = 60.0
 DEFAULT_MAX_ATTEMPTS = 3
+_FIELDS = {f.name for f in dataclasses.fields(JobRecord)}
 
 
 def new_worker_id() -> str:
@@ -53,6 +55,8 @@ class Worker:
         self.prompt_id: str | None = None
         self._beat_at = 0.0
         self._final: dict[str, Any] | None = None  # a final write still to make (the database was down)
+        self._lost = False  # the lease of the job was found taken over during a long step
+        self._held_at = 0.0  # when the lease was last extended (monotonic): a whole lease without it = lost
         self._stopping = asyncio.Event()
         self._step = asyncio.Lock()   # a route's cancel and the loop's tick never interleave on one job
         service.worker = self
@@ -92,13 +96,22 @@ class Worker:
         elif self.job is not None:
             await self._follow()
         elif not self._busy():
-            await self._claim()
+            try:
+                await self._claim()
+            except Exception:
+                if self.job is not None and self.prompt_id is None and self._final is None:
+                    log.exception("InfiniteTalk worker %s could not start job %s; it goes back to the queue when its "
+                                  "lease runs out", self.worker_id, self.job.id)
+                    self.job = None   # never left half-held: the next tick claims afresh
+                    return
+                raise
 
     async def _claim(self) -> None:
         rec = await self._db(self.store.claim, self.worker_id, self.lease_s)
         if rec is None:
             return
-        self.job, self.prompt_id, self._beat_at = rec, None, time.monotonic()
+        self.job, self.prompt_id, self._lost = rec, None, False
+        self._beat_at = self._held_at = time.monotonic()
         if rec.attempts > self.max_attempts:
             lost = rec.attempts - 1
             return await self._end(status="failed", error=f"the job was given up after {lost} attempts: each "
@@ -117,6 +130,14 @@ class Worker:
             inputs = await self._holding_lease(self.service.local_inputs(rec))   # staged inputs: a download
         except InputStagingError as exc:
             return await self._end(status="failed", error=str(exc))
+        if inputs is not None:   # that took a while: is the job still ours, and still wanted?
+            fresh = await self._db(self.store.heartbeat, rec.id, self.worker_id, self.lease_s)
+            if fresh is None or self._lost:
+                log.warning("InfiniteTalk worker %s lost job %s while fetching its inputs", self.worker_id, rec.id)
+                self.job = None
+                return
+            if fresh.cancel_requested:
+                return await self._end(status="failed", error=CANCELLED)
         try:
             self.prompt_id = await self.engine.queue(self.service.graph_for(rec, inputs), rec.id)
         except Exception as exc:  # noqa: BLE001 - the record must not stay queued for a graph that cannot run
@@ -135,7 +156,7 @@ class Worker:
         st: EngineState = self.engine.state(pid)
         if st.status == "running" and self.job.status == "created":
             if await self._db(self.store.fenced_update, rec.id, self.worker_id, status="processing",
-                              started_at=now_iso()):
+                              started_at=now_iso(), cancel_requested=0):   # too late for a cancel now
                 self.job.status = "processing"
         elif st.status == "completed":
             if st.outputs:
@@ -158,10 +179,18 @@ class Worker:
         try:
             fresh = await self._db(self.store.heartbeat, rec.id, self.worker_id, self.lease_s)
         except StoreUnavailable as exc:
-            log.warning("InfiniteTalk worker %s: heartbeat of job %s failed (%s); the job keeps running, retrying",
-                        self.worker_id, rec.id, exc)
-            return True   # retried on the next tick (no new beat time)
+            if time.monotonic() - self._held_at < self.lease_s:
+                log.warning("InfiniteTalk worker %s: heartbeat of job %s failed (%s); the job keeps running, "
+                            "retrying", self.worker_id, rec.id, exc)
+                return True   # retried on the next tick (no new beat time)
+            log.warning("InfiniteTalk worker %s: no heartbeat of job %s for a whole lease (%.0f s; %s): another "
+                        "server may run it now, so it stops here", self.worker_id, rec.id, self.lease_s, exc)
+            self._drop_local()
+            self.job = self.prompt_id = None
+            return False
         self._beat_at = time.monotonic()
+        if fresh is not None:
+            self._held_at = self._beat_at
         if fresh is None:  # another worker owns it now (our lease ran out), or it ended elsewhere
             log.warning("InfiniteTalk worker %s lost the lease of job %s; dropping it here", self.worker_id, rec.id)
             self._drop_local()
@@ -183,6 +212,8 @@ class Worker:
 
     async def cancel_if_mine(self, job_id: str) -> None:
         """A cancel flagged on this server for the job this worker holds: act now, not at the next beat."""
+        if self.job is None or self.job.id != job_id:
+            return   # not ours (checked before waiting for a step that may be a long upload)
         async with self._step:
             if self.job is not None and self.job.id == job_id and self.prompt_id and self._final is None:
                 self._beat_at = float("-inf")
@@ -202,8 +233,8 @@ class Worker:
         await self._end(status="completed", outputs=outputs, **changes)
 
     async def _holding_lease(self, work: Awaitable[Any]) -> Any:
-        """Await `work` (an upload: it can outlast the lease) while extending the job's lease every third of it;
-        a lost lease is logged (the final write is fenced anyway)."""
+        """Await `work` (an upload or a download: it can outlast the lease) while extending the job's lease every
+        third of it; a lost lease is logged and remembered in `_lost` (later writes are fenced anyway)."""
         task = asyncio.ensure_future(work)
         while True:
             done, _ = await asyncio.wait({task}, timeout=self.lease_s / 3)
@@ -215,10 +246,11 @@ class Worker:
                 log.warning("InfiniteTalk worker %s: heartbeat of job %s failed during its upload (%s)",
                             self.worker_id, self.job.id, exc)
                 continue
-            self._beat_at = time.monotonic()
             if held is None:
-                log.warning("InfiniteTalk worker %s lost the lease of job %s during its upload", self.worker_id,
-                            self.job.id)
+                self._lost = True
+                log.warning("InfiniteTalk worker %s lost the lease of job %s", self.worker_id, self.job.id)
+            else:
+                self._beat_at = self._held_at = time.monotonic()
 
     async def _end(self, **changes: Any) -> None:
         self._final = {**changes, "completed_at": now_iso(), "lease_expires_at": None}
@@ -226,8 +258,9 @@ class Worker:
 
     async def _write_final(self) -> None:
         rec = self.job
+        written = self._final
         try:
-            held = await self._db(self.store.fenced_update, rec.id, self.worker_id, **self._final)
+            held = await self._db(self.store.fenced_update, rec.id, self.worker_id, **written)
         except StoreUnavailable as exc:
             log.warning("InfiniteTalk worker %s: could not record the end of job %s (%s); retrying",
                         self.worker_id, rec.id, exc)
@@ -238,7 +271,10 @@ class Worker:
             log.warning("InfiniteTalk worker %s: job %s was taken over before its end was recorded; the new "
                         "owner's result stands", self.worker_id, rec.id)
             return
-        final = await self._db(self.store.get, rec.id)
+        try:
+            final = await self._db(self.store.get, rec.id)
+        except StoreUnavailable:   # recorded, but not readable now: tell from what was written
+            final = dataclasses.replace(rec, **{k: v for k, v in written.items() if k in _FIELDS})
         if final is not None:
             await self.service.notify_final(final)
 
