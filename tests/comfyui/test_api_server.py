@@ -421,7 +421,10 @@ def test_finished_jobs_answer_after_a_restart(api):
     # Both unfinished records are taken over once their lease (5 s here) ran out.
     finished = _wait_quietly(api, unobserved[0])  # its video was saved: recorded, not run again
     _check_video(api, finished, _frames(LEFT_SAMPLES + RIGHT_SAMPLES), timed=False)
-    assert finished["timings"]["inference"] is None, finished  # no record of the run itself
+    # Its end is usually found from the saved video after the restart (then timings.inference is null); the old
+    # server's worker may also have recorded it in the instant between the file appearing and the stop (its poll
+    # races the test's). Either way it is not run again: one video. (The saved-video path itself is checked
+    # deterministically by tests/test_service_worker.py.)
     assert len(list((base / "output" / "infinitetalk_api").glob(f"{unobserved[0]}_*.mp4"))) == 1
     rerun = _wait_quietly(api, unobserved[1])    # never finished: run again on the restarted server
     _check_video(api, rerun, _frames(LEFT_SAMPLES + RIGHT_SAMPLES))
