@@ -50,7 +50,8 @@ LOCAL_OURS = {
     "nodes.": "ComfyUI imports node packs at start: nothing heavy before a node runs",
 }
 
-BOTTOM = ("infinitetalk", "infinitetalk.errors", "infinitetalk.limits", "infinitetalk.dependencies")
+BOTTOM = ("infinitetalk", "infinitetalk.errors", "infinitetalk.limits", "infinitetalk.dependencies",
+          "infinitetalk.files")
 RUNTIME_BELOW_PIPELINE = ("infinitetalk.runtime.budget", "infinitetalk.runtime.plan", "infinitetalk.runtime.streaming",
                           "infinitetalk.runtime.teacache", "infinitetalk.runtime.kernels")
 ORCHESTRATION = ("infinitetalk.runtime.launch", "infinitetalk.runtime.workers")

@@ -38,8 +38,12 @@ def _keys(moto, bucket: str) -> list[str]:
     return sorted(o["Key"] for o in listed.get("Contents", []))
 
 
-def _two_servers(tmp_path, staging: S3Inputs):
-    """A (takes submissions) and B (runs jobs) on one job store, each with its own input folder."""
+def _two_servers(tmp_path, moto, bucket: str):
+    """A (takes submissions) and B (runs jobs) on one job store, each with its own input folder, staging
+    in a new bucket."""
+    staging = _staging(moto.url, _bucket(moto, bucket))
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
     a = make_edge_env(tmp_path / "a", store_path=tmp_path / "jobs.sqlite3")
     b = make_edge_env(tmp_path / "b", store_path=tmp_path / "jobs.sqlite3")
     for env in (a, b):
@@ -58,10 +62,8 @@ def _graph_inputs(engine, prompt_id: str) -> dict[str, str]:
 
 
 def test_a_worker_without_the_input_folder_runs_the_job_from_the_staged_copies(moto, tmp_path, aws_env):
-    bucket = _bucket(moto, "stage-elsewhere")
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    a, b = _two_servers(tmp_path, _staging(moto.url, bucket))
+    bucket = "stage-elsewhere"
+    a, b = _two_servers(tmp_path, moto, bucket)
     write_png(tmp_path / "pic.png", 80, 48)
     (tmp_path / "b" / "input" / "right.wav").write_bytes(b"RIFF not the same sound")   # B's own right.wav
 
@@ -92,10 +94,8 @@ def test_a_worker_without_the_input_folder_runs_the_job_from_the_staged_copies(m
 
 
 def test_the_submitting_servers_own_worker_uses_its_files(moto, tmp_path, aws_env):
-    bucket = _bucket(moto, "stage-here")
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    a, _ = _two_servers(tmp_path, _staging(moto.url, bucket))
+    bucket = "stage-here"
+    a, _ = _two_servers(tmp_path, moto, bucket)
 
     async def flow(client):
         s, r = await post(client, SUBMIT, body())
@@ -119,10 +119,8 @@ def test_a_store_that_cannot_take_the_inputs_refuses_the_submission(tmp_path, aw
 
 
 def test_a_staged_input_gone_from_the_bucket_fails_the_job_clearly(moto, tmp_path, aws_env):
-    bucket = _bucket(moto, "stage-gone")
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    a, b = _two_servers(tmp_path, _staging(moto.url, bucket))
+    bucket = "stage-gone"
+    a, b = _two_servers(tmp_path, moto, bucket)
 
     async def flow(client):
         s, r = await post(client, SUBMIT, body(image=_data_uri(a["inputs"] / "two.png")))
@@ -178,10 +176,8 @@ def test_uploads_to_one_server_are_taken_by_a_submission_to_another(moto, tmp_pa
     from aiohttp import FormData
 
     wavespeed = pytest.importorskip("wavespeed")
-    bucket = _bucket(moto, "stage-uploads")
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    a, b = _two_servers(tmp_path, _staging(moto.url, bucket))
+    bucket = "stage-uploads"
+    a, b = _two_servers(tmp_path, moto, bucket)
     for env in (a, b):
         env["settings"].allow_hosts = ()          # nothing over HTTP: uploads resolve from a folder or the bucket
     client_files = tmp_path / "client"

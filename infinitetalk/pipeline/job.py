@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import removed_on_failure
+from ..files import file_sha256
 
 if TYPE_CHECKING:
     from .request import GenerationRequest
@@ -34,14 +35,6 @@ def default_job_dir(out: Path) -> Path:
     return out.with_name(f".{out.stem}.job")
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fingerprint(request: GenerationRequest, models_id: str = "") -> str:
     """Identity of a job: every parameter that changes the frames, the input files' content and the models.
 
@@ -55,7 +48,7 @@ def fingerprint(request: GenerationRequest, models_id: str = "") -> str:
         if isinstance(value, Path) or (name in ("left_audio", "right_audio", "image", "video", "mask_image",
                                                 "left_mask", "right_mask", "stereo_audio")
                                        and value is not None):
-            value = {"file": _file_digest(Path(value))}
+            value = {"file": file_sha256(Path(value))}
         params[name] = value
     blob = json.dumps({"params": params, "models": models_id}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -202,15 +202,15 @@ class JobService:
 
     def local_upload(self, settings: InputSettings, value: str, field_name: str) -> Path | None:
         """uploads.local_upload, bringing an upload another server took from the bucket when inputs are staged."""
-        remote = None
-        if self.staging is not None:
-            def remote(upload_id: str, name: str) -> Path | None:
-                try:
-                    return self.staging.fetch_upload(upload_id, name, uploads_root(settings) / upload_id,
-                                                     UPLOAD_CAPS[media_type(name)])
-                except InputStagingError as exc:
-                    raise ApiError(413 if isinstance(exc, UploadTooLarge) else 503, f"field '{field_name}': {exc}") from exc
+        remote = None if self.staging is None else functools.partial(self._upload_from_bucket, settings, field_name)
         return local_upload(settings, value, field_name, remote=remote)
+
+    def _upload_from_bucket(self, settings: InputSettings, field_name: str, upload_id: str, name: str) -> Path | None:
+        try:
+            return self.staging.fetch_upload(upload_id, name, uploads_root(settings) / upload_id,
+                                             UPLOAD_CAPS[media_type(name)])
+        except InputStagingError as exc:
+            raise ApiError(413 if isinstance(exc, UploadTooLarge) else 503, f"field '{field_name}': {exc}") from exc
 
     async def _unstage(self, rec: JobRecord) -> None:
         """Delete a job's staged inputs (best effort: a bucket lifecycle rule is the backstop)."""

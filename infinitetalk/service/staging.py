@@ -14,12 +14,12 @@ lacks the upload brings it from the bucket (`fetch_upload`). Expire that prefix 
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..files import file_sha256
 from .inputs import JOB_INPUTS
 from .s3 import ENV, S3Settings, s3_client, s3_settings_from_env
 
@@ -32,14 +32,6 @@ class InputStagingError(Exception):
 
 class UploadTooLarge(InputStagingError):
     """An upload in the bucket is larger than the upload routes accept."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _reason(exc: BaseException) -> str:

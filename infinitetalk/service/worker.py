@@ -5,7 +5,8 @@ A lease lasts `lease_s` and is extended every `lease_s / 3` (heartbeat). A worke
 extending it; once it runs out another worker claims the job and re-queues it on its own server, where
 the pipeline resumes from the last finished window in the (shared) job folder. After `max_attempts`
 claims the job fails with a clear error instead of looping. Database outages are ridden out: the job
-keeps running and the heartbeat / final write are retried until the database answers again.
+keeps running and the heartbeat / final write are retried until the database answers again, unless no
+heartbeat got through for a whole lease (another worker may have the job then: it stops here).
 """
 from __future__ import annotations
 
@@ -55,7 +56,6 @@ class Worker:
         self.prompt_id: str | None = None
         self._beat_at = 0.0
         self._final: dict[str, Any] | None = None  # a final write still to make (the database was down)
-        self._lost = False  # the lease of the job was found taken over during a long step
         self._held_at = 0.0  # when the lease was last extended (monotonic): a whole lease without it = lost
         self._stopping = asyncio.Event()
         self._step = asyncio.Lock()   # a route's cancel and the loop's tick never interleave on one job
@@ -110,7 +110,7 @@ class Worker:
         rec = await self._db(self.store.claim, self.worker_id, self.lease_s)
         if rec is None:
             return
-        self.job, self.prompt_id, self._lost = rec, None, False
+        self.job, self.prompt_id = rec, None
         self._beat_at = self._held_at = time.monotonic()
         if rec.attempts > self.max_attempts:
             lost = rec.attempts - 1
@@ -132,7 +132,7 @@ class Worker:
             return await self._end(status="failed", error=str(exc))
         if inputs is not None:   # that took a while: is the job still ours, and still wanted?
             fresh = await self._db(self.store.heartbeat, rec.id, self.worker_id, self.lease_s)
-            if fresh is None or self._lost:
+            if fresh is None:
                 log.warning("InfiniteTalk worker %s lost job %s while fetching its inputs", self.worker_id, rec.id)
                 self.job = None
                 return
@@ -185,30 +185,27 @@ class Worker:
                 return True   # retried on the next tick (no new beat time)
             log.warning("InfiniteTalk worker %s: no heartbeat of job %s for a whole lease (%.0f s; %s): another "
                         "server may run it now, so it stops here", self.worker_id, rec.id, self.lease_s, exc)
-            self._drop_local()
-            self.job = self.prompt_id = None
+            self._let_go()
             return False
         self._beat_at = time.monotonic()
-        if fresh is not None:
-            self._held_at = self._beat_at
         if fresh is None:  # another worker owns it now (our lease ran out), or it ended elsewhere
             log.warning("InfiniteTalk worker %s lost the lease of job %s; dropping it here", self.worker_id, rec.id)
-            self._drop_local()
-            self.job = self.prompt_id = None
+            self._let_go()
             return False
+        self._held_at = self._beat_at
         if fresh.cancel_requested and self.engine.state(self.prompt_id).status == "queued" \
                 and self.engine.cancel(self.prompt_id):
             await self._end(status="failed", error=CANCELLED)
             return False
         return True
 
-    def _drop_local(self) -> None:
-        if self.prompt_id is None:
-            return
-        if not self.engine.cancel(self.prompt_id):
+    def _let_go(self) -> None:
+        """Stop the job on this server's engine (dequeue, else interrupt) and forget it here."""
+        if self.prompt_id is not None and not self.engine.cancel(self.prompt_id):
             stop = getattr(self.engine, "interrupt", None)
             if stop:
                 stop(self.prompt_id)
+        self.job = self.prompt_id = None
 
     async def cancel_if_mine(self, job_id: str) -> None:
         """A cancel flagged on this server for the job this worker holds: act now, not at the next beat."""
@@ -234,7 +231,7 @@ class Worker:
 
     async def _holding_lease(self, work: Awaitable[Any]) -> Any:
         """Await `work` (an upload or a download: it can outlast the lease) while extending the job's lease every
-        third of it; a lost lease is logged and remembered in `_lost` (later writes are fenced anyway)."""
+        third of it; a lost lease is logged (the caller's next heartbeat or fenced write finds it out)."""
         task = asyncio.ensure_future(work)
         while True:
             done, _ = await asyncio.wait({task}, timeout=self.lease_s / 3)
@@ -247,7 +244,6 @@ class Worker:
                             self.worker_id, self.job.id, exc)
                 continue
             if held is None:
-                self._lost = True
                 log.warning("InfiniteTalk worker %s lost the lease of job %s", self.worker_id, self.job.id)
             else:
                 self._beat_at = self._held_at = time.monotonic()

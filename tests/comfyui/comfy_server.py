@@ -83,10 +83,14 @@ class Server:
             return json.loads(r.read())
 
     def post(self, path: str, body: dict) -> tuple[int, dict]:
-        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
+        return self.call("POST", path, body)
+
+    def call(self, method: str, path: str, body: dict | None = None, timeout: float = 60.0) -> tuple[int, dict]:
+        """(HTTP status, JSON reply) of one request; an error status is returned, not raised."""
+        req = urllib.request.Request(self.url + path, data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method=method)
         try:
-            with urllib.request.urlopen(req, timeout=30) as r:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
                 raw = r.read()
                 return r.status, json.loads(raw) if raw.strip() else {}
         except urllib.error.HTTPError as err:

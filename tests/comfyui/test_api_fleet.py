@@ -19,7 +19,6 @@ import os
 import signal
 import threading
 import time
-import urllib.error
 import urllib.request
 import wave
 from pathlib import Path
@@ -77,18 +76,8 @@ def _wav(path: Path, seconds: float, freq: float) -> None:
         w.writeframes((8000 * np.sin(2 * np.pi * freq * t)).astype("<i2").tobytes())
 
 
-def _call(server, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(server.url + path, data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"}, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
-
-
 def _status(server, job_id: str, route: str = "status") -> dict:
-    code, reply = _call(server, "GET", f"/infinitetalk/v1/predictions/{job_id}/{route}")
+    code, reply = server.call("GET", f"/infinitetalk/v1/predictions/{job_id}/{route}")
     assert code == 200, reply
     return reply["data"]
 
@@ -156,10 +145,10 @@ def test_a_killed_servers_job_is_finished_by_the_other_byte_identical(fleet):
     body = {"image": "two.png", "left_audio": "left.wav", "right_audio": "right.wav", "order": "left_right",
             "seed": 4242}
     for server in (a, b):                            # both ready, each with its own worker
-        assert _call(server, "GET", "/infinitetalk/v1/health") == \
+        assert server.call("GET", "/infinitetalk/v1/health") == \
             (200, {"code": 200, "message": "success", "data": {"status": "ok", "database": "ok", "worker": "idle"}})
     hook = Receiver([500, 200])
-    code, reply = _call(a, "POST", f"/infinitetalk/v1/image-to-video-multi?webhook={hook.url}", body)
+    code, reply = a.call("POST", f"/infinitetalk/v1/image-to-video-multi?webhook={hook.url}", body)
     assert code == 200, reply
     job_id = reply["data"]["id"]
     deadline = time.time() + 600
@@ -169,7 +158,7 @@ def test_a_killed_servers_job_is_finished_by_the_other_byte_identical(fleet):
         time.sleep(0.2)
     logs = {a: a.log.read_text(), b: b.log.read_text()}
     # the server that runs it is the one whose ComfyUI queue holds it
-    owner = next(s for s in (a, b) if _call(s, "GET", "/queue")[1].get("queue_running"))
+    owner = next(s for s in (a, b) if s.call("GET", "/queue")[1].get("queue_running"))
     other = b if owner is a else a
     for route in ("status", "result"):               # the other server answers for a job it does not hold
         running = _status(other, job_id, route)
@@ -196,7 +185,7 @@ def test_a_killed_servers_job_is_finished_by_the_other_byte_identical(fleet):
 
     # The same request, same seed, uninterrupted (the job folder was removed when the first one finished).
     assert _committed_windows(shared / "jobs") == 0
-    code, reply = _call(other, "POST", "/infinitetalk/v1/image-to-video-multi", body)
+    code, reply = other.call("POST", "/infinitetalk/v1/image-to-video-multi", body)
     assert code == 200, reply
     again = _wait(other, reply["data"]["id"])
     assert again["seed"] == done["seed"] == 4242

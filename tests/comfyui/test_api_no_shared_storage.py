@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import time
-import urllib.error
 import urllib.request
 import wave
 
@@ -34,16 +32,6 @@ def _wav_uri(seconds: float, freq: float, rate: int = 16000) -> str:
     return "data:audio/wav;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _call(server, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(server.url + path, data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"}, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
-
-
 def test_a_fleet_sharing_only_the_database_and_a_bucket(tiny_models, tmp_path, postgres_url, custom_node_package):
     boto3 = pytest.importorskip("boto3")
     pytest.importorskip("moto")
@@ -63,11 +51,11 @@ def test_a_fleet_sharing_only_the_database_and_a_bucket(tiny_models, tmp_path, p
             image = wavespeed.Client(api_key="loopback-needs-none", base_url=api.url).upload(str(png))
             assert image.startswith(api.url + "/infinitetalk/v1/uploads/")
             body = {"image": image, "left_audio": _wav_uri(0.6, 180.0), "right_audio": _wav_uri(0.4, 290.0), "seed": 11}
-            code, reply = _call(api, "POST", "/infinitetalk/v1/image-to-video-multi", body)
+            code, reply = api.call("POST", "/infinitetalk/v1/image-to-video-multi", body)
             assert code == 200, reply
             job = reply["data"]["id"]
             deadline = time.time() + 600
-            while (data := _call(api, "GET", f"/infinitetalk/v1/predictions/{job}/result")[1]["data"])["status"] \
+            while (data := api.call("GET", f"/infinitetalk/v1/predictions/{job}/result")[1]["data"])["status"] \
                     not in ("completed", "failed"):
                 assert time.time() < deadline and gpu.process.poll() is None, gpu.log.read_text()[-3000:]
                 time.sleep(0.5)
