@@ -272,7 +272,7 @@ def register_job_api() -> bool:
     import logging
 
     try:
-        from infinitetalk.service.routes import register_with_comfyui
+        from infinitetalk.service.app import register_with_comfyui
 
         return register_with_comfyui()
     except Exception:  # noqa: BLE001 - the nodes must load even if the API cannot start

@@ -15,11 +15,9 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from infinitetalk.service.jobs import JobService
-from infinitetalk.service.worker import Worker
 from infinitetalk.service.inputs import InputSettings
 from infinitetalk.service.store import JobStore
-from service_support import TEMPLATE, FakeEngine, dispatch, settle, write_png, write_wav
+from service_support import TEMPLATE, FakeEngine, dispatch, settle, with_worker, write_png, write_wav
 
 SECRET = "whsec_test-secret-0123456789abcdef"
 
@@ -36,10 +34,10 @@ def make_edge_env(tmp_path: Path, store_path: Path | None = None, inputs: Path |
     engine = engine or FakeEngine()
     store_path = store_path or tmp_path / "user" / "jobs.sqlite3"
     settings = InputSettings(input_dir=inputs, allow_hosts=("127.0.0.1",))
-    service = JobService(JobStore(store_path), engine, settings,
-                         {"image-to-video-multi": TEMPLATE, "video-to-video-multi": TEMPLATE}, cancel_wait_s=0.0,
-                         **service_kw)
-    worker = Worker(service, lease_s=30.0, poll_s=0.02, worker_id=f"worker-{store_path.parent.name}")
+    service, worker = with_worker(JobStore(store_path), engine, settings,
+                                  {"image-to-video-multi": TEMPLATE, "video-to-video-multi": TEMPLATE},
+                                  {"lease_s": 30.0, "poll_s": 0.02, "worker_id": f"worker-{store_path.parent.name}"},
+                                  cancel_wait_s=0.0, **service_kw)
     return {"inputs": inputs, "engine": engine, "service": service, "store_path": store_path, "settings": settings,
             "worker": worker}
 

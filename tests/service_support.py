@@ -14,6 +14,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from infinitetalk.service.inputs import InputSettings
 from infinitetalk.service.jobs import EngineState, JobService
+import weakref
+
 from infinitetalk.service.routes import JobApi
 from infinitetalk.service.store import JobStore
 from infinitetalk.service.worker import Worker
@@ -178,6 +180,21 @@ class FakeEngine:
 
 
 
+WORKERS: "weakref.WeakKeyDictionary[JobService, Worker]" = weakref.WeakKeyDictionary()
+
+
+def with_worker(store, engine, settings: InputSettings, workflows: dict, worker_kw: dict,
+                **service_kw) -> tuple[JobService, Worker]:
+    """A JobService and its local Worker, wired as app.build wires them (a cancel reaches the worker at once);
+    `call` steps the worker of a service made here."""
+    worker = None
+    service = JobService(store, engine, settings, workflows, local_cancel=lambda job_id: worker.cancel_if_mine(job_id),
+                         **service_kw)
+    worker = Worker(service, **worker_kw)
+    WORKERS[service] = worker
+    return service, worker
+
+
 def make_env(tmp_path: Path, **settings) -> dict:
     """An input folder with two.png / left.wav / right.wav / broken.wav and a JobService on a FakeEngine."""
     inputs = tmp_path / "input"
@@ -188,9 +205,9 @@ def make_env(tmp_path: Path, **settings) -> dict:
     (inputs / "broken.wav").write_bytes(b"RIFF....not really audio")
     engine = FakeEngine()
     store_path = tmp_path / "user" / "jobs.sqlite3"
-    service = JobService(JobStore(store_path), engine, InputSettings(input_dir=inputs, **settings), {
-        "image-to-video-multi": TEMPLATE, "video-to-video-multi": TEMPLATE}, cancel_wait_s=0.0)
-    worker = Worker(service, lease_s=30.0, worker_id="worker-test")
+    service, worker = with_worker(JobStore(store_path), engine, InputSettings(input_dir=inputs, **settings), {
+        "image-to-video-multi": TEMPLATE, "video-to-video-multi": TEMPLATE}, {"lease_s": 30.0, "worker_id": "worker-test"},
+        cancel_wait_s=0.0)
     return {"inputs": inputs, "engine": engine, "service": service, "store_path": store_path, "tmp": tmp_path,
             "worker": worker}
 
@@ -212,16 +229,19 @@ async def settle(env: dict, ticks: int = 5) -> None:
         await env["worker"].tick()
 
 
-def call(service, requests, keys=(), is_open: bool = False):
+def call(service, requests, keys=(), is_open: bool = False, local_worker: bool = True):
     """Run `requests(client)` against a loopback server hosting the API; returns its result. Then the
-    service's worker (if any) takes a few steps, so the first queued job is on the fake engine."""
+    service's worker (if any; `local_worker=False`: an API-only server) takes a few steps, so the first queued
+    job is on the fake engine."""
+    worker = WORKERS.get(service) if local_worker else None
+
     async def main():
         app = web.Application(client_max_size=200 * 2**20)  # ComfyUI allows large bodies too
-        app.add_routes(JobApi(service, keys=lambda: tuple(keys), is_open=lambda: is_open).routes())
+        app.add_routes(JobApi(service, keys=lambda: tuple(keys), is_open=lambda: is_open, worker=worker).routes())
         async with TestClient(TestServer(app, host="127.0.0.1")) as client:
             result = await requests(client)
-        for _ in range(3 if service.worker is not None else 0):
-            await service.worker.tick()
+        for _ in range(3 if worker is not None else 0):
+            await worker.tick()
         return result
     return asyncio.run(main())
 

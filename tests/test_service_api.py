@@ -166,7 +166,8 @@ def test_bearer_auth(env):
 
 
 def test_no_keys_means_loopback_only():
-    from infinitetalk.service.auth import authorize, load_keys
+    from infinitetalk.service.auth import authorize
+    from infinitetalk.service.settings import load_keys
 
     authorize(None, "127.0.0.1", ())
     authorize(None, "::1", ())

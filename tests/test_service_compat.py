@@ -13,7 +13,7 @@ from edge_support import make_edge_env
 from infinitetalk.service import uploads
 from infinitetalk.service.jobs import EngineState
 from infinitetalk.service.routes import JobApi
-from service_support import KEY, FakeEngine, body, dispatch, settle, write_wav
+from service_support import KEY, WORKERS, FakeEngine, body, dispatch, settle, write_wav
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 WS = "/api/v3/wavespeed-ai/infinitetalk"
@@ -41,14 +41,15 @@ def serve(service, flow, keys=(KEY,), worker_runs: bool = False):
     server), else the test steps it itself (service_support.dispatch / settle)."""
     async def main():
         app = web.Application(client_max_size=200 * 2**20)
-        app.add_routes(JobApi(service, keys=lambda: tuple(keys), is_open=lambda: False).routes())
-        runner = asyncio.get_running_loop().create_task(service.worker.run()) if worker_runs else None
+        worker = WORKERS[service]
+        app.add_routes(JobApi(service, keys=lambda: tuple(keys), is_open=lambda: False, worker=worker).routes())
+        runner = asyncio.get_running_loop().create_task(worker.run()) if worker_runs else None
         try:
             async with TestClient(TestServer(app, host="127.0.0.1")) as client:
                 return await flow(client)
         finally:
             if runner is not None:
-                service.worker.stop()
+                worker.stop()
                 await runner
     return asyncio.run(main())
 

@@ -13,11 +13,11 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from infinitetalk.service import inputs as inputs_module
-from infinitetalk.service.auth import ENV_OPEN, access_summary, authorize, open_access
+from infinitetalk.service.auth import access_summary, authorize
 from infinitetalk.service.comfy_engine import ComfyEngine
 from infinitetalk.service.contract import ApiError, public_message
 from infinitetalk.service.jobs import EngineState
-from infinitetalk.service.routes import ENV_RETENTION, input_settings
+from infinitetalk.service.settings import ENV_OPEN, ENV_RETENTION, read_settings
 from service_support import KEY, body, call, dispatch, make_env, post, settle, write_png, write_wav
 
 SUBMIT = "/infinitetalk/v1/image-to-video-multi"
@@ -57,7 +57,7 @@ def test_open_opt_in_admits_proxied_clients_without_a_key(env):
         return await post(client, SUBMIT, body(), {"X-Forwarded-For": "203.0.113.9"})
     status, reply = call(env["service"], flow, is_open=True)
     assert status == 200, reply
-    assert open_access({ENV_OPEN: "1"}) and not open_access({}) and not open_access({ENV_OPEN: "0"})
+    assert read_settings({ENV_OPEN: "1"}).open and not read_settings({}).open and not read_settings({ENV_OPEN: "0"}).open
 
 
 def test_keys_win_over_the_open_opt_in_and_proxy_headers_do_not_matter_with_a_key():
@@ -99,7 +99,7 @@ def test_an_unreadable_key_file_admits_nobody(env, tmp_path, broken):
     from aiohttp import web
     from aiohttp.test_utils import TestClient, TestServer
 
-    from infinitetalk.service.auth import ENV_KEYS_FILE, load_keys
+    from infinitetalk.service.settings import ENV_KEYS_FILE, load_keys
     from infinitetalk.service.routes import JobApi
 
     key_file = tmp_path / "keys.txt"
@@ -328,12 +328,12 @@ def test_inputs_of_a_recorded_job_no_worker_claimed_yet_are_kept_whatever_their_
 
 def test_retention_setting_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv(ENV_RETENTION, "0.5")
-    assert input_settings(tmp_path).retention_s == 1800
+    assert read_settings().inputs(tmp_path).retention_s == 1800
     monkeypatch.delenv(ENV_RETENTION)
-    assert input_settings(tmp_path).retention_s == 24 * 3600
+    assert read_settings().inputs(tmp_path).retention_s == 24 * 3600
     monkeypatch.setenv(ENV_RETENTION, "soon")
     with pytest.raises(RuntimeError, match=ENV_RETENTION):
-        input_settings(tmp_path)
+        read_settings().inputs(tmp_path)
 
 
 def test_failed_jobs_are_not_billed(env):

@@ -16,8 +16,19 @@ pytest.importorskip("moto")
 pytest.importorskip("flask")  # moto's server mode (moto[server])
 
 from edge_support import CREDS, MotoServer, aws_env, make_edge_env, moto  # noqa: E402,F401 (fixtures)
-from infinitetalk.service.s3 import S3Outputs, S3Settings, s3_outputs_from_env, s3_settings_from_env  # noqa: E402
+from infinitetalk.service.s3 import S3Outputs, S3Settings  # noqa: E402
+from infinitetalk.service.settings import read_settings  # noqa: E402
 from service_support import body, call, dispatch, post, settle  # noqa: E402
+
+
+def s3_settings_from_env(env: dict) -> S3Settings | None:
+    return read_settings(env).s3
+
+
+def s3_outputs_from_env(output_dir, env: dict) -> S3Outputs | None:
+    """The outputs the app builds from `env` (None: outputs stay on `/view`)."""
+    settings = s3_settings_from_env(env)
+    return S3Outputs(settings, output_dir) if settings else None
 
 
 def _bucket(moto, name: str) -> str:

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from infinitetalk.service import routes
+from infinitetalk.service import app, routes
 from infinitetalk.service.compat import ROUTES as COMPAT_ROUTES
 from infinitetalk.service.store_postgres import PostgresStore
 
@@ -47,7 +47,7 @@ class StandInServer:
 def comfyui(tmp_path, monkeypatch):
     """Stand-in `server` and `folder_paths` modules over folders in tmp_path; the API's env settings cleared."""
     for name in list(__import__("os").environ):
-        if name.startswith("INFINITETALK_API_"):
+        if name.startswith("INFINITETALK_API"):
             monkeypatch.delenv(name)
     folders = {d: tmp_path / d for d in ("input", "output", "temp", "user")}
     for path in folders.values():
@@ -83,7 +83,7 @@ def test_a_bad_setting_is_logged_once_and_every_api_path_answers_503_naming_it(c
     for name, raw in env.items():
         monkeypatch.setenv(name, raw)
     with caplog.at_level(logging.ERROR, logger="infinitetalk.api"):
-        assert routes.register_with_comfyui() is False
+        assert app.register_with_comfyui() is False
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and setting in errors[0] and "not started" in errors[0], errors
     if setting in ("INFINITETALK_API_DATABASE_URL", "INFINITETALK_API_WEBHOOK_SECRET"):
@@ -109,8 +109,9 @@ def test_every_drop_in_path_is_refused_on_bad_settings():
     assert routes.PREFIX + "/{tail:.*}" in refused
 
 
-def test_right_settings_register_the_routes_and_a_worker(comfyui):
-    assert routes.register_with_comfyui() is True
+def test_right_settings_register_the_routes_and_a_worker(comfyui, monkeypatch):
+    monkeypatch.setenv("INFINITETALK_API", "1")
+    assert app.register_with_comfyui() is True
     assert len(comfyui.server.loop.scheduled) == 1                   # the worker's loop task
     status, reply = answers(comfyui.server.routes, [("GET", "/infinitetalk/v1/predictions/nope/status")])[0]
     assert status == 404 and "nope" in reply["message"], reply       # a real route answered (unknown job)
@@ -119,7 +120,7 @@ def test_right_settings_register_the_routes_and_a_worker(comfyui):
 
 def test_an_api_only_server_registers_without_a_worker(comfyui, monkeypatch):
     monkeypatch.setenv("INFINITETALK_API_WORKER", "0")
-    assert routes.register_with_comfyui() is True and comfyui.server.loop.scheduled == []
+    assert app.register_with_comfyui() is True and comfyui.server.loop.scheduled == []
 
 
 def test_a_malformed_postgres_url_names_the_setting_without_its_password():
@@ -131,12 +132,42 @@ def test_a_malformed_postgres_url_names_the_setting_without_its_password():
     assert "pass word" not in text, text
 
 
-def test_a_job_database_that_cannot_be_opened_is_refused_like_a_bad_setting(comfyui, caplog):
+def test_a_job_database_that_cannot_be_opened_is_refused_like_a_bad_setting(comfyui, caplog, monkeypatch):
     """A SQLite file that cannot be created (its folder is a file here): 503 on every path, logged once."""
+    monkeypatch.setenv("INFINITETALK_API", "1")
     (comfyui.folders["user"] / "infinitetalk_api").write_text("not a folder")
     with caplog.at_level(logging.ERROR, logger="infinitetalk.api"):
-        assert routes.register_with_comfyui() is False
+        assert app.register_with_comfyui() is False
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "the job database cannot be opened" in errors[0], errors
     (status, reply), = answers(comfyui.server.routes, [("GET", "/infinitetalk/v1/health")])
     assert status == 503 and "restart" in reply["message"], reply
+
+
+def test_without_api_settings_only_the_nodes_start(comfyui, caplog):
+    """A user who only wants the nodes: one INFO line saying how to turn the API on; no warning, no routes,
+    no worker, no job database file."""
+    with caplog.at_level(logging.DEBUG, logger="infinitetalk.api"):
+        assert app.register_with_comfyui() is False
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert len(lines) == 1 and lines[0][0] == logging.INFO and "INFINITETALK_API=1" in lines[0][1], lines
+    assert comfyui.server.loop.scheduled == [] and len(comfyui.server.routes) == 0
+    assert not list(comfyui.folders["user"].rglob("*"))
+
+
+@pytest.mark.parametrize("env,on", [({"INFINITETALK_API": "1"}, True), ({"INFINITETALK_API_KEYS": "k-1"}, True),
+                                    ({"INFINITETALK_API_DATABASE_URL": ""}, False),
+                                    ({"INFINITETALK_API": "0", "INFINITETALK_API_KEYS": "k-1"}, False)])
+def test_a_key_a_setting_or_the_switch_turns_the_api_on(comfyui, monkeypatch, env, on):
+    for name, raw in env.items():
+        monkeypatch.setenv(name, raw)
+    assert app.register_with_comfyui() is on
+    assert (comfyui.folders["user"] / "infinitetalk_api" / "jobs.sqlite3").is_file() is on
+    assert len(comfyui.server.loop.scheduled) == (1 if on else 0)
+
+
+def test_a_bad_switch_value_is_refused_by_name(comfyui, monkeypatch):
+    monkeypatch.setenv("INFINITETALK_API", "yes please")
+    assert app.register_with_comfyui() is False
+    (status, reply), = answers(comfyui.server.routes, [("GET", "/infinitetalk/v1/health")])
+    assert status == 503 and "INFINITETALK_API " in reply["message"] and "yes please" not in reply["message"], reply

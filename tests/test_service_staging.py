@@ -14,7 +14,8 @@ pytest.importorskip("moto")
 pytest.importorskip("flask")  # moto's server mode (moto[server])
 
 from edge_support import aws_env, free_port, make_edge_env, moto  # noqa: E402,F401 (fixtures)
-from infinitetalk.service.staging import S3Inputs, s3_inputs_from_env  # noqa: E402
+from infinitetalk.service.settings import read_settings  # noqa: E402
+from infinitetalk.service.staging import S3Inputs  # noqa: E402
 from service_support import body, call, dispatch, post, settle, write_png  # noqa: E402
 
 SUBMIT = "/infinitetalk/v1/image-to-video-multi"
@@ -23,9 +24,9 @@ SUBMIT = "/infinitetalk/v1/image-to-video-multi"
 def _staging(url: str, bucket: str) -> S3Inputs:
     env = {"INFINITETALK_API_S3_BUCKET": bucket, "INFINITETALK_API_S3_ENDPOINT_URL": url,
            "INFINITETALK_API_S3_INPUTS": "1"}
-    staging = s3_inputs_from_env(env)
-    assert staging is not None
-    return staging
+    settings = read_settings(env)
+    assert settings.s3_inputs
+    return S3Inputs(settings.s3)
 
 
 def _bucket(moto, name: str) -> str:
@@ -44,10 +45,8 @@ def _two_servers(tmp_path, moto, bucket: str):
     staging = _staging(moto.url, _bucket(moto, bucket))
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
-    a = make_edge_env(tmp_path / "a", store_path=tmp_path / "jobs.sqlite3")
-    b = make_edge_env(tmp_path / "b", store_path=tmp_path / "jobs.sqlite3")
-    for env in (a, b):
-        env["service"].staging = staging
+    a = make_edge_env(tmp_path / "a", store_path=tmp_path / "jobs.sqlite3", staging=staging)
+    b = make_edge_env(tmp_path / "b", store_path=tmp_path / "jobs.sqlite3", staging=staging)
     return a, b
 
 
@@ -107,8 +106,7 @@ def test_the_submitting_servers_own_worker_uses_its_files(moto, tmp_path, aws_en
 
 
 def test_a_store_that_cannot_take_the_inputs_refuses_the_submission(tmp_path, aws_env):
-    env = make_edge_env(tmp_path)
-    env["service"].staging = _staging(f"http://127.0.0.1:{free_port()}", "stage-down")   # nothing listens
+    env = make_edge_env(tmp_path, staging=_staging(f"http://127.0.0.1:{free_port()}", "stage-down"))   # nothing listens
 
     async def flow(client):
         return await post(client, SUBMIT, body(image=_data_uri(env["inputs"] / "two.png")))
@@ -137,11 +135,11 @@ def test_a_staged_input_gone_from_the_bucket_fails_the_job_clearly(moto, tmp_pat
 
 
 def test_the_staging_setting_is_checked():
-    assert s3_inputs_from_env({}) is None and s3_inputs_from_env({"INFINITETALK_API_S3_INPUTS": "0"}) is None
+    assert not read_settings({}).s3_inputs and not read_settings({"INFINITETALK_API_S3_INPUTS": "0"}).s3_inputs
     with pytest.raises(RuntimeError, match="INFINITETALK_API_S3_INPUTS='yes'"):
-        s3_inputs_from_env({"INFINITETALK_API_S3_INPUTS": "yes", "INFINITETALK_API_S3_BUCKET": "b-1"})
+        read_settings({"INFINITETALK_API_S3_INPUTS": "yes", "INFINITETALK_API_S3_BUCKET": "b-1"})
     with pytest.raises(RuntimeError, match="needs INFINITETALK_API_S3_BUCKET"):
-        s3_inputs_from_env({"INFINITETALK_API_S3_INPUTS": "1"})
+        read_settings({"INFINITETALK_API_S3_INPUTS": "1"})
 
 
 def _serve_two(a, b, flow):
@@ -211,8 +209,8 @@ def test_an_oversized_upload_in_the_bucket_is_refused_at_submit(moto, tmp_path, 
     from infinitetalk.service import uploads
 
     bucket = _bucket(moto, "stage-big")
-    env = make_edge_env(tmp_path)
-    env["service"].staging = staging = _staging(moto.url, bucket)
+    staging = _staging(moto.url, bucket)
+    env = make_edge_env(tmp_path, staging=staging)
     upload_id = "c" * 32
     boto3.client("s3", endpoint_url=moto.url).put_object(Bucket=bucket, Key=staging.upload_key(upload_id, "big.wav"),
                                                          Body=b"\0" * (uploads.CAPS["audio"] + 1))

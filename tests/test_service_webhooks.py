@@ -312,22 +312,23 @@ def test_bad_webhook_is_refused_at_submit_and_nothing_is_queued(tmp_path):
 
 def test_build_from_environment_wires_s3_off_and_webhooks_on(tmp_path):
     from infinitetalk.service.outputs import LocalOutputs
-    from infinitetalk.service.routes import service_from_env
+    from infinitetalk.service.app import build
+    from infinitetalk.service.settings import read_settings
     from infinitetalk.service.store import JobRecord, JobStore
     from service_support import TEMPLATE, FakeEngine
 
     settings = InputSettings(input_dir=tmp_path, allow_hosts=("127.0.0.1",))
-    service = service_from_env(lambda: JobStore(tmp_path / "j.sqlite3"), FakeEngine(), settings,
-                                 {"image-to-video-multi": TEMPLATE}, tmp_path,
-                                 {"INFINITETALK_API_WEBHOOK_SECRET": SECRET, "INFINITETALK_API_PUBLIC_URL": "https://api.example/"})
-    assert isinstance(service.outputs, LocalOutputs) and service.on_final == service.webhook_sender.on_final
-    built = service.webhook_sender.envelope_for
+    app = build(read_settings({"INFINITETALK_API_WEBHOOK_SECRET": SECRET, "INFINITETALK_API_PUBLIC_URL": "https://api.example/"}),
+                lambda: JobStore(tmp_path / "j.sqlite3"), FakeEngine(), settings, {"image-to-video-multi": TEMPLATE}, tmp_path)
+    service = app.service
+    assert isinstance(service.outputs, LocalOutputs) and service.on_final == app.webhooks.on_final
+    built = app.webhooks.envelope_for
     rec = JobRecord(id="j1", model="m", request={"seed": 1}, status="completed", created_at="t",
                     outputs=[{"filename": "a.mp4", "subfolder": "s", "type": "output"}])
     assert built(rec)["data"]["outputs"] == ["https://api.example/view?filename=a.mp4&subfolder=s&type=output"]
     with pytest.raises(RuntimeError) as info:
-        service_from_env(lambda: JobStore(tmp_path / "k.sqlite3"), FakeEngine(), settings, {}, tmp_path,
-                         {"INFINITETALK_API_S3_BUCKET": "UPPER"})
+        build(read_settings({"INFINITETALK_API_S3_BUCKET": "UPPER"}), lambda: JobStore(tmp_path / "k.sqlite3"),
+              FakeEngine(), settings, {}, tmp_path)
     assert "INFINITETALK_API_S3_BUCKET" in str(info.value)
     assert not (tmp_path / "k.sqlite3").exists()    # a bad setting is found before the database is opened
 

@@ -11,8 +11,9 @@ from infinitetalk.service.inputs import InputSettings
 from infinitetalk.service.jobs import CANCELLED, EngineState, JobService
 from infinitetalk.service.database import open_store
 from infinitetalk.service.store import StoreUnavailable
-from infinitetalk.service.worker import Worker, lease_from_env
-from service_support import TEMPLATE, FakeEngine, body, call, post, write_png, write_wav
+from infinitetalk.service.settings import read_settings
+from infinitetalk.service.worker import Worker
+from service_support import TEMPLATE, FakeEngine, body, call, post, with_worker, write_png, write_wav
 
 SUBMIT = "/infinitetalk/v1/image-to-video-multi"
 WORKFLOWS = {"image-to-video-multi": TEMPLATE, "video-to-video-multi": TEMPLATE}
@@ -28,9 +29,9 @@ def fleet(tmp_path, url: str, servers: int = 2, lease_s: float = 1.0, on_final=N
     out = []
     for i in range(servers):
         engine = FakeEngine()
-        service = JobService(open_store(url), engine, InputSettings(input_dir=inputs), WORKFLOWS,
-                             on_final=on_final, cancel_wait_s=5.0)
-        out.append((service, engine, Worker(service, lease_s=lease_s, worker_id=f"w{i}")))
+        service, worker = with_worker(open_store(url), engine, InputSettings(input_dir=inputs), WORKFLOWS,
+                                      {"lease_s": lease_s, "worker_id": f"w{i}"}, on_final=on_final, cancel_wait_s=5.0)
+        out.append((service, engine, worker))
     return inputs, out
 
 
@@ -115,7 +116,6 @@ def test_a_job_whose_workers_keep_dying_fails_after_the_attempt_limit(tmp_path, 
 def test_cancel_from_any_server(tmp_path, db_url):
     finals = []
     _, [(sa, ea, wa), (sb, eb, wb)] = fleet(tmp_path, db_url, lease_s=30.0, on_final=finals.append)
-    sb.worker = None   # B answers routes only (as if INFINITETALK_API_WORKER=0)
 
     async def flow(client):
         ids = [(await post(client, SUBMIT, body(seed=i)))[1]["data"]["id"] for i in range(3)]
@@ -144,10 +144,10 @@ def test_cancel_from_any_server(tmp_path, db_url):
 
 
 def test_lease_setting_is_checked():
-    assert lease_from_env({}) == 60.0 and lease_from_env({"INFINITETALK_API_LEASE_SECONDS": "5"}) == 5.0
+    assert read_settings({}).lease_s == 60.0 and read_settings({"INFINITETALK_API_LEASE_SECONDS": "5"}).lease_s == 5.0
     for bad in ("soon", "0", "-3"):
         with pytest.raises(RuntimeError, match="INFINITETALK_API_LEASE_SECONDS"):
-            lease_from_env({"INFINITETALK_API_LEASE_SECONDS": bad})
+            read_settings({"INFINITETALK_API_LEASE_SECONDS": bad})
 
 
 def test_a_dead_database_is_503_leaves_no_files_and_loses_nothing(tmp_path, postgres_server, postgres_url):
@@ -297,21 +297,25 @@ def test_health_needs_no_key_and_says_only_status_words(tmp_path):
     """For load balancers (which send no key): ready or not, the worker's state, nothing about any job."""
     _, [(service, engine, worker)] = fleet(tmp_path, str(tmp_path / "jobs.sqlite3"), servers=1)
 
+    async def health(client):
+        resp = await client.get("/infinitetalk/v1/health")
+        return resp.status, (await resp.json())["data"]
+
     async def flow(client):
-        async def health():
-            resp = await client.get("/infinitetalk/v1/health")
-            return resp.status, (await resp.json())["data"]
-        seen = [await health()]
+        seen = [await health(client)]
         s, r = await post(client, SUBMIT, body())
         assert s == 401, r                                 # the API itself still wants the key
         await service.submit("image-to-video-multi", body())
         await worker.tick()
-        seen.append(await health())                        # a job on this server's engine
-        service.worker = None
-        seen.append(await health())                        # an API-only server
+        seen.append(await health(client))                  # a job on this server's engine
+        return seen
+
+    async def api_only(client):
         resp = await client.post("/infinitetalk/v1/health")
-        return seen, resp.status
-    seen, post_status = call(service, flow, keys=("k-123",))
+        return await health(client), resp.status
+    seen = call(service, flow, keys=("k-123",))
+    off, post_status = call(service, api_only, keys=("k-123",), local_worker=False)   # an API-only server
+    seen.append(off)
     assert seen == [(200, {"status": "ok", "database": "ok", "worker": "idle"}),
                     (200, {"status": "ok", "database": "ok", "worker": "busy"}),
                     (200, {"status": "ok", "database": "ok", "worker": "off"})]

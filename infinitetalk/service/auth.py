@@ -1,7 +1,6 @@
 """Bearer-key authentication for the job API.
 
-Keys come from `INFINITETALK_API_KEYS` (comma-separated) and/or the file named by
-`INFINITETALK_API_KEYS_FILE` (one key per line, `#` comments). With no key configured the routes
+Keys come from `INFINITETALK_API_KEYS` and/or `INFINITETALK_API_KEYS_FILE` (settings.KeySource). With no key configured the routes
 fail closed: they answer only loopback clients whose request carries no proxy header (a reverse proxy
 on the same machine makes every client look like loopback), unless `INFINITETALK_API_OPEN=1` says the
 server is deliberately open to everyone.
@@ -10,32 +9,12 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import os
-from collections.abc import Mapping
-from pathlib import Path
 
 from .contract import ApiError
+from .settings import ENV_KEYS, ENV_KEYS_FILE, ENV_OPEN
 
-ENV_KEYS = "INFINITETALK_API_KEYS"
-ENV_KEYS_FILE = "INFINITETALK_API_KEYS_FILE"
-ENV_OPEN = "INFINITETALK_API_OPEN"
 # Headers a reverse proxy adds; their presence means `remote` is the proxy, not the client.
 PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
-
-
-def load_keys(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
-    """The configured keys. A key file that is named but cannot be read raises RuntimeError (the routes then
-    admit nobody), never silently "no key"; a readable file with only comments means no key yet."""
-    env = os.environ if environ is None else environ
-    keys = [k.strip() for k in env.get(ENV_KEYS, "").split(",") if k.strip()]
-    path = env.get(ENV_KEYS_FILE, "").strip()
-    if path:
-        try:
-            lines = Path(path).read_text().splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise RuntimeError(f"{ENV_KEYS_FILE}={path}: cannot read the API key file ({exc})") from exc
-        keys += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-    return tuple(keys)
 
 
 def is_loopback(remote: str | None) -> bool:
@@ -45,12 +24,6 @@ def is_loopback(remote: str | None) -> bool:
         return ipaddress.ip_address(remote.split("%", 1)[0]).is_loopback
     except ValueError:
         return False
-
-
-def open_access(environ: Mapping[str, str] | None = None) -> bool:
-    """True when the operator set INFINITETALK_API_OPEN=1: no key needed when none is configured."""
-    env = os.environ if environ is None else environ
-    return env.get(ENV_OPEN, "").strip().lower() in ("1", "true", "yes")
 
 
 def access_summary(keys: tuple[str, ...], is_open: bool) -> str:

@@ -26,7 +26,7 @@ from .contract import MAX_SECONDS, ApiError, JobRequest, audio_seconds_for, bill
 from .graph import build_graph
 from .inputs import JOB_INPUTS, InputSettings, disk_full_as_507, remove_job_inputs, resolve_media
 from .outputs import LocalOutputs, OutputStore
-from .staging import InputStagingError, UploadTooLarge
+from .staging import InputStagingError, S3Inputs, UploadTooLarge
 from .uploads import CAPS as UPLOAD_CAPS, UPLOADS, local_upload, media_type, uploads_root
 from .store import FINAL, JobRecord, Store, StoreUnavailable
 
@@ -107,11 +107,14 @@ def graph_params(request: dict[str, Any]) -> dict[str, Any]:
 
 class JobService:
     """Submit/status/cancel over a job store. `outputs` publishes finished videos, `on_final` hears of every
-    job that reached its final state (from a worker or a route), `webhook_check` vets a submitted webhook URL."""
+    job that reached its final state (from a worker or a route), `webhook_check` vets a submitted webhook URL,
+    `staging` (S3Inputs) stages job inputs for workers elsewhere, `local_cancel(job_id)` lets this server's own
+    worker act at once on a cancel flagged for a job it may hold."""
 
     def __init__(self, store: Store, engine: Engine | None, settings: InputSettings, workflows: dict[str, dict],
                  outputs: OutputStore | None = None, on_final: OnFinal | None = None,
-                 webhook_check: Callable[[str], str] | None = None, cancel_wait_s: float = 10.0):
+                 webhook_check: Callable[[str], str] | None = None, cancel_wait_s: float = 10.0,
+                 staging: S3Inputs | None = None, local_cancel: Callable[[str], Awaitable[None]] | None = None):
         self.store = store
         self.engine = engine
         self.settings = settings
@@ -120,9 +123,8 @@ class JobService:
         self.on_final = on_final
         self.webhook_check = webhook_check
         self.cancel_wait_s = cancel_wait_s
-        self.webhook_sender = None  # the WebhookSender behind `on_final`, when webhooks are configured
-        self.staging = None  # S3Inputs (staging.py) when job inputs are staged in S3 for workers elsewhere
-        self.worker = None  # the local Worker, when this server runs one (it handles cancels of its job at once)
+        self.staging = staging
+        self.local_cancel = local_cancel
         self._submitting: set[str] = set()  # job ids whose inputs are being fetched (never swept)
         self._last_sweep = float("-inf")
         # Probes are header reads (ms) but a mask is decoded: bound how many inputs are open at once.
@@ -313,8 +315,8 @@ class JobService:
             if rec.status in FINAL and rec.error == CANCELLED:
                 return rec
             raise ApiError(409, f"prediction '{job_id}' is already running and cannot be cancelled")
-        if self.worker is not None:
-            await self.worker.cancel_if_mine(job_id)
+        if self.local_cancel is not None:
+            await self.local_cancel(job_id)
         deadline = time.monotonic() + self.cancel_wait_s
         while True:
             rec = await self.status(job_id)

@@ -1,6 +1,6 @@
 """Finished videos in S3-compatible storage, handed out as presigned GET URLs.
 
-Settings (all optional; without `INFINITETALK_API_S3_BUCKET` outputs stay on ComfyUI's `/view`):
+Settings (read by settings.py; without `INFINITETALK_API_S3_BUCKET` outputs stay on ComfyUI's `/view`):
   INFINITETALK_API_S3_BUCKET               bucket name (turns S3 outputs on)
   INFINITETALK_API_S3_INPUTS               1: also stage job inputs there (staging.py; default 0)
   INFINITETALK_API_S3_ENDPOINT_URL         http(s) endpoint of an S3-compatible service (MinIO, R2, ...)
@@ -17,9 +17,6 @@ the key and URLs are presigned when read, so an expired link is renewed by askin
 from __future__ import annotations
 
 import mimetypes
-import os
-import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,41 +35,6 @@ class S3Settings:
     region: str | None = None
     prefix: str = ""
     url_expiry_s: int = 3600
-
-
-def s3_settings_from_env(environ: Mapping[str, str] | None = None) -> S3Settings | None:
-    """The settings, None without a bucket; RuntimeError naming the setting for a bad value."""
-    env = os.environ if environ is None else environ
-    get = {k: env.get(ENV + k, "").strip() for k in ("BUCKET", "ENDPOINT_URL", "REGION", "PREFIX",
-                                                     "URL_EXPIRY_SECONDS")}
-    if not get["BUCKET"]:
-        others = [ENV + k for k, v in get.items() if v]
-        if others:
-            raise RuntimeError(f"{', '.join(others)} set but {ENV}BUCKET is empty; expected a bucket name to "
-                               "store outputs in S3, or none of these settings to keep them on this server")
-        return None
-    bucket = get["BUCKET"]
-    if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", bucket):
-        raise RuntimeError(f"{ENV}BUCKET={bucket!r}: expected an S3 bucket name (3-63 characters: lower-case "
-                           "letters, digits, '.' and '-')")
-    endpoint = get["ENDPOINT_URL"] or None
-    if endpoint and not re.match(r"^https?://[^/\s]+", endpoint):
-        raise RuntimeError(f"{ENV}ENDPOINT_URL={endpoint!r}: expected an http(s) URL such as "
-                           "https://s3.example.com")
-    expiry = 3600
-    if get["URL_EXPIRY_SECONDS"]:
-        try:
-            expiry = int(get["URL_EXPIRY_SECONDS"])
-        except ValueError:
-            expiry = -1
-        if not 1 <= expiry <= MAX_EXPIRY_S:
-            raise RuntimeError(f"{ENV}URL_EXPIRY_SECONDS={get['URL_EXPIRY_SECONDS']!r}: expected a whole number "
-                               f"of seconds from 1 to {MAX_EXPIRY_S} (7 days; default 3600)")
-    prefix = get["PREFIX"].lstrip("/")
-    if prefix and not prefix.endswith("/"):
-        prefix += "/"
-    return S3Settings(bucket=bucket, endpoint_url=endpoint, region=get["REGION"] or None, prefix=prefix,
-                      url_expiry_s=expiry)
 
 
 def s3_client(settings: S3Settings) -> Any:
@@ -140,9 +102,3 @@ class S3Outputs:
             else:
                 out.append(view_url(item, base_url))
         return out
-
-
-def s3_outputs_from_env(output_dir: Path, environ: Mapping[str, str] | None = None) -> S3Outputs | None:
-    """S3Outputs from the settings above, None when no bucket is set; RuntimeError when misconfigured."""
-    settings = s3_settings_from_env(environ)
-    return S3Outputs(settings, output_dir) if settings else None

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..files import file_sha256
 from .inputs import JOB_INPUTS
-from .s3 import ENV, S3Settings, s3_client, s3_settings_from_env
+from .s3 import S3Settings, s3_client
 
 STAGED = "staged"
 
@@ -163,18 +163,3 @@ def _same(path: Path, entry: Mapping[str, Any]) -> bool:
         return path.is_file() and path.stat().st_size == entry["size"] and file_sha256(path) == entry["sha256"]
     except OSError:
         return False
-
-
-def s3_inputs_from_env(environ: Mapping[str, str] | None = None) -> S3Inputs | None:
-    """S3Inputs when `INFINITETALK_API_S3_INPUTS=1` (with a bucket); None when off; RuntimeError when the
-    setting is bad or set without a bucket."""
-    env = os.environ if environ is None else environ
-    raw = env.get(ENV + "INPUTS", "").strip()
-    if raw not in ("", "0", "1"):
-        raise RuntimeError(f"{ENV}INPUTS={raw!r}: expected 1 (stage job inputs in the bucket) or 0 (default)")
-    if raw != "1":
-        return None
-    settings = s3_settings_from_env(env)
-    if settings is None:
-        raise RuntimeError(f"{ENV}INPUTS=1 needs {ENV}BUCKET: the bucket the job inputs are staged in")
-    return S3Inputs(settings)

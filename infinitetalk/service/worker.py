@@ -21,13 +21,13 @@ from collections.abc import Awaitable
 from typing import Any
 
 from .contract import ApiError, now_iso
+from .settings import DEFAULT_LEASE_S
 from .jobs import CANCELLED, EngineState, JobService, output_prefix
 from .outputs import OutputPublishError
 from .staging import InputStagingError
 from .store import JobRecord, StoreUnavailable
 
 log = logging.getLogger("infinitetalk.api")
-DEFAULT_LEASE_S = 60.0
 DEFAULT_MAX_ATTEMPTS = 3
 _FIELDS = {f.name for f in dataclasses.fields(JobRecord)}
 
@@ -59,7 +59,6 @@ class Worker:
         self._held_at = 0.0  # when the lease was last extended (monotonic): a whole lease without it = lost
         self._stopping = asyncio.Event()
         self._step = asyncio.Lock()   # a route's cancel and the loop's tick never interleave on one job
-        service.worker = self
 
     async def _db(self, fn, *args, **kwargs):
         return await self.service.db(fn, *args, **kwargs)
@@ -273,19 +272,3 @@ class Worker:
             final = dataclasses.replace(rec, **{k: v for k, v in written.items() if k in _FIELDS})
         if final is not None:
             await self.service.notify_final(final)
-
-
-def lease_from_env(environ: dict[str, str] | None = None) -> float:
-    """`INFINITETALK_API_LEASE_SECONDS` (default 60): how long a silent worker keeps its job."""
-    env = os.environ if environ is None else environ
-    raw = env.get("INFINITETALK_API_LEASE_SECONDS", "").strip()
-    if not raw:
-        return DEFAULT_LEASE_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value >= 1:
-        raise RuntimeError(f"INFINITETALK_API_LEASE_SECONDS={raw!r}: expected a number of seconds >= 1 "
-                           f"(default {DEFAULT_LEASE_S:.0f})")
-    return value
