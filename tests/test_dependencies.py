@@ -34,7 +34,7 @@ from pathlib import Path
 
 logging.basicConfig(level=logging.INFO, format="LOG %(name)s %(message)s", stream=sys.stdout)
 import nodes                                       # the ComfyUI entry's node package, outside ComfyUI
-import infinitetalk.service.routes                 # the API's modules import without soxr
+import infinitetalk.service.app                    # the API's modules import without soxr
 from infinitetalk.dependencies import missing_message
 from service_support import call, make_env, body, post
 

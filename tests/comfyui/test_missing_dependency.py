@@ -22,7 +22,8 @@ def test_comfyui_without_soxr_says_so_once_and_the_api_answers_503(tiny_models, 
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text(BLOCKER)
     path = os.pathsep.join(filter(None, [str(blocker), os.environ.get("PYTHONPATH", "")]))
-    server = spawn_server(tiny_models, tmp_path / "base", {"PYTHONPATH": path, "INFINITETALK_TEST_BLOCK": "soxr"})
+    server = spawn_server(tiny_models, tmp_path / "base", {"PYTHONPATH": path, "INFINITETALK_TEST_BLOCK": "soxr",
+                                                          "INFINITETALK_API": "1"})
     try:
         nodes = server.get("/object_info")
         assert "InfiniteTalkMultiSampler" in nodes and "InfiniteTalkLoadTwoAudios" in nodes   # still registered
