@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from infinitetalk.service import app, routes
 from infinitetalk.service.compat import ROUTES as COMPAT_ROUTES
-from infinitetalk.service.store_postgres import PostgresStore
+from infinitetalk.service.store import JobStore
 
 BAD_SETTINGS = [
     ({"INFINITETALK_API_S3_BUCKET": "Not_A_Bucket!"}, "INFINITETALK_API_S3_BUCKET", "Not_A_Bucket!"),
@@ -126,7 +126,7 @@ def test_an_api_only_server_registers_without_a_worker(comfyui, monkeypatch):
 def test_a_malformed_postgres_url_names_the_setting_without_its_password():
     pytest.importorskip("psycopg")
     with pytest.raises(RuntimeError) as info:
-        PostgresStore("postgresql://app:pass word@db.invalid/jobs")
+        JobStore("postgresql://app:pass word@db.invalid/jobs")
     text = str(info.value)
     assert "INFINITETALK_API_DATABASE_URL=postgresql://app:***@db.invalid/jobs" in text, text
     assert "pass word" not in text, text

@@ -5,21 +5,26 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
-from infinitetalk.service.database import open_store
-from infinitetalk.service.store import JobRecord, SQLiteStore, StoreUnavailable
+from infinitetalk.service.store import JobRecord, JobStore, StoreUnavailable
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def make_store(request, tmp_path):
+def target(request, tmp_path):
+    """Where a job database is: a SQLite file, or an empty throwaway PostgreSQL."""
+    return tmp_path / "jobs.sqlite3" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def make_store(target):
     """A factory of store handles on one database (several handles = several servers)."""
     opened = []
-    target = tmp_path / "jobs.sqlite3" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
 
     def factory():
-        opened.append(open_store(target))
+        opened.append(JobStore(target))
         return opened[-1]
     yield factory
     for store in opened:
@@ -180,31 +185,39 @@ def test_webhooks_due_are_ended_jobs_with_a_webhook_not_delivered_nor_held(make_
     assert all(r == store.get(r.id) for r in due) and len(store.webhooks_due("2026-12-06T10:00:00.000Z", 1)) == 1
 
 
-def test_an_old_sqlite_file_gains_the_queue_columns(tmp_path):
-    import sqlite3
+def test_an_old_database_gains_the_queue_columns(target):
+    import sqlalchemy as sa
 
-    path = tmp_path / "jobs.sqlite3"
-    db = sqlite3.connect(path)
-    db.execute("CREATE TABLE jobs (id TEXT PRIMARY KEY, model TEXT NOT NULL, request TEXT NOT NULL, status TEXT "
-               "NOT NULL, prompt_id TEXT, created_at TEXT NOT NULL, started_at TEXT, completed_at TEXT, billed_seconds "
-               "INTEGER, video_seconds REAL, inference_ms INTEGER, outputs TEXT NOT NULL DEFAULT '[]', error TEXT NOT "
-               "NULL DEFAULT '')")
-    db.execute("INSERT INTO jobs (id, model, request, status, created_at) VALUES ('old', 'm', '{}', 'completed', 't')")
-    db.execute("CREATE TABLE job_events (job_id TEXT NOT NULL, event TEXT NOT NULL, at TEXT NOT NULL, "
-               "PRIMARY KEY (job_id, event))")      # the once-only marks of before the delivery lease
-    db.execute("INSERT INTO job_events VALUES ('old', 'webhook', 't')")
-    db.commit()
-    db.close()
-    store = SQLiteStore(path)
+    url = f"sqlite:///{target}" if isinstance(target, Path) else target.replace("postgresql://", "postgresql+psycopg://")
+    engine = sa.create_engine(url)
+    with engine.begin() as db:
+        _old_schema(db)
+    engine.dispose()
+    store = JobStore(target)
     assert store.get("old").status == "completed" and store.get("old").attempts == 0 and store.get("old").webhook is None
     assert store.claim_event("old", "webhook", "S", 60.0) is None      # delivered back then: not sent again
     assert store.claim_event("new", "webhook", "S", 60.0) == (0, None)
+    rec = job(1, webhook="https://hooks.example.com/x")
+    store.insert(rec)
+    assert store.get(rec.id) == rec and store.claim("W", 60.0).id == rec.id   # the queue works on the old file
     store.close()
+
+
+def _old_schema(db) -> None:
+    """The tables as the first release made them (before the queue and the delivery lease)."""
+    db.exec_driver_sql("CREATE TABLE jobs (id TEXT PRIMARY KEY, model TEXT NOT NULL, request TEXT NOT NULL, status TEXT "
+               "NOT NULL, prompt_id TEXT, created_at TEXT NOT NULL, started_at TEXT, completed_at TEXT, billed_seconds "
+               "INTEGER, video_seconds REAL, inference_ms INTEGER, outputs TEXT NOT NULL DEFAULT '[]', error TEXT NOT "
+               "NULL DEFAULT '')")
+    db.exec_driver_sql("INSERT INTO jobs (id, model, request, status, created_at) VALUES ('old', 'm', '{}', 'completed', 't')")
+    db.exec_driver_sql("CREATE TABLE job_events (job_id TEXT NOT NULL, event TEXT NOT NULL, at TEXT NOT NULL, "
+                       "PRIMARY KEY (job_id, event))")      # the once-only marks of before the delivery lease
+    db.exec_driver_sql("INSERT INTO job_events VALUES ('old', 'webhook', 't')")
 
 
 def test_a_database_url_of_another_kind_is_refused_by_name():
     with pytest.raises(RuntimeError, match="mysql://.*postgresql://"):
-        open_store("mysql://db/jobs")
+        JobStore("mysql://db/jobs")
 
 
 def test_a_postgresql_url_without_psycopg_names_the_package(monkeypatch):
@@ -212,7 +225,7 @@ def test_a_postgresql_url_without_psycopg_names_the_package(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "psycopg", None)   # as if not installed
     with pytest.raises(RuntimeError, match=r"psycopg\[binary\]") as info:
-        open_store("postgresql://jobs@127.0.0.1:1/jobs")
+        JobStore("postgresql://jobs@127.0.0.1:1/jobs")
     assert "INFINITETALK_API_DATABASE_URL" in str(info.value)
 
 
@@ -222,7 +235,7 @@ def test_an_unreachable_database_at_start_is_not_fatal_and_names_it_without_the_
     pytest.importorskip("psycopg")
     from pg_support import free_port
 
-    store = open_store(f"postgresql://jobs:s3cret@127.0.0.1:{free_port()}/jobs")   # nothing listens there
+    store = JobStore(f"postgresql://jobs:s3cret@127.0.0.1:{free_port()}/jobs")   # nothing listens there
     with pytest.raises(StoreUnavailable) as info:
         store.get("x")
     assert "127.0.0.1" in str(info.value) and "s3cret" not in str(info.value)
@@ -233,9 +246,8 @@ def test_a_locked_sqlite_file_is_unavailable_not_an_error(tmp_path):
     """Another process holding the file past the busy timeout: StoreUnavailable (routes answer 503)."""
     import sqlite3
 
-    store = SQLiteStore(tmp_path / "jobs.sqlite3")
+    store = JobStore(tmp_path / "jobs.sqlite3", sqlite_busy_s=0.05)
     store.insert(job(1))
-    store._db.execute("PRAGMA busy_timeout = 50")
     other = sqlite3.connect(tmp_path / "jobs.sqlite3", isolation_level=None)
     other.execute("BEGIN EXCLUSIVE")
     try:
@@ -251,7 +263,7 @@ def test_a_locked_sqlite_file_is_unavailable_not_an_error(tmp_path):
 def test_a_role_without_create_rights_uses_tables_an_admin_made(postgres_server, postgres_url):
     """Production databases often give the app role only data rights; a role with none is unavailable (503)."""
     psycopg = pytest.importorskip("psycopg")
-    admin = open_store(postgres_url)                       # the admin's first start creates the schema
+    admin = JobStore(postgres_url)                       # the admin's first start creates the schema
     admin.close()
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         for role in ("jobs_app", "jobs_nobody"):
@@ -260,13 +272,13 @@ def test_a_role_without_create_rights_uses_tables_an_admin_made(postgres_server,
         conn.execute("GRANT SELECT, INSERT, UPDATE, DELETE ON jobs, job_events TO jobs_app")
         conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
     app_url = postgres_url.replace("postgres@", "jobs_app@", 1)
-    app = open_store(app_url)
+    app = JobStore(app_url)
     rec = job(1)
     app.insert(rec)
     assert app.get(rec.id) == rec and app.claim("W", 60.0).id == rec.id
     assert app.claim_event(rec.id, "webhook", "S", 60.0) == (0, None)
     app.close()
-    nobody = open_store(postgres_url.replace("postgres@", "jobs_nobody@", 1))
+    nobody = JobStore(postgres_url.replace("postgres@", "jobs_nobody@", 1))
     with pytest.raises(StoreUnavailable, match="refused the request"):
         nobody.get(rec.id)
     nobody.close()
@@ -284,7 +296,5 @@ def test_an_insert_replayed_after_a_lost_reply_changes_nothing(make_store):
     store = make_store()
     rec = job(1)
     store.insert(rec)
-    if isinstance(store, SQLiteStore):
-        return   # one connection, no replay; the PostgreSQL insert is the one a lost reply can repeat
     store.insert(rec)
     assert store.get(rec.id) == rec

@@ -9,8 +9,7 @@ import pytest
 
 from infinitetalk.service.inputs import InputSettings
 from infinitetalk.service.jobs import CANCELLED, EngineState, JobService
-from infinitetalk.service.database import open_store
-from infinitetalk.service.store import StoreUnavailable
+from infinitetalk.service.store import JobStore, StoreUnavailable
 from infinitetalk.service.settings import read_settings
 from infinitetalk.service.worker import Worker
 from service_support import TEMPLATE, FakeEngine, body, call, post, with_worker, write_png, write_wav
@@ -29,7 +28,7 @@ def fleet(tmp_path, url: str, servers: int = 2, lease_s: float = 1.0, on_final=N
     out = []
     for i in range(servers):
         engine = FakeEngine()
-        service, worker = with_worker(open_store(url), engine, InputSettings(input_dir=inputs), WORKFLOWS,
+        service, worker = with_worker(JobStore(url), engine, InputSettings(input_dir=inputs), WORKFLOWS,
                                       {"lease_s": lease_s, "worker_id": f"w{i}"}, on_final=on_final, cancel_wait_s=5.0)
         out.append((service, engine, worker))
     return inputs, out

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from .auth import access_summary
-from .database import open_store
 from .inputs import InputSettings
 from .jobs import Engine, JobService
 from .outputs import LocalOutputs
@@ -19,7 +18,7 @@ from .routes import PREFIX, JobApi, refusing_routes
 from .s3 import S3Outputs
 from .settings import ENV_DATABASE_URL, ENV_SWITCH, ENV_WORKER, ENV_WORKFLOWS, ApiSettings, api_enabled, read_settings
 from .staging import S3Inputs
-from .store import Store
+from .store import JobStore
 from .webhooks import ENV_PUBLIC_URL, WebhookSender, make_webhook_check, result_envelope_for
 from .worker import Worker
 
@@ -49,7 +48,7 @@ class JobApp:
                       worker=self.worker, folders=folders)
 
 
-def build(settings: ApiSettings, open_db: Callable[[], Store], engine: Engine, inputs: InputSettings,
+def build(settings: ApiSettings, open_db: Callable[[], JobStore], engine: Engine, inputs: InputSettings,
           workflows: dict[str, dict], output_dir: Path) -> JobApp:
     """Wire the parts (the job database, `open_db()`, is opened last: a bad setting leaves nothing behind)."""
     outputs = S3Outputs(settings.s3, output_dir) if settings.s3 else LocalOutputs()
@@ -143,9 +142,9 @@ def _app_for_comfyui(server: Any, folder_paths: Any) -> tuple[JobApp, dict[str, 
     user = Path(folder_paths.get_user_directory())
     url = settings.database_url
 
-    def open_db() -> Store:
+    def open_db() -> JobStore:
         try:
-            return open_store(url or user / "infinitetalk_api" / "jobs.sqlite3")
+            return JobStore(url or user / "infinitetalk_api" / "jobs.sqlite3")
         except RuntimeError:
             raise
         except Exception as exc:   # e.g. a SQLite file that cannot be created: a setting (or folder) to fix

@@ -28,7 +28,7 @@ from .inputs import JOB_INPUTS, InputSettings, disk_full_as_507, remove_job_inpu
 from .outputs import LocalOutputs, OutputStore
 from .staging import InputStagingError, S3Inputs, UploadTooLarge
 from .uploads import CAPS as UPLOAD_CAPS, UPLOADS, local_upload, media_type, uploads_root
-from .store import FINAL, JobRecord, Store, StoreUnavailable
+from .store import FINAL, JobRecord, JobStore, StoreUnavailable
 
 log = logging.getLogger("infinitetalk.api")
 PARALLEL_PROBES = 2
@@ -111,7 +111,7 @@ class JobService:
     `staging` (S3Inputs) stages job inputs for workers elsewhere, `local_cancel(job_id)` lets this server's own
     worker act at once on a cancel flagged for a job it may hold."""
 
-    def __init__(self, store: Store, engine: Engine | None, settings: InputSettings, workflows: dict[str, dict],
+    def __init__(self, store: JobStore, engine: Engine | None, settings: InputSettings, workflows: dict[str, dict],
                  outputs: OutputStore | None = None, on_final: OnFinal | None = None,
                  webhook_check: Callable[[str], str] | None = None, cancel_wait_s: float = 10.0,
                  staging: S3Inputs | None = None, local_cancel: Callable[[str], Awaitable[None]] | None = None):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .inputs import DEFAULT_RETENTION_S, InputSettings
 from .s3 import ENV as ENV_S3, MAX_EXPIRY_S, S3Settings
+from .store import ENV_DATABASE_URL  # postgresql://… for a fleet; unset = a SQLite file
 from .webhooks import ENV_PUBLIC_URL, WebhookSettings, webhook_settings_from_env
 
 ENV_SWITCH = "INFINITETALK_API"  # 1: serve the job API; 0: never; unset: when any INFINITETALK_API_* is set
@@ -24,7 +25,6 @@ ENV_ALLOW_HOSTS = "INFINITETALK_API_ALLOW_HOSTS"
 ENV_FETCH_TIMEOUT = "INFINITETALK_API_FETCH_TIMEOUT"
 ENV_RETENTION = "INFINITETALK_API_INPUT_RETENTION_HOURS"  # keep a finished job's inputs this long
 ENV_WORKFLOWS = "INFINITETALK_API_WORKFLOWS"  # a folder with customised copies of the two API workflows
-ENV_DATABASE_URL = "INFINITETALK_API_DATABASE_URL"  # postgresql://… for a fleet; unset = a SQLite file
 ENV_WORKER = "INFINITETALK_API_WORKER"  # 0 = an API-only server (runs no jobs)
 ENV_LEASE = "INFINITETALK_API_LEASE_SECONDS"
 DEFAULT_LEASE_S = 60.0

@@ -1,55 +1,37 @@
-"""Job records and the job queue behind one protocol: SQLite (one server, the embedded default) or
-PostgreSQL (a fleet, `store_postgres.py`), chosen by `database.open_store`.
+"""Job records and the job queue on SQLAlchemy Core: a SQLite file (one server, the embedded default) or
+PostgreSQL (a fleet sharing one database), the same statements on both.
 
-A job is claimed by one worker at a time under a lease the worker extends (heartbeat); a lease that
-runs out (a dead worker) makes the job claimable again. Every write a worker makes is fenced by its
-id, so a worker that lost its lease cannot overwrite the job's new owner.
+A job is claimed by one worker at a time under a lease the worker extends (heartbeat); a lease that runs out
+(a dead worker) makes the job claimable again. Every write a worker makes is fenced by its id, so a worker that
+lost its lease cannot overwrite the job's new owner. A claim is one `UPDATE … WHERE id = (SELECT … FOR UPDATE
+SKIP LOCKED)`, so workers racing for the queue each get a different job (SQLite serialises writers itself). On
+PostgreSQL lease times come from the database clock, so servers with skewed clocks agree on when a lease ran
+out. A database that cannot serve a call raises `StoreUnavailable` (the routes answer 503; workers retry).
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql, sqlite
+
+from .schema import jobs, job_events, migrate
 
 FINAL = ("completed", "failed")
 ACTIVE = ("created", "processing")
-# Lease columns are internal: describe() never shows them to clients.
-COLUMNS = {
-    "id": "TEXT PRIMARY KEY", "model": "TEXT NOT NULL", "request": "TEXT NOT NULL", "status": "TEXT NOT NULL",
-    "prompt_id": "TEXT", "created_at": "TEXT NOT NULL", "started_at": "TEXT", "completed_at": "TEXT",
-    "billed_seconds": "INTEGER", "video_seconds": "REAL", "inference_ms": "INTEGER",
-    "outputs": "TEXT NOT NULL DEFAULT '[]'", "error": "TEXT NOT NULL DEFAULT ''", "webhook": "TEXT",
-    "worker_id": "TEXT", "lease_expires_at": "DOUBLE PRECISION", "attempts": "INTEGER NOT NULL DEFAULT 0",
-    "cancel_requested": "INTEGER NOT NULL DEFAULT 0",
-}
-# Once-per-job deliveries (a job's webhook), leased like jobs so a server that dies mid-retries hands the
-# delivery on. `done` defaults to 1: rows from before the lease columns (delivered once) stay done.
-EVENT_COLUMNS = {"owner": "TEXT", "lease_expires_at": "DOUBLE PRECISION", "tries": "INTEGER NOT NULL DEFAULT 0",
-                 "first_try_at": "DOUBLE PRECISION", "outcome": "TEXT", "done": "INTEGER NOT NULL DEFAULT 1"}
-EVENTS_TABLE = "CREATE TABLE IF NOT EXISTS job_events (job_id TEXT NOT NULL, event TEXT NOT NULL, " \
-               "at TEXT NOT NULL, PRIMARY KEY (job_id, event))"
-# Takes an event row: a new one, or one not done whose lease ran out. {p}: placeholder, {now}: the clock.
-CLAIM_EVENT = ("INSERT INTO job_events (job_id, event, at, owner, lease_expires_at, done) VALUES ({p}, {p}, {p}, {p}, "
-               "{now} + {p}, 0) ON CONFLICT (job_id, event) DO UPDATE SET owner = excluded.owner, "
-               "lease_expires_at = excluded.lease_expires_at WHERE job_events.done = 0 AND "
-               "(job_events.lease_expires_at IS NULL OR job_events.lease_expires_at < {now} "
-               "OR job_events.owner = excluded.owner)")   # the owner's own replay (a lost reply) gets it again
-HOLD_EVENT = ("UPDATE job_events SET lease_expires_at = {now} + {p}, tries = {p}, first_try_at = COALESCE(first_try_at, {p}) "
-              "WHERE job_id = {p} AND event = {p} AND owner = {p} AND done = 0")
-END_EVENT = "UPDATE job_events SET done = 1, outcome = {p}, at = {p} WHERE job_id = {p} AND event = {p} AND owner = {p} AND done = 0"
-WEBHOOK_INDEX = "CREATE INDEX IF NOT EXISTS jobs_webhook_ended ON jobs(completed_at) WHERE webhook IS NOT NULL"
-# Ended jobs with a webhook whose delivery has not started, or stalled (its server died); oldest first.
-WEBHOOKS_DUE = ("SELECT j.* FROM jobs j LEFT JOIN job_events e ON e.job_id = j.id AND e.event = 'webhook' "
-                "WHERE j.status IN ('completed', 'failed') AND j.webhook IS NOT NULL AND j.completed_at >= {p} AND "
-                "(e.job_id IS NULL OR (e.done = 0 AND e.lease_expires_at < {now})) ORDER BY j.completed_at LIMIT {p}")
-# Claimable: active, and unowned or owned under a lease that ran out. Oldest first.
-CLAIMABLE = "status IN ('created', 'processing') AND (worker_id IS NULL OR lease_expires_at < {now})"
+ENV_DATABASE_URL = "INFINITETALK_API_DATABASE_URL"
+CONNECT_TIMEOUT_S = 5
+STATEMENT_TIMEOUT_MS = 15000
+POOL_SIZE = 4
+SQLITE_BUSY_S = 30.0
 
 
 class StoreUnavailable(Exception):
@@ -72,7 +54,7 @@ class JobRecord:
     outputs: list[dict[str, Any]] = field(default_factory=list)  # what OutputStore.publish returned
     error: str = ""
     webhook: str | None = None
-    worker_id: str | None = None
+    worker_id: str | None = None     # lease columns are internal: describe() never shows them to clients
     lease_expires_at: float | None = None
     attempts: int = 0
     cancel_requested: int = 0
@@ -86,9 +68,9 @@ def encode(changes: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def decode(row: dict[str, Any]) -> JobRecord:
+def decode(row: Any) -> JobRecord:
     names = {f.name for f in fields(JobRecord)}
-    d = {k: v for k, v in row.items() if k in names}
+    d = {k: v for k, v in dict(row).items() if k in names}
     d["request"] = json.loads(d["request"])
     d["outputs"] = json.loads(d["outputs"])
     return JobRecord(**d)
@@ -100,153 +82,243 @@ def _now_iso() -> str:
     return now_iso()
 
 
-class Store(Protocol):
-    """What the job service and the workers need from a job database (both backends implement it)."""
-
-    def insert(self, rec: JobRecord) -> None: ...
-    def get(self, job_id: str) -> JobRecord | None: ...
-    def update(self, job_id: str, **changes: Any) -> None: ...
-    def claim(self, worker_id: str, lease_s: float) -> JobRecord | None: ...
-    def heartbeat(self, job_id: str, worker_id: str, lease_s: float) -> JobRecord | None: ...
-    def fenced_update(self, job_id: str, worker_id: str, **changes: Any) -> bool: ...
-    def cancel_unclaimed(self, job_id: str, error: str) -> bool: ...
-    def request_cancel(self, job_id: str) -> bool: ...
-    def claim_event(self, job_id: str, event: str, owner: str, lease_s: float) -> tuple[int, float | None] | None: ...
-    def hold_event(self, job_id: str, event: str, owner: str, lease_s: float, tries: int, first_try_at: float) -> bool: ...
-    def end_event(self, job_id: str, event: str, owner: str, outcome: str) -> bool: ...
-    def webhooks_due(self, since_iso: str, limit: int) -> list[JobRecord]: ...
-    def close(self) -> None: ...
+def redacted(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    head, sep, rest = url.partition("://")
+    if "@" in rest:
+        cred, _, host = rest.rpartition("@")
+        rest = f"{cred.split(':')[0]}:***@{host}" if ":" in cred else f"{cred}@{host}"
+    return head + sep + rest
 
 
-class SQLiteStore:
-    """One SQLite file (one connection, serialised by a lock); claims take the write lock first
-    (`BEGIN IMMEDIATE`), so processes sharing the file never claim one job twice."""
+def _without_password(text: str, url: str) -> str:
+    """`text` with the URL's password (as written in it) replaced by ***."""
+    password = url.partition("://")[2].rpartition("@")[0].partition(":")[2]
+    return text.replace(password, "***") if password else text
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        cols = ", ".join(f"{k} {v}" for k, v in COLUMNS.items())
-        self._db.execute(f"CREATE TABLE IF NOT EXISTS jobs ({cols})")
-        have = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
-        for name, decl in COLUMNS.items():  # a file from before the queue: add the new columns
-            if name not in have:
-                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
-        self._db.execute("CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status)")
-        self._db.execute(WEBHOOK_INDEX)
-        self._db.execute(EVENTS_TABLE)
-        have = {r[1] for r in self._db.execute("PRAGMA table_info(job_events)")}
-        for name, decl in EVENT_COLUMNS.items():
-            if name not in have:
-                self._db.execute(f"ALTER TABLE job_events ADD COLUMN {name} {decl}")
+
+def _psycopg():
+    try:
+        import psycopg
+    except ImportError:
+        raise RuntimeError(f"{ENV_DATABASE_URL} is a postgresql:// URL, which needs the 'psycopg' package "
+                           "(pip install 'psycopg[binary]>=3.1', or the package's 'fleet' extra); it is not "
+                           "installed") from None
+    return psycopg
+
+
+class JobStore:
+    """The job store on `target`: a `postgresql://` (or `postgres://`) URL, else a SQLite file's path.
+
+    PostgreSQL: a small pool (autocommit, short timeouts, keepalives; connections checked before use), its
+    schema made or brought up to date on first use, so a server starts while the database is down.
+    SQLite: one pooled connection (calls from threads take turns), WAL, every transaction `BEGIN IMMEDIATE`.
+    """
+
+    def __init__(self, target: str | Path, sqlite_busy_s: float = SQLITE_BUSY_S):
+        text = str(target)
+        self.postgres = text.startswith(("postgresql://", "postgres://"))
+        if "://" in text and not self.postgres:
+            raise RuntimeError(f"{ENV_DATABASE_URL}={text.split('://')[0]}://…: expected a postgresql:// URL "
+                               "(or, unset, the server's SQLite file)")
+        self._url = text
+        self.where = redacted(text) if self.postgres else Path(text).name
+        self._schema_lock = threading.Lock()
+        self._schema_ready = False
+        if self.postgres:
+            self.engine = self._postgres_engine(text)
+            try:
+                self._ensure_schema()
+            except StoreUnavailable:   # the server still starts; routes answer 503 until the database is back
+                pass
+        else:
+            Path(text).parent.mkdir(parents=True, exist_ok=True)
+            self.engine = self._sqlite_engine(Path(text), sqlite_busy_s)
+            self._ensure_schema()
+        self._insert = postgresql.insert if self.postgres else sqlite.insert
+
+    def _postgres_engine(self, url: str) -> sa.Engine:
+        psycopg = _psycopg()
+        try:   # a malformed URL is a setting to fix, not a database to wait for
+            psycopg.conninfo.conninfo_to_dict(url)
+        except psycopg.ProgrammingError as exc:
+            raise RuntimeError(f"{ENV_DATABASE_URL}={self.where}: not a PostgreSQL connection URL "
+                               f"({_without_password(str(exc).strip(), url)})") from None
+
+        def connect():
+            # TCP keepalives and a user timeout: a database that vanishes from the network (no RST) is noticed in
+            # seconds, not after the kernel's retransmission time (a heartbeat must not hang for 15 minutes).
+            return psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
+                                   options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}", keepalives=1,
+                                   keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
+                                   tcp_user_timeout=STATEMENT_TIMEOUT_MS + 5000)
+        return sa.create_engine("postgresql+psycopg://", creator=connect, pool_size=POOL_SIZE, max_overflow=16,
+                                pool_timeout=STATEMENT_TIMEOUT_MS / 1000, pool_pre_ping=True)
+
+    @staticmethod
+    def _sqlite_engine(path: Path, busy_s: float) -> sa.Engine:
+        engine = sa.create_engine(sa.URL.create("sqlite", database=str(path)), pool_size=1, max_overflow=0, pool_timeout=busy_s,
+                                  connect_args={"check_same_thread": False, "timeout": busy_s})
+
+        @sa.event.listens_for(engine, "connect")
+        def _connect(dbapi_conn, _record):
+            dbapi_conn.isolation_level = None   # transactions are ours (below), not the driver's
+            dbapi_conn.execute("PRAGMA journal_mode=WAL")
+
+        @sa.event.listens_for(engine, "begin")
+        def _begin(conn):   # the write lock first: processes sharing the file never claim one job twice
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        return engine
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self.engine.dispose()
+
+    # -- running statements ------------------------------------------------------------------------------------
+    def _now(self) -> sa.ColumnElement:
+        """The clock leases are measured on: the database's on PostgreSQL (shared by the fleet), else ours."""
+        if self.postgres:
+            return sa.func.extract("epoch", sa.func.clock_timestamp())
+        return sa.literal(time.time(), sa.DOUBLE_PRECISION)
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """The connection's lock; a database that cannot serve (locked past the timeout, an I/O error) becomes
-        StoreUnavailable, like a PostgreSQL outage. "Disk is full" stays sqlite3's (the routes answer 507)."""
-        with self._lock:
+    def _errors(self) -> Iterator[None]:
+        """Database errors as StoreUnavailable. SQLite's "disk is full" stays sqlite3's own (routes answer 507)."""
+        try:
+            yield
+        except sa_exc.TimeoutError as exc:   # every pooled connection busy past the timeout
+            raise StoreUnavailable(f"the job database ({self.where}) is busy: {exc}") from exc
+        except sa_exc.DBAPIError as exc:
+            orig = exc.orig
+            detail = _without_password(str(orig).strip(), self._url)[:200]
+            if not self.postgres:
+                if not isinstance(exc, sa_exc.OperationalError) or "full" in detail.lower():
+                    raise orig from None
+                raise StoreUnavailable(f"the job database ({self.where}) cannot be used: {detail}") from exc
+            if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError)):
+                raise StoreUnavailable(f"the job database ({self.where}) is unreachable: {detail}") from exc
+            errors = _psycopg().errors
+            if isinstance(exc, sa_exc.InternalError) or isinstance(orig, errors.InsufficientPrivilege):
+                raise StoreUnavailable(f"the job database ({self.where}) refused the request: {detail}") from exc
+            raise
+
+    def _run(self, fn: Callable[[sa.Connection], Any], replay: bool = True) -> Any:
+        """`fn(conn)` in one transaction. `replay`: whether `fn` may run once more on a new connection when the
+        connection broke under it (only calls whose repetition changes nothing: the first run may have committed
+        before its reply was lost)."""
+        if not self._schema_ready:
+            self._ensure_schema()
+        with self._errors():
             try:
-                yield
-            except sqlite3.OperationalError as exc:
-                if "full" in str(exc).lower():
+                with self.engine.begin() as conn:
+                    return fn(conn)
+            except sa_exc.DBAPIError as exc:
+                if not (replay and self.postgres and exc.connection_invalidated):
                     raise
-                raise StoreUnavailable(f"the job database ({self.path.name}) cannot be used: {exc}") from exc
+            with self.engine.begin() as conn:
+                return fn(conn)
 
-    def _row(self, cur: sqlite3.Cursor) -> JobRecord | None:
-        row = cur.fetchone()
-        return None if row is None else decode(dict(zip([c[0] for c in cur.description], row)))
+    def _ensure_schema(self) -> None:
+        with self._schema_lock:
+            if self._schema_ready:
+                return
+            with self._errors(), self.engine.begin() as conn:
+                migrate(conn, self.postgres)
+            self._schema_ready = True
 
+    def _fenced(self, job_id: str, worker_id: str) -> sa.ColumnElement:
+        return sa.and_(jobs.c.id == job_id, jobs.c.worker_id == worker_id, jobs.c.status.in_(ACTIVE))
+
+    # -- jobs --------------------------------------------------------------------------------------------------
     def insert(self, rec: JobRecord) -> None:
-        d = encode(asdict(rec))
-        with self._locked():
-            self._db.execute(f"INSERT INTO jobs ({', '.join(d)}) VALUES ({', '.join('?' * len(d))})", list(d.values()))
+        """ON CONFLICT: a replay after a lost reply inserts nothing twice."""
+        stmt = self._insert(jobs).values(**encode(asdict(rec))).on_conflict_do_nothing(index_elements=["id"])
+        self._run(lambda c: c.execute(stmt))
 
     def update(self, job_id: str, **changes: Any) -> None:
         if changes:
-            d = encode(changes)
-            with self._locked():
-                self._db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in d)} WHERE id = ?",
-                                 [*d.values(), job_id])
+            stmt = jobs.update().where(jobs.c.id == job_id).values(**encode(changes))
+            self._run(lambda c: c.execute(stmt))
 
     def get(self, job_id: str) -> JobRecord | None:
-        with self._locked():
-            return self._row(self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)))
+        return self._run(lambda c: self._one(c.execute(jobs.select().where(jobs.c.id == job_id))))
+
+    @staticmethod
+    def _one(result: sa.CursorResult) -> JobRecord | None:
+        row = result.mappings().first()
+        return None if row is None else decode(row)
 
     def claim(self, worker_id: str, lease_s: float) -> JobRecord | None:
-        now = time.time()
-        with self._locked():
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                row = self._db.execute(f"SELECT id FROM jobs WHERE {CLAIMABLE.format(now='?')} "
-                                       "ORDER BY created_at, id LIMIT 1", (now,)).fetchone()
-                if row is not None:
-                    self._db.execute("UPDATE jobs SET worker_id = ?, lease_expires_at = ?, attempts = attempts + 1 "
-                                     "WHERE id = ?", (worker_id, now + lease_s, row[0]))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            return None if row is None else self._row(self._db.execute("SELECT * FROM jobs WHERE id = ?", (row[0],)))
+        """The oldest claimable job (active, and unowned or its lease ran out), now leased to `worker_id`."""
+        now = self._now()
+        oldest = (sa.select(jobs.c.id)
+                  .where(jobs.c.status.in_(ACTIVE), sa.or_(jobs.c.worker_id.is_(None), jobs.c.lease_expires_at < now))
+                  .order_by(jobs.c.created_at, jobs.c.id).limit(1).with_for_update(skip_locked=True).scalar_subquery())
+        stmt = (jobs.update().where(jobs.c.id == oldest)
+                .values(worker_id=worker_id, lease_expires_at=now + lease_s, attempts=jobs.c.attempts + 1)
+                .returning(*jobs.c))
+        return self._run(lambda c: self._one(c.execute(stmt)), replay=False)   # a replay would claim twice
 
     def heartbeat(self, job_id: str, worker_id: str, lease_s: float) -> JobRecord | None:
-        with self._locked():
-            cur = self._db.execute("UPDATE jobs SET lease_expires_at = ? WHERE id = ? AND worker_id = ? "
-                                   "AND status IN ('created', 'processing')", (time.time() + lease_s, job_id, worker_id))
-            if cur.rowcount != 1:
-                return None
-            return self._row(self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)))
+        stmt = (jobs.update().where(self._fenced(job_id, worker_id))
+                .values(lease_expires_at=self._now() + lease_s).returning(*jobs.c))
+        return self._run(lambda c: self._one(c.execute(stmt)))
 
     def fenced_update(self, job_id: str, worker_id: str, **changes: Any) -> bool:
-        d = encode(changes)
-        with self._locked():
-            cur = self._db.execute(f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in d)} WHERE id = ? AND worker_id = ? "
-                                   "AND status IN ('created', 'processing')", [*d.values(), job_id, worker_id])
-            return cur.rowcount == 1
+        stmt = jobs.update().where(self._fenced(job_id, worker_id)).values(**encode(changes))
+        return self._run(lambda c: c.execute(stmt).rowcount == 1)
 
     def cancel_unclaimed(self, job_id: str, error: str) -> bool:
-        with self._locked():
-            cur = self._db.execute("UPDATE jobs SET status = 'failed', error = ?, completed_at = ? WHERE id = ? AND "
-                                   "status = 'created' AND (worker_id IS NULL OR lease_expires_at < ?)",
-                                   (error, _now_iso(), job_id, time.time()))
-            return cur.rowcount == 1
+        stmt = (jobs.update()
+                .where(jobs.c.id == job_id, jobs.c.status == "created",
+                       sa.or_(jobs.c.worker_id.is_(None), jobs.c.lease_expires_at < self._now()))
+                .values(status="failed", error=error, completed_at=_now_iso()))
+        return self._run(lambda c: c.execute(stmt).rowcount == 1)
 
     def request_cancel(self, job_id: str) -> bool:
-        with self._locked():
-            cur = self._db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status = 'created'", (job_id,))
-            return cur.rowcount == 1
+        stmt = jobs.update().where(jobs.c.id == job_id, jobs.c.status == "created").values(cancel_requested=1)
+        return self._run(lambda c: c.execute(stmt).rowcount == 1)
+
+    # -- once-per-job deliveries (a job's webhook), leased like jobs -------------------------------------------
+    def _event(self, job_id: str, event: str, owner: str) -> sa.ColumnElement:
+        ev = job_events.c
+        return sa.and_(ev.job_id == job_id, ev.event == event, ev.owner == owner, ev.done == 0)
 
     def claim_event(self, job_id: str, event: str, owner: str, lease_s: float) -> tuple[int, float | None] | None:
-        """Take the job's `event` under a lease: (tries so far, time of the first try) or None (done, or held)."""
-        now = time.time()
-        with self._locked():
-            cur = self._db.execute(CLAIM_EVENT.format(p="?", now="?"), (job_id, event, _now_iso(), owner, now, lease_s, now))
-            if cur.rowcount != 1:
-                return None
-            row = self._db.execute("SELECT tries, first_try_at FROM job_events WHERE job_id = ? AND event = ?",
-                                   (job_id, event)).fetchone()
-            return row[0], row[1]
+        """Take the job's `event` under a lease: (tries so far, time of the first try) or None (done, or held).
+        A new row, or one not done whose lease ran out; the owner's own replay (a lost reply) gets it again."""
+        now, ev = self._now(), job_events.c
+        stmt = self._insert(job_events).values(job_id=job_id, event=event, at=_now_iso(), owner=owner,
+                                               lease_expires_at=now + lease_s, done=0)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["job_id", "event"],
+            set_={"owner": stmt.excluded.owner, "lease_expires_at": stmt.excluded.lease_expires_at},
+            where=sa.and_(ev.done == 0, sa.or_(ev.lease_expires_at.is_(None), ev.lease_expires_at < now,
+                                               ev.owner == stmt.excluded.owner)),
+        ).returning(ev.tries, ev.first_try_at)
+
+        def claim(conn: sa.Connection) -> tuple[int, float | None] | None:
+            row = conn.execute(stmt).first()
+            return None if row is None else (row[0], row[1])
+        return self._run(claim)
 
     def hold_event(self, job_id: str, event: str, owner: str, lease_s: float, tries: int, first_try_at: float) -> bool:
         """Extend the lease and record the tries; False when another server holds it now (or it is done)."""
-        with self._locked():
-            return self._db.execute(HOLD_EVENT.format(p="?", now="?"), (time.time(), lease_s, tries, first_try_at,
-                                                                       job_id, event, owner)).rowcount == 1
+        stmt = (job_events.update().where(self._event(job_id, event, owner))
+                .values(lease_expires_at=self._now() + lease_s, tries=tries,
+                        first_try_at=sa.func.coalesce(job_events.c.first_try_at, first_try_at)))
+        return self._run(lambda c: c.execute(stmt).rowcount == 1)
 
     def end_event(self, job_id: str, event: str, owner: str, outcome: str) -> bool:
-        with self._locked():
-            return self._db.execute(END_EVENT.format(p="?"), (outcome, _now_iso(), job_id, event, owner)).rowcount == 1
+        stmt = (job_events.update().where(self._event(job_id, event, owner))
+                .values(done=1, outcome=outcome, at=_now_iso()))
+        return self._run(lambda c: c.execute(stmt).rowcount == 1)
 
     def webhooks_due(self, since_iso: str, limit: int) -> list[JobRecord]:
-        with self._locked():
-            cur = self._db.execute(WEBHOOKS_DUE.format(p="?", now="?"), (since_iso, time.time(), limit))
-            names = [c[0] for c in cur.description]
-            return [decode(dict(zip(names, row))) for row in cur.fetchall()]
-
-
-JobStore = SQLiteStore  # the name before the queue existed
+        """Ended jobs with a webhook whose delivery has not started, or stalled (its server died); oldest first."""
+        ev = job_events.c
+        joined = jobs.outerjoin(job_events, sa.and_(ev.job_id == jobs.c.id, ev.event == "webhook"))
+        stmt = (sa.select(*jobs.c).select_from(joined)
+                .where(jobs.c.status.in_(FINAL), jobs.c.webhook.is_not(None), jobs.c.completed_at >= since_iso,
+                       sa.or_(ev.job_id.is_(None), sa.and_(ev.done == 0, ev.lease_expires_at < self._now())))
+                .order_by(jobs.c.completed_at).limit(limit))
+        return self._run(lambda c: [decode(row) for row in c.execute(stmt).mappings()])
