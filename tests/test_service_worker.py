@@ -340,7 +340,7 @@ def test_a_failure_while_starting_a_claimed_job_leaves_the_worker_working(tmp_pa
         await wa.tick()                                  # A runs it, then dies
         await until(lambda: step(wb, lambda: wb.prompt_id is not None), "B queueing the job after one failed start")
         return job_id
-    job_id = call(sa, flow)
+    job_id = call(sa, flow, local_worker=False)   # A stays dead (alive again, it would give its attempt back)
     assert len(calls) == 2 and wb.job.id == job_id and sa.get(job_id).attempts == 3
 
 
@@ -370,6 +370,34 @@ def test_no_heartbeat_for_a_whole_lease_stops_the_job_here(tmp_path, postgres_se
         return pid
     pid = call(service, flow)
     assert dropped == [pid] or engine.states.get(pid) is None
+
+
+def test_outages_longer_than_the_lease_use_up_no_attempt(tmp_path, postgres_server, postgres_url):
+    """A live worker that stops its job because the database was gone for a whole lease gives the attempt back
+    once the database answers: more such outages than the attempt limit still leave the job running."""
+    _, [(service, engine, worker)] = fleet(tmp_path, postgres_url, servers=1, lease_s=1.0)
+    engine.interrupt = lambda pid: engine.states.pop(pid)
+
+    async def flow(client):
+        s, r = await post(client, SUBMIT, body())
+        job_id = r["data"]["id"]
+        for outage in range(worker.max_attempts + 1):
+            await until(lambda: step(worker, lambda: worker.prompt_id is not None), f"claim {outage + 1}")
+            assert worker.job.id == job_id and worker.job.attempts == 1
+            engine.states[worker.prompt_id] = EngineState("running", [])
+            await worker.tick()
+            postgres_server.stop()
+            try:
+                await asyncio.sleep(1.1)
+                worker._beat_at = float("-inf")
+                await worker.tick()                      # no heartbeat for a whole lease: stopped here
+                assert worker.job is None
+            finally:
+                postgres_server.start()
+        return job_id
+    job_id = call(service, flow)
+    rec = service.get(job_id)
+    assert rec.status == "processing" and rec.error == "" and rec.attempts == 1, rec
 
 
 def test_a_cancel_for_another_job_does_not_wait_for_this_workers_step(tmp_path):

@@ -267,6 +267,15 @@ class JobStore:
         stmt = jobs.update().where(self._fenced(job_id, worker_id)).values(**encode(changes))
         return self._run(lambda c: c.execute(stmt).rowcount == 1)
 
+    def refund_attempt(self, job_id: str, worker_id: str) -> bool:
+        """Give back the attempt of `worker_id`'s claim (a live worker that lost its lease); the job is released
+        if that worker still owns it. Not replayed: a replay would give back two."""
+        mine = jobs.c.worker_id == worker_id
+        stmt = (jobs.update().where(jobs.c.id == job_id, jobs.c.status.in_(ACTIVE), jobs.c.attempts > 0)
+                .values(attempts=jobs.c.attempts - 1, worker_id=sa.case((mine, None), else_=jobs.c.worker_id),
+                        lease_expires_at=sa.case((mine, None), else_=jobs.c.lease_expires_at)))
+        return self._run(lambda c: c.execute(stmt).rowcount == 1, replay=False)
+
     def cancel_unclaimed(self, job_id: str, error: str) -> bool:
         stmt = (jobs.update()
                 .where(jobs.c.id == job_id, jobs.c.status == "created",

@@ -57,6 +57,7 @@ class Worker:
         self._beat_at = 0.0
         self._final: dict[str, Any] | None = None  # a final write still to make (the database was down)
         self._held_at = 0.0  # when the lease was last extended (monotonic): a whole lease without it = lost
+        self._refunds: set[str] = set()  # jobs this live worker lost its lease of: their attempt is given back
         self._stopping = asyncio.Event()
         self._step = asyncio.Lock()   # a route's cancel and the loop's tick never interleave on one job
 
@@ -90,6 +91,9 @@ class Worker:
             await self._tick()
 
     async def _tick(self) -> None:
+        for job_id in sorted(self._refunds):   # the database answers again: give back what the outage cost
+            await self._db(self.store.refund_attempt, job_id, self.worker_id)
+            self._refunds.discard(job_id)
         if self._final is not None:
             await self._write_final()
         elif self.job is not None:
@@ -133,7 +137,7 @@ class Worker:
             fresh = await self._db(self.store.heartbeat, rec.id, self.worker_id, self.lease_s)
             if fresh is None:
                 log.warning("InfiniteTalk worker %s lost job %s while fetching its inputs", self.worker_id, rec.id)
-                self.job = None
+                self._let_go()
                 return
             if fresh.cancel_requested:
                 return await self._end(status="failed", error=CANCELLED)
@@ -199,11 +203,14 @@ class Worker:
         return True
 
     def _let_go(self) -> None:
-        """Stop the job on this server's engine (dequeue, else interrupt) and forget it here."""
+        """Stop the job on this server's engine (dequeue, else interrupt) and forget it here. This worker lives,
+        so its claim is not one of the job's attempts: it gives the attempt back once the database answers
+        (an outage longer than the lease must not bring a job closer to being given up)."""
         if self.prompt_id is not None and not self.engine.cancel(self.prompt_id):
             stop = getattr(self.engine, "interrupt", None)
             if stop:
                 stop(self.prompt_id)
+        self._refunds.add(self.job.id)
         self.job = self.prompt_id = None
 
     async def cancel_if_mine(self, job_id: str) -> None:
