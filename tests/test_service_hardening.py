@@ -190,7 +190,7 @@ def test_catch_all_route_checks_the_key_first(env):
 def test_refusals_and_internal_errors_show_no_absolute_server_path(env):
     store = env["service"].store
 
-    def broken_insert(record):
+    def broken_insert(record, **_limits):
         raise OSError(f"cannot open {env['tmp']}/secret/place/db.sqlite")
 
     async def flow(client):
@@ -249,7 +249,7 @@ def test_disk_full_while_saving_an_input_is_507_and_leaves_no_file(env, monkeypa
 
 
 def test_full_job_database_is_507(env, monkeypatch):
-    def full(record):
+    def full(record, **_limits):
         raise sqlite3.OperationalError("database or disk is full")
     monkeypatch.setattr(env["service"].store, "insert", full)
 

@@ -298,3 +298,43 @@ def test_an_insert_replayed_after_a_lost_reply_changes_nothing(make_store):
     store.insert(rec)
     store.insert(rec)
     assert store.get(rec.id) == rec
+
+
+def test_one_job_per_dedupe_key_and_account_even_when_racing(make_store):
+    stores = [make_store(), make_store()]
+    first = job(1, account="a", dedupe_key="k")
+    assert stores[0].insert(first, dedupe_since="2026-01-01T00:00:00.000Z") == first
+    results: list[JobRecord] = []
+    lock = threading.Lock()
+
+    def submit(i: int) -> None:
+        got = stores[i % 2].insert(job(10 + i, account="b", dedupe_key="k"), dedupe_since="2026-01-01T00:00:00.000Z")
+        with lock:
+            results.append(got)
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({r.id for r in results}) == 1 and results[0].id != first.id   # account b: one job, not a's
+    again = job(2, account="a", dedupe_key="k")
+    assert stores[1].insert(again, dedupe_since="2026-01-01T00:00:00.000Z") == first   # within the window
+    assert stores[1].get(again.id) is None
+    assert stores[1].insert(again, dedupe_since="2026-01-01T00:00:02.000Z") == again   # the first is too old now
+    assert stores[1].get(first.id).dedupe_key is None and stores[1].get(again.id).dedupe_key == "k"
+
+
+def test_an_accounts_active_jobs_are_bounded(make_store):
+    from infinitetalk.service.store import AccountQueueFull
+
+    store = make_store()
+    for n in range(2):
+        store.insert(job(n, account="a"), max_active=2)
+    with pytest.raises(AccountQueueFull) as info:
+        store.insert(job(5, account="a"), max_active=2)
+    assert info.value.active == 2
+    store.insert(job(6, account="b"), max_active=2)               # another account's queue
+    ended = store.claim("W", 60.0)
+    assert store.fenced_update(ended.id, "W", status="completed")
+    rec = job(7, account="a")
+    assert store.insert(rec, max_active=2) == rec                 # one of a's ended: room again

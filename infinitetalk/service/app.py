@@ -64,7 +64,8 @@ def build(settings: ApiSettings, open_db: Callable[[], JobStore], engine: Engine
         sender = WebhookSender(store, settings.webhooks, inputs, lambda rec: body_of(rec))
     service = JobService(store, engine, inputs, workflows, outputs=outputs, staging=staging,
                          on_final=sender.on_final if sender else None,
-                         webhook_check=make_webhook_check(inputs) if sender else None, local_cancel=local_cancel)
+                         webhook_check=make_webhook_check(inputs) if sender else None, local_cancel=local_cancel,
+                         max_queued=settings.max_queued)
     body_of = result_envelope_for(service, {ENV_PUBLIC_URL: settings.public_url})
     if settings.run_worker:
         worker = Worker(service, lease_s=settings.lease_s)

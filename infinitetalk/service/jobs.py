@@ -17,7 +17,7 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Protocol
 
@@ -28,7 +28,8 @@ from .inputs import JOB_INPUTS, InputSettings, disk_full_as_507, remove_job_inpu
 from .outputs import LocalOutputs, OutputStore
 from .staging import InputStagingError, S3Inputs, UploadTooLarge
 from .uploads import CAPS as UPLOAD_CAPS, UPLOADS, local_upload, media_type, uploads_root
-from .store import FINAL, JobRecord, JobStore, StoreUnavailable
+from .auth import CALLER, Caller
+from .store import FINAL, AccountQueueFull, JobRecord, JobStore, StoreUnavailable
 
 log = logging.getLogger("infinitetalk.api")
 PARALLEL_PROBES = 2
@@ -60,6 +61,34 @@ def _parse_time(value: str | None) -> datetime | None:
 
 
 CANCELLED = "cancelled by the client"
+DEDUPE_WINDOW_S = 24 * 3600
+MAX_DEDUPE_KEY = 255
+QUEUE_FULL_RETRY_S = 30
+
+
+class QueueFull(ApiError):
+    """429: the account's queue is full; clients retry after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: int = QUEUE_FULL_RETRY_S):
+        super().__init__(429, message)
+        self.retry_after_s = retry_after_s
+
+
+def _dedupe_key(header: str | None, field: Any) -> str | None:
+    """The submission's idempotency key: the `Idempotency-Key` header, else the `dedupe_key` field."""
+    for name, value in (("header 'Idempotency-Key'", header), ("field 'dedupe_key'", field)):
+        if value is None or value == "":
+            continue
+        if not isinstance(value, str) or len(value) > MAX_DEDUPE_KEY or not value.isprintable():
+            raise ApiError(400, f"{name}: expected a printable string of at most {MAX_DEDUPE_KEY} characters")
+        return value
+    return None
+
+
+def _dedupe_since() -> str:
+    """Jobs created since this time (the contract's timestamp form) are returned for a repeated key."""
+    since = datetime.now(timezone.utc) - timedelta(seconds=DEDUPE_WINDOW_S)
+    return since.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 OnFinal = Callable[[JobRecord], "Awaitable[None] | None"]
 
 
@@ -109,12 +138,14 @@ class JobService:
     """Submit/status/cancel over a job store. `outputs` publishes finished videos, `on_final` hears of every
     job that reached its final state (from a worker or a route), `webhook_check` vets a submitted webhook URL,
     `staging` (S3Inputs) stages job inputs for workers elsewhere, `local_cancel(job_id)` lets this server's own
-    worker act at once on a cancel flagged for a job it may hold."""
+    worker act at once on a cancel flagged for a job it may hold, `max_queued` bounds each account's jobs created
+    or running (0: no limit)."""
 
     def __init__(self, store: JobStore, engine: Engine | None, settings: InputSettings, workflows: dict[str, dict],
                  outputs: OutputStore | None = None, on_final: OnFinal | None = None,
                  webhook_check: Callable[[str], str] | None = None, cancel_wait_s: float = 10.0,
-                 staging: S3Inputs | None = None, local_cancel: Callable[[str], Awaitable[None]] | None = None):
+                 staging: S3Inputs | None = None, local_cancel: Callable[[str], Awaitable[None]] | None = None,
+                 max_queued: int = 0):
         self.store = store
         self.engine = engine
         self.settings = settings
@@ -125,6 +156,7 @@ class JobService:
         self.cancel_wait_s = cancel_wait_s
         self.staging = staging
         self.local_cancel = local_cancel
+        self.max_queued = max_queued   # per account, jobs created or running (0: no limit)
         self._submitting: set[str] = set()  # job ids whose inputs are being fetched (never swept)
         self._last_sweep = float("-inf")
         # Probes are header reads (ms) but a mask is decoded: bound how many inputs are open at once.
@@ -135,10 +167,18 @@ class JobService:
         return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args, **kwargs))
 
     async def submit(self, kind: str, body: Any, webhook: str | None = None, base_url: str = "") -> JobRecord:
-        """Validate, fetch and probe every input, then record the job in the queue; a refusal (or a
-        database that cannot record it) leaves no file of this job behind. `base_url`: the origin the client
-        used, kept with the job for the links of its webhook."""
+        """Validate, fetch and probe every input, then record the job in the queue for the caller's account; a
+        refusal (or a database that cannot record it) leaves no file of this job behind. `base_url`: the origin
+        the client used, kept with the job for the links of its webhook. A submission repeating an
+        `Idempotency-Key` header (or `dedupe_key` field) of the account's within DEDUPE_WINDOW_S gets that job
+        back, so a client retrying after a lost reply never pays twice."""
         req = validate_request(kind, body)
+        caller = CALLER.get()
+        dedupe_key = _dedupe_key(caller.idempotency_key, body.get("dedupe_key"))
+        if dedupe_key is not None:
+            first = await self.db(self.store.find_dedupe, caller.account, dedupe_key, _dedupe_since())
+            if first is not None:
+                return first
         if webhook is not None:
             if self.webhook_check is None:
                 raise ApiError(400, "query parameter 'webhook': this server sends no webhooks "
@@ -149,16 +189,16 @@ class JobService:
         self._submitting.add(job_id)
         queued = False
         try:
-            record = await self._fetch_probe_record(job_id, req, webhook, base_url)
-            queued = True
+            record = await self._fetch_probe_record(job_id, req, webhook, base_url, caller.account, dedupe_key)
+            queued = record.id == job_id   # else a twin submission with the same key came first: that job
             return record
         finally:
             self._submitting.discard(job_id)
             if not queued:
                 remove_job_inputs(self.settings, job_id)
 
-    async def _fetch_probe_record(self, job_id: str, req: JobRequest, webhook: str | None,
-                                  base_url: str) -> JobRecord:
+    async def _fetch_probe_record(self, job_id: str, req: JobRequest, webhook: str | None, base_url: str,
+                                  account: str, dedupe_key: str | None) -> JobRecord:
         local: dict[str, Path] = {}
         for field_name, value in req.media.items():
             local[field_name] = await resolve_media(job_id, field_name, value, self.settings, self.local_upload)
@@ -193,14 +233,22 @@ class JobService:
                 log.error("job API: staging the inputs of a submission failed: %s", exc)
                 raise ApiError(503, f"{exc}; nothing was queued, retry later") from exc
         record = JobRecord(id=job_id, model=req.model, request=request, status="created", created_at=now_iso(),
-                           video_seconds=total, billed_seconds=billed_seconds(total), webhook=webhook)
+                           video_seconds=total, billed_seconds=billed_seconds(total), webhook=webhook, account=account,
+                           dedupe_key=dedupe_key)
         try:
             with disk_full_as_507("the job database (in the user folder)"):
-                await self.db(self.store.insert, record)
+                stored = await self.db(self.store.insert, record, max_active=self.max_queued,
+                                       dedupe_since=_dedupe_since())
+        except AccountQueueFull as exc:
+            await self._unstage(record)
+            raise QueueFull(f"this account has {exc.active} jobs queued or running, the most this server takes "
+                            f"per account; nothing was queued, retry once one of them has ended") from None
         except BaseException:
             await self._unstage(record)
             raise
-        return record
+        if stored.id != record.id:
+            await self._unstage(record)
+        return stored
 
     def local_upload(self, settings: InputSettings, value: str, field_name: str) -> Path | None:
         """uploads.local_upload, bringing an upload another server took from the bucket when inputs are staged."""
@@ -274,15 +322,16 @@ class JobService:
                 removed.append(folder.name)
         return removed
 
-    def get(self, job_id: str) -> JobRecord:
+    def get(self, job_id: str, caller: Caller = Caller()) -> JobRecord:
+        """The job, if `caller` may see it (its account's, or any for an admin); else 404, as for an unknown id."""
         rec = self.store.get(job_id)
-        if rec is None:
+        if rec is None or not (caller.admin or rec.account == caller.account):
             raise ApiError(404, f"no prediction with id '{job_id}'")
         return rec
 
-
     async def status(self, job_id: str) -> JobRecord:
-        return await self.db(self.get, job_id)
+        """The job as the request's caller may see it."""
+        return await self.db(self.get, job_id, CALLER.get())
 
     async def notify_final(self, rec: JobRecord) -> None:
         """Tell `on_final` that `rec` reached its final state (and delete its staged inputs); its failures are

@@ -12,6 +12,7 @@ Messages never show absolute server paths (`public_message`).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Callable
@@ -21,11 +22,11 @@ from typing import Any
 from aiohttp import web
 
 from ..dependencies import missing_message
-from .auth import PROXY_HEADERS, authorize
+from .auth import CALLER, PROXY_HEADERS, authorize
 from .compat import ROUTES as COMPAT_ROUTES, compat_routes, error_body, reply_shape
 from .contract import MODELS, ApiError, envelope, error_envelope, public_message
 from .inputs import disk_full_as_507
-from .jobs import JobService
+from .jobs import JobService, QueueFull
 from .store import StoreUnavailable
 
 PREFIX = "/infinitetalk/v1"
@@ -88,7 +89,8 @@ class JobApi:
             log.error("job API: %s", exc)
             return ApiError(503, DB_DOWN.format(what=unavailable)), {"Retry-After": "5"}
         if isinstance(exc, ApiError):
-            return ApiError(exc.code, public_message(exc.message, self.folders)), {}
+            headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else {}
+            return ApiError(exc.code, public_message(exc.message, self.folders)), headers
         log.error("job API error", exc_info=exc)
         return ApiError(500, public_message(f"internal error: {type(exc).__name__}: {exc}", self.folders)), {}
 
@@ -104,9 +106,9 @@ class JobApi:
             raise ApiError(503, "the server's API key configuration cannot be used right now, so no request is "
                                 "admitted; the operator has to fix it (see the server log)") from None
         proxied = any(name in request.headers for name in PROXY_HEADERS)
-        authorize(request.headers.get("Authorization"), request.remote, keys, proxied=proxied,
-                  is_open=self.is_open())
-
+        caller = authorize(request.headers.get("Authorization"), request.remote, keys, proxied=proxied,
+                           is_open=self.is_open())
+        CALLER.set(dataclasses.replace(caller, idempotency_key=request.headers.get("Idempotency-Key")))
 
     @staticmethod
     def _base(request: web.Request) -> str:

@@ -24,7 +24,12 @@ jobs = sa.Table(
     sa.Column("lease_expires_at", sa.DOUBLE_PRECISION),
     sa.Column("attempts", sa.Integer, nullable=False, server_default=sa.text("0")),
     sa.Column("cancel_requested", sa.Integer, nullable=False, server_default=sa.text("0")),
+    sa.Column("account", sa.Text, nullable=False, server_default=sa.text("''")),   # whose job ("" = no keys)
+    sa.Column("dedupe_key", sa.Text),   # the submission's Idempotency-Key, unique per account
     sa.Index("jobs_status", "status", "created_at"),
+    sa.Index("jobs_account", "account", "status"),
+    sa.Index("jobs_dedupe", "account", "dedupe_key", unique=True, sqlite_where=sa.text("dedupe_key IS NOT NULL"),
+             postgresql_where=sa.text("dedupe_key IS NOT NULL")),
     # Ended jobs with a webhook (the sweep for deliveries a stopped server left unfinished).
     sa.Index("jobs_webhook_ended", "completed_at", sqlite_where=sa.text("webhook IS NOT NULL"),
              postgresql_where=sa.text("webhook IS NOT NULL")),

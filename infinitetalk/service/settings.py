@@ -6,6 +6,7 @@ The webhook and sync-wait settings are checked by their own modules (`webhooks.p
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Mapping
@@ -21,6 +22,8 @@ ENV_SWITCH = "INFINITETALK_API"  # 1: serve the job API; 0: never; unset: when a
 ENV_KEYS = "INFINITETALK_API_KEYS"
 ENV_KEYS_FILE = "INFINITETALK_API_KEYS_FILE"
 ENV_OPEN = "INFINITETALK_API_OPEN"
+ENV_ADMIN_KEYS = "INFINITETALK_API_ADMIN_KEYS"
+ENV_MAX_QUEUED = "INFINITETALK_API_MAX_QUEUED_PER_ACCOUNT"
 ENV_ALLOW_HOSTS = "INFINITETALK_API_ALLOW_HOSTS"
 ENV_FETCH_TIMEOUT = "INFINITETALK_API_FETCH_TIMEOUT"
 ENV_RETENTION = "INFINITETALK_API_INPUT_RETENTION_HOURS"  # keep a finished job's inputs this long
@@ -28,17 +31,34 @@ ENV_WORKFLOWS = "INFINITETALK_API_WORKFLOWS"  # a folder with customised copies 
 ENV_WORKER = "INFINITETALK_API_WORKER"  # 0 = an API-only server (runs no jobs)
 ENV_LEASE = "INFINITETALK_API_LEASE_SECONDS"
 DEFAULT_LEASE_S = 60.0
+DEFAULT_MAX_QUEUED = 100
+ACCOUNT_NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 PACKAGE_WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows" / "api"
+
+
+class ApiKey(str):
+    """A Bearer key and the account it belongs to: the account named beside it in a key file, else its own
+    (`key-` and a digest of the key: the key itself is never stored). An admin key sees every account's jobs."""
+    account: str
+    admin: bool
+
+    def __new__(cls, key: str, account: str | None = None, admin: bool = False) -> "ApiKey":
+        self = super().__new__(cls, key)
+        self.account = account or "key-" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        self.admin = admin
+        return self
 
 
 @dataclass(frozen=True)
 class KeySource:
-    """Where the Bearer keys come from: `INFINITETALK_API_KEYS` (comma-separated) and/or the file named by
-    `INFINITETALK_API_KEYS_FILE` (one key per line, `#` comments), re-read on every `load()`."""
-    inline: tuple[str, ...] = ()
+    """Where the Bearer keys come from: `INFINITETALK_API_KEYS` (comma-separated, each its own account),
+    `INFINITETALK_API_ADMIN_KEYS` (comma-separated; they see every job) and/or the file named by
+    `INFINITETALK_API_KEYS_FILE` (one key per line, optionally followed by its account's name, `#` comments),
+    re-read on every `load()`."""
+    inline: tuple[ApiKey, ...] = ()
     file: Path | None = None
 
-    def load(self) -> tuple[str, ...]:
+    def load(self) -> tuple[ApiKey, ...]:
         """The configured keys. A key file that is named but cannot be read raises RuntimeError (the routes then
         admit nobody), never silently "no key"; a readable file with only comments means no key yet."""
         if self.file is None:
@@ -47,7 +67,16 @@ class KeySource:
             lines = self.file.read_text().splitlines()
         except (OSError, UnicodeDecodeError) as exc:
             raise RuntimeError(f"{ENV_KEYS_FILE}={self.file}: cannot read the API key file ({exc})") from exc
-        return self.inline + tuple(ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#"))
+        keys = []
+        for number, line in enumerate(lines, 1):
+            words = line.split()
+            if not words or words[0].startswith("#"):
+                continue
+            if len(words) > 2 or (len(words) == 2 and not ACCOUNT_NAME.fullmatch(words[1])):
+                raise RuntimeError(f"{ENV_KEYS_FILE}={self.file}: line {number}: expected '<key>' or '<key> <account>' "
+                                   "(an account name of 1-64 letters, digits, '.', '_', '@' or '-')")
+            keys.append(ApiKey(words[0], words[1] if len(words) == 2 else None))
+        return self.inline + tuple(keys)
 
 
 @dataclass(frozen=True)
@@ -55,6 +84,7 @@ class ApiSettings:
     """The job API's settings (see docs/api.md, "Server settings")."""
     keys: KeySource = KeySource()
     open: bool = False
+    max_queued: int = DEFAULT_MAX_QUEUED   # per account, jobs created or running; 0 = no limit
     allow_hosts: tuple[str, ...] = ()
     fetch_timeout_s: float = 60.0
     retention_s: float = DEFAULT_RETENTION_S
@@ -83,8 +113,11 @@ def read_settings(environ: Mapping[str, str] | None = None) -> ApiSettings:
     get = lambda name: env.get(name, "").strip()  # noqa: E731
     retention_h = _number(get(ENV_RETENTION), ENV_RETENTION, DEFAULT_RETENTION_S / 3600)
     return ApiSettings(
-        keys=KeySource(inline=_list(get(ENV_KEYS)), file=Path(get(ENV_KEYS_FILE)) if get(ENV_KEYS_FILE) else None),
+        keys=KeySource(inline=tuple(ApiKey(k) for k in _list(get(ENV_KEYS)))
+                       + tuple(ApiKey(k, admin=True) for k in _list(get(ENV_ADMIN_KEYS))),
+                       file=Path(get(ENV_KEYS_FILE)) if get(ENV_KEYS_FILE) else None),
         open=get(ENV_OPEN).lower() in ("1", "true", "yes"),
+        max_queued=int(_number(get(ENV_MAX_QUEUED), ENV_MAX_QUEUED, DEFAULT_MAX_QUEUED, whole=True)),
         allow_hosts=_list(get(ENV_ALLOW_HOSTS)),
         fetch_timeout_s=_number(get(ENV_FETCH_TIMEOUT), ENV_FETCH_TIMEOUT, 60.0),
         retention_s=retention_h * 3600,
@@ -126,15 +159,16 @@ def _choice(raw: str, name: str, expected: str, default: str) -> bool:
     return (raw or default) == "1"
 
 
-def _number(raw: str, name: str, default: float) -> float:
+def _number(raw: str, name: str, default: float, whole: bool = False) -> float:
     if not raw:
         return default
+    what = "a whole number" if whole else "a number"
     try:
-        value = float(raw)
+        value = int(raw) if whole else float(raw)
     except ValueError:
-        raise RuntimeError(f"{name}={raw!r}: expected a number (default {default:g})") from None
+        raise RuntimeError(f"{name}={raw!r}: expected {what} (default {default:g})") from None
     if not value >= 0:
-        raise RuntimeError(f"{name}={raw!r}: expected a number >= 0 (default {default:g})")
+        raise RuntimeError(f"{name}={raw!r}: expected {what} >= 0 (default {default:g})")
     return value
 
 

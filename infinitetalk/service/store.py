@@ -38,6 +38,14 @@ class StoreUnavailable(Exception):
     """The job database cannot be reached or answered with an error; nothing was written."""
 
 
+class AccountQueueFull(Exception):
+    """The account already has as many jobs queued or running as it may; nothing was written."""
+
+    def __init__(self, active: int):
+        super().__init__(f"{active} jobs queued or running")
+        self.active = active
+
+
 @dataclass
 class JobRecord:
     id: str
@@ -58,6 +66,8 @@ class JobRecord:
     lease_expires_at: float | None = None
     attempts: int = 0
     cancel_requested: int = 0
+    account: str = ""                # who submitted it: only that account (or an admin key) sees it
+    dedupe_key: str | None = None    # its Idempotency-Key: a repeat within the window gets this job back
 
 
 def encode(changes: dict[str, Any]) -> dict[str, Any]:
@@ -229,10 +239,39 @@ class JobStore:
         return sa.and_(jobs.c.id == job_id, jobs.c.worker_id == worker_id, jobs.c.status.in_(ACTIVE))
 
     # -- jobs --------------------------------------------------------------------------------------------------
-    def insert(self, rec: JobRecord) -> None:
-        """ON CONFLICT: a replay after a lost reply inserts nothing twice."""
-        stmt = self._insert(jobs).values(**encode(asdict(rec))).on_conflict_do_nothing(index_elements=["id"])
-        self._run(lambda c: c.execute(stmt))
+    def insert(self, rec: JobRecord, max_active: int = 0, dedupe_since: str = "") -> JobRecord:
+        """Record a new job and return it, or return the job of the same account that holds its `dedupe_key` and
+        was created at or after `dedupe_since` (then nothing is written; an older holder gives the key up).
+        AccountQueueFull when the account has `max_active` (> 0) jobs created or running. One transaction, one
+        account at a time (SQLite: the write lock; PostgreSQL: an advisory lock on the account); a replay after a
+        lost reply finds the job it wrote."""
+        mine = jobs.c.account == rec.account
+
+        def write(conn: sa.Connection) -> JobRecord:
+            if self.postgres:
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtext(rec.account))))
+            written = self._one(conn.execute(jobs.select().where(jobs.c.id == rec.id)))
+            if written is not None:
+                return written
+            if rec.dedupe_key is not None:
+                first = self._one(conn.execute(jobs.select().where(mine, jobs.c.dedupe_key == rec.dedupe_key)))
+                if first is not None and first.created_at >= dedupe_since:
+                    return first
+                if first is not None:
+                    conn.execute(jobs.update().where(jobs.c.id == first.id).values(dedupe_key=None))
+            if max_active > 0:
+                active = conn.execute(sa.select(sa.func.count()).where(mine, jobs.c.status.in_(ACTIVE))).scalar_one()
+                if active >= max_active:
+                    raise AccountQueueFull(active)
+            conn.execute(jobs.insert().values(**encode(asdict(rec))))
+            return rec
+        return self._run(write)
+
+    def find_dedupe(self, account: str, dedupe_key: str, since: str) -> JobRecord | None:
+        """The account's job holding `dedupe_key`, if created at or after `since`."""
+        stmt = jobs.select().where(jobs.c.account == account, jobs.c.dedupe_key == dedupe_key,
+                                   jobs.c.created_at >= since)
+        return self._run(lambda c: self._one(c.execute(stmt)))
 
     def update(self, job_id: str, **changes: Any) -> None:
         if changes:
