@@ -241,3 +241,27 @@ def test_function_local_imports_have_a_listed_reason():
                 where + ": import it at module level (the graph is acyclic) or list the module in LOCAL_OURS"
         elif top not in stdlib:
             assert top in LOCAL_THIRD_PARTY, where + ": list the package in LOCAL_THIRD_PARTY with its reason"
+
+
+# The service's front door: settings.py reads the environment (once, at start), app.py builds the parts.
+SERVICE = ROOT / "infinitetalk" / "service"
+SERVICE_ENV_READERS = {
+    "settings.py": "every INFINITETALK_API* setting, read and checked once",
+    "webhooks.py": "webhook_settings_from_env / result_envelope_for: called by settings.py and app.py with a mapping",
+    "compat.py": "INFINITETALK_API_SYNC_WAIT_SECONDS, read per request",
+}
+BUILT_BY_APP = ("JobStore", "JobService", "Worker", "WebhookSender", "S3Outputs", "S3Inputs", "JobApi")
+
+
+def test_the_service_reads_the_environment_in_listed_places_only():
+    readers = {p.name for p in SERVICE.glob("*.py") if "os.environ" in p.read_text() or "getenv" in p.read_text()}
+    assert readers <= set(SERVICE_ENV_READERS), sorted(readers - set(SERVICE_ENV_READERS))
+
+
+def test_only_the_front_door_builds_the_service_parts():
+    for path in sorted(SERVICE.glob("*.py")):
+        if path.name == "app.py":
+            continue
+        calls = {node.func.id for node in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+        assert not calls & set(BUILT_BY_APP), f"{path.name} builds {sorted(calls & set(BUILT_BY_APP))}"

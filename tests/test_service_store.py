@@ -188,7 +188,8 @@ def test_webhooks_due_are_ended_jobs_with_a_webhook_not_delivered_nor_held(make_
 def test_an_old_database_gains_the_queue_columns(target):
     import sqlalchemy as sa
 
-    url = f"sqlite:///{target}" if isinstance(target, Path) else target.replace("postgresql://", "postgresql+psycopg://")
+    url = (f"sqlite:///{target}" if isinstance(target, Path)
+           else target.replace("postgresql://", "postgresql+psycopg://"))
     engine = sa.create_engine(url)
     with engine.begin() as db:
         _old_schema(db)
@@ -209,7 +210,8 @@ def _old_schema(db) -> None:
                "NOT NULL, prompt_id TEXT, created_at TEXT NOT NULL, started_at TEXT, completed_at TEXT, billed_seconds "
                "INTEGER, video_seconds REAL, inference_ms INTEGER, outputs TEXT NOT NULL DEFAULT '[]', error TEXT NOT "
                "NULL DEFAULT '')")
-    db.exec_driver_sql("INSERT INTO jobs (id, model, request, status, created_at) VALUES ('old', 'm', '{}', 'completed', 't')")
+    db.exec_driver_sql("INSERT INTO jobs (id, model, request, status, created_at) "
+                       "VALUES ('old', 'm', '{}', 'completed', 't')")
     db.exec_driver_sql("CREATE TABLE job_events (job_id TEXT NOT NULL, event TEXT NOT NULL, at TEXT NOT NULL, "
                        "PRIMARY KEY (job_id, event))")      # the once-only marks of before the delivery lease
     db.exec_driver_sql("INSERT INTO job_events VALUES ('old', 'webhook', 't')")

@@ -8,9 +8,9 @@ import time
 import pytest
 
 from infinitetalk.service.inputs import InputSettings
-from infinitetalk.service.jobs import CANCELLED, EngineState, JobService
-from infinitetalk.service.store import JobStore, StoreUnavailable
+from infinitetalk.service.jobs import CANCELLED, EngineState
 from infinitetalk.service.settings import read_settings
+from infinitetalk.service.store import JobStore, StoreUnavailable
 from infinitetalk.service.worker import Worker
 from service_support import TEMPLATE, FakeEngine, body, call, post, with_worker, write_png, write_wav
 

@@ -2,9 +2,9 @@
 
 Keys come from `INFINITETALK_API_KEYS`, `INFINITETALK_API_ADMIN_KEYS` and/or `INFINITETALK_API_KEYS_FILE`
 (settings.KeySource); each key belongs to an account, and a request sees only its account's jobs (an admin key
-sees all). With no key configured the routes fail closed: they answer only loopback clients whose request carries no proxy header (a reverse proxy
-on the same machine makes every client look like loopback), unless `INFINITETALK_API_OPEN=1` says the
-server is deliberately open to everyone.
+sees all). With no key configured the routes fail closed: they answer only loopback clients whose request
+carries no proxy header (a reverse proxy on the same machine makes every client look like loopback), unless
+`INFINITETALK_API_OPEN=1` says the server is deliberately open to everyone.
 """
 from __future__ import annotations
 

@@ -181,4 +181,5 @@ def refusing_routes(message: str) -> list[web.RouteDef]:
         err = ApiError(503, message)
         return web.json_response(error_body(err, reply_shape(request.path)), status=503)
     paths = [path for _method, path in COMPAT_ROUTES if not path.startswith(PREFIX)]
-    return [web.route("*", path, refuse) for path in dict.fromkeys(paths)] + [web.route("*", PREFIX + "/{tail:.*}", refuse)]
+    return ([web.route("*", path, refuse) for path in dict.fromkeys(paths)]
+            + [web.route("*", PREFIX + "/{tail:.*}", refuse)])

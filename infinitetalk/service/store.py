@@ -167,8 +167,8 @@ class JobStore:
 
     @staticmethod
     def _sqlite_engine(path: Path, busy_s: float) -> sa.Engine:
-        engine = sa.create_engine(sa.URL.create("sqlite", database=str(path)), pool_size=1, max_overflow=0, pool_timeout=busy_s,
-                                  connect_args={"check_same_thread": False, "timeout": busy_s})
+        engine = sa.create_engine(sa.URL.create("sqlite", database=str(path)), pool_size=1, max_overflow=0,
+                                  pool_timeout=busy_s, connect_args={"check_same_thread": False, "timeout": busy_s})
 
         @sa.event.listens_for(engine, "connect")
         def _connect(dbapi_conn, _record):
