@@ -61,6 +61,7 @@ def _parse_time(value: str | None) -> datetime | None:
 
 
 CANCELLED = "cancelled by the client"
+OnFinal = Callable[[JobRecord], "Awaitable[None] | None"]
 DEDUPE_WINDOW_S = 24 * 3600
 MAX_DEDUPE_KEY = 255
 QUEUE_FULL_RETRY_S = 30
@@ -89,7 +90,6 @@ def _dedupe_since() -> str:
     """Jobs created since this time (the contract's timestamp form) are returned for a repeated key."""
     since = datetime.now(timezone.utc) - timedelta(seconds=DEDUPE_WINDOW_S)
     return since.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-OnFinal = Callable[[JobRecord], "Awaitable[None] | None"]
 
 
 def output_prefix(job_id: str) -> str:
