@@ -110,7 +110,7 @@ def _generate(args: argparse.Namespace) -> int:
     from .pipeline.generate import generate
     from .pipeline.inputs import prepare_inputs
     from .pipeline.models import load_models
-    from .runtime.launch import LeaderSampler, join_as_leader, launch_env, run_follower
+    from .multigpu.launch import LeaderSampler, join_as_leader, launch_env, run_follower
 
     world = None
     try:

@@ -52,7 +52,7 @@ def test_generate_fast_preset_finds_models_and_distill_lora_by_content(tiny_mode
 
 
 def test_fast_preset_without_distill_lora_names_the_file_to_get(tiny_models, tmp_path):
-    from infinitetalk.pipeline.models import resolve_model_paths
+    from infinitetalk.pipeline.model_files import resolve_model_paths
 
     folder = _linked_models(tiny_models, tmp_path / "models", skip=("loras",))
     with pytest.raises(InputError, match="lightx2v"):

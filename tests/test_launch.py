@@ -27,7 +27,7 @@ from infinitetalk.errors import InputError, JobCancelled, WorkerLost
 from infinitetalk.pipeline.generate import generate
 from infinitetalk.pipeline.request import GenerationRequest
 from infinitetalk.pipeline.sampler import Guidance, KeepRegion, WindowConditioning
-from infinitetalk.runtime.launch import WindowJob, job_shape, launch_env
+from infinitetalk.multigpu.launch import WindowJob, job_shape, launch_env
 from infinitetalk.ops.options import RuntimeOptions
 from infinitetalk.video.segments import partial_path
 
@@ -70,7 +70,7 @@ def test_every_world_size_gets_a_layout_for_both_presets_of_the_40_head_dit():
     """3 ranks with the fast preset (2 calls) used to be refused: one group of 3 cannot split 40 heads."""
     from types import SimpleNamespace
 
-    from infinitetalk.runtime.launch import LeaderSampler
+    from infinitetalk.multigpu.launch import LeaderSampler
     from infinitetalk.ops.parallel import guidance_layout
 
     dit = SimpleNamespace(config=SimpleNamespace(num_heads=40))
@@ -218,7 +218,7 @@ def test_torchrun_two_ranks_killed_rank_fails_cleanly_and_the_rerun_resumes_to_t
 def test_worker_pool_survives_a_dead_worker_restarts_resumes_and_is_kept_between_jobs(tiny_models, models, media,
                                                                                       tmp_path):
     from infinitetalk.pipeline.models import load_models
-    from infinitetalk.runtime.workers import FRONT_COMPONENTS, WorkerPool
+    from infinitetalk.multigpu.workers import FRONT_COMPONENTS, WorkerPool
 
     def request(name: str, **kw) -> GenerationRequest:
         return GenerationRequest(left_audio=media["left"], right_audio=media["right"], image=media["image"],
@@ -275,9 +275,9 @@ def test_loader_gpus_gives_a_bundle_without_dit_whose_sampler_is_a_lazy_worker_p
                                                                                     tiny_models):
     from infinitetalk_multi_pkg.nodes import model_nodes
 
-    from infinitetalk.pipeline.models import resolve_model_paths
+    from infinitetalk.pipeline.model_files import resolve_model_paths
     from infinitetalk.ops.options import RuntimeOptions
-    from infinitetalk.runtime.workers import WorkerPool
+    from infinitetalk.multigpu.workers import WorkerPool
 
     paths = resolve_model_paths(tiny_models)
     overrides = {"dit": paths.dit, "patch": paths.patch, "wav2vec2": paths.wav2vec2,

@@ -31,7 +31,6 @@ from ..audio.loudness import normalize_loudness
 from ..errors import InputError, JobCancelled
 from ..models.wav2vec2 import normalize_waveform
 from ..runtime.budget import JobShape
-from ..runtime.teacache import TeaCache
 from ..text.prompts import DEFAULT_NEGATIVE_PROMPT, prompt_for_window, window_prompts
 from ..video.segments import concat_segments
 from ..video.writer import Mp4Writer
@@ -42,6 +41,7 @@ from .job import JobFolder, JobState, default_job_dir, fingerprint
 from .progress import JobProgress, ProgressHook, ProgressInfo
 from .request import GenerationRequest
 from .sampler import Guidance, KeepRegion, WindowConditioning, sample_window, window_noise
+from .teacache import TeaCache
 from .schedule import shift_for, timesteps
 from .windows import gather_audio_windows
 

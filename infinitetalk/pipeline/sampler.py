@@ -29,7 +29,7 @@ from .schedule import euler_step
 
 if TYPE_CHECKING:
     from ..ops.parallel import ParallelState
-    from ..runtime.teacache import TeaCache
+    from .teacache import TeaCache
 
 DiTCall = Callable[..., torch.Tensor]  # InfiniteTalkDiT.forward(x, t, context, clip_fea, y, audio, masks)
 
@@ -178,7 +178,7 @@ def sample_window(
     pass (True = all, 1/False = one at a time; same result). `parallel`: a `ops.parallel.ParallelState`;
     then this is a collective — every rank calls it with equal arguments (except `batch`: the smallest over
     the ranks is used) and every rank returns the same latent.
-    `teacache`: a `runtime.teacache.TeaCache` (quality recipe only) skips block stacks on slowly changing steps
+    `teacache`: a `pipeline.teacache.TeaCache` (quality recipe only) skips block stacks on slowly changing steps
     (an approximation; its `decisions` record what ran).
     """
     if teacache is not None:

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from ..errors import InputError, WorkerLost
 from ..ops.parallel import guidance_layout, init_parallel
 from ..pipeline.sampler import Guidance, KeepRegion, WindowConditioning, sample_window
-from .budget import JobShape
+from ..runtime.budget import JobShape
 
 __all__ = ["LaunchEnv", "launch_env", "rank_device", "WindowJob", "World", "LeaderSampler", "follow", "sample_job",
            "job_shape", "place_for", "collective_failure", "join_as_leader", "run_follower", "stop_on_sigterm",
@@ -133,7 +133,7 @@ def collective_failure(err: BaseException) -> bool:
 
 
 class World:
-    """The joined process world: the parallel DiT state (runtime/parallel.py) plus a gloo control group that
+    """The joined process world: the parallel DiT state (ops/parallel.py) plus a gloo control group that
     carries the window jobs and small agreements."""
 
     def __init__(self, rank: int, world_size: int, device: torch.device, parallel, control):

@@ -2,7 +2,7 @@
 
 The ComfyUI process stays what it is (reads inputs, encodes audio/text/CLIP, decodes, writes the mp4,
 progress, previews, Cancel) and holds every model but the DiT. The pool starts N worker processes once
-(`python -m infinitetalk.runtime.workers`, one per device, rank r on `cuda:r`), each loading only the DiT;
+(`python -m infinitetalk.multigpu.workers`, one per device, rank r on `cuda:r`), each loading only the DiT;
 they form their own torch.distributed world (loopback TCP rendezvous, 127.0.0.1) exactly like torchrun
 ranks, and are kept for later jobs. Per window the ComfyUI process sends the same `WindowJob` to every
 worker over an authenticated loopback connection; all workers sample it together (a collective); worker 0
@@ -99,7 +99,7 @@ class WorkerPool:
         self.starts += 1
         for rank in range(self.size):
             env = dict(env_base, RANK=str(rank), LOCAL_RANK=str(rank))
-            self.processes.append(subprocess.Popen([sys.executable, "-m", "infinitetalk.runtime.workers"], env=env,
+            self.processes.append(subprocess.Popen([sys.executable, "-m", "infinitetalk.multigpu.workers"], env=env,
                                                    stdin=subprocess.DEVNULL))
         try:
             self.conns = self._accept(listener)
