@@ -29,7 +29,7 @@ from infinitetalk.pipeline.request import GenerationRequest
 from infinitetalk.pipeline.sampler import Guidance, KeepRegion, WindowConditioning
 from infinitetalk.multigpu.launch import WindowJob, job_shape, launch_env
 from infinitetalk.ops.options import RuntimeOptions
-from infinitetalk.video.segments import partial_path
+from infinitetalk.files import partial_path
 
 ROOT = Path(__file__).resolve().parents[1]
 RATE = 22050

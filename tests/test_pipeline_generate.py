@@ -21,7 +21,7 @@ from infinitetalk.audio.io import write_wav
 from infinitetalk.pipeline.generate import generate
 from infinitetalk.pipeline.request import GenerationRequest
 from infinitetalk.pipeline.resolution import select_bucket
-from infinitetalk.video.segments import partial_path
+from infinitetalk.files import partial_path
 
 SMALL = dict(steps=1, size_scale=0.05, frame_num=21, motion_frames=5)
 RATE = 22050
