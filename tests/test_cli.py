@@ -192,6 +192,22 @@ def test_prompt_per_window(tiny_models, inputs, tmp_path, capsys, monkeypatch):
     assert torch.equal(contexts[0], first[0]) and torch.equal(contexts[1], second[0])
 
 
+def test_inputs_are_checked_once_per_job(tiny_models, inputs, tmp_path, capsys, monkeypatch):
+    """The CLI checks the inputs before loading the models and hands the result to generate (no second read)."""
+    from infinitetalk.pipeline import generate as generate_mod
+    from infinitetalk.pipeline import inputs as inputs_mod
+
+    calls, prepare = [], inputs_mod.prepare_inputs
+    counted = lambda req: calls.append(req.out) or prepare(req)   # noqa: E731
+    monkeypatch.setattr(inputs_mod, "prepare_inputs", counted)
+    monkeypatch.setattr(generate_mod, "prepare_inputs", counted)
+    out = tmp_path / "once.mp4"
+    rc = main(["generate", "--models", str(tiny_models), "--image", inputs["image"], "--left-audio", inputs["left"],
+               "--right-audio", inputs["right"], "--out", str(out), "--quiet", *SMALL])
+    assert rc == 0, capsys.readouterr().err
+    assert calls == [out] and out.is_file()
+
+
 def test_window_prompts_repeat_the_last_line():
     from infinitetalk.text.prompts import join_prompts, prompt_for_window, window_prompts
 

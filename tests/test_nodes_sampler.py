@@ -126,7 +126,7 @@ def _fake_generate(frames_per_window: int, windows: int, size=(16, 24), seed: in
     from infinitetalk.pipeline.generate import GenerationResult
     from infinitetalk_multi_pkg.nodes import media
 
-    def fake(request, models, progress=None, cancel=None, on_window=None):
+    def fake(request, models, progress=None, cancel=None, on_window=None, sampler=None):
         fake.job_dirs.append(request.job_dir)
         h, w = size
         steps, chunks = 2, []

@@ -200,8 +200,10 @@ class World:
 class LeaderSampler:
     """Rank 0's `sample_window`: send the window to every rank, then sample it together with them.
 
-    Set as `ModelBundle.sampler`, so `pipeline.generate` runs unchanged on rank 0; `models` (that bundle)
-    gives the guidance batch its memory plan allows."""
+    Handed to `generate(..., sampler=)` (a `pipeline.sampler.WindowSampler`), so the pipeline runs unchanged
+    on rank 0; `models` (rank 0's bundle) gives the guidance batch its memory plan allows."""
+
+    step_skipping = False   # TeaCache state is not carried to the other ranks
 
     def __init__(self, world: World, models=None):
         self.world, self.models = world, models

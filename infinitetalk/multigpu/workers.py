@@ -57,11 +57,14 @@ def _free_port() -> int:
 
 
 class WorkerPool:
-    """N processes that hold the DiT and sample windows together; usable as `ModelBundle.sampler`.
+    """N processes that hold the DiT and sample windows together: a `pipeline.sampler.WindowSampler` for
+    `generate(..., sampler=)`.
 
     `load_kwargs`: keyword arguments of `pipeline.models.load_models` (models folder, preset, dtype,
     overrides, runtime options); the device is each worker's own. `device_type`: "cuda" (worker r on
     cuda:r) or "cpu" (tests and CPU-only machines)."""
+
+    step_skipping = False   # TeaCache state is not carried to the workers
 
     def __init__(self, size: int, load_kwargs: dict, device_type: str = "cuda"):
         if int(size) < 2:

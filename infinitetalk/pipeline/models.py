@@ -10,7 +10,7 @@ CPU everything is simply resident; with one, the CPU honours it the same way (so
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +62,6 @@ class ModelBundle:
     dtype: torch.dtype
     paths: ModelPaths | None = None
     offload: bool = False
-    sampler: Callable[..., torch.Tensor] | None = None   # sample_window's stand-in in multi-process runs (multigpu/launch.py)
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     budget: int | None = None            # bytes the job may use on `device`; None = unlimited
     placement: Placement | None = None   # the current job's decision (max_guidance_batch, vae_tile, ...)

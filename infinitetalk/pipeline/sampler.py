@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 DiTCall = Callable[..., torch.Tensor]  # InfiniteTalkDiT.forward(x, t, context, clip_fea, y, audio, masks)
 
 __all__ = ["Guidance", "WindowConditioning", "KeepRegion", "guided_velocity", "guidance_calls", "combine_guidance",
-           "sample_window", "window_noise"]
+           "sample_window", "window_noise", "WindowSampler"]
 
 
 @dataclass(frozen=True)
@@ -155,6 +155,18 @@ def guided_velocity(dit: DiTCall, x: torch.Tensor, t: torch.Tensor, cond: Window
     mine = _run_calls(dit, x, t, cond, [calls[i] for i in layout.calls], layout.calls, size, layout.sequence, skip)
     velocities = parallel.combine(dict(zip(layout.calls, mine)), layout, len(calls), x)
     return combine_guidance(velocities, guidance)
+
+
+class WindowSampler(Protocol):
+    """What `generate` calls instead of `sample_window` when several processes sample each window together
+    (multigpu/: torchrun rank 0, the ComfyUI worker pool). It plans its own guidance batch, and declares
+    what it can do rather than being inspected."""
+
+    step_skipping: bool   # accepts `teacache=` (TeaCache step skipping)
+
+    def __call__(self, dit: DiTCall, noise: torch.Tensor, cond: WindowConditioning, times: torch.Tensor,
+                 guidance: Guidance, motion: torch.Tensor, keep: KeepRegion | None = None,
+                 on_step: Callable[[int], None] | None = None) -> torch.Tensor: ...
 
 
 @torch.no_grad()
