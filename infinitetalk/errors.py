@@ -7,8 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ["InputError", "CheckpointError", "JobCancelled", "WorkerLost", "OutOfSpace", "is_out_of_space",
-           "disk_full_as_out_of_space",
-           "require_file", "require_writable_folder"]
+           "disk_full_as_out_of_space", "require_file", "require_writable_folder"]
 
 
 class CheckpointError(ValueError):

@@ -40,8 +40,8 @@ from .job import JobFolder, JobState, default_job_dir, fingerprint
 from .progress import JobProgress, ProgressHook, ProgressInfo
 from .request import GenerationRequest
 from .sampler import Guidance, KeepRegion, WindowConditioning, WindowSampler, sample_window, window_noise
-from .teacache import TeaCache
 from .schedule import shift_for, timesteps
+from .teacache import TeaCache
 from .windows import gather_audio_windows
 
 if TYPE_CHECKING:
@@ -157,8 +157,8 @@ def _settings(req: GenerationRequest, seed: int, height: int, width: int, frames
 
 
 @torch.no_grad()
-def _run_windows(req, models, sampler, inputs, job: JobFolder, state: JobState, times, guidance, on_step, on_window,
-                 tracker: JobProgress) -> None:
+def _run_windows(req, models, sampler, inputs, job: JobFolder, state: JobState, times, guidance, on_step,
+                 on_window, tracker: JobProgress) -> None:
 
     plan, (height, width) = inputs.plan, inputs.size
     device, dtype = models.device, models.dtype

@@ -89,16 +89,16 @@ async def save(settings: InputSettings, name: str, chunks: AsyncIterator[bytes],
     final = folder / name
     size = 0
     try:
-        with atomic_write(final, folder / f".{name}.partial") as tmp:
-            with disk_full_as_507(f"the input folder's {JOB_INPUTS}/{UPLOADS}/", "file"):
-                with open(tmp, "wb") as f:
-                    async for chunk in chunks:
-                        size += len(chunk)
-                        if size > cap or (expected_size is not None and size > expected_size):
-                            limit = f"the {cap / 2**20:.0f} MB limit for {kind}" if size > cap else \
-                                f"the {expected_size} bytes announced for this upload"
-                            raise ApiError(413, f"field 'file': the upload is larger than {limit}")
-                        f.write(chunk)
+        with disk_full_as_507(f"the input folder's {JOB_INPUTS}/{UPLOADS}/", "file"), \
+                atomic_write(final, folder / f".{name}.partial") as tmp:
+            with open(tmp, "wb") as f:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > cap or (expected_size is not None and size > expected_size):
+                        limit = f"the {cap / 2**20:.0f} MB limit for {kind}" if size > cap else \
+                            f"the {expected_size} bytes announced for this upload"
+                        raise ApiError(413, f"field 'file': the upload is larger than {limit}")
+                    f.write(chunk)
             if size == 0:
                 raise ApiError(400, "field 'file': the uploaded file is empty")
             if expected_size is not None and size != expected_size:
