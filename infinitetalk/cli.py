@@ -110,9 +110,9 @@ def _generate(args: argparse.Namespace) -> int:
     from .pipeline.generate import generate
     from .pipeline.inputs import prepare_inputs
     from .pipeline.models import load_models
-    from .runtime.launch import LeaderSampler, join_as_leader, launch_env, run_follower
+    from .multigpu.launch import LeaderSampler, join_as_leader, launch_env, run_follower
 
-    world = None
+    world = inputs = None
     try:
         runtime = _runtime_from_args(args)
         if not args.quiet:   # the memory plan every job logs at its start (runtime/plan.py)
@@ -128,16 +128,16 @@ def _generate(args: argparse.Namespace) -> int:
                                                            components=("dit",), runtime=runtime), args.device)
         world = join_as_leader(args.device) if env is not None else None
         request = _request_from_args(args)
-        prepare_inputs(request.resolved()).source.close()   # fail on bad inputs before loading gigabytes of weights
+        inputs = prepare_inputs(request.resolved())   # checked once: bad inputs fail before gigabytes of weights load
         _warn_full_size_on_cpu(args)
         t0 = time.perf_counter()
         models = load_models(args.models, preset=args.preset, device=world.device if world else args.device,
                              dtype=args.dtype, overrides=overrides, runtime=runtime)
-        models.sampler = LeaderSampler(world, models) if world else None
         print(f"models loaded in {time.perf_counter() - t0:.1f}s on {models.device} ({models.dtype})", file=sys.stderr)
         for lora, strength in getattr(models.paths, "loras", None) or []:
             print(f"LoRA: {Path(lora).name} (strength {strength:g})", file=sys.stderr)
-        result = generate(request, models, progress=None if args.quiet else ProgressBar())
+        result = generate(request, models, progress=None if args.quiet else ProgressBar(), inputs=inputs,
+                          sampler=LeaderSampler(world, models) if world else None)
     except (InputError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -156,6 +156,8 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     finally:
+        if inputs is not None:
+            inputs.source.close()
         if world is not None:
             world.close()
     print(f"{result.path}  {result.frames} frames ({result.seconds:.2f} s) {result.width}x{result.height} "

@@ -6,8 +6,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["InputError", "CheckpointError", "JobCancelled", "WorkerLost", "OutOfSpace", "is_out_of_space", "removed_on_failure",
-           "require_file", "require_writable_folder"]
+__all__ = ["InputError", "CheckpointError", "JobCancelled", "WorkerLost", "OutOfSpace", "is_out_of_space",
+           "disk_full_as_out_of_space", "require_file", "require_writable_folder"]
 
 
 class CheckpointError(ValueError):
@@ -44,12 +44,12 @@ def is_out_of_space(exc: BaseException) -> bool:
 
 
 @contextmanager
-def removed_on_failure(temp: Path, folder: str | os.PathLike, what: str) -> Iterator[None]:
-    """Around writing `temp`: on any failure delete it, and turn a full disk into OutOfSpace(folder, what)."""
+def disk_full_as_out_of_space(folder: str | os.PathLike, what: str) -> Iterator[None]:
+    """Around writing `what` in `folder` (through `files.atomic_write`, which removes the partial file):
+    a full disk becomes OutOfSpace(folder, what)."""
     try:
         yield
-    except BaseException as exc:
-        temp.unlink(missing_ok=True)
+    except OSError as exc:
         if is_out_of_space(exc):
             raise OutOfSpace(folder, what) from None
         raise

@@ -126,7 +126,8 @@ class ModelChoice:
     offload: bool | None
     has_lora: bool
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
-    gpus: int = 1  # GPUs the sampler's job is spread over (runtime/workers.py); 1 = this process only
+    gpus: int = 1  # GPUs the sampler's job is spread over (multigpu/workers.py); 1 = this process only
+    sampler: Any = field(default=None, repr=False)   # with gpus > 1: the WorkerPool `generate` samples with
     _bundle: Any = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -143,8 +144,8 @@ class ModelChoice:
                 names = ", ".join(Path(p).name for p in self._files())
                 bridge.progress_text(f"Loading models (first run, may take minutes): {names}")
                 start = time.monotonic()
-                if self.gpus > 1:   # the DiT lives in `gpus` worker processes, started once (runtime/workers.py)
-                    from infinitetalk.runtime.workers import FRONT_COMPONENTS, WorkerPool
+                if self.gpus > 1:   # the DiT lives in `gpus` worker processes, started once (multigpu/workers.py)
+                    from infinitetalk.multigpu.workers import FRONT_COMPONENTS, WorkerPool
 
                     pool = WorkerPool(self.gpus, dict(models_dir=None, preset=preset, dtype=self.dtype,
                                                       overrides=self.overrides, **extra),
@@ -153,7 +154,7 @@ class ModelChoice:
                 self._bundle = load_models(None, preset=preset, device=bridge.torch_device(), dtype=self.dtype,
                                            overrides=self.overrides, offload=self.offload, **extra)
                 if self.gpus > 1:
-                    self._bundle.sampler = pool
+                    self.sampler = pool
                 bridge.progress_text(f"Models loaded in {time.monotonic() - start:.0f} s; sampling...")
             return self._bundle
 

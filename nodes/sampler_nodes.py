@@ -225,7 +225,7 @@ class InfiniteTalkMultiSampler:
 
         bridge.free_memory_for_job()
         result = bridge.guarded(lambda: generate(request, bundle, progress=progress, cancel=bridge.interrupted,
-                                                 on_window=on_window))
+                                                 on_window=on_window, sampler=getattr(models, "sampler", None)))
         bridge.soft_empty_cache()
         info = InfiniteTalkVideo.from_file(Path(result.path), seed=int(result.seed))
         frames = collector.image(info.frames, last.get("frame")) if collector.used else bridge.blocked_output(

@@ -352,7 +352,7 @@ def test_lying_checkpoint_header_is_a_checkpoint_error_naming_the_file(tmp_path,
 
 def test_one_bad_checkpoint_does_not_break_discovery(tiny_models, tmp_path, caplog):
     from infinitetalk.checkpoints.detect import find_models
-    from infinitetalk.pipeline.models import resolve_model_paths
+    from infinitetalk.pipeline.model_files import resolve_model_paths
 
     folder = tmp_path / "models"
     folder.mkdir()

@@ -52,7 +52,7 @@ def test_generate_fast_preset_finds_models_and_distill_lora_by_content(tiny_mode
 
 
 def test_fast_preset_without_distill_lora_names_the_file_to_get(tiny_models, tmp_path):
-    from infinitetalk.pipeline.models import resolve_model_paths
+    from infinitetalk.pipeline.model_files import resolve_model_paths
 
     folder = _linked_models(tiny_models, tmp_path / "models", skip=("loras",))
     with pytest.raises(InputError, match="lightx2v"):
@@ -190,6 +190,22 @@ def test_prompt_per_window(tiny_models, inputs, tmp_path, capsys, monkeypatch):
     assert len(first) == len(second) == 1                             # each distinct prompt encoded once
     assert len(contexts) == 2 and not torch.equal(first[0], second[0])
     assert torch.equal(contexts[0], first[0]) and torch.equal(contexts[1], second[0])
+
+
+def test_inputs_are_checked_once_per_job(tiny_models, inputs, tmp_path, capsys, monkeypatch):
+    """The CLI checks the inputs before loading the models and hands the result to generate (no second read)."""
+    from infinitetalk.pipeline import generate as generate_mod
+    from infinitetalk.pipeline import inputs as inputs_mod
+
+    calls, prepare = [], inputs_mod.prepare_inputs
+    counted = lambda req: calls.append(req.out) or prepare(req)   # noqa: E731
+    monkeypatch.setattr(inputs_mod, "prepare_inputs", counted)
+    monkeypatch.setattr(generate_mod, "prepare_inputs", counted)
+    out = tmp_path / "once.mp4"
+    rc = main(["generate", "--models", str(tiny_models), "--image", inputs["image"], "--left-audio", inputs["left"],
+               "--right-audio", inputs["right"], "--out", str(out), "--quiet", *SMALL])
+    assert rc == 0, capsys.readouterr().err
+    assert calls == [out] and out.is_file()
 
 
 def test_window_prompts_repeat_the_last_line():

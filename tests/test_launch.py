@@ -27,9 +27,9 @@ from infinitetalk.errors import InputError, JobCancelled, WorkerLost
 from infinitetalk.pipeline.generate import generate
 from infinitetalk.pipeline.request import GenerationRequest
 from infinitetalk.pipeline.sampler import Guidance, KeepRegion, WindowConditioning
-from infinitetalk.runtime.launch import WindowJob, job_shape, launch_env
+from infinitetalk.multigpu.launch import WindowJob, job_shape, launch_env
 from infinitetalk.ops.options import RuntimeOptions
-from infinitetalk.video.segments import partial_path
+from infinitetalk.files import partial_path
 
 ROOT = Path(__file__).resolve().parents[1]
 RATE = 22050
@@ -70,7 +70,7 @@ def test_every_world_size_gets_a_layout_for_both_presets_of_the_40_head_dit():
     """3 ranks with the fast preset (2 calls) used to be refused: one group of 3 cannot split 40 heads."""
     from types import SimpleNamespace
 
-    from infinitetalk.runtime.launch import LeaderSampler
+    from infinitetalk.multigpu.launch import LeaderSampler
     from infinitetalk.ops.parallel import guidance_layout
 
     dit = SimpleNamespace(config=SimpleNamespace(num_heads=40))
@@ -218,7 +218,7 @@ def test_torchrun_two_ranks_killed_rank_fails_cleanly_and_the_rerun_resumes_to_t
 def test_worker_pool_survives_a_dead_worker_restarts_resumes_and_is_kept_between_jobs(tiny_models, models, media,
                                                                                       tmp_path):
     from infinitetalk.pipeline.models import load_models
-    from infinitetalk.runtime.workers import FRONT_COMPONENTS, WorkerPool
+    from infinitetalk.multigpu.workers import FRONT_COMPONENTS, WorkerPool
 
     def request(name: str, **kw) -> GenerationRequest:
         return GenerationRequest(left_audio=media["left"], right_audio=media["right"], image=media["image"],
@@ -229,7 +229,6 @@ def test_worker_pool_survives_a_dead_worker_restarts_resumes_and_is_kept_between
                         components=FRONT_COMPONENTS)
     assert front.dit is None
     pool = WorkerPool(2, dict(models_dir=str(tiny_models), preset="quality", dtype="fp32"), device_type="cpu")
-    front.sampler = pool
     try:
         # a worker killed in window 1 fails the job at once, clearly; nothing appears under the output name
         job, seen = tmp_path / "job_c", []
@@ -240,13 +239,13 @@ def test_worker_pool_survives_a_dead_worker_restarts_resumes_and_is_kept_between
                 os.kill(pool.pids()[1], signal.SIGKILL)
 
         with pytest.raises(WorkerLost, match=r"worker 1 \(cpu\) died"):
-            generate(request("pool_c.mp4", job_dir=job), front, progress=kill_in_window_1)
+            generate(request("pool_c.mp4", job_dir=job), front, progress=kill_in_window_1, sampler=pool)
         assert len(seen) == 1 and seen[0][0] == 1
         assert time.monotonic() - seen[0][1] < 30                # noticed at once, not after a timeout
         assert not (tmp_path / "pool_c.mp4").exists() and not partial_path(tmp_path / "pool_c.mp4").exists()
         assert not pool.alive
         # the next job restarts the workers and resumes after the finished window
-        third = generate(request("pool_c.mp4", job_dir=job), front)
+        third = generate(request("pool_c.mp4", job_dir=job), front, sampler=pool)
         assert pool.starts == 2 and third.resumed_windows == 1
         _assert_same_video(third.path, single.path)
         pids = pool.pids()
@@ -255,7 +254,7 @@ def test_worker_pool_survives_a_dead_worker_restarts_resumes_and_is_kept_between
         stages = []
         with pytest.raises(JobCancelled):
             generate(request("pool_d.mp4"), front, cancel=lambda: "steps" in stages,
-                     progress=lambda d, t, info: stages.append(info.stage))
+                     progress=lambda d, t, info: stages.append(info.stage), sampler=pool)
         assert stages.count("steps") == 1
         assert pool.alive and pool.starts == 2 and pool.pids() == pids   # the same workers, kept between jobs
 
@@ -263,7 +262,7 @@ def test_worker_pool_survives_a_dead_worker_restarts_resumes_and_is_kept_between
         pool.close()
         pool.load_kwargs["runtime"] = RuntimeOptions(vram_gb=0.01)
         with pytest.raises(InputError) as err:
-            generate(request("pool_e.mp4"), front)
+            generate(request("pool_e.mp4"), front, sampler=pool)
         assert err.value.input_name == "vram" and "fits: NO" in str(err.value)
         assert pool.alive and pool.starts == 3
     finally:
@@ -275,9 +274,9 @@ def test_loader_gpus_gives_a_bundle_without_dit_whose_sampler_is_a_lazy_worker_p
                                                                                     tiny_models):
     from infinitetalk_multi_pkg.nodes import model_nodes
 
-    from infinitetalk.pipeline.models import resolve_model_paths
+    from infinitetalk.pipeline.model_files import resolve_model_paths
     from infinitetalk.ops.options import RuntimeOptions
-    from infinitetalk.runtime.workers import WorkerPool
+    from infinitetalk.multigpu.workers import WorkerPool
 
     paths = resolve_model_paths(tiny_models)
     overrides = {"dit": paths.dit, "patch": paths.patch, "wav2vec2": paths.wav2vec2,
@@ -286,7 +285,7 @@ def test_loader_gpus_gives_a_bundle_without_dit_whose_sampler_is_a_lazy_worker_p
                                      runtime=RuntimeOptions(attention="math"), gpus=2)
     bundle = choice.load("quality")
     assert bundle.dit is None and bundle.vae is not None and choice.load("quality") is bundle
-    pool = bundle.sampler
+    pool = choice.sampler
     assert isinstance(pool, WorkerPool) and pool.size == 2 and pool.device_type == "cpu"
     assert pool.processes == []                                  # started by the first window, then kept
     assert pool.load_kwargs["overrides"] == overrides and pool.load_kwargs["runtime"].attention == "math"

@@ -1,8 +1,8 @@
 """The package's layers, enforced from the source (docs/ARCHITECTURE.md draws them):
 
-  ops (kernels) -> models -> checkpoints / loaders / text / audio / video -> runtime placement
-  (budget, plan, streaming, teacache, kernels) -> pipeline -> runtime orchestration (launch, workers)
-  -> service / CLI -> nodes;  errors, limits, dependencies sit under everything.
+  ops (kernels) -> models -> checkpoints / loaders / text / audio / video -> runtime (budget, plan,
+  placement, streaming, kernels) -> pipeline -> multigpu (launch, workers) -> service / CLI -> nodes;
+  errors, limits, dependencies, files sit under everything.
 
 Every module of infinitetalk/ and nodes/ is parsed with ast; the graph holds module-level AND function-local
 imports. No circle may exist in it: so a function-local import can never be one that only dodges a circle
@@ -52,9 +52,9 @@ LOCAL_OURS = {
 
 BOTTOM = ("infinitetalk", "infinitetalk.errors", "infinitetalk.limits", "infinitetalk.dependencies",
           "infinitetalk.files")
-RUNTIME_BELOW_PIPELINE = ("infinitetalk.runtime.budget", "infinitetalk.runtime.plan", "infinitetalk.runtime.streaming",
-                          "infinitetalk.runtime.teacache", "infinitetalk.runtime.kernels")
-ORCHESTRATION = ("infinitetalk.runtime.launch", "infinitetalk.runtime.workers")
+RUNTIME = "infinitetalk.runtime"           # placement and kernels, below the pipeline
+ORCHESTRATION = "infinitetalk.multigpu"    # several processes, one job: above the pipeline
+FRONTS = ("infinitetalk.service", "infinitetalk.cli", "infinitetalk.demo", "infinitetalk.parity", "nodes")
 
 
 def _modules(root: Path = ROOT) -> dict[str, tuple[Path, str]]:
@@ -206,8 +206,7 @@ def test_models_import_only_ops():
 
 
 def test_readers_and_loaders_stay_below_the_pipeline():
-    above = ("infinitetalk.pipeline", "infinitetalk.runtime", "infinitetalk.service", "infinitetalk.cli",
-             "infinitetalk.demo", "nodes")
+    above = ("infinitetalk.pipeline", RUNTIME, ORCHESTRATION, *FRONTS)
     for m, targets in EDGES.items():
         if _under(m, "infinitetalk.checkpoints", "infinitetalk.loaders", "infinitetalk.audio", "infinitetalk.video",
                   "infinitetalk.text"):
@@ -215,13 +214,26 @@ def test_readers_and_loaders_stay_below_the_pipeline():
             assert not bad, (m, bad)
 
 
-def test_pipeline_never_imports_orchestration_and_placement_never_imports_pipeline():
+def test_runtime_never_imports_the_pipeline_or_anything_above():
+    for m, targets in EDGES.items():
+        if _under(m, RUNTIME):
+            bad = {t for t in targets if _under(t, "infinitetalk.pipeline", ORCHESTRATION, *FRONTS)}
+            assert not bad, (m, bad)
+
+
+def test_pipeline_never_imports_orchestration_or_the_fronts():
     for m, targets in EDGES.items():
         if _under(m, "infinitetalk.pipeline"):
-            bad = {t for t in targets if _under(t, *ORCHESTRATION, "infinitetalk.service", "infinitetalk.cli", "nodes")}
+            bad = {t for t in targets if _under(t, ORCHESTRATION, *FRONTS)}
             assert not bad, (m, bad)
-        if m in RUNTIME_BELOW_PIPELINE:
-            bad = {t for t in targets if _under(t, "infinitetalk.pipeline", *ORCHESTRATION)}
+
+
+def test_orchestration_sits_above_the_pipeline_and_below_the_fronts():
+    """multigpu/ drives the pipeline (it must reach it) and is driven by the CLI and the nodes."""
+    assert any(_under(t, "infinitetalk.pipeline") for t in EDGES["infinitetalk.multigpu.workers"])
+    for m, targets in EDGES.items():
+        if _under(m, ORCHESTRATION):
+            bad = {t for t in targets if _under(t, *FRONTS)}
             assert not bad, (m, bad)
 
 

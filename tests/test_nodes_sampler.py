@@ -126,7 +126,7 @@ def _fake_generate(frames_per_window: int, windows: int, size=(16, 24), seed: in
     from infinitetalk.pipeline.generate import GenerationResult
     from infinitetalk_multi_pkg.nodes import media
 
-    def fake(request, models, progress=None, cancel=None, on_window=None):
+    def fake(request, models, progress=None, cancel=None, on_window=None, sampler=None):
         fake.job_dirs.append(request.job_dir)
         h, w = size
         steps, chunks = 2, []
@@ -292,7 +292,7 @@ def test_loader_carries_runtime_settings_to_load_models(env, monkeypatch):
         return "bundle"
 
     monkeypatch.setattr(pipeline_models, "load_models", fake_load_models)
-    (one_gpu,) = loader().load(**LOADER, vram_gb=12.0, attention="math")  # gpus > 1: runtime/workers.py's part
+    (one_gpu,) = loader().load(**LOADER, vram_gb=12.0, attention="math")  # gpus > 1: multigpu/workers.py's part
     assert one_gpu.load("quality") == "bundle" and one_gpu.load("quality") == "bundle"
     assert seen == {"runtime": one_gpu.runtime, "dtype": "fp32", "offload": False} and one_gpu.runtime.vram_gb == 12
 

@@ -17,7 +17,7 @@ from infinitetalk.pipeline.sampler import Guidance, WindowConditioning, sample_w
 from infinitetalk.pipeline.schedule import timesteps
 from infinitetalk.ops.parallel import SequenceGroup, guidance_layout, init_parallel
 from infinitetalk.runtime.streaming import BlockStreamer
-from infinitetalk.runtime.teacache import TeaCache
+from infinitetalk.pipeline.teacache import TeaCache
 
 TIMEOUT_S = 120
 H, W, FRAMES = 6, 10, 3  # non-square; 3·15 = 45 tokens: odd, so shards are padded and cut latent frames

@@ -21,7 +21,7 @@ from infinitetalk.audio.io import write_wav
 from infinitetalk.pipeline.generate import generate
 from infinitetalk.pipeline.request import GenerationRequest
 from infinitetalk.pipeline.resolution import select_bucket
-from infinitetalk.video.segments import partial_path
+from infinitetalk.files import partial_path
 
 SMALL = dict(steps=1, size_scale=0.05, frame_num=21, motion_frames=5)
 RATE = 22050
@@ -229,13 +229,15 @@ def test_bad_inputs_fail_before_model_work_and_leave_nothing(kind, media, tmp_pa
 
 
 def test_teacache_with_a_sampler_that_lacks_it_is_refused_before_model_work(media, tmp_path):
-    class OnlySampler(NoModels):   # a multi-process bundle whose sampler has no teacache parameter
-        def sampler(self, dit, noise, cond, times, guidance, motion, keep=None, on_step=None):
+    class OnlySampler:   # a multi-process sampler that does not declare step skipping
+        step_skipping = False
+
+        def __call__(self, dit, noise, cond, times, guidance, motion, keep=None, on_step=None):
             raise AssertionError("sampled")
 
     req = _request(media, tmp_path, "tea.mp4", steps=3, teacache=0.2)
     with pytest.raises(InputError, match="multi-process") as info:
-        generate(req, OnlySampler())
+        generate(req, NoModels(), sampler=OnlySampler())
     assert info.value.input_name == "teacache"
     assert not (tmp_path / ".tea.job").exists() and not req.out.exists()
 

@@ -11,7 +11,8 @@ import torch
 
 from infinitetalk.pipeline.job import JobFolder, JobState, default_job_dir, fingerprint
 from infinitetalk.pipeline.request import GenerationRequest
-from infinitetalk.video.segments import concat_segments, partial_path
+from infinitetalk.files import partial_path
+from infinitetalk.video.segments import concat_segments
 from infinitetalk.video.writer import Mp4Writer
 
 

@@ -150,7 +150,7 @@ def test_batched_guidance_equals_sequential_calls(guidance):
 
 def _constant_decisions(retention: bool, steps: int) -> list[bool]:
     """Branch 0's decisions when the modulated input never changes (relative change 0 every step)."""
-    from infinitetalk.runtime.teacache import TeaCache
+    from infinitetalk.pipeline.teacache import TeaCache
 
     cache = TeaCache(threshold=0.2, scale="480", retention_steps=retention)
     cache.start_window(steps)
@@ -171,7 +171,7 @@ def _reference_counter_rule(modulated: list[torch.Tensor], steps: int, thresh: f
     np.poly1d rescale) for one branch, used to check TeaCache's bookkeeping on real time embeddings."""
     import numpy as np
 
-    from infinitetalk.runtime.teacache import TEACACHE_COEFFICIENTS
+    from infinitetalk.pipeline.teacache import TEACACHE_COEFFICIENTS
 
     ret_calls, cutoff_calls = (5 * 3, steps * 3) if retention else (3, steps * 3 - 3)
     rescale = np.poly1d(TEACACHE_COEFFICIENTS[("480", retention)])
@@ -191,7 +191,7 @@ def _reference_counter_rule(modulated: list[torch.Tensor], steps: int, thresh: f
 
 @pytest.mark.parametrize("retention, thresh, max_change", [(False, 0.05, 0.15), (True, 0.2, 0.01)])
 def test_teacache_decisions_match_the_reference_counter_rule(retention, thresh, max_change):
-    from infinitetalk.runtime.teacache import TeaCache
+    from infinitetalk.pipeline.teacache import TeaCache
 
     g = torch.Generator().manual_seed(3)
     steps, base = 20, torch.randn(1, 6, 16, generator=g)
@@ -205,7 +205,7 @@ def test_teacache_decisions_match_the_reference_counter_rule(retention, thresh, 
 
 
 def test_teacache_in_the_sampler_reuses_residuals_batched_or_not():
-    from infinitetalk.runtime.teacache import TeaCache
+    from infinitetalk.pipeline.teacache import TeaCache
 
     dit, cond, x = _tiny_dit_cond(2)
     times = timesteps(4, 5.0)
@@ -232,7 +232,7 @@ def test_teacache_in_the_sampler_reuses_residuals_batched_or_not():
 
 
 def test_teacache_with_every_step_computed_is_exact():
-    from infinitetalk.runtime.teacache import TeaCache
+    from infinitetalk.pipeline.teacache import TeaCache
 
     dit, cond, x = _tiny_dit_cond(1)
     times = timesteps(2, 5.0)  # retention steps: the first 5 steps always run

@@ -105,7 +105,7 @@ def test_plan_command_text_json_and_exit_status(real_layouts, header_only, capsy
 def test_header_sizes_match_the_loaded_module(tiny_models):
     """The sizing rules (fp8 stays fp8, scales -> float32, the rest -> run dtype) agree with what loads."""
     from infinitetalk.loaders import load_dit
-    from infinitetalk.pipeline.models import resolve_model_paths
+    from infinitetalk.pipeline.model_files import resolve_model_paths
     from infinitetalk.runtime.plan import _dit_from_files, dit_weights_of
 
     fp8 = {"dit": next(tiny_models.rglob("*fp8_e4m3fn_scaled_KJ.safetensors"))}

@@ -134,13 +134,13 @@ def test_generate_with_forced_streaming_writes_the_same_bytes(bundle, tmp_path, 
 
     bundle.budget = None
     plain = generate(_request(media, tmp_path / "plain.mp4"), bundle)
-    assert not bundle.placement.streaming and bundle._streamer is None
+    assert not bundle.placement.streaming and bundle.streamer is None
 
     bundle.budget = tight
     streamed = generate(_request(media, tmp_path / "streamed.mp4"), bundle)
     assert bundle.placement.streaming and bundle.plan.fits
     assert bundle.placement.max_guidance_batch == 1
-    assert bundle._streamer is not None and bundle._streamer.copies > 0
+    assert bundle.streamer is not None and bundle.streamer.copies > 0
     assert plain.path.read_bytes() == streamed.path.read_bytes()
 
 
@@ -168,7 +168,7 @@ def test_vae_tiles_when_a_whole_frame_does_not_fit(bundle):
     job = JobShape.for_window(160, 160, 21, 3)          # 20x20 latent px
     bundle.budget = None
     bundle.prepare(job)
-    assert bundle._streamer is None and bundle.vae_tile is None
+    assert bundle.streamer is None and bundle.vae_tile is None
     (w, _), others = bundle._sizes
     held = w.total_bytes + sum(others["vae"].values()) + budget.RUNTIME_RESERVE_BYTES
     decode = budget.vae_decode_bytes(160, 160, bundle.vae.config.dim)

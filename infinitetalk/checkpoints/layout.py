@@ -29,12 +29,13 @@ from .lazy import LazyTensors
 from ..errors import CheckpointError
 from .reader import Checkpoint
 
-__all__ = ["CanonicalView", "canonical_view", "KNOWN_PREFIXES", "SUPPORTED_QUANT_FORMATS"]
+__all__ = ["CanonicalView", "canonical_view", "KNOWN_PREFIXES", "SCALE_SUFFIXES", "IGNORED_SUFFIXES",
+           "SUPPORTED_QUANT_FORMATS"]
 
 KNOWN_PREFIXES: tuple[str, ...] = ("model.diffusion_model.", "diffusion_model.", "model.")
 SUPPORTED_QUANT_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
-_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
-_IGNORED_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")
+SCALE_SUFFIXES = (".scale_weight", ".weight_scale")          # fp8 scales: split off, kept as float32 buffers
+IGNORED_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")   # quantisation metadata no loader keeps
 # Parameters that only exist in formats we do not implement; their presence means "refuse".
 _FOREIGN_QUANT_SUFFIXES = {
     ".weight_scale_2": "nvfp4 (two-level scales)",
@@ -189,13 +190,13 @@ def canonical_view(ckpt: Checkpoint, anchors: Sequence[str] = ()) -> CanonicalVi
         if prefix and not key.startswith(prefix):
             continue
         name = key[len(prefix):]
-        if name == "scaled_fp8" or name.endswith(_IGNORED_SUFFIXES):
+        if name == "scaled_fp8" or name.endswith(IGNORED_SUFFIXES):
             continue
         foreign = next((f for s, f in _FOREIGN_QUANT_SUFFIXES.items() if name.endswith(s)), None)
         if foreign is not None:
             raise CheckpointError(ckpt.path, f"layer {name.rsplit('.', 1)[0]!r} is quantized in format {foreign}, "
                                   "which is not supported; use an fp8, fp16 or bf16 file instead")
-        scale_suffix = next((s for s in _SCALE_SUFFIXES if name.endswith(s)), None)
+        scale_suffix = next((s for s in SCALE_SUFFIXES if name.endswith(s)), None)
         if scale_suffix is not None:
             scale_keys[name[: -len(scale_suffix)]] = key
             continue

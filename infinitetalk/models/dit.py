@@ -139,7 +139,7 @@ class InfiniteTalkDiT(nn.Module):
         `[1,257,image_dim]`, y `[20,T,h,w]`, audio `[H, 4(T−1)+1, 5, layers, channels]` (H = persons, 1 or
         2), ref_target_masks `[3,h,w]` (person 1, person 2, background; used only when H = 2).
         `sequence`: a `ops.parallel.SequenceGroup` to share the call with (every member calls it with
-        equal arguments; every member gets the whole output). `block_cache`: step skipping (runtime/teacache.py),
+        equal arguments; every member gets the whole output). `block_cache`: step skipping (pipeline/teacache.py),
         an object whose `run(tokens, e0, e, blocks)` returns the block stack's output."""
         return self.forward_batch(x, t, [context], clip_fea, y, [audio], ref_target_masks, sequence, block_cache)[0]
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import inspect
 import json
 import logging
 import time
@@ -31,18 +30,18 @@ from ..audio.loudness import normalize_loudness
 from ..errors import InputError, JobCancelled
 from ..models.wav2vec2 import normalize_waveform
 from ..runtime.budget import JobShape
-from ..runtime.teacache import TeaCache
 from ..text.prompts import DEFAULT_NEGATIVE_PROMPT, prompt_for_window, window_prompts
 from ..video.segments import concat_segments
 from ..video.writer import Mp4Writer
 from .color import match_and_blend_colors
 from .conditioning import motion_latents, reference_condition, to_model_frames, to_uint8_frames
-from .inputs import prepare_inputs
+from .inputs import PreparedInputs, prepare_inputs
 from .job import JobFolder, JobState, default_job_dir, fingerprint
 from .progress import JobProgress, ProgressHook, ProgressInfo
 from .request import GenerationRequest
-from .sampler import Guidance, KeepRegion, WindowConditioning, sample_window, window_noise
+from .sampler import Guidance, KeepRegion, WindowConditioning, WindowSampler, sample_window, window_noise
 from .schedule import shift_for, timesteps
+from .teacache import TeaCache
 from .windows import gather_audio_windows
 
 if TYPE_CHECKING:
@@ -71,25 +70,30 @@ class GenerationResult:
 
 
 def generate(request: GenerationRequest, models: ModelBundle, progress: ProgressHook | None = None,
-             cancel: CancelHook | None = None, on_window: WindowHook | None = None) -> GenerationResult:
+             cancel: CancelHook | None = None, on_window: WindowHook | None = None, *,
+             inputs: PreparedInputs | None = None, sampler: WindowSampler | None = None) -> GenerationResult:
     """Run one job to a finished mp4 at `request.out` (see module docstring).
 
+    `inputs`: `prepare_inputs(request.resolved())` when the caller already checked them (the CLI does, before
+    loading the models; the caller closes them). `sampler`: a multi-process `WindowSampler` in place of
+    `sample_window`.
     Raises InputError (bad input, nothing written), JobCancelled (the job folder keeps finished windows;
     rerun the same request to resume). Nothing appears under the output name unless the job completed.
     """
 
     t_start = time.perf_counter()
     req = request.resolved()
-    inputs = prepare_inputs(req)                           # every InputError happens here
+    prepared = inputs if inputs is not None else prepare_inputs(req)   # every InputError happens here
     try:
-        _check_sampler(models, req)                        # InputError("teacache") when the sampler lacks it
-        _place_for_job(models, req, inputs)                # InputError("vram") when the job cannot fit
-        return _generate(request, req, inputs, models, progress, cancel, on_window, t_start)
+        _check_sampler(sampler, req)                       # InputError("teacache") when the sampler lacks it
+        _place_for_job(models, req, prepared)              # InputError("vram") when the job cannot fit
+        return _generate(request, req, prepared, models, sampler, progress, cancel, on_window, t_start)
     finally:
-        inputs.source.close()
+        if inputs is None:   # opened here, closed here
+            prepared.source.close()
 
 
-def _generate(request, req, inputs, models, progress, cancel, on_window, t_start) -> GenerationResult:
+def _generate(request, req, inputs, models, sampler, progress, cancel, on_window, t_start) -> GenerationResult:
     plan, (height, width) = inputs.plan, inputs.size
 
     # -- job folder: resume or start -------------------------------------------------------------
@@ -123,7 +127,7 @@ def _generate(request, req, inputs, models, progress, cancel, on_window, t_start
     tracker.start()
 
     if state.windows_done < plan.num_chunks:
-        _run_windows(req, models, inputs, job, state, times, guidance, on_step, on_window, tracker)
+        _run_windows(req, models, sampler, inputs, job, state, times, guidance, on_step, on_window, tracker)
 
     # -- finish: one file, atomic ------------------------------------------------------------------
 
@@ -153,8 +157,8 @@ def _settings(req: GenerationRequest, seed: int, height: int, width: int, frames
 
 
 @torch.no_grad()
-def _run_windows(req, models, inputs, job: JobFolder, state: JobState, times, guidance, on_step, on_window,
-                 tracker: JobProgress) -> None:
+def _run_windows(req, models, sampler, inputs, job: JobFolder, state: JobState, times, guidance, on_step,
+                 on_window, tracker: JobProgress) -> None:
 
     plan, (height, width) = inputs.plan, inputs.size
     device, dtype = models.device, models.dtype
@@ -167,9 +171,9 @@ def _run_windows(req, models, inputs, job: JobFolder, state: JobState, times, gu
     speaker_masks = inputs.latent_speaker_masks.to(device)  # [3, h, w]
     first_reference = to_model_frames(inputs.source.frame(0)).to(device)   # colour target of every window
 
-    sample = models.sampler or sample_window   # multi-process runs: every rank samples the window together
+    sample = sampler or sample_window   # multi-process runs: every rank samples the window together
     placement = getattr(models, "placement", None)   # guidance calls per DiT pass that fit the budget
-    extra = {} if models.sampler or placement is None else {"batch": placement.max_guidance_batch}
+    extra = {} if sampler or placement is None else {"batch": placement.max_guidance_batch}
     cached: dict = {}  # image input: the reference conditioning is the same for every window
     tail = job.load_tail(state.windows_done - 1).to(device) if state.windows_done else None
 
@@ -220,10 +224,10 @@ def _run_windows(req, models, inputs, job: JobFolder, state: JobState, times, gu
             on_window(k, torch.cat(preview))
 
 
-def _check_sampler(models, req) -> None:
-    """Refuse, before any model work, a setting the multi-process sampler (`models.sampler`) cannot run."""
+def _check_sampler(sampler: WindowSampler | None, req) -> None:
+    """Refuse, before any model work, a setting the multi-process sampler has not declared it can run."""
 
-    if req.teacache and models.sampler is not None and "teacache" not in inspect.signature(models.sampler).parameters:
+    if req.teacache and sampler is not None and not sampler.step_skipping:
         raise InputError("teacache", f"step skipping ({req.teacache:g}) is not available with multi-process "
                                      "sampling yet; use teacache 0 or one process")
 

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import removed_on_failure
-from ..files import file_sha256
+from ..errors import disk_full_as_out_of_space
+from ..files import atomic_write, file_sha256
 
 if TYPE_CHECKING:
     from .request import GenerationRequest
@@ -126,12 +126,11 @@ class JobFolder:
     def _write_atomic(self, tmp: Path, final: Path, write) -> None:
         """Write through `tmp` then rename onto `final`. On any failure the temp file is removed and the
         committed state is untouched (the folder stays resumable); a full disk is an OutOfSpace naming it."""
-        with removed_on_failure(tmp, self.path, final.name):
-            with open(tmp, "wb") as f:
+        with disk_full_as_out_of_space(self.path, final.name), atomic_write(final, partial=tmp) as part:
+            with open(part, "wb") as f:
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, final)
 
     def remove(self) -> None:
         """Delete the folder after the final file is in place."""

@@ -10,15 +10,13 @@ CPU everything is simply resident; with one, the CPU honours it the same way (so
 """
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..checkpoints.detect import ModelFiles, detect_component, find_models, pick
 from ..errors import InputError
 from ..loaders.clip_vision import load_clip_vision
 from ..loaders.dit import load_dit
@@ -28,14 +26,16 @@ from ..loaders.wav2vec2 import load_wav2vec2
 from ..ops.options import RuntimeOptions
 from ..runtime.budget import GiB, JobShape, Placement, auto_budget_bytes
 from ..runtime.kernels import check_kernels, configure_dit
+from ..runtime.placement import BlockPlacement, visiting
 from ..runtime.plan import MemoryPlan, dit_weights_of, make_plan, module_bytes, plan_for_paths
 from ..runtime.streaming import BlockStreamer
+from .model_files import ModelPaths, resolve_model_paths
 from .request import PRESETS
 from .resolution import BUCKETS
 from .sampler import Guidance
 
-__all__ = ["ModelBundle", "ModelPaths", "load_models", "resolve_model_paths", "default_device", "default_dtype",
-           "largest_bucket", "job_for", "plan_from_files"]
+__all__ = ["ModelBundle", "load_models", "default_device", "default_dtype", "largest_bucket", "job_for",
+           "plan_from_files"]
 
 COMPONENTS = ("dit", "wav2vec2", "text_encoder", "clip_vision", "vae")
 # Modules that visit the compute device only while used when offloading.
@@ -52,33 +52,6 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 @dataclass
-class ModelPaths:
-    """The files of one job. `patch`: the InfiniteTalk audio adapter when it is a separate file."""
-
-    dit: Path
-    wav2vec2: Path
-    text_encoder: Path
-    clip_vision: Path
-    vae: Path
-    patch: Path | None = None
-    loras: list[tuple[Path, float]] = field(default_factory=list)
-    tokenizer: Path | None = None
-
-    def identity(self) -> str:
-        """Names + sizes + mtimes of every file (cheap; enough to tell whether a resume uses the same models)."""
-        parts = []
-        for name, p in sorted(vars(self).items()):
-            items = p if isinstance(p, list) else [p]
-            for item in items:
-                path, strength = (item if isinstance(item, tuple) else (item, None))
-                if path is None:
-                    continue
-                st = Path(path).stat()
-                parts.append(f"{name}:{Path(path).name}:{st.st_size}:{int(st.st_mtime)}:{strength}")
-        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
-
-
-@dataclass
 class ModelBundle:
     dit: torch.nn.Module
     wav2vec2: torch.nn.Module
@@ -89,19 +62,22 @@ class ModelBundle:
     dtype: torch.dtype
     paths: ModelPaths | None = None
     offload: bool = False
-    sampler: Callable[..., torch.Tensor] | None = None   # sample_window's stand-in in multi-process runs (runtime/launch.py)
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     budget: int | None = None            # bytes the job may use on `device`; None = unlimited
     placement: Placement | None = None   # the current job's decision (max_guidance_batch, vae_tile, ...)
     plan: MemoryPlan | None = None
-    _streamer: BlockStreamer | None = field(default=None, repr=False)
+    _blocks: BlockPlacement | None = field(default=None, repr=False)
     _sizes: tuple | None = field(default=None, repr=False)   # (DiT weights, other components' bytes), measured once
-    _evict_for: frozenset = field(default=frozenset(), repr=False)
 
     @property
     def vae_tile(self) -> tuple[int, int, int] | None:
         """The VAE decode tile the placement chose (None = whole frames)."""
         return None if self.placement is None else self.placement.vae_tile
+
+    @property
+    def streamer(self) -> BlockStreamer | None:
+        """The DiT's block streamer while some blocks stream, else None."""
+        return None if self._blocks is None else self._blocks.streamer
 
     def prepare(self, job: JobShape) -> MemoryPlan:
         """Decide placement for `job` under the budget and apply it (stream or un-stream DiT blocks).
@@ -119,33 +95,11 @@ class ModelBundle:
         plan = make_plan(dit, others, job, self.budget, device=str(self.device), act_bytes=self.dtype.itemsize,
                          label=f"run dtype {self.dtype}".replace("torch.", ""), vae_channels=channels,
                          batch_guidance=self.runtime.batch_guidance)
-        self._place(plan.placement)
-        resident = dit[0].other_bytes + sum(b for i, b in enumerate(dit[0].block_bytes)
-                                            if i not in plan.placement.streamed)
-        self._evict_for = frozenset(name for name, peak in plan.visit_peaks.items()
-                                    if self.budget is not None and peak + resident > self.budget)
+        if self._blocks is None:
+            self._blocks = BlockPlacement(self.dit, self.device)
+        self._blocks.apply(plan, dit[0], self.budget)
         self.placement, self.plan = plan.placement, plan
         return plan
-
-    def _place(self, placement: Placement) -> None:
-        """Move DiT blocks so that exactly `placement.streamed` stream and the rest sit on the device."""
-        want = tuple(placement.streamed)
-        current = self._streamer.streamed if self._streamer is not None else ()
-        if self.placement is not None and want == current:
-            return
-        if self._streamer is not None:
-            self._streamer.remove(device="cpu")
-            self._streamer = None
-        if want:   # first off the device, then the rest onto it: never both sets at once
-            self._streamer = BlockStreamer(self.dit.blocks, want, self.device, placement.prefetch).install()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        for name, child in self.dit.named_children():
-            if name != "blocks":
-                child.to(self.device)
-        for i, block in enumerate(self.dit.blocks):
-            if i not in want:
-                block.to(self.device)
 
     def identity(self) -> str:
         base = self.paths.identity() if self.paths is not None else "in-memory"
@@ -156,97 +110,13 @@ class ModelBundle:
         """The named module, on the compute device while the block runs (and back on the CPU after, for
         the encoders that only visit when offloading)."""
         module = getattr(self, name)
-        target = getattr(module, "model", module)   # TextEncoder wraps its T5
-        visiting = self.offload and name in _VISITORS
-        evict = visiting and name in self._evict_for and self.dit is not None
-        if evict:   # the visit does not fit beside the DiT: its resident part waits on the host
-            self.dit.to("cpu")
-        if visiting:
-            target.to(self.device)
-        try:
+        if not (self.offload and name in _VISITORS):
             yield module
-        finally:
-            if visiting:
-                target.to("cpu")
-            if evict:
-                self.dit.to(self.device)
-            if visiting and self.device.type == "cuda":
-                torch.cuda.empty_cache()
-
-
-def _prefer_named(files: list[Path], words: tuple[str, ...]) -> list[Path]:
-    """Candidates whose file name contains one of `words` first (content cannot tell these apart)."""
-    named = [p for p in files if any(w in str(p).lower() for w in words)]
-    return named or files
-
-
-def resolve_model_paths(models_dir: str | Path | None, preset: str = "quality", overrides: dict | None = None
-                        ) -> ModelPaths:
-    """Pick each component's file: an explicit override wins, else the file found by content in `models_dir`
-    (`checkpoints.detect.pick`: highest precision, then alphabetical).
-
-    DiT: one file with the InfiniteTalk weights inside, else the Wan2.1-I2V base + the InfiniteTalk patch
-    (a "multi" patch preferred). The `fast` preset needs a step-distill LoRA (`loras/`, a lightx2v / FusionX
-    / distill name preferred); without one it is an InputError naming the file to download.
-    """
-
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    if models_dir is not None:
-        root = Path(models_dir)
-        if not root.is_dir():
-            raise InputError("models", f"{root} is not a folder (expected a ComfyUI-style models folder)")
-        found = find_models(root)
-    else:
-        found = ModelFiles(root=Path("."))
-
-    def given(name: str) -> Path | None:
-        if name not in overrides:
-            return None
-        p = Path(overrides[name])
-        if not p.exists():
-            raise InputError(name, f"file not found: {p}")
-        return p
-
-    def missing(what: str, flag: str, example: str) -> InputError:
-        where = f"in {models_dir}" if models_dir is not None else "(no --models folder given)"
-        return InputError("models", f"no {what} found {where}; put {example} there or pass --{flag} FILE")
-
-    def one(component: str, name: str, flag: str, example: str) -> Path:
-        p = given(name) or pick(found, component)
-        if p is None:
-            raise missing(component.replace("_", " "), flag, example)
-        return p
-
-    dit, patch = given("dit"), given("patch")
-    if dit is None:
-        combined = pick(found, "dit+infinitetalk")
-        dit = combined or pick(found, "dit")
-        if dit is None:
-            raise missing("Wan2.1-I2V DiT", "dit", "diffusion_models/wan2.1_i2v_480p_14B_bf16.safetensors")
-    if patch is None and detect_component(dit) == "dit":
-        patches = _prefer_named(found.infinitetalk, ("multi",))
-        if not patches:
-            raise missing("InfiniteTalk audio adapter (the DiT file has no audio weights)", "patch",
-                          "model_patches/Wan2_1-InfiniteTalk-Multi_fp16.safetensors")
-        patch = pick(ModelFiles(root=found.root, infinitetalk=patches, precision=found.precision), "infinitetalk")
-
-    strength = float(overrides.get("lora_strength", 1.0))
-    loras = [(Path(p), float(s)) for p, s in overrides.get("loras", [])]
-    if PRESETS[preset].needs_distill_lora and not loras:
-        candidates = _prefer_named(found.lora, ("lightx2v", "distill", "fusionx", "lightning", "causvid"))
-        if not candidates:
-            raise InputError("preset", "the 'fast' preset needs a step-distill LoRA in loras/, e.g. "
-                                       "Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors "
-                                       "(lightx2v) or the FusionX I2V LoRA; pass --lora FILE or use --preset quality")
-        best = pick(ModelFiles(root=found.root, lora=candidates, precision=found.precision), "lora")
-        loras = [(best, strength)]
-    return ModelPaths(
-        dit=dit, patch=patch, loras=loras, tokenizer=given("tokenizer"),
-        wav2vec2=one("wav2vec2", "wav2vec2", "wav2vec2", "audio_encoders/chinese-wav2vec2-base (model.safetensors)"),
-        text_encoder=one("t5", "text_encoder", "text-encoder", "text_encoders/umt5-xxl-enc-bf16.safetensors"),
-        clip_vision=one("clip_vision", "clip_vision", "clip-vision", "clip_vision/clip_vision_h.safetensors"),
-        vae=one("vae", "vae", "vae", "vae/wan_2.1_vae.safetensors"),
-    )
+            return
+        evict = self._blocks is not None and name in self._blocks.evict_for and self.dit is not None
+        target = getattr(module, "model", module)   # TextEncoder wraps its T5
+        with visiting(target, self.device, evict=self.dit if evict else None):
+            yield module
 
 
 def load_models(models_dir: str | Path | None = None, preset: str = "quality", device: str | torch.device | None = None,

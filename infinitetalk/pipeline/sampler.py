@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -29,12 +29,12 @@ from .schedule import euler_step
 
 if TYPE_CHECKING:
     from ..ops.parallel import ParallelState
-    from ..runtime.teacache import TeaCache
+    from .teacache import TeaCache
 
 DiTCall = Callable[..., torch.Tensor]  # InfiniteTalkDiT.forward(x, t, context, clip_fea, y, audio, masks)
 
 __all__ = ["Guidance", "WindowConditioning", "KeepRegion", "guided_velocity", "guidance_calls", "combine_guidance",
-           "sample_window", "window_noise"]
+           "sample_window", "window_noise", "WindowSampler"]
 
 
 @dataclass(frozen=True)
@@ -157,6 +157,18 @@ def guided_velocity(dit: DiTCall, x: torch.Tensor, t: torch.Tensor, cond: Window
     return combine_guidance(velocities, guidance)
 
 
+class WindowSampler(Protocol):
+    """What `generate` calls instead of `sample_window` when several processes sample each window together
+    (multigpu/: torchrun rank 0, the ComfyUI worker pool). It plans its own guidance batch, and declares
+    what it can do rather than being inspected."""
+
+    step_skipping: bool   # accepts `teacache=` (TeaCache step skipping)
+
+    def __call__(self, dit: DiTCall, noise: torch.Tensor, cond: WindowConditioning, times: torch.Tensor,
+                 guidance: Guidance, motion: torch.Tensor, keep: KeepRegion | None = None,
+                 on_step: Callable[[int], None] | None = None) -> torch.Tensor: ...
+
+
 @torch.no_grad()
 def sample_window(
     dit: DiTCall,
@@ -178,7 +190,7 @@ def sample_window(
     pass (True = all, 1/False = one at a time; same result). `parallel`: a `ops.parallel.ParallelState`;
     then this is a collective — every rank calls it with equal arguments (except `batch`: the smallest over
     the ranks is used) and every rank returns the same latent.
-    `teacache`: a `runtime.teacache.TeaCache` (quality recipe only) skips block stacks on slowly changing steps
+    `teacache`: a `pipeline.teacache.TeaCache` (quality recipe only) skips block stacks on slowly changing steps
     (an approximation; its `decisions` record what ran).
     """
     if teacache is not None:

@@ -1,4 +1,5 @@
-"""Runtime: how a job runs on its hardware, applied from outside the models. `budget`, `plan`,
-`streaming`, `teacache` and `kernels` (configure a loaded DiT) sit below the pipeline, which uses them;
-`launch` and `workers` drive the pipeline across processes and sit above it. The kernels the models call
-(attention backends, GGML dequantisation, options, sequence-parallel collectives) live in `ops/`."""
+"""Runtime: how a job runs on its hardware, applied from outside the models, below the pipeline (which uses
+it and which it never imports): `budget` (the placement decision), `plan` (its inputs and report),
+`placement` (applies a decision to loaded modules), `streaming` (DiT blocks visiting the device per call) and
+`kernels` (configure a loaded DiT). The kernels the models call (attention backends, GGML dequantisation,
+options, sequence-parallel collectives) live in `ops/`; multi-process orchestration in `multigpu/`."""

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checkpoints.layout import IGNORED_SUFFIXES, KNOWN_PREFIXES
+from ..checkpoints.layout import SCALE_SUFFIXES as _SCALE_SUFFIXES
 from ..checkpoints.reader import open_checkpoint
 from ..loaders.dit import is_audio_key
 from .budget import (GiB, PREFETCH_BLOCKS, RUNTIME_RESERVE_BYTES, DiTWeights, JobShape, Placement, ceil_gib,
@@ -26,9 +28,8 @@ __all__ = ["ComponentMemory", "MemoryPlan", "plan_for_paths", "make_plan", "dit_
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 _BLOCK = re.compile(r"(?:^|[._])blocks[._](\d+)[._]")
-_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "transformer.", "lora_unet_")
-_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
-_DROPPED_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant", "scaled_fp8")
+_PREFIXES = KNOWN_PREFIXES + ("transformer.", "lora_unet_")   # + the wrappers of LoRA files
+_DROPPED_SUFFIXES = IGNORED_SUFFIXES + ("scaled_fp8",)           # + the fp8 marker tensor
 _LORA_FACTORS = (".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.weight")
 _ENCODERS = ("text_encoder", "clip_vision")
 
@@ -268,7 +269,7 @@ def _smallest_budget(weights: DiTWeights, job: JobShape, act_bytes: int, vae_byt
 
 def plan_for_paths(paths: Any, job: JobShape, budget: int | None, *, device: str = "cuda",
                    dtype: torch.dtype = torch.bfloat16, batch_guidance: bool = True, label: str = "") -> MemoryPlan:
-    """The plan of `job` from the headers of resolved model files (`paths`: a `pipeline.models.ModelPaths`;
+    """The plan of `job` from the headers of resolved model files (`paths`: a `pipeline.model_files.ModelPaths`;
     no weights are read). The pipeline resolves the files and the job (`pipeline.models.plan_from_files`)."""
     dit = _dit_from_files(paths.dit, paths.patch, [p for p, _ in paths.loras], dtype)
     others = {

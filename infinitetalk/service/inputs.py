@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 
+from ..files import atomic_write
 from .contract import SIZE_CAPS, ApiError
 from .guard import Resolver, check_url, system_resolver
 
@@ -106,16 +107,11 @@ def _job_folder(settings: InputSettings, job_id: str) -> Path:
 def _write_atomic(folder: Path, stem: str, ext: str, chunks) -> Path:
     """Write `chunks` to `<folder>/<stem><ext>` via a temporary name; the temporary file never stays."""
     final = folder / f"{stem}{ext}"
-    tmp = folder / f".{stem}{ext}.partial"
-    try:
-        with disk_full_as_507(f"the input folder's {JOB_INPUTS}/", stem):
-            with open(tmp, "wb") as f:
-                for chunk in chunks:
-                    f.write(chunk)
-            os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with disk_full_as_507(f"the input folder's {JOB_INPUTS}/", stem), \
+            atomic_write(final, folder / f".{stem}{ext}.partial") as tmp:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
     return final
 
 
@@ -207,17 +203,12 @@ def _link_into(source: Path, folder: Path, field_name: str) -> Path:
     """The job's own copy of an uploaded file (a hard link where possible), so sweeping uploads never
     takes a queued job's input away."""
     target = folder / f"{field_name}{source.suffix.lower()}"
-    tmp = folder / f".{target.name}.partial"
-    try:
-        with disk_full_as_507(f"the input folder's {JOB_INPUTS}/", field_name):
-            try:
-                os.link(source, tmp)
-            except OSError:
-                shutil.copyfile(source, tmp)
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with disk_full_as_507(f"the input folder's {JOB_INPUTS}/", field_name), \
+            atomic_write(target, folder / f".{target.name}.partial") as tmp:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
     return target
 
 

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..files import file_sha256
+from ..files import atomic_write, file_sha256
 from .inputs import JOB_INPUTS
 from .s3 import S3Settings, s3_client
 
@@ -86,19 +86,17 @@ class S3Inputs:
             target = root / rel
             if not _same(target, entry):
                 target.parent.mkdir(parents=True, exist_ok=True)
-                part = target.with_name(f".{target.name}.partial")
                 try:
-                    self.client.download_file(self.settings.bucket, entry["key"], str(part))
-                    if not _same(part, entry):
-                        raise InputStagingError(f"field '{field}': the staged input s3://{self.settings.bucket}/"
-                                                f"{entry['key']} does not match what was submitted (size or SHA-256)")
-                    os.replace(part, target)
+                    with atomic_write(target, target.with_name(f".{target.name}.partial")) as part:
+                        self.client.download_file(self.settings.bucket, entry["key"], str(part))
+                        if not _same(part, entry):
+                            raise InputStagingError(f"field '{field}': the staged input s3://{self.settings.bucket}/"
+                                                    f"{entry['key']} does not match what was submitted (size or "
+                                                    "SHA-256)")
                 except (BotoCoreError, ClientError, OSError) as exc:
                     raise InputStagingError(f"field '{field}': the job's input could not be fetched from S3 "
                                             f"(bucket {self.settings.bucket!r}, key {entry['key']!r}): "
                                             f"{_reason(exc)}") from exc
-                finally:
-                    part.unlink(missing_ok=True)
             out[field] = rel
         return out
 
@@ -131,14 +129,13 @@ class S3Inputs:
 
         key = self.upload_key(upload_id, name)
         target = Path(folder) / name
-        part = target.with_name(f".{name}.partial")
         try:
             head = self.client.head_object(Bucket=self.settings.bucket, Key=key)
             if head["ContentLength"] > cap:
                 raise UploadTooLarge(f"the uploaded file is {head['ContentLength']} bytes; the limit is {cap}")
             target.parent.mkdir(parents=True, exist_ok=True)
-            self.client.download_file(self.settings.bucket, key, str(part))
-            os.replace(part, target)
+            with atomic_write(target, target.with_name(f".{name}.partial")) as part:
+                self.client.download_file(self.settings.bucket, key, str(part))
             return target
         except ClientError as exc:
             if str(getattr(exc, "response", {}).get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
@@ -148,8 +145,6 @@ class S3Inputs:
         except (BotoCoreError, OSError) as exc:
             raise InputStagingError(f"the upload could not be read from S3 (bucket {self.settings.bucket!r}): "
                                     f"{_reason(exc)}") from exc
-        finally:
-            part.unlink(missing_ok=True)
 
     def remove(self, staged: Mapping[str, dict[str, Any]]) -> None:
         """Delete the staged objects (missing ones are fine)."""

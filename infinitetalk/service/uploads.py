@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from ..files import atomic_write
 from .contract import SIZE_CAPS, ApiError
 from .inputs import JOB_INPUTS, InputSettings, disk_full_as_507
 
@@ -85,10 +86,11 @@ async def save(settings: InputSettings, name: str, chunks: AsyncIterator[bytes],
     folder = _folder(settings, upload_id)
     with disk_full_as_507(f"the input folder's {JOB_INPUTS}/{UPLOADS}/", "file"):
         folder.mkdir(parents=True, exist_ok=True)
-    final, tmp = folder / name, folder / f".{name}.partial"
+    final = folder / name
     size = 0
     try:
-        with disk_full_as_507(f"the input folder's {JOB_INPUTS}/{UPLOADS}/", "file"):
+        with disk_full_as_507(f"the input folder's {JOB_INPUTS}/{UPLOADS}/", "file"), \
+                atomic_write(final, folder / f".{name}.partial") as tmp:
             with open(tmp, "wb") as f:
                 async for chunk in chunks:
                     size += len(chunk)
@@ -97,14 +99,11 @@ async def save(settings: InputSettings, name: str, chunks: AsyncIterator[bytes],
                             f"the {expected_size} bytes announced for this upload"
                         raise ApiError(413, f"field 'file': the upload is larger than {limit}")
                     f.write(chunk)
-        if size == 0:
-            raise ApiError(400, "field 'file': the uploaded file is empty")
-        if expected_size is not None and size != expected_size:
-            raise ApiError(400, f"field 'file': {size} bytes arrived; the upload ticket announced {expected_size}")
-        os.replace(tmp, final)
+            if size == 0:
+                raise ApiError(400, "field 'file': the uploaded file is empty")
+            if expected_size is not None and size != expected_size:
+                raise ApiError(400, f"field 'file': {size} bytes arrived; the upload ticket announced {expected_size}")
     finally:
-        if tmp.exists():
-            tmp.unlink()
         if not final.exists() and expected_size is None:
             shutil.rmtree(folder, ignore_errors=True)
     return upload_id, final, size

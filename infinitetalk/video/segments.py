@@ -7,7 +7,6 @@ them, and the file is renamed to its final name only when complete.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -15,18 +14,13 @@ from pathlib import Path
 import av
 import numpy as np
 
-from ..errors import removed_on_failure
+from ..errors import disk_full_as_out_of_space
+from ..files import atomic_write
 from .writer import aac_ready_audio
 
-__all__ = ["concat_segments", "partial_path"]
+__all__ = ["concat_segments"]
 
 FPS = 25
-
-
-def partial_path(out: Path) -> Path:
-    """Where a file is written before its atomic rename (same folder, hidden name, same suffix)."""
-    out = Path(out)
-    return out.with_name(f".{out.stem}.partial{out.suffix}")
 
 
 def _layout(channels: int) -> str:
@@ -59,11 +53,9 @@ def concat_segments(
     and `out` is untouched (a full disk is an OutOfSpace naming the folder).
     """
     out = Path(out)
-    tmp = partial_path(out)
-    tmp.unlink(missing_ok=True)
-    with removed_on_failure(tmp, out.parent, out.name):
-        _write(segments, tmp, frames, audio, metadata or {})
-        os.replace(tmp, out)
+    with disk_full_as_out_of_space(out.parent, out.name), atomic_write(out) as part:
+        part.unlink(missing_ok=True)   # left by an interrupted run
+        _write(segments, part, frames, audio, metadata or {})
     return out
 
 

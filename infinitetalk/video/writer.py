@@ -21,6 +21,7 @@ import torch
 
 from ..audio.io import AudioClip, resample
 from ..errors import InputError, OutOfSpace, is_out_of_space
+from ..files import atomic_write
 
 __all__ = ["Mp4Writer", "pick_video_encoder", "to_uint8_frames", "aac_output_format", "check_audio_encodes",
            "aac_ready_audio"]
@@ -151,7 +152,9 @@ class Mp4Writer:
         self.frames_written = 0
         self._closed = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.temp_path = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix or '.mp4'}")
+        partial = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix or '.mp4'}")
+        self._file = atomic_write(self.path, partial)
+        self.temp_path = self._file.partial   # renamed onto `path` by close(), removed by abort()
         self.codec = codec or pick_video_encoder()
         if self.codec == "libx265" and min(self.width, self.height) < 64:  # smaller frames corrupt libx265's heap
             raise InputError("codec", f"h265 needs a video of at least 64×64 pixels, got {self.width}×{self.height}: "
@@ -251,7 +254,7 @@ class Mp4Writer:
                 self._encode_audio()
             self._container.close()
             self._closed = True
-            os.replace(self.temp_path, self.path)
+            self._file.commit()
         except BaseException as exc:
             self.abort()
             if is_out_of_space(exc):
@@ -267,10 +270,7 @@ class Mp4Writer:
                 self._container.close()
             except Exception:  # noqa: BLE001 - the file is being thrown away
                 pass
-        try:
-            self.temp_path.unlink()
-        except FileNotFoundError:
-            pass
+        self._file.discard()
 
     def __enter__(self) -> "Mp4Writer":
         return self

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from ..errors import InputError, WorkerLost
 from ..ops.parallel import guidance_layout, init_parallel
 from ..pipeline.sampler import Guidance, KeepRegion, WindowConditioning, sample_window
-from .budget import JobShape
+from ..runtime.budget import JobShape
 
 __all__ = ["LaunchEnv", "launch_env", "rank_device", "WindowJob", "World", "LeaderSampler", "follow", "sample_job",
            "job_shape", "place_for", "collective_failure", "join_as_leader", "run_follower", "stop_on_sigterm",
@@ -133,7 +133,7 @@ def collective_failure(err: BaseException) -> bool:
 
 
 class World:
-    """The joined process world: the parallel DiT state (runtime/parallel.py) plus a gloo control group that
+    """The joined process world: the parallel DiT state (ops/parallel.py) plus a gloo control group that
     carries the window jobs and small agreements."""
 
     def __init__(self, rank: int, world_size: int, device: torch.device, parallel, control):
@@ -200,8 +200,10 @@ class World:
 class LeaderSampler:
     """Rank 0's `sample_window`: send the window to every rank, then sample it together with them.
 
-    Set as `ModelBundle.sampler`, so `pipeline.generate` runs unchanged on rank 0; `models` (that bundle)
-    gives the guidance batch its memory plan allows."""
+    Handed to `generate(..., sampler=)` (a `pipeline.sampler.WindowSampler`), so the pipeline runs unchanged
+    on rank 0; `models` (rank 0's bundle) gives the guidance batch its memory plan allows."""
+
+    step_skipping = False   # TeaCache state is not carried to the other ranks
 
     def __init__(self, world: World, models=None):
         self.world, self.models = world, models

@@ -2,7 +2,7 @@
 
 The ComfyUI process stays what it is (reads inputs, encodes audio/text/CLIP, decodes, writes the mp4,
 progress, previews, Cancel) and holds every model but the DiT. The pool starts N worker processes once
-(`python -m infinitetalk.runtime.workers`, one per device, rank r on `cuda:r`), each loading only the DiT;
+(`python -m infinitetalk.multigpu.workers`, one per device, rank r on `cuda:r`), each loading only the DiT;
 they form their own torch.distributed world (loopback TCP rendezvous, 127.0.0.1) exactly like torchrun
 ranks, and are kept for later jobs. Per window the ComfyUI process sends the same `WindowJob` to every
 worker over an authenticated loopback connection; all workers sample it together (a collective); worker 0
@@ -57,11 +57,14 @@ def _free_port() -> int:
 
 
 class WorkerPool:
-    """N processes that hold the DiT and sample windows together; usable as `ModelBundle.sampler`.
+    """N processes that hold the DiT and sample windows together: a `pipeline.sampler.WindowSampler` for
+    `generate(..., sampler=)`.
 
     `load_kwargs`: keyword arguments of `pipeline.models.load_models` (models folder, preset, dtype,
     overrides, runtime options); the device is each worker's own. `device_type`: "cuda" (worker r on
     cuda:r) or "cpu" (tests and CPU-only machines)."""
+
+    step_skipping = False   # TeaCache state is not carried to the workers
 
     def __init__(self, size: int, load_kwargs: dict, device_type: str = "cuda"):
         if int(size) < 2:
@@ -99,7 +102,7 @@ class WorkerPool:
         self.starts += 1
         for rank in range(self.size):
             env = dict(env_base, RANK=str(rank), LOCAL_RANK=str(rank))
-            self.processes.append(subprocess.Popen([sys.executable, "-m", "infinitetalk.runtime.workers"], env=env,
+            self.processes.append(subprocess.Popen([sys.executable, "-m", "infinitetalk.multigpu.workers"], env=env,
                                                    stdin=subprocess.DEVNULL))
         try:
             self.conns = self._accept(listener)
