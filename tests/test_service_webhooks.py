@@ -114,6 +114,26 @@ def test_retries_after_500s_with_growing_delays_then_succeeds(tmp_path):
     assert len(delays) == 2 and 0.8 <= delays[0] <= 1.0 and 1.6 <= delays[1] <= 2.0  # 1 s, then doubled
 
 
+def test_huge_answers_are_not_read_the_status_decides(tmp_path):
+    """A receiver answering 700 MB (first with 500, to be retried, then 200): a few kB of each answer are read,
+    the connection is closed, and the status alone decides."""
+    env = _wired(tmp_path, first_delay_s=0.1)
+    huge = 700 * 2**20
+
+    async def main():
+        async with Receiver([500, 200], answer_bytes=huge) as hook:
+            rec = await env["service"].submit("image-to-video-multi", body(), webhook=hook.url, base_url="http://x")
+            await finish_job(env, rec.id)
+            await env["sender"].drain()
+            await asyncio.sleep(0.2)   # let the receiver notice the closed connections
+            return rec, hook
+
+    rec, hook = asyncio.run(main())
+    assert env["sender"].attempts[rec.id] == [500, 200] and len(hook.received) == 2
+    assert 0 < env["sender"].answer_bytes <= 2 * 4096      # at most 4 kB read of each answer
+    assert hook.sent < 2 * 64 * 2**20                       # the receiver could not push its answers out
+
+
 def test_gives_up_after_the_attempt_limit_and_does_not_retry_4xx_or_redirects(tmp_path):
     delays: list[float] = []
     env = _wired(tmp_path, delays=delays, max_attempts=4, first_delay_s=0.5)

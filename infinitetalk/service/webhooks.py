@@ -9,7 +9,8 @@ The URL is checked by the same guard as inputs (http/https, public addresses onl
 `INFINITETALK_API_ALLOW_HOSTS` are admitted: that is how tests reach 127.0.0.1) at submit and again
 before every attempt, and the connection goes only to the addresses just checked. Redirects are not
 followed. Retries on connection errors, 408, 425, 429 and 5xx, with exponential backoff inside a bounded
-total time.
+total time. The status decides; of a receiver's answer body at most `ANSWER_BYTES` are read (for the log),
+within `ANSWER_READ_S`, then the connection is closed: a receiver answering gigabytes costs nothing.
 
 Delivery is at least once across a fleet: a server claims the job's delivery in the job store under a
 lease it extends before every attempt and every wait (`claim_event` / `hold_event`), and records the end
@@ -47,6 +48,8 @@ MAX_URL_CHARS = 2048
 RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
 EVENT = "webhook"
 MAX_LATE_S = 24 * 3600  # a job that ended longer ago than this is not swept up any more
+ANSWER_BYTES = 4096     # read of a receiver's answer body, at most
+ANSWER_READ_S = 2.0     # and for at most this long
 log = logging.getLogger("infinitetalk.api")
 
 
@@ -130,6 +133,7 @@ class WebhookSender:
         self.owner = owner or f"webhooks:{uuid.uuid4().hex[:12]}"
         self.tasks: dict[str, asyncio.Task] = {}  # job id -> its delivery here (strong references until done)
         self.attempts: dict[str, list[int | str]] = {}  # job id -> HTTP status or error name per attempt here
+        self.answer_bytes = 0  # bytes of answer bodies read here, all deliveries together
         self._stopping = asyncio.Event()
 
     def on_final(self, rec: JobRecord) -> None:
@@ -261,10 +265,29 @@ class WebhookSender:
         try:
             async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
                 async with session.post(url, data=body, headers=headers, allow_redirects=False) as resp:
-                    await resp.read()
-                    return resp.status
+                    answer = await read_answer(resp.content)
+                    self.answer_bytes += len(answer)
+                    if not 200 <= resp.status < 300:
+                        log.info("webhook for job %s: HTTP %d %r", job_id, resp.status, answer[:200])
+                    return resp.status   # leaving the block closes the connection: the rest is never read
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             return type(exc).__name__
+
+
+async def read_answer(content: Any, limit: int = ANSWER_BYTES, within_s: float = ANSWER_READ_S) -> bytes:
+    """At most `limit` bytes of an answer body (aiohttp's StreamReader), for at most `within_s` seconds;
+    whatever came by then (the status is already known, so a slow or endless body is no error)."""
+    got = b""
+    deadline = time.monotonic() + within_s
+    try:
+        while len(got) < limit:
+            chunk = await asyncio.wait_for(content.read(limit - len(got)), max(0.0, deadline - time.monotonic()))
+            if not chunk:
+                break
+            got += chunk
+    except Exception as exc:  # noqa: BLE001 - a broken answer body changes nothing
+        log.debug("webhook answer body not read to its end: %s", type(exc).__name__)
+    return got
 
 
 def result_envelope_for(service: Any, environ: Mapping[str, str] | None = None) -> Callable[[JobRecord], dict]:
