@@ -241,6 +241,28 @@ def test_runcomfy_status_words_result_and_cancel(env):
     assert bad[0] == 400 and "left_audio" in bad[1]["error"]
 
 
+def test_runcomfy_in_queue_status_carries_the_queue_position(env):
+    async def flow(client):
+        rc = "/v1/models/community/infinite-talk/fast/multi"
+        ids = [(await _json(await client.post(rc, json=body(), headers=AUTH)))[1]["request_id"] for _ in range(3)]
+
+        async def positions():
+            out = []
+            for job in ids:
+                _, st = await _json(await client.get(f"/v1/requests/{job}/status", headers=AUTH))
+                out.append((st["status"], st.get("queue_position")))
+            return out
+        before = await positions()
+        pid = await dispatch(env, ids[0])
+        env["engine"].states[pid] = EngineState("running", [])
+        await settle(env)
+        return before, await positions()
+
+    before, after = serve(env["service"], flow)
+    assert before == [("in_queue", 0), ("in_queue", 1), ("in_queue", 2)]
+    assert after == [("in_progress", None), ("in_queue", 0), ("in_queue", 1)]
+
+
 def test_wavespeed_sdk_uploads_and_runs_a_job(tmp_path):
     """The official SDK, unmodified but its base URL, against the in-process API with a fake engine."""
     wavespeed = pytest.importorskip("wavespeed")

@@ -243,6 +243,8 @@ class Compat:
         self._check(request)
         rec = await self.service.status(request.match_info["id"])
         out = {"request_id": rec.id, "status": runcomfy_status(rec)}
+        if out["status"] == "in_queue":   # jobs ahead of this one (0: it runs next)
+            out["queue_position"] = await self.service.db(self.service.store.queue_ahead, rec.id)
         urls = self._rc_urls(self._base(request), rec.id)
         out.update(status_url=urls["status_url"], result_url=urls["result_url"])
         return out

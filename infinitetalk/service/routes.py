@@ -103,7 +103,7 @@ class JobApi:
             log.error("job API: %s", exc)
             return ApiError(503, DB_DOWN.format(what=unavailable)), {"Retry-After": "5"}
         if isinstance(exc, ApiError):
-            return ApiError(exc.code, public_message(exc.message, self.folders)), {}
+            return ApiError(exc.code, public_message(exc.message, self.folders)), exc.headers
         log.error("job API error", exc_info=exc)
         return ApiError(500, public_message(f"internal error: {type(exc).__name__}: {exc}", self.folders)), {}
 
@@ -171,7 +171,7 @@ class JobApi:
             database = "unreachable"
             problems.append("the job database is unreachable")
         if problems:
-            raise ApiError(503, "not ready: " + "; ".join(problems))
+            raise ApiError(503, "not ready: " + "; ".join(problems), retry_after_s=5)
         worker = self.service.worker
         return {"status": "ok", "database": database,
                 "worker": "off" if worker is None else "busy" if worker.job is not None else "idle"}

@@ -48,6 +48,9 @@ WEBHOOK_INDEX = "CREATE INDEX IF NOT EXISTS jobs_webhook_ended ON jobs(completed
 WEBHOOKS_DUE = ("SELECT j.* FROM jobs j LEFT JOIN job_events e ON e.job_id = j.id AND e.event = 'webhook' "
                 "WHERE j.status IN ('completed', 'failed') AND j.webhook IS NOT NULL AND j.completed_at >= {p} AND "
                 "(e.job_id IS NULL OR (e.done = 0 AND e.lease_expires_at < {now})) ORDER BY j.completed_at LIMIT {p}")
+# How many queued jobs are ahead of one (RunComfy's queue_position): created earlier (id breaks ties), not started.
+QUEUE_AHEAD = ("SELECT COUNT(*) AS ahead FROM jobs j, jobs me WHERE me.id = {p} AND j.status = 'created' AND "
+               "(j.created_at < me.created_at OR (j.created_at = me.created_at AND j.id < me.id))")
 # Claimable: active, and unowned or owned under a lease that ran out. Oldest first.
 CLAIMABLE = "status IN ('created', 'processing') AND (worker_id IS NULL OR lease_expires_at < {now})"
 
@@ -115,6 +118,7 @@ class Store(Protocol):
     def hold_event(self, job_id: str, event: str, owner: str, lease_s: float, tries: int, first_try_at: float) -> bool: ...
     def end_event(self, job_id: str, event: str, owner: str, outcome: str) -> bool: ...
     def webhooks_due(self, since_iso: str, limit: int) -> list[JobRecord]: ...
+    def queue_ahead(self, job_id: str) -> int: ...
     def close(self) -> None: ...
 
 
@@ -215,6 +219,10 @@ class SQLiteStore:
                                    "status = 'created' AND (worker_id IS NULL OR lease_expires_at < ?)",
                                    (error, _now_iso(), job_id, time.time()))
             return cur.rowcount == 1
+
+    def queue_ahead(self, job_id: str) -> int:
+        with self._locked():
+            return int(self._db.execute(QUEUE_AHEAD.format(p="?"), (job_id,)).fetchone()[0])
 
     def request_cancel(self, job_id: str) -> bool:
         with self._locked():

@@ -12,7 +12,7 @@ from dataclasses import asdict
 from typing import Any
 
 from .store import (CLAIM_EVENT, CLAIMABLE, COLUMNS, END_EVENT, EVENT_COLUMNS, EVENTS_TABLE, HOLD_EVENT,
-                    WEBHOOK_INDEX, WEBHOOKS_DUE, JobRecord, StoreUnavailable, decode, encode, _now_iso)
+                    QUEUE_AHEAD, WEBHOOK_INDEX, WEBHOOKS_DUE, JobRecord, StoreUnavailable, decode, encode, _now_iso)
 
 _NOW = "extract(epoch from clock_timestamp())"
 CONNECT_TIMEOUT_S = 5
@@ -197,6 +197,9 @@ class PostgresStore:
         sql = ("UPDATE jobs SET status = 'failed', error = %s, completed_at = %s WHERE id = %s AND status = 'created' "
                f"AND (worker_id IS NULL OR lease_expires_at < {_NOW})")
         return self._run(lambda c: c.execute(sql, (error, _now_iso(), job_id)).rowcount == 1)
+
+    def queue_ahead(self, job_id: str) -> int:
+        return self._run(lambda c: int(c.execute(QUEUE_AHEAD.format(p="%s"), (job_id,)).fetchone()["ahead"]))
 
     def request_cancel(self, job_id: str) -> bool:
         sql = "UPDATE jobs SET cancel_requested = 1 WHERE id = %s AND status = 'created'"
