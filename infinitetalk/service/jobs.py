@@ -74,7 +74,8 @@ def _probe(field: str, path: Path) -> float | None:
     from .. import limits
     from ..audio.io import probe_audio
     from ..pipeline.masks import check_mask
-    from ..video.reader import probe_image, probe_video
+    from ..video.image_check import check_image_complete
+    from ..video.reader import probe_video
 
     if field.endswith("audio"):
         info = probe_audio(path, field)
@@ -89,10 +90,9 @@ def _probe(field: str, path: Path) -> float | None:
     if field == "video":
         probe_video(path, field)
         return None
+    check_image_complete(path, field)   # the whole picture, not only its header (a cut-off file is refused)
     if field == "mask_image":
         check_mask(path, field)
-        return None
-    probe_image(path, field)
     return None
 
 
