@@ -71,13 +71,37 @@ def test_wavespeed_submit_and_result_shapes(env):
 
     (s1, sub), (s2, vid), (s3, res), (s4, missing), (s5, noauth), base = serve(env["service"], flow)
     assert s1 == 200 and sub["code"] == 200 and sub["data"]["status"] == "created"
-    assert sub["data"]["model"] == "infinitetalk/image-to-video-multi"
+    assert sub["data"]["model"] == "wavespeed-ai/infinitetalk/image-to-video-multi"    # the id the client used
+    assert sub["data"]["has_nsfw_contents"] == [] and res["data"]["has_nsfw_contents"] == [False]
+    assert res["data"]["model"] == "wavespeed-ai/infinitetalk/image-to-video-multi"
     assert sub["data"]["urls"]["get"] == f"{base.rstrip('/')}/api/v3/predictions/{sub['data']['id']}/result"
     assert s2 == 400 and "image" in vid["message"] and vid["data"] is None  # the video route wants `video`
     assert s3 == 200 and res["data"]["status"] == "completed" and res["data"]["outputs"][0].endswith(
         "/view?filename=clip_00001_.mp4&subfolder=infinitetalk_api&type=output")
     assert s4 == 404 and missing["code"] == 404 and "nope" in missing["message"]
     assert s5 == 401 and noauth["code"] == 401
+
+
+def test_unknown_wavespeed_models_and_wrong_methods_answer_v3_json(env):
+    async def flow(client):
+        out = []
+        for method, path in (("POST", "/api/v3/wavespeed-ai/wan-2.2/image-to-video"),
+                             ("POST", "/api/v3/wavespeed-ai/infinitetalk/image-to-video"),
+                             ("GET", f"{WS}/image-to-video-multi"),
+                             ("POST", "/api/v3/predictions/abc/result"),
+                             ("GET", "/api/v3/nothing")):
+            resp = await client.request(method, path, json=body(), headers=AUTH)
+            out.append((resp.status, resp.content_type, await resp.json()))
+        noauth = await client.post("/api/v3/wavespeed-ai/wan-2.2/image-to-video", json=body())
+        return out, noauth.status
+    out, noauth = serve(env["service"], flow)
+    assert [(status, ctype) for status, ctype, _ in out] == [(404, "application/json")] * 2 + \
+        [(405, "application/json")] * 2 + [(404, "application/json")]
+    assert all(reply["code"] == status and reply["data"] is None for status, _, reply in out)
+    assert "wavespeed-ai/wan-2.2/image-to-video" in out[0][2]["message"]
+    assert "wavespeed-ai/infinitetalk/image-to-video-multi" in out[0][2]["message"]   # says what is served
+    assert "use POST" in out[2][2]["message"] and "use GET" in out[3][2]["message"]
+    assert noauth == 401 and env["engine"].graphs == {}
 
 
 def test_enable_sync_mode_answers_the_final_envelope(tmp_path, monkeypatch):

@@ -132,10 +132,12 @@ class JobService:
         """A store call off the event loop (a slow or dead database must not stall the server)."""
         return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args, **kwargs))
 
-    async def submit(self, kind: str, body: Any, webhook: str | None = None, base_url: str = "") -> JobRecord:
+    async def submit(self, kind: str, body: Any, webhook: str | None = None, base_url: str = "",
+                     client_model: str | None = None) -> JobRecord:
         """Validate, fetch and probe every input, then record the job in the queue; a refusal (or a
         database that cannot record it) leaves no file of this job behind. `base_url`: the origin the client
-        used, kept with the job for the links of its webhook."""
+        used, kept with the job for the links of its webhook; `client_model`: the model id a drop-in route
+        was called with (its answers and webhook echo it; compat.route_family)."""
         req = validate_request(kind, body)
         if webhook is not None:
             if self.webhook_check is None:
@@ -147,7 +149,7 @@ class JobService:
         self._submitting.add(job_id)
         queued = False
         try:
-            record = await self._fetch_probe_record(job_id, req, webhook, base_url)
+            record = await self._fetch_probe_record(job_id, req, webhook, base_url, client_model)
             queued = True
             return record
         finally:
@@ -156,7 +158,7 @@ class JobService:
                 remove_job_inputs(self.settings, job_id)
 
     async def _fetch_probe_record(self, job_id: str, req: JobRequest, webhook: str | None,
-                                  base_url: str) -> JobRecord:
+                                  base_url: str, client_model: str | None = None) -> JobRecord:
         local: dict[str, Path] = {}
         for field_name, value in req.media.items():
             local[field_name] = await resolve_media(job_id, field_name, value, self.settings, self.local_upload)
@@ -183,6 +185,8 @@ class JobService:
         root = Path(self.settings.input_dir).resolve()
         inputs = {f: path.resolve().relative_to(root).as_posix() for f, path in local.items()}
         request = {**req.to_json(), "seed": seed, "inputs": inputs, "base_url": base_url.rstrip("/")}
+        if client_model:
+            request["client_model"] = client_model
         build_graph(self.workflows[req.kind], graph_params(request), filename_prefix=output_prefix(job_id))  # fits
         if self.staging is not None:   # for a worker without this server's input folder
             try:

@@ -32,7 +32,7 @@ from .database import open_store
 from .outputs import LocalOutputs
 from .s3 import s3_outputs_from_env
 from .staging import s3_inputs_from_env
-from .webhooks import WebhookSender, make_webhook_check, result_envelope_for, webhook_settings_from_env
+from .webhooks import WebhookSender, make_webhook_check, webhook_body_for, webhook_settings_from_env
 from .store import Store, StoreUnavailable
 
 PREFIX = "/infinitetalk/v1"
@@ -230,7 +230,7 @@ def service_from_env(open_db: Callable[[], Store], engine: Any, settings: InputS
     service = JobService(store, engine, settings, workflows, outputs=outputs)
     service.staging = staging
     if hooks is not None:   # webhooks only with a signing secret: receivers must be able to verify them
-        sender = WebhookSender(store, hooks, settings, result_envelope_for(service, environ))
+        sender = WebhookSender(store, hooks, settings, webhook_body_for(service, environ))
         service.on_final, service.webhook_check = sender.on_final, make_webhook_check(settings)
         service.webhook_sender = sender
     return service
