@@ -69,24 +69,15 @@ def output_prefix(job_id: str) -> str:
 
 
 def _probe(field: str, path: Path) -> float | None:
-    """Check one input from its headers now (the budgets in `infinitetalk.limits`), so over-limit,
-    broken and empty-mask files are refused at submit time. Returns an audio field's seconds."""
-    from .. import limits
-    from ..audio.io import probe_audio
+    """Check one input now (the budgets in `infinitetalk.limits`), so over-limit, broken, truncated and
+    empty-mask files are refused at submit time. Returns an audio field's decoded seconds."""
+    from ..audio.io import decoded_seconds
     from ..pipeline.masks import check_mask
     from ..video.image_check import check_image_complete
     from ..video.reader import probe_video
 
-    if field.endswith("audio"):
-        info = probe_audio(path, field)
-        if info.seconds == info.seconds:  # not NaN: the header knows the duration
-            return info.seconds
-        from ..audio.io import load_audio  # no duration in the header: decode (bounded by load_audio's limits)
-
-        clip = load_audio(path, name=field)
-        seconds = clip.samples.shape[-1] / clip.sample_rate
-        limits.check_audio_format(clip.sample_rate, info.channels, seconds, field)
-        return seconds
+    if field.endswith("audio"):   # counted by decoding: a header's length may be an estimate (VBR MP3)
+        return decoded_seconds(path, field)
     if field == "video":
         probe_video(path, field)
         return None

@@ -223,7 +223,7 @@ def service_from_env(open_db: Callable[[], Store], engine: Any, settings: InputS
     """The job service as the environment configures it: S3 outputs when `INFINITETALK_API_S3_BUCKET` is set
     (else `/view` URLs), job inputs staged there too with `INFINITETALK_API_S3_INPUTS=1`, signed webhooks when `INFINITETALK_API_WEBHOOK_SECRET` is set. RuntimeError names
     a bad setting; the job database (`open_db()`) is opened only once every setting has been read."""
-    outputs = s3_outputs_from_env(output_dir, environ) or LocalOutputs()
+    outputs = s3_outputs_from_env(output_dir, environ) or LocalOutputs(output_dir)
     staging = s3_inputs_from_env(environ)
     hooks = webhook_settings_from_env(environ)
     store = open_db()
