@@ -27,7 +27,7 @@ from .graph import build_graph
 from .inputs import JOB_INPUTS, InputSettings, disk_full_as_507, remove_job_inputs, resolve_media
 from .outputs import LocalOutputs, OutputStore
 from .staging import InputStagingError, UploadTooLarge
-from .uploads import CAPS as UPLOAD_CAPS, UPLOADS, local_upload, media_type, uploads_root
+from .uploads import CAPS as UPLOAD_CAPS, UPLOADS, UploadSweeper, local_upload, media_type, uploads_root
 from .store import FINAL, JobRecord, Store, StoreUnavailable
 
 log = logging.getLogger("infinitetalk.api")
@@ -114,6 +114,7 @@ class JobService:
         self.webhook_sender = None  # the WebhookSender behind `on_final`, when webhooks are configured
         self.staging = None  # S3Inputs (staging.py) when job inputs are staged in S3 for workers elsewhere
         self.worker = None  # the local Worker, when this server runs one (it handles cancels of its job at once)
+        self.upload_sweeper = UploadSweeper(settings)  # expires uploads and keeps each owner's quota, on a timer
         self._submitting: set[str] = set()  # job ids whose inputs are being fetched (never swept)
         self._last_sweep = float("-inf")
         # Probes are header reads (ms) but a mask is decoded: bound how many inputs are open at once.

@@ -34,6 +34,7 @@ from .s3 import s3_outputs_from_env
 from .staging import s3_inputs_from_env
 from .webhooks import WebhookSender, make_webhook_check, webhook_body_for, webhook_settings_from_env
 from .store import Store, StoreUnavailable
+from .uploads import upload_quota_from_env
 
 PREFIX = "/infinitetalk/v1"
 ENV_ALLOW_HOSTS = "INFINITETALK_API_ALLOW_HOSTS"
@@ -226,9 +227,11 @@ def service_from_env(open_db: Callable[[], Store], engine: Any, settings: InputS
     outputs = s3_outputs_from_env(output_dir, environ) or LocalOutputs(output_dir)
     staging = s3_inputs_from_env(environ)
     hooks = webhook_settings_from_env(environ)
+    quota = upload_quota_from_env(environ)
     store = open_db()
     service = JobService(store, engine, settings, workflows, outputs=outputs)
     service.staging = staging
+    service.upload_sweeper.quota = quota
     if hooks is not None:   # webhooks only with a signing secret: receivers must be able to verify them
         sender = WebhookSender(store, hooks, settings, webhook_body_for(service, environ))
         service.on_final, service.webhook_check = sender.on_final, make_webhook_check(settings)
@@ -290,6 +293,7 @@ def register_with_comfyui() -> bool:
     sender = service.webhook_sender
     if sender is not None:   # every server sweeps for deliveries a stopped server left unfinished
         server.loop.call_soon_threadsafe(lambda: server.loop.create_task(sender.run()))
+    server.loop.call_soon_threadsafe(service.upload_sweeper.ensure_running)   # expired uploads go, on a timer
     if worker is not None:
         server.loop.call_soon_threadsafe(lambda: server.loop.create_task(worker.run()))
     else:
