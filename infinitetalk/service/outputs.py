@@ -68,12 +68,13 @@ def produced_billing(store: Any, engine_outputs: list[dict]) -> dict[str, Any]:
     from ..video.reader import probe_video
 
     output_dir = getattr(store, "output_dir", None)
-    if output_dir is None or not engine_outputs:
+    videos = [item for item in engine_outputs if item.get("type", "output") == "output"]
+    if output_dir is None or not videos:
         return {}
     try:
-        seconds = probe_video(output_path(output_dir, engine_outputs[0]), "output").seconds
+        seconds = probe_video(output_path(output_dir, videos[0]), "output").seconds
     except (InputError, OutputPublishError, OSError) as exc:
-        log.warning("the finished video %r could not be measured for billing: %s", engine_outputs[0].get("filename"), exc)
+        log.warning("the finished video %r could not be measured for billing: %s", videos[0].get("filename"), exc)
         return {}
     if not seconds > 0:   # NaN: the file does not say
         return {}
