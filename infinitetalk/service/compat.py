@@ -354,12 +354,11 @@ def result_url(rec: Any, base: str) -> str:
 
 
 def wavespeed_data(service: Any, rec: Any, base: str) -> dict:
-    """`data` of a v3 answer: the contract's, with the model id the client submitted with, `urls.get` on the
-    v3 result route, and `has_nsfw_contents` (one false per output: nothing here flags content)."""
+    """`data` of a v3 answer: the contract's, with the model id the client submitted with and `urls.get` on
+    the v3 result route."""
     data = service.describe(rec, base)
     data["model"] = rec.request.get("client_model") or rec.model
     data["urls"] = {"get": f"{base}/api/v3/predictions/{rec.id}/result"}
-    data["has_nsfw_contents"] = [False] * len(data["outputs"])
     return data
 
 
@@ -377,8 +376,7 @@ def prediction_object(service: Any, rec: Any, base: str) -> dict:
     family the job was submitted on), has_nsfw_contents, status, created_at, error, timings, then ours."""
     data = service.describe(rec, base)
     first = {"id": rec.id, "model": rec.request.get("client_model") or rec.model, "input": client_input(rec),
-             "outputs": data["outputs"], "urls": {"get": result_url(rec, base)},
-             "has_nsfw_contents": [False] * len(data["outputs"])}
+             "outputs": data["outputs"], "urls": {"get": result_url(rec, base)}}
     return {**first, **{k: v for k, v in data.items() if k not in first}}
 
 

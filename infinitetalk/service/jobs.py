@@ -324,11 +324,13 @@ class JobService:
     def describe(self, rec: JobRecord, base_url: str) -> dict[str, Any]:
         """The contract's `data` object for a record; URLs are absolute on `base_url`."""
         base = base_url.rstrip("/")
+        outputs = self.outputs.urls(rec.outputs, base)
         return {
             "id": rec.id,
             "model": rec.model,
-            "outputs": self.outputs.urls(rec.outputs, base),
+            "outputs": outputs,
             "urls": {"get": f"{base}/infinitetalk/v1/predictions/{rec.id}/result"},
+            "has_nsfw_contents": [False] * len(outputs),   # WaveSpeed's field: nothing is flagged here
             "status": rec.status,
             "created_at": rec.created_at,
             "error": rec.error,
