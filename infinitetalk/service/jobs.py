@@ -117,7 +117,7 @@ class JobService:
         self.upload_sweeper = UploadSweeper(settings)  # expires uploads and keeps each owner's quota, on a timer
         self._submitting: set[str] = set()  # job ids whose inputs are being fetched (never swept)
         self._last_sweep = float("-inf")
-        # Probes are header reads (ms) but a mask is decoded: bound how many inputs are open at once.
+        # Probes decode pictures and count audio by decoding (up to a second or two): bound how many run at once.
         self._probing = asyncio.Semaphore(PARALLEL_PROBES)
 
     async def db(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:

@@ -147,7 +147,7 @@ def webhook_settings_from_env(environ: Mapping[str, str] | None = None) -> Webho
 
 
 class WebhookSender:
-    """Posts a finished job's envelope to its webhook; use `on_final` as JobService's `on_final` hook and
+    """Posts a finished job (`body_for`) to its webhook; use `on_final` as JobService's `on_final` hook and
     run `run()` beside the server (the sweep for deliveries another server left unfinished).
 
     `body_for(rec)` builds the body (`webhook_body_for`); `webhook_of(rec)` says where to send.
