@@ -16,8 +16,10 @@ Every route but the ticketed PUT needs the same Bearer key as the contract's rou
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -29,12 +31,13 @@ from aiohttp import web
 from . import uploads
 from .contract import ApiError, envelope, error_envelope
 from .inputs import disk_full_as_507
-from .jobs import FINAL
+from .store import FINAL
 from .staging import InputStagingError
 
 WAVESPEED_MODELS = {"wavespeed-ai/infinitetalk/image-to-video-multi": "image-to-video-multi",
                     "wavespeed-ai/infinitetalk/video-to-video-multi": "video-to-video-multi"}
 RUNCOMFY_MODEL = "community/infinite-talk/fast/multi"
+V3_OTHER = "/api/v3/{tail:.*}"
 ENV_SYNC_WAIT = "INFINITETALK_API_SYNC_WAIT_SECONDS"
 SYNC_WAIT_DEFAULT_S, SYNC_WAIT_MAX_S = 300.0, 3600.0
 SYNC_POLL_S = 0.5
@@ -104,17 +107,15 @@ class Compat:
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise ApiError(400, f"request body must be a JSON object ({type(exc).__name__})") from exc
 
-    async def _submit(self, request: web.Request, kind: str, body: Any):
+    async def _submit(self, request: web.Request, kind: str, body: Any, client_model: str):
         return await self.service.submit(kind, body, webhook=request.query.get("webhook"),
-                                         base_url=self._base(request))
+                                         base_url=self._base(request), client_model=client_model)
 
     def _wavespeed_data(self, rec: Any, base: str) -> dict:
-        data = self.service.describe(rec, base)
-        data["urls"] = {"get": f"{base}/api/v3/predictions/{rec.id}/result"}
-        return data
+        return wavespeed_data(self.service, rec, base)
 
     # -- WaveSpeed ------------------------------------------------------------------------------------------
-    def _ws_submit(self, kind: str):
+    def _ws_submit(self, model: str, kind: str):
         async def submit(request: web.Request):
             self._check(request)
             body = await self._json(request)
@@ -126,7 +127,7 @@ class Compat:
                     raise ApiError(400, f"field 'enable_sync_mode' must be true or false; got {sync!r}")
                 body.pop("enable_base64_output", None)  # accepted and ignored: outputs are always URLs
             wait = sync_wait_s() if sync else 0.0
-            rec = await self._submit(request, kind, body)
+            rec = await self._submit(request, kind, body, model)
             base = self._base(request)
             if not sync:
                 return self._wavespeed_data(rec, base)
@@ -145,6 +146,18 @@ class Compat:
         self._check(request)
         rec = await self.service.status(request.match_info["id"])
         return self._wavespeed_data(rec, self._base(request))
+
+    async def _ws_other(self, request: web.Request):
+        """A v3 path this server does not serve: 405 for a served path and another method, else 404 (a WaveSpeed
+        model id other than the two served here, or no route at all), in v3's envelope."""
+        self._check(request)
+        path = request.path
+        allowed = sorted({method for method, pattern in ROUTES if method != "*" and _matches(pattern, path)})
+        if allowed:
+            raise ApiError(405, f"{request.method} is not allowed on {path}; use {' or '.join(allowed)}")
+        served = ", ".join(WAVESPEED_MODELS)
+        raise ApiError(404, f"no model or route {path.removeprefix('/api/v3/')!r} on this server; its WaveSpeed "
+                            f"models are {served}")
 
     async def _ws_upload_binary(self, request: web.Request):
         self._check(request)
@@ -166,9 +179,11 @@ class Compat:
                 if not chunk:
                     return
                 yield chunk
-        uploads.sweep(self.service.settings)
-        upload_id, path, size = await uploads.save(self.service.settings, name, chunks())
+        owner = upload_owner(request)
+        self._uploads(owner, 0)
+        upload_id, path, size = await uploads.save(self.service.settings, name, chunks(), owner=owner)
         await self._to_bucket(upload_id, name, path)
+        self.service.upload_sweeper.added(owner, size)
         return {"type": uploads.media_type(name), "download_url": uploads.download_url(self._base(request), upload_id, name),
                 "filename": name, "size": size}
 
@@ -193,18 +208,26 @@ class Compat:
             raise ApiError(400, f"field 'filename' must be the file's name; got {body.get('filename')!r}")
         ctype = body.get("content_type") if isinstance(body.get("content_type"), str) else "application/octet-stream"
         base = self._base(request)
+        name, size = uploads.ticket_terms(body["filename"], body.get("size"))
+        owner = upload_owner(request)
+        self._uploads(owner, size)
         if self.service.staging is not None:   # the PUT goes straight to the bucket, presigned (as S3 tickets do)
-            name, _size = uploads.ticket_terms(body["filename"], body.get("size"))
             upload_id = uuid.uuid4().hex
             put_url = self.service.staging.upload_url(upload_id, name, ctype, int(uploads.TICKET_TTL_S))
         else:
-            uploads.sweep(self.service.settings)
-            upload_id, name, token = uploads.create_ticket(self.service.settings, body["filename"], body.get("size"))
+            upload_id, name, token = uploads.create_ticket(self.service.settings, body["filename"], size, owner=owner)
             put_url = f"{uploads.download_url(base, upload_id, name)}?token={token}"
+        self.service.upload_sweeper.added(owner, size)
         return {"upload": {"method": "PUT", "url": put_url, "headers": {"Content-Type": ctype},
                            "expires_in": int(uploads.TICKET_TTL_S)},
                 "download_url": uploads.download_url(base, upload_id, name), "filename": name, "size": body["size"],
                 "type": uploads.media_type(name)}
+
+    def _uploads(self, owner: str, size: int) -> None:
+        """The upload sweeper runs (on its timer, off the loop); `owner` may store `size` bytes more (429 else)."""
+        sweeper = self.service.upload_sweeper
+        sweeper.ensure_running()
+        sweeper.check(owner, size)
 
     async def _upload_put(self, request: web.Request):
         upload_id, name = request.match_info["id"], request.match_info["name"]
@@ -236,13 +259,15 @@ class Compat:
         body = await self._json(request)
         kind = "video-to-video-multi" if isinstance(body, dict) and body.get("video") not in (None, "") \
             else "image-to-video-multi"
-        rec = await self._submit(request, kind, body)
+        rec = await self._submit(request, kind, body, RUNCOMFY_MODEL)
         return {"request_id": rec.id, **self._rc_urls(self._base(request), rec.id)}
 
     async def _rc_status(self, request: web.Request):
         self._check(request)
         rec = await self.service.status(request.match_info["id"])
         out = {"request_id": rec.id, "status": runcomfy_status(rec)}
+        if out["status"] == "in_queue":   # jobs ahead of this one (0: it runs next)
+            out["queue_position"] = await self.service.db(self.service.store.queue_ahead, rec.id)
         urls = self._rc_urls(self._base(request), rec.id)
         out.update(status_url=urls["status_url"], result_url=urls["result_url"])
         return out
@@ -266,7 +291,8 @@ class Compat:
         queued, read, cancelled = "nothing was queued", "the job's status cannot be read now (nothing is lost)", \
             "nothing was cancelled"
         handlers = {
-            **{("POST", f"/api/v3/{model}"): (self._ws_submit(kind), queued) for model, kind in WAVESPEED_MODELS.items()},
+            **{("POST", f"/api/v3/{model}"): (self._ws_submit(model, kind), queued)
+               for model, kind in WAVESPEED_MODELS.items()},
             ("GET", "/api/v3/predictions/{id}/result"): (self._ws_result, read),
             ("POST", "/api/v3/media/upload/binary"): (self._ws_upload_binary, "nothing was stored"),
             ("POST", "/api/v3/media/uploads"): (self._ws_upload_ticket, "nothing was stored"),
@@ -275,6 +301,7 @@ class Compat:
             ("GET", "/v1/requests/{id}/status"): (self._rc_status, read),
             ("GET", "/v1/requests/{id}/result"): (self._rc_result, read),
             ("POST", "/v1/requests/{id}/cancel"): (self._rc_cancel, cancelled),
+            ("*", V3_OTHER): (self._ws_other, "nothing was changed"),
         }
         out = []
         for method, path in ROUTES:
@@ -291,7 +318,66 @@ ROUTES = (*(("POST", f"/api/v3/{model}") for model in WAVESPEED_MODELS),
           ("GET", "/api/v3/predictions/{id}/result"), ("POST", "/api/v3/media/upload/binary"),
           ("POST", "/api/v3/media/uploads"), ("PUT", uploads.URL_PATH + "/{id}/{name}"),
           ("GET", uploads.URL_PATH + "/{id}/{name}"), ("POST", f"/v1/models/{RUNCOMFY_MODEL}"),
-          ("GET", "/v1/requests/{id}/status"), ("GET", "/v1/requests/{id}/result"), ("POST", "/v1/requests/{id}/cancel"))
+          ("GET", "/v1/requests/{id}/status"), ("GET", "/v1/requests/{id}/result"), ("POST", "/v1/requests/{id}/cancel"),
+          ("*", V3_OTHER))   # last: any other v3 path (a model this server does not serve) answers in v3's shape
+
+
+def _matches(pattern: str, path: str) -> bool:
+    """Whether `path` fits a route pattern whose `{name}` parts are single path segments."""
+    parts = re.split(r"\{[^}]+\}", pattern)
+    return re.fullmatch("[^/]+".join(map(re.escape, parts)), path) is not None
+
+
+def upload_owner(request: web.Request) -> str:
+    """Whose quota an upload counts against: for now one account per API key (a digest of the Bearer key,
+    never the key); "" without a key. Accounts (issue 24 item 4) replace this with the request's account."""
+    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        return ""
+    return "key:" + hashlib.sha256(key.strip().encode()).hexdigest()[:16]
+
+
+def route_family(rec: Any) -> str:
+    """Which API the job was submitted on: `wavespeed` (v3), `runcomfy`, or `contract` (/infinitetalk/v1)."""
+    model = rec.request.get("client_model")
+    return "wavespeed" if model in WAVESPEED_MODELS else "runcomfy" if model == RUNCOMFY_MODEL else "contract"
+
+
+def result_url(rec: Any, base: str) -> str:
+    """The result route of the family the job was submitted on (a webhook's `urls.get`)."""
+    family = route_family(rec)
+    if family == "wavespeed":
+        return f"{base}/api/v3/predictions/{rec.id}/result"
+    if family == "runcomfy":
+        return f"{base}/v1/requests/{rec.id}/result"
+    return f"{base}/infinitetalk/v1/predictions/{rec.id}/result"
+
+
+def wavespeed_data(service: Any, rec: Any, base: str) -> dict:
+    """`data` of a v3 answer: the contract's, with the model id the client submitted with and `urls.get` on
+    the v3 result route."""
+    data = service.describe(rec, base)
+    data["model"] = rec.request.get("client_model") or rec.model
+    data["urls"] = {"get": f"{base}/api/v3/predictions/{rec.id}/result"}
+    return data
+
+
+def client_input(rec: Any) -> dict:
+    """The job's input as the client sent it (seed resolved); a `data:` URI only by its type and size."""
+    req = rec.request
+    media = {name: (value.split(",", 1)[0] + f",<{len(value)} characters>" if value.startswith("data:") else value)
+             for name, value in req.get("media", {}).items()}
+    return {**media, "prompt": req.get("prompt", ""), "order": req.get("order"), "resolution": req.get("resolution"),
+            "seed": req.get("seed")}
+
+
+def prediction_object(service: Any, rec: Any, base: str) -> dict:
+    """WaveSpeed's flat prediction object (a webhook body): id, model, input, outputs, urls (`get` on the route
+    family the job was submitted on), has_nsfw_contents, status, created_at, error, timings, then ours."""
+    data = service.describe(rec, base)
+    first = {"id": rec.id, "model": rec.request.get("client_model") or rec.model, "input": client_input(rec),
+             "outputs": data["outputs"], "urls": {"get": result_url(rec, base)}}
+    return {**first, **{k: v for k, v in data.items() if k not in first}}
 
 
 def reply_shape(path: str) -> str:

@@ -26,7 +26,7 @@ from .auth import CALLER, PROXY_HEADERS, authorize
 from .compat import ROUTES as COMPAT_ROUTES, compat_routes, error_body, reply_shape
 from .contract import MODELS, ApiError, envelope, error_envelope, public_message
 from .inputs import disk_full_as_507
-from .jobs import JobService, QueueFull
+from .jobs import JobService
 from .store import StoreUnavailable
 
 PREFIX = "/infinitetalk/v1"
@@ -89,8 +89,7 @@ class JobApi:
             log.error("job API: %s", exc)
             return ApiError(503, DB_DOWN.format(what=unavailable)), {"Retry-After": "5"}
         if isinstance(exc, ApiError):
-            headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else {}
-            return ApiError(exc.code, public_message(exc.message, self.folders)), headers
+            return ApiError(exc.code, public_message(exc.message, self.folders)), exc.headers
         log.error("job API error", exc_info=exc)
         return ApiError(500, public_message(f"internal error: {type(exc).__name__}: {exc}", self.folders)), {}
 
@@ -158,7 +157,7 @@ class JobApi:
             database = "unreachable"
             problems.append("the job database is unreachable")
         if problems:
-            raise ApiError(503, "not ready: " + "; ".join(problems))
+            raise ApiError(503, "not ready: " + "; ".join(problems), retry_after_s=5)
         worker = self.worker
         return {"status": "ok", "database": database,
                 "worker": "off" if worker is None else "busy" if worker.job is not None else "idle"}

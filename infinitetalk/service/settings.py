@@ -16,6 +16,7 @@ from pathlib import Path
 from .inputs import DEFAULT_RETENTION_S, InputSettings
 from .s3 import ENV as ENV_S3, MAX_EXPIRY_S, S3Settings
 from .store import ENV_DATABASE_URL  # postgresql://… for a fleet; unset = a SQLite file
+from .uploads import UploadQuota
 from .webhooks import ENV_PUBLIC_URL, WebhookSettings, webhook_settings_from_env
 
 ENV_SWITCH = "INFINITETALK_API"  # 1: serve the job API; 0: never; unset: when any INFINITETALK_API_* is set
@@ -30,6 +31,8 @@ ENV_RETENTION = "INFINITETALK_API_INPUT_RETENTION_HOURS"  # keep a finished job'
 ENV_WORKFLOWS = "INFINITETALK_API_WORKFLOWS"  # a folder with customised copies of the two API workflows
 ENV_WORKER = "INFINITETALK_API_WORKER"  # 0 = an API-only server (runs no jobs)
 ENV_LEASE = "INFINITETALK_API_LEASE_SECONDS"
+ENV_QUOTA_FILES = "INFINITETALK_API_UPLOAD_QUOTA_FILES"   # uploads one account may keep (0: no limit)
+ENV_QUOTA_MB = "INFINITETALK_API_UPLOAD_QUOTA_MB"         # megabytes one account may keep (0: no limit)
 DEFAULT_LEASE_S = 60.0
 DEFAULT_MAX_QUEUED = 100
 ACCOUNT_NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
@@ -96,6 +99,7 @@ class ApiSettings:
     s3_inputs: bool = False
     webhooks: WebhookSettings | None = None
     public_url: str = ""
+    upload_quota: UploadQuota = UploadQuota()   # per account
 
     def __post_init__(self) -> None:
         if self.s3_inputs and self.s3 is None:
@@ -130,6 +134,9 @@ def read_settings(environ: Mapping[str, str] | None = None) -> ApiSettings:
                           "1 (stage job inputs in the bucket) or 0 (default)", "0"),
         webhooks=webhook_settings_from_env(env),
         public_url=get(ENV_PUBLIC_URL),
+        upload_quota=UploadQuota(
+            max_files=int(_number(get(ENV_QUOTA_FILES), ENV_QUOTA_FILES, UploadQuota.max_files, whole=True)),
+            max_bytes=int(_number(get(ENV_QUOTA_MB), ENV_QUOTA_MB, UploadQuota.max_bytes // 2**20, whole=True)) * 2**20),
     )
 
 
