@@ -36,13 +36,14 @@ def env(tmp_path):
     return make_edge_env(tmp_path)
 
 
-def serve(service, flow, keys=(KEY,), worker_runs: bool = False):
+def serve(service, flow, keys=(KEY,), worker_runs: bool = False, **api):
     """`flow(client)` against the API on 127.0.0.1; `worker_runs`: the service's worker runs meanwhile (as on a
-    server), else the test steps it itself (service_support.dispatch / settle)."""
+    server), else the test steps it itself (service_support.dispatch / settle); `api`: more JobApi settings."""
     async def main():
         app = web.Application(client_max_size=200 * 2**20)
         worker = WORKERS[service]
-        app.add_routes(JobApi(service, keys=lambda: tuple(keys), is_open=lambda: False, worker=worker).routes())
+        app.add_routes(JobApi(service, keys=lambda: tuple(keys), is_open=lambda: False, worker=worker,
+                              **api).routes())
         runner = asyncio.get_running_loop().create_task(worker.run()) if worker_runs else None
         try:
             async with TestClient(TestServer(app, host="127.0.0.1")) as client:
@@ -118,7 +119,6 @@ def test_enable_sync_mode_answers_the_final_envelope(tmp_path, monkeypatch):
 
 
 def test_enable_sync_mode_times_out_with_the_sdk_wording(env, monkeypatch):
-    monkeypatch.setenv("INFINITETALK_API_SYNC_WAIT_SECONDS", "0.2")
     monkeypatch.setattr("infinitetalk.service.compat.SYNC_POLL_S", 0.05)
 
     async def flow(client):
@@ -128,7 +128,7 @@ def test_enable_sync_mode_times_out_with_the_sdk_wording(env, monkeypatch):
                                             headers=AUTH))
         return ok, bad
 
-    (status, reply), (bad_status, bad) = serve(env["service"], flow)
+    (status, reply), (bad_status, bad) = serve(env["service"], flow, sync_wait_s=0.2)
     assert status == 200 and reply["data"]["status"] == "created"
     assert "Sync mode timed out" in reply["data"]["error"] and reply["data"]["id"] in reply["data"]["error"]
     assert bad_status == 400 and "enable_sync_mode" in bad["message"]

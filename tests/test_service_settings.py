@@ -28,6 +28,7 @@ BAD_SETTINGS = [
     ({"INFINITETALK_API_FETCH_TIMEOUT": "-5"}, "INFINITETALK_API_FETCH_TIMEOUT", "-5"),
     ({"INFINITETALK_API_WEBHOOK_STYLE": "svix-ish"}, "INFINITETALK_API_WEBHOOK_STYLE", "svix-ish"),
     ({"INFINITETALK_API_UPLOAD_QUOTA_MB": "lots"}, "INFINITETALK_API_UPLOAD_QUOTA_MB", "lots"),
+    ({"INFINITETALK_API_SYNC_WAIT_SECONDS": "4000"}, "INFINITETALK_API_SYNC_WAIT_SECONDS", "4000"),
 ]
 PATHS = [("POST", "/infinitetalk/v1/image-to-video-multi"), ("GET", "/infinitetalk/v1/predictions/abc/status"),
          ("POST", "/infinitetalk/v1/predictions/abc/cancel"), ("PUT", "/infinitetalk/v1/uploads/u1/a.wav"),

@@ -20,8 +20,8 @@ from edge_support import SECRET, Receiver, finish_job, make_edge_env
 from infinitetalk.service.contract import ApiError
 from infinitetalk.service.inputs import InputSettings
 from infinitetalk.service.routes import JobApi
-from infinitetalk.service.webhooks import (WebhookSender, make_webhook_check, webhook_body_for,
-                                           webhook_settings_from_env)
+from infinitetalk.service.settings import read_settings
+from infinitetalk.service.webhooks import WebhookSender, make_webhook_check, webhook_body_for
 from service_support import body
 
 
@@ -52,9 +52,11 @@ def _wired(tmp_path, store_path=None, inputs=None, delays=None, environ=None, **
     env = make_edge_env(tmp_path, store_path=store_path, inputs=inputs,
                         webhook_check=make_webhook_check(InputSettings(input_dir=tmp_path, allow_hosts=("127.0.0.1",))))
     service = env["service"]
-    configured = webhook_settings_from_env(environ or {"INFINITETALK_API_WEBHOOK_SECRET": SECRET})
-    sender = WebhookSender(service.store, dataclasses.replace(configured, **ws), env["settings"],
-                           body_for=webhook_body_for(service, environ or {}), sleep=fake_sleep, clock=lambda: now[0])
+    configured = read_settings(environ or {"INFINITETALK_API_WEBHOOK_SECRET": SECRET})
+    hooks = configured.webhooks
+    sender = WebhookSender(service.store, dataclasses.replace(hooks, **ws), env["settings"],
+                           body_for=webhook_body_for(service, configured.public_url, hooks.style), sleep=fake_sleep,
+                           clock=lambda: now[0])
     service.on_final = sender.on_final
     holder.update(env, sender=sender)
     return holder
@@ -398,7 +400,6 @@ def test_bad_webhook_is_refused_at_submit_and_nothing_is_queued(tmp_path):
 def test_build_from_environment_wires_s3_off_and_webhooks_on(tmp_path):
     from infinitetalk.service.outputs import LocalOutputs
     from infinitetalk.service.app import build
-    from infinitetalk.service.settings import read_settings
     from infinitetalk.service.store import JobRecord, JobStore
     from service_support import TEMPLATE, FakeEngine
 
@@ -419,16 +420,16 @@ def test_build_from_environment_wires_s3_off_and_webhooks_on(tmp_path):
 
 
 def test_secret_setting():
-    assert webhook_settings_from_env({}) is None
-    assert webhook_settings_from_env({"INFINITETALK_API_WEBHOOK_SECRET": SECRET}).secret == SECRET
+    assert read_settings({}).webhooks is None
+    assert read_settings({"INFINITETALK_API_WEBHOOK_SECRET": SECRET}).webhooks.secret == SECRET
     with pytest.raises(RuntimeError) as info:
-        webhook_settings_from_env({"INFINITETALK_API_WEBHOOK_SECRET": "whsec_short"})
+        read_settings({"INFINITETALK_API_WEBHOOK_SECRET": "whsec_short"})
     assert "INFINITETALK_API_WEBHOOK_SECRET" in str(info.value) and "expected" in str(info.value)
     standard = {"INFINITETALK_API_WEBHOOK_STYLE": "standard"}
-    assert webhook_settings_from_env({**standard, "INFINITETALK_API_WEBHOOK_SECRET": "whsec_" + "QUJD" * 8}).style == "standard"
+    assert read_settings({**standard, "INFINITETALK_API_WEBHOOK_SECRET": "whsec_" + "QUJD" * 8}).webhooks.style == "standard"
     for bad in ({**standard, "INFINITETALK_API_WEBHOOK_SECRET": "whsec_not base64!!"},
                 {**standard, "INFINITETALK_API_WEBHOOK_SECRET": "whsec_QUJD"},          # 3 bytes
                 {"INFINITETALK_API_WEBHOOK_STYLE": "svix", "INFINITETALK_API_WEBHOOK_SECRET": SECRET}):
         with pytest.raises(RuntimeError) as info:
-            webhook_settings_from_env(bad)
+            read_settings(bad)
         assert "INFINITETALK_API_WEBHOOK_" in str(info.value) and "expected" in str(info.value) or "base64" in str(info.value)

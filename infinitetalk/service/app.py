@@ -20,7 +20,7 @@ from .settings import ENV_DATABASE_URL, ENV_SWITCH, ENV_WORKER, ENV_WORKFLOWS, A
 from .staging import S3Inputs
 from .store import JobStore
 from .uploads import UploadSweeper
-from .webhooks import ENV_PUBLIC_URL, ENV_STYLE, WebhookSender, make_webhook_check, webhook_body_for
+from .webhooks import WebhookSender, make_webhook_check, webhook_body_for
 from .worker import Worker
 
 WORKFLOW_FILES = {
@@ -46,7 +46,7 @@ class JobApp:
     def api(self, folders: dict[str, Path] | None = None) -> JobApi:
         """The request handlers (`folders`: label -> path, hidden in messages)."""
         return JobApi(self.service, keys=self.settings.keys.load, is_open=lambda: self.settings.open,
-                      worker=self.worker, folders=folders)
+                      worker=self.worker, folders=folders, sync_wait_s=self.settings.sync_wait_s)
 
 
 def build(settings: ApiSettings, open_db: Callable[[], JobStore], engine: Engine, inputs: InputSettings,
@@ -67,8 +67,7 @@ def build(settings: ApiSettings, open_db: Callable[[], JobStore], engine: Engine
                          on_final=sender.on_final if sender else None,
                          webhook_check=make_webhook_check(inputs) if sender else None, local_cancel=local_cancel,
                          max_queued=settings.max_queued, upload_sweeper=UploadSweeper(inputs, settings.upload_quota))
-    body_of = webhook_body_for(service, {ENV_PUBLIC_URL: settings.public_url,
-                                         ENV_STYLE: settings.webhooks.style if settings.webhooks else ""})
+    body_of = webhook_body_for(service, settings.public_url, settings.webhooks.style) if settings.webhooks else None
     if settings.run_worker:
         worker = Worker(service, lease_s=settings.lease_s)
     return JobApp(settings, service, worker, sender)

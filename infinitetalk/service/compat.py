@@ -2,7 +2,7 @@
 
 WaveSpeed (the contract's envelope `{code, message, data}`, `data` as GET result answers it):
   POST /api/v3/wavespeed-ai/infinitetalk/image-to-video-multi | video-to-video-multi  [?webhook=URL]
-       body may hold `enable_sync_mode: true`: answer once the job ended (bounded wait, see SYNC_WAIT)
+       body may hold `enable_sync_mode: true`: answer once the job ended (bounded wait: INFINITETALK_API_SYNC_WAIT_SECONDS)
   GET  /api/v3/predictions/{id}/result
   POST /api/v3/media/upload/binary     multipart `file` -> {type, download_url, filename, size}
   POST /api/v3/media/uploads           {filename, size, content_type} -> PUT ticket + download_url
@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import re
 import shutil
 import time
@@ -38,24 +37,8 @@ WAVESPEED_MODELS = {"wavespeed-ai/infinitetalk/image-to-video-multi": "image-to-
                     "wavespeed-ai/infinitetalk/video-to-video-multi": "video-to-video-multi"}
 RUNCOMFY_MODEL = "community/infinite-talk/fast/multi"
 V3_OTHER = "/api/v3/{tail:.*}"
-ENV_SYNC_WAIT = "INFINITETALK_API_SYNC_WAIT_SECONDS"
-SYNC_WAIT_DEFAULT_S, SYNC_WAIT_MAX_S = 300.0, 3600.0
 SYNC_POLL_S = 0.5
 log = logging.getLogger("infinitetalk.api")
-
-
-def sync_wait_s() -> float:
-    """How long `enable_sync_mode` holds a request open (env setting, default 300 s, at most 3600 s)."""
-    raw = os.environ.get(ENV_SYNC_WAIT, "").strip()
-    if not raw:
-        return SYNC_WAIT_DEFAULT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= SYNC_WAIT_MAX_S:
-        raise ApiError(500, f"server setting {ENV_SYNC_WAIT}={raw!r}: expected seconds in (0, {SYNC_WAIT_MAX_S:.0f}]")
-    return value
 
 
 def runcomfy_status(rec: Any) -> str:
@@ -126,7 +109,7 @@ class Compat:
                 if not isinstance(sync, bool):
                     raise ApiError(400, f"field 'enable_sync_mode' must be true or false; got {sync!r}")
                 body.pop("enable_base64_output", None)  # accepted and ignored: outputs are always URLs
-            wait = sync_wait_s() if sync else 0.0
+            wait = self.api.sync_wait_s if sync else 0.0
             rec = await self._submit(request, kind, body, model)
             base = self._base(request)
             if not sync:

@@ -27,6 +27,7 @@ from .compat import ROUTES as COMPAT_ROUTES, compat_routes, error_body, reply_sh
 from .contract import MODELS, ApiError, envelope, error_envelope, public_message
 from .inputs import disk_full_as_507
 from .jobs import JobService
+from .settings import DEFAULT_SYNC_WAIT_S
 from .store import StoreUnavailable
 
 PREFIX = "/infinitetalk/v1"
@@ -43,16 +44,19 @@ _ROUTE_SHAPES = [("POST", re.compile(_AT + "/(" + "|".join(map(re.escape, MODELS
 class JobApi:
     """The handlers over one JobService; `keys` and `is_open` are asked per request so keys can rotate.
 
-    `worker`: this server's Worker (None on an API-only server), for the health answer.
+    `worker`: this server's Worker (None on an API-only server), for the health answer. `sync_wait_s`: how long
+    WaveSpeed's `enable_sync_mode` holds a request open (compat.py).
     `folders` (label -> path) are replaced by `<label>` in messages; the input folder always is.
     """
 
     def __init__(self, service: JobService, keys: Callable[[], tuple[str, ...]], is_open: Callable[[], bool],
-                 worker: Any = None, folders: dict[str, Path] | None = None):
+                 worker: Any = None, folders: dict[str, Path] | None = None,
+                 sync_wait_s: float = DEFAULT_SYNC_WAIT_S):
         self.service = service
         self.keys = keys
         self.is_open = is_open
         self.worker = worker
+        self.sync_wait_s = sync_wait_s
         self.folders = {"input": Path(service.settings.input_dir), **(folders or {})}
 
     def routes(self) -> list[web.RouteDef]:

@@ -1,6 +1,6 @@
 """Webhooks: `?webhook=URL` on submit; when the job ends, the job is POSTed there.
 
-Two styles (`INFINITETALK_API_WEBHOOK_STYLE`, read by `webhook_style`):
+Two styles (`INFINITETALK_API_WEBHOOK_STYLE`; settings.py reads and checks it and the secret):
 * `wavespeed` (default): the body is WaveSpeed's flat prediction object (`compat.prediction_object`), signed
   as WaveSpeed signs: `webhook-signature: v3,<hex HMAC-SHA256 of "{webhook-id}.{webhook-timestamp}.{raw body}">`
   keyed with the secret from `INFINITETALK_API_WEBHOOK_SECRET` without its `whsec_` prefix, used as text;
@@ -32,11 +32,10 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -47,10 +46,7 @@ from .guard import check_url
 from .inputs import InputSettings, _pinned_resolver
 from .store import JobRecord, StoreUnavailable
 
-ENV_SECRET = "INFINITETALK_API_WEBHOOK_SECRET"
-ENV_PUBLIC_URL = "INFINITETALK_API_PUBLIC_URL"  # base URL of result links in webhook bodies
-ENV_STYLE = "INFINITETALK_API_WEBHOOK_STYLE"    # wavespeed (default) | standard
-STYLES = ("wavespeed", "standard")
+STYLES = ("wavespeed", "standard")   # INFINITETALK_API_WEBHOOK_STYLE (settings.py)
 SIGNATURE_VERSION = "v3"
 MAX_AGE_S = 300  # what a receiver should accept (WaveSpeed's documented window)
 MAX_URL_CHARS = 2048
@@ -75,15 +71,6 @@ def make_webhook_check(settings: InputSettings) -> Callable[[str], str]:
             raise ApiError(400, f"query parameter 'webhook': URL refused: {decision.reason}")
         return url
     return check
-
-
-def webhook_style(environ: Mapping[str, str] | None = None) -> str:
-    """`INFINITETALK_API_WEBHOOK_STYLE`: `wavespeed` (default) or `standard`; RuntimeError naming it otherwise."""
-    env = os.environ if environ is None else environ
-    style = env.get(ENV_STYLE, "").strip().lower() or STYLES[0]
-    if style not in STYLES:
-        raise RuntimeError(f"{ENV_STYLE}={style!r}: expected one of {', '.join(STYLES)} (default {STYLES[0]})")
-    return style
 
 
 def signing_key(secret: str, style: str = "wavespeed") -> bytes:
@@ -122,28 +109,6 @@ class WebhookSettings:
     lease_s: float = 60.0          # how long past its next step a silent server keeps a delivery
     sweep_s: float = 15.0          # how often a server looks for deliveries that are due
     max_in_flight: int = 16        # deliveries one server runs at a time
-
-
-def webhook_settings_from_env(environ: Mapping[str, str] | None = None) -> WebhookSettings | None:
-    """The settings, or None when no secret is set (then `?webhook=` is refused at submit)."""
-    env = os.environ if environ is None else environ
-    style = webhook_style(env)
-    secret = env.get(ENV_SECRET, "").strip()
-    if not secret:
-        return None
-    if style == "standard":
-        try:
-            key = signing_key(secret, style)
-        except ValueError:
-            raise RuntimeError(f"{ENV_SECRET}: with {ENV_STYLE}=standard the secret must be 'whsec_' and base64 "
-                               "(as Standard Webhooks libraries generate it)") from None
-        if len(key) < 16:
-            raise RuntimeError(f"{ENV_SECRET}: the secret decodes to {len(key)} bytes; expected at least 16 "
-                               f"(24 to 64 random bytes, base64, with {ENV_STYLE}=standard)")
-    elif len(signing_key(secret)) < 16:
-        raise RuntimeError(f"{ENV_SECRET}: the secret is {len(signing_key(secret))} characters (after any "
-                           "'whsec_' prefix); expected at least 16 random characters")
-    return WebhookSettings(secret=secret, style=style)
 
 
 class WebhookSender:
@@ -326,15 +291,12 @@ async def read_answer(content: Any, limit: int = ANSWER_BYTES, within_s: float =
     return got
 
 
-def webhook_body_for(service: Any, environ: Mapping[str, str] | None = None) -> Callable[[JobRecord], dict]:
+def webhook_body_for(service: Any, public_url: str = "", style: str = "wavespeed") -> Callable[[JobRecord], dict]:
     """The webhook body builder: WaveSpeed's flat prediction object, or with the `standard` style the contract's
-    GET-result envelope; links based on `INFINITETALK_API_PUBLIC_URL` or else on the origin the job was
-    submitted to (kept in the job's request as `base_url`)."""
-    env = os.environ if environ is None else environ
-    style = webhook_style(env)
-
+    GET-result envelope; links based on `public_url` (`INFINITETALK_API_PUBLIC_URL`) or else on the origin the
+    job was submitted to (kept in the job's request as `base_url`)."""
     def build(rec: JobRecord) -> dict:
-        base = (env.get(ENV_PUBLIC_URL, "").strip() or str(rec.request.get("base_url") or "")).rstrip("/")
+        base = (public_url.strip() or str(rec.request.get("base_url") or "")).rstrip("/")
         if style == "standard":
             return envelope(service.describe(rec, base))
         return prediction_object(service, rec, base)
