@@ -1,5 +1,5 @@
 """Uploads are swept on a timer in a worker thread (never per request, never on the event loop), and each
-owner (one per API key until accounts land) may keep at most its quota: more is a 429 with Retry-After."""
+account (all its keys together) may keep at most its quota: more is a 429 with Retry-After."""
 from __future__ import annotations
 
 import asyncio
@@ -13,7 +13,7 @@ from aiohttp import FormData
 from edge_support import make_edge_env
 from infinitetalk.service import uploads
 from infinitetalk.service.inputs import InputSettings
-from infinitetalk.service.settings import ENV_QUOTA_FILES, ENV_QUOTA_MB, read_settings
+from infinitetalk.service.settings import ENV_QUOTA_FILES, ENV_QUOTA_MB, ApiKey, read_settings
 from service_support import KEY
 from test_service_compat import serve
 
@@ -26,7 +26,7 @@ def _form(name: str, data: bytes) -> FormData:
     return form
 
 
-def _old_and_new_uploads(settings: InputSettings, old: int, new: int, owner: str = "key:a") -> None:
+def _old_and_new_uploads(settings: InputSettings, old: int, new: int, owner: str = "acct-a") -> None:
     root = uploads.uploads_root(settings)
     past = time.time() - settings.retention_s - 60
     for i in range(old + new):
@@ -55,7 +55,12 @@ def test_the_sweep_runs_on_its_timer_in_a_worker_thread_not_per_request(tmp_path
 
     async def flow(client):
         auth = {"Authorization": f"Bearer {KEY}"}
-        for i in range(12):
+        for i in range(6):
+            resp = await client.post("/api/v3/media/upload/binary", data=_form(f"l{i}.wav", b"RIFF" * 10), headers=auth)
+            assert resp.status == 200, await resp.text()
+        assert threads == []                        # requests never sweep: the server starts the sweeper (app.py)
+        sweeper.ensure_running()
+        for i in range(6, 12):
             resp = await client.post("/api/v3/media/upload/binary", data=_form(f"l{i}.wav", b"RIFF" * 10), headers=auth)
             assert resp.status == 200, await resp.text()
         await asyncio.sleep(0.2)
@@ -64,7 +69,7 @@ def test_the_sweep_runs_on_its_timer_in_a_worker_thread_not_per_request(tmp_path
     assert len(threads) == 1 and threads[0] is not threading.main_thread()   # once (the timer), off the loop
     left = sorted(p.name for p in uploads.uploads_root(settings).iterdir())
     assert len(left) == 5 + 12 and f"{0:032x}" not in left                  # the expired ones are gone
-    assert sweeper.usage["key:a"].files == 5
+    assert sweeper.usage["acct-a"].files == 5
 
 
 def test_quota_is_per_owner_and_answers_429_with_retry_after(tmp_path):
@@ -91,6 +96,24 @@ def test_quota_is_per_owner_and_answers_429_with_retry_after(tmp_path):
     assert "upload quota reached: 1 uploads" in out[4][2]["message"] and int(out[4][1]) > 0   # announced bytes count
     owners = {(p / ".owner").read_text() for p in uploads.uploads_root(service.settings).iterdir()}
     assert len(owners) == 2 and all(KEY not in o and OTHER_KEY not in o for o in owners)   # keys never stored
+
+
+def test_keys_of_one_account_share_its_upload_quota(tmp_path):
+    service = make_edge_env(tmp_path)["service"]
+    service.upload_sweeper.quota = uploads.UploadQuota(max_files=2, max_bytes=0)
+
+    async def flow(client):
+        out = []
+        for key in (KEY, OTHER_KEY, KEY):
+            resp = await client.post("/api/v3/media/upload/binary", data=_form("a.wav", b"RIFF" * 10),
+                                     headers={"Authorization": f"Bearer {key}"})
+            out.append((resp.status, await resp.json()))
+        return out
+    out = serve(service, flow, keys=(ApiKey(KEY, "acme"), ApiKey(OTHER_KEY, "acme"), ApiKey("third-key-789")))
+    assert [status for status, _ in out] == [200, 200, 429], out
+    assert "upload quota reached: 2 uploads" in out[2][1]["message"]
+    owners = {(p / ".owner").read_text() for p in uploads.uploads_root(service.settings).iterdir()}
+    assert owners == {"acme"}
 
 
 def test_quota_settings():

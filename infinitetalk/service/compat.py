@@ -16,7 +16,6 @@ Every route but the ticketed PUT needs the same Bearer key as the contract's rou
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import re
 import shutil
@@ -60,8 +59,9 @@ class Compat:
         self.service = api.service
 
     # -- plumbing -------------------------------------------------------------------------------------------
-    def _check(self, request: web.Request) -> None:
-        self.api.check(request)
+    def _check(self, request: web.Request) -> Any:
+        """Admit the request (JobApi.check); returns its auth.Caller."""
+        return self.api.check(request)
 
     def _wrap(self, fn, shape: str, unavailable: str = "nothing was changed"):
         """Handler answering `fn`'s data in the WaveSpeed envelope or as RunComfy's bare JSON; errors as
@@ -143,7 +143,7 @@ class Compat:
                             f"models are {served}")
 
     async def _ws_upload_binary(self, request: web.Request):
-        self._check(request)
+        owner = self._check(request).account   # uploads count against the caller's account
         if not request.content_type.startswith("multipart/"):
             raise ApiError(400, f"the upload must be multipart/form-data with a 'file' part; got "
                                 f"Content-Type {request.content_type!r}")
@@ -162,8 +162,7 @@ class Compat:
                 if not chunk:
                     return
                 yield chunk
-        owner = upload_owner(request)
-        self._uploads(owner, 0)
+        self.service.upload_sweeper.check(owner, 0)
         upload_id, path, size = await uploads.save(self.service.settings, name, chunks(), owner=owner)
         await self._to_bucket(upload_id, name, path)
         self.service.upload_sweeper.added(owner, size)
@@ -183,7 +182,7 @@ class Compat:
             raise ApiError(503, f"{exc}; nothing was kept, retry later") from exc
 
     async def _ws_upload_ticket(self, request: web.Request):
-        self._check(request)
+        owner = self._check(request).account   # uploads count against the caller's account
         body = await self._json(request)
         if not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object {filename, size[, content_type]}")
@@ -192,8 +191,7 @@ class Compat:
         ctype = body.get("content_type") if isinstance(body.get("content_type"), str) else "application/octet-stream"
         base = self._base(request)
         name, size = uploads.ticket_terms(body["filename"], body.get("size"))
-        owner = upload_owner(request)
-        self._uploads(owner, size)
+        self.service.upload_sweeper.check(owner, size)
         if self.service.staging is not None:   # the PUT goes straight to the bucket, presigned (as S3 tickets do)
             upload_id = uuid.uuid4().hex
             put_url = self.service.staging.upload_url(upload_id, name, ctype, int(uploads.TICKET_TTL_S))
@@ -205,12 +203,6 @@ class Compat:
                            "expires_in": int(uploads.TICKET_TTL_S)},
                 "download_url": uploads.download_url(base, upload_id, name), "filename": name, "size": body["size"],
                 "type": uploads.media_type(name)}
-
-    def _uploads(self, owner: str, size: int) -> None:
-        """The upload sweeper runs (on its timer, off the loop); `owner` may store `size` bytes more (429 else)."""
-        sweeper = self.service.upload_sweeper
-        sweeper.ensure_running()
-        sweeper.check(owner, size)
 
     async def _upload_put(self, request: web.Request):
         upload_id, name = request.match_info["id"], request.match_info["name"]
@@ -309,15 +301,6 @@ def _matches(pattern: str, path: str) -> bool:
     """Whether `path` fits a route pattern whose `{name}` parts are single path segments."""
     parts = re.split(r"\{[^}]+\}", pattern)
     return re.fullmatch("[^/]+".join(map(re.escape, parts)), path) is not None
-
-
-def upload_owner(request: web.Request) -> str:
-    """Whose quota an upload counts against: for now one account per API key (a digest of the Bearer key,
-    never the key); "" without a key. Accounts (issue 24 item 4) replace this with the request's account."""
-    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
-        return ""
-    return "key:" + hashlib.sha256(key.strip().encode()).hexdigest()[:16]
 
 
 def route_family(rec: Any) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from ..dependencies import missing_message
-from .auth import CALLER, PROXY_HEADERS, authorize
+from .auth import CALLER, PROXY_HEADERS, Caller, authorize
 from .compat import ROUTES as COMPAT_ROUTES, compat_routes, error_body, reply_shape
 from .contract import MODELS, ApiError, envelope, error_envelope, public_message
 from .inputs import disk_full_as_507
@@ -97,8 +97,9 @@ class JobApi:
         log.error("job API error", exc_info=exc)
         return ApiError(500, public_message(f"internal error: {type(exc).__name__}: {exc}", self.folders)), {}
 
-    def check(self, request: web.Request) -> None:
-        """Admit the request or raise ApiError 401/503 (missing packages, API keys, loopback-only without keys)."""
+    def check(self, request: web.Request) -> Caller:
+        """Admit the request or raise ApiError 401/503 (missing packages, API keys, loopback-only without keys);
+        the caller (also set in `auth.CALLER` for the job service) is returned."""
         missing = missing_message(public=True)
         if missing:   # a requirements.txt package is not installed: every route says which (not a 500 per job)
             raise ApiError(503, missing)
@@ -111,7 +112,9 @@ class JobApi:
         proxied = any(name in request.headers for name in PROXY_HEADERS)
         caller = authorize(request.headers.get("Authorization"), request.remote, keys, proxied=proxied,
                            is_open=self.is_open())
-        CALLER.set(dataclasses.replace(caller, idempotency_key=request.headers.get("Idempotency-Key")))
+        caller = dataclasses.replace(caller, idempotency_key=request.headers.get("Idempotency-Key"))
+        CALLER.set(caller)
+        return caller
 
     @staticmethod
     def _base(request: web.Request) -> str:

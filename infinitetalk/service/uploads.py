@@ -6,10 +6,10 @@ served from that folder without any HTTP request (`local_upload`), whatever host
 the id is the capability. Files are written under a temporary name and renamed when complete, capped
 like inputs (images and audio 50 MB, video 100 MB), and removed after the input retention time.
 
-Expired uploads are removed, and what each owner (account) stores is tallied, by an `UploadSweeper` on a
-timer in a worker thread, never on the event loop and never per request; a new upload is refused with 429
-(and `Retry-After`) while its owner is over `UploadQuota` (`check`). Uploads are attributed to the owner
-named in each upload folder's `.owner` file.
+Expired uploads are removed, and what each owner (the uploading caller's account) stores is tallied, by an
+`UploadSweeper` on a timer in a worker thread that app.py starts with the server, never on the event loop and
+never per request; a new upload is refused with 429 (and `Retry-After`) while its owner is over `UploadQuota`
+(`check`). Uploads are attributed to the account named in each upload folder's `.owner` file.
 
 The two-step upload (`POST /api/v3/media/uploads`, then `PUT` to the returned URL, as the wavespeed
 SDK does) authorises the PUT by a one-time ticket token in its URL, like an S3 presigned PUT: the SDK
@@ -306,7 +306,7 @@ class UploadSweeper:
                 pass
 
     def ensure_running(self) -> None:
-        """Start `run` on the running loop unless it runs already (called by the upload routes)."""
+        """Start `run` on the running loop unless it runs already (app.py, when the server starts)."""
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self.run())
 
