@@ -50,10 +50,13 @@ async def finish_job(env: dict, job_id: str, filename: str = "out.mp4") -> None:
 
 
 class Receiver:
-    """A webhook receiver on 127.0.0.1 answering `statuses` in turn (the last one repeating)."""
+    """A webhook receiver on 127.0.0.1 answering `statuses` in turn (the last one repeating); with `answer_bytes`,
+    each answer streams a body that long (announced in Content-Length) and `sent` counts what got out."""
 
-    def __init__(self, statuses: list[int]):
+    def __init__(self, statuses: list[int], answer_bytes: int = 0):
         self.statuses = list(statuses)
+        self.answer_bytes = answer_bytes
+        self.sent = 0
         self.received: list[tuple[dict[str, str], bytes]] = []
         self.runner: web.AppRunner | None = None
         self.url = ""
@@ -63,7 +66,21 @@ class Receiver:
         status = self.statuses[min(len(self.received), len(self.statuses)) - 1]
         if status in (301, 302, 307):
             return web.Response(status=status, headers={"Location": "http://127.0.0.1:9/elsewhere"})
+        if self.answer_bytes:
+            return await self._huge(request, status)
         return web.Response(status=status, text="ok")
+
+    async def _huge(self, request: web.Request, status: int) -> web.StreamResponse:
+        resp = web.StreamResponse(status=status, headers={"Content-Length": str(self.answer_bytes)})
+        await resp.prepare(request)
+        chunk = b"x" * (1 << 20)
+        try:
+            for start in range(0, self.answer_bytes, len(chunk)):
+                await resp.write(chunk[: self.answer_bytes - start])
+                self.sent += min(len(chunk), self.answer_bytes - start)
+        except (ConnectionError, RuntimeError):   # the sender hung up: what it wanted was read
+            pass
+        return resp
 
     async def __aenter__(self) -> "Receiver":
         app = web.Application()

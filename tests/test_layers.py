@@ -259,8 +259,6 @@ def test_function_local_imports_have_a_listed_reason():
 SERVICE = ROOT / "infinitetalk" / "service"
 SERVICE_ENV_READERS = {
     "settings.py": "every INFINITETALK_API* setting, read and checked once",
-    "webhooks.py": "webhook_settings_from_env / result_envelope_for: called by settings.py and app.py with a mapping",
-    "compat.py": "INFINITETALK_API_SYNC_WAIT_SECONDS, read per request",
 }
 BUILT_BY_APP = ("JobStore", "JobService", "Worker", "WebhookSender", "S3Outputs", "S3Inputs", "JobApi")
 

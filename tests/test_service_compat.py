@@ -36,13 +36,14 @@ def env(tmp_path):
     return make_edge_env(tmp_path)
 
 
-def serve(service, flow, keys=(KEY,), worker_runs: bool = False):
+def serve(service, flow, keys=(KEY,), worker_runs: bool = False, **api):
     """`flow(client)` against the API on 127.0.0.1; `worker_runs`: the service's worker runs meanwhile (as on a
-    server), else the test steps it itself (service_support.dispatch / settle)."""
+    server), else the test steps it itself (service_support.dispatch / settle); `api`: more JobApi settings."""
     async def main():
         app = web.Application(client_max_size=200 * 2**20)
         worker = WORKERS[service]
-        app.add_routes(JobApi(service, keys=lambda: tuple(keys), is_open=lambda: False, worker=worker).routes())
+        app.add_routes(JobApi(service, keys=lambda: tuple(keys), is_open=lambda: False, worker=worker,
+                              **api).routes())
         runner = asyncio.get_running_loop().create_task(worker.run()) if worker_runs else None
         try:
             async with TestClient(TestServer(app, host="127.0.0.1")) as client:
@@ -72,13 +73,37 @@ def test_wavespeed_submit_and_result_shapes(env):
 
     (s1, sub), (s2, vid), (s3, res), (s4, missing), (s5, noauth), base = serve(env["service"], flow)
     assert s1 == 200 and sub["code"] == 200 and sub["data"]["status"] == "created"
-    assert sub["data"]["model"] == "infinitetalk/image-to-video-multi"
+    assert sub["data"]["model"] == "wavespeed-ai/infinitetalk/image-to-video-multi"    # the id the client used
+    assert sub["data"]["has_nsfw_contents"] == [] and res["data"]["has_nsfw_contents"] == [False]
+    assert res["data"]["model"] == "wavespeed-ai/infinitetalk/image-to-video-multi"
     assert sub["data"]["urls"]["get"] == f"{base.rstrip('/')}/api/v3/predictions/{sub['data']['id']}/result"
     assert s2 == 400 and "image" in vid["message"] and vid["data"] is None  # the video route wants `video`
     assert s3 == 200 and res["data"]["status"] == "completed" and res["data"]["outputs"][0].endswith(
         "/view?filename=clip_00001_.mp4&subfolder=infinitetalk_api&type=output")
     assert s4 == 404 and missing["code"] == 404 and "nope" in missing["message"]
     assert s5 == 401 and noauth["code"] == 401
+
+
+def test_unknown_wavespeed_models_and_wrong_methods_answer_v3_json(env):
+    async def flow(client):
+        out = []
+        for method, path in (("POST", "/api/v3/wavespeed-ai/wan-2.2/image-to-video"),
+                             ("POST", "/api/v3/wavespeed-ai/infinitetalk/image-to-video"),
+                             ("GET", f"{WS}/image-to-video-multi"),
+                             ("POST", "/api/v3/predictions/abc/result"),
+                             ("GET", "/api/v3/nothing")):
+            resp = await client.request(method, path, json=body(), headers=AUTH)
+            out.append((resp.status, resp.content_type, await resp.json()))
+        noauth = await client.post("/api/v3/wavespeed-ai/wan-2.2/image-to-video", json=body())
+        return out, noauth.status
+    out, noauth = serve(env["service"], flow)
+    assert [(status, ctype) for status, ctype, _ in out] == [(404, "application/json")] * 2 + \
+        [(405, "application/json")] * 2 + [(404, "application/json")]
+    assert all(reply["code"] == status and reply["data"] is None for status, _, reply in out)
+    assert "wavespeed-ai/wan-2.2/image-to-video" in out[0][2]["message"]
+    assert "wavespeed-ai/infinitetalk/image-to-video-multi" in out[0][2]["message"]   # says what is served
+    assert "use POST" in out[2][2]["message"] and "use GET" in out[3][2]["message"]
+    assert noauth == 401 and env["engine"].graphs == {}
 
 
 def test_enable_sync_mode_answers_the_final_envelope(tmp_path, monkeypatch):
@@ -94,7 +119,6 @@ def test_enable_sync_mode_answers_the_final_envelope(tmp_path, monkeypatch):
 
 
 def test_enable_sync_mode_times_out_with_the_sdk_wording(env, monkeypatch):
-    monkeypatch.setenv("INFINITETALK_API_SYNC_WAIT_SECONDS", "0.2")
     monkeypatch.setattr("infinitetalk.service.compat.SYNC_POLL_S", 0.05)
 
     async def flow(client):
@@ -104,7 +128,7 @@ def test_enable_sync_mode_times_out_with_the_sdk_wording(env, monkeypatch):
                                             headers=AUTH))
         return ok, bad
 
-    (status, reply), (bad_status, bad) = serve(env["service"], flow)
+    (status, reply), (bad_status, bad) = serve(env["service"], flow, sync_wait_s=0.2)
     assert status == 200 and reply["data"]["status"] == "created"
     assert "Sync mode timed out" in reply["data"]["error"] and reply["data"]["id"] in reply["data"]["error"]
     assert bad_status == 400 and "enable_sync_mode" in bad["message"]
@@ -240,6 +264,28 @@ def test_runcomfy_status_words_result_and_cancel(env):
     assert cancel == (200, {"request_id": sub2["request_id"], "status": "cancelled"})
     assert after[1]["status"] == "cancelled"
     assert bad[0] == 400 and "left_audio" in bad[1]["error"]
+
+
+def test_runcomfy_in_queue_status_carries_the_queue_position(env):
+    async def flow(client):
+        rc = "/v1/models/community/infinite-talk/fast/multi"
+        ids = [(await _json(await client.post(rc, json=body(), headers=AUTH)))[1]["request_id"] for _ in range(3)]
+
+        async def positions():
+            out = []
+            for job in ids:
+                _, st = await _json(await client.get(f"/v1/requests/{job}/status", headers=AUTH))
+                out.append((st["status"], st.get("queue_position")))
+            return out
+        before = await positions()
+        pid = await dispatch(env, ids[0])
+        env["engine"].states[pid] = EngineState("running", [])
+        await settle(env)
+        return before, await positions()
+
+    before, after = serve(env["service"], flow)
+    assert before == [("in_queue", 0), ("in_queue", 1), ("in_queue", 2)]
+    assert after == [("in_progress", None), ("in_queue", 0), ("in_queue", 1)]
 
 
 def test_wavespeed_sdk_uploads_and_runs_a_job(tmp_path):

@@ -18,6 +18,7 @@ from infinitetalk.service.comfy_engine import ComfyEngine
 from infinitetalk.service.contract import ApiError, public_message
 from infinitetalk.service.jobs import EngineState
 from infinitetalk.service.settings import ENV_OPEN, ENV_RETENTION, read_settings
+from infinitetalk.service.store import StoreUnavailable
 from service_support import KEY, body, call, dispatch, make_env, post, settle, write_png, write_wav
 
 SUBMIT = "/infinitetalk/v1/image-to-video-multi"
@@ -155,6 +156,28 @@ def test_null_and_empty_choices_take_the_defaults(env):
     assert status == 200, reply
     graph = next(iter(env["engine"].graphs.values()))
     assert graph["4"]["inputs"]["order"] == "left_right" and graph["4"]["inputs"]["resolution"] == "480p"
+
+
+def test_null_seed_takes_the_default_a_random_seed(env):
+    async def flow(client):
+        return [await post(client, SUBMIT, {**body(), "seed": None}) for _ in range(2)]
+    answers = call(env["service"], flow)
+    assert [status for status, _ in answers] == [200, 200], answers
+    seeds = [reply["data"]["seed"] for _, reply in answers]
+    assert all(isinstance(s, int) and 0 <= s < 2**31 for s in seeds) and seeds[0] != seeds[1]
+
+
+def test_health_not_ready_answers_503_with_retry_after(env, monkeypatch):
+    def down(job_id):
+        raise StoreUnavailable("connection refused")
+    monkeypatch.setattr(env["service"].store, "get", down)
+
+    async def flow(client):
+        resp = await client.get("/infinitetalk/v1/health")
+        return resp.status, resp.headers.get("Retry-After"), await resp.json()
+    status, retry_after, reply = call(env["service"], flow)
+    assert status == 503 and reply["message"] == "not ready: the job database is unreachable"
+    assert retry_after is not None and int(retry_after) > 0
 
 
 def test_wrong_method_and_unknown_paths_answer_in_the_envelope(env):

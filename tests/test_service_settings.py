@@ -26,13 +26,17 @@ BAD_SETTINGS = [
     ({"INFINITETALK_API_LEASE_SECONDS": "soon"}, "INFINITETALK_API_LEASE_SECONDS", "soon"),
     ({"INFINITETALK_API_WORKER": "yes"}, "INFINITETALK_API_WORKER", "yes"),
     ({"INFINITETALK_API_FETCH_TIMEOUT": "-5"}, "INFINITETALK_API_FETCH_TIMEOUT", "-5"),
+    ({"INFINITETALK_API_WEBHOOK_STYLE": "svix-ish"}, "INFINITETALK_API_WEBHOOK_STYLE", "svix-ish"),
+    ({"INFINITETALK_API_UPLOAD_QUOTA_MB": "lots"}, "INFINITETALK_API_UPLOAD_QUOTA_MB", "lots"),
+    ({"INFINITETALK_API_SYNC_WAIT_SECONDS": "4000"}, "INFINITETALK_API_SYNC_WAIT_SECONDS", "4000"),
 ]
 PATHS = [("POST", "/infinitetalk/v1/image-to-video-multi"), ("GET", "/infinitetalk/v1/predictions/abc/status"),
          ("POST", "/infinitetalk/v1/predictions/abc/cancel"), ("PUT", "/infinitetalk/v1/uploads/u1/a.wav"),
          ("POST", "/api/v3/wavespeed-ai/infinitetalk/video-to-video-multi"), ("GET", "/api/v3/predictions/abc/result"),
          ("POST", "/api/v3/media/upload/binary"), ("POST", "/api/v3/media/uploads"),
          ("POST", "/v1/models/community/infinite-talk/fast/multi"), ("GET", "/v1/requests/abc/status"),
-         ("GET", "/v1/requests/abc/result"), ("POST", "/v1/requests/abc/cancel")]
+         ("GET", "/v1/requests/abc/result"), ("POST", "/v1/requests/abc/cancel"),
+         ("POST", "/api/v3/wavespeed-ai/some-other-model")]
 
 
 class StandInServer:
@@ -112,7 +116,8 @@ def test_every_drop_in_path_is_refused_on_bad_settings():
 def test_right_settings_register_the_routes_and_a_worker(comfyui, monkeypatch):
     monkeypatch.setenv("INFINITETALK_API", "1")
     assert app.register_with_comfyui() is True
-    assert len(comfyui.server.loop.scheduled) == 1                   # the worker's loop task
+    assert comfyui.server.loop.scheduled[0].__name__ == "ensure_running"   # the upload sweeper, then the worker
+    assert len(comfyui.server.loop.scheduled) == 2
     status, reply = answers(comfyui.server.routes, [("GET", "/infinitetalk/v1/predictions/nope/status")])[0]
     assert status == 404 and "nope" in reply["message"], reply       # a real route answered (unknown job)
     assert (comfyui.folders["user"] / "infinitetalk_api" / "jobs.sqlite3").is_file()
@@ -120,7 +125,8 @@ def test_right_settings_register_the_routes_and_a_worker(comfyui, monkeypatch):
 
 def test_an_api_only_server_registers_without_a_worker(comfyui, monkeypatch):
     monkeypatch.setenv("INFINITETALK_API_WORKER", "0")
-    assert app.register_with_comfyui() is True and comfyui.server.loop.scheduled == []
+    assert app.register_with_comfyui() is True
+    assert [fn.__name__ for fn in comfyui.server.loop.scheduled] == ["ensure_running"]   # the upload sweeper, no worker
 
 
 def test_a_malformed_postgres_url_names_the_setting_without_its_password():
@@ -163,7 +169,7 @@ def test_a_key_a_setting_or_the_switch_turns_the_api_on(comfyui, monkeypatch, en
         monkeypatch.setenv(name, raw)
     assert app.register_with_comfyui() is on
     assert (comfyui.folders["user"] / "infinitetalk_api" / "jobs.sqlite3").is_file() is on
-    assert len(comfyui.server.loop.scheduled) == (1 if on else 0)
+    assert len(comfyui.server.loop.scheduled) == (2 if on else 0)   # the upload sweeper and the worker
 
 
 def test_a_bad_switch_value_is_refused_by_name(comfyui, monkeypatch):

@@ -51,6 +51,17 @@ def wait_for(fn, what: str, limit_s: float = 30.0):
     raise AssertionError(f"{what} did not happen within {limit_s:.0f} s")
 
 
+def test_queue_ahead_counts_queued_jobs_submitted_earlier(make_store):
+    store = make_store()
+    jobs = [job(n) for n in (3, 1, 2, 4)]
+    jobs[3].status = "processing"                    # started: ahead of nobody
+    for rec in jobs:
+        store.insert(rec)
+    assert [store.queue_ahead(rec.id) for rec in jobs[:3]] == [2, 0, 1]
+    store.update(jobs[1].id, status="completed")
+    assert store.queue_ahead(jobs[0].id) == 1 and store.queue_ahead(jobs[2].id) == 0
+
+
 def test_round_trip_keeps_every_field(make_store):
     store = make_store()
     rec = job(1, webhook="https://hooks.example.com/x", outputs=[{"filename": "a.mp4", "subfolder": "s", "type": "output"}],

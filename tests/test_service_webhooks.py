@@ -5,6 +5,8 @@ given addresses (no traffic to private or public hosts)."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -15,11 +17,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from aiohttp import web
 
 from edge_support import SECRET, Receiver, finish_job, make_edge_env
-from infinitetalk.service.contract import ApiError, envelope
+from infinitetalk.service.contract import ApiError
 from infinitetalk.service.inputs import InputSettings
 from infinitetalk.service.routes import JobApi
-from infinitetalk.service.webhooks import (WebhookSender, WebhookSettings, make_webhook_check,
-                                           webhook_settings_from_env)
+from infinitetalk.service.settings import read_settings
+from infinitetalk.service.webhooks import WebhookSender, make_webhook_check, webhook_body_for
 from service_support import body
 
 
@@ -37,8 +39,9 @@ def _sub(tmp_path, name):
     return tmp_path / name
 
 
-def _wired(tmp_path, store_path=None, inputs=None, delays=None, **ws):
-    """A JobService whose on_final is a WebhookSender (sleep recorded, not waited)."""
+def _wired(tmp_path, store_path=None, inputs=None, delays=None, environ=None, **ws):
+    """A JobService whose on_final is a WebhookSender (sleep recorded, not waited); `environ`: the webhook
+    settings (style, secret), else the WaveSpeed style with SECRET."""
     holder: dict = {}
     now = [1000.0]
 
@@ -49,9 +52,11 @@ def _wired(tmp_path, store_path=None, inputs=None, delays=None, **ws):
     env = make_edge_env(tmp_path, store_path=store_path, inputs=inputs,
                         webhook_check=make_webhook_check(InputSettings(input_dir=tmp_path, allow_hosts=("127.0.0.1",))))
     service = env["service"]
-    sender = WebhookSender(service.store, WebhookSettings(secret=SECRET, **ws), env["settings"],
-                           envelope_for=lambda rec: envelope(service.describe(rec, rec.request.get("base_url", ""))),
-                           sleep=fake_sleep, clock=lambda: now[0])
+    configured = read_settings(environ or {"INFINITETALK_API_WEBHOOK_SECRET": SECRET})
+    hooks = configured.webhooks
+    sender = WebhookSender(service.store, dataclasses.replace(hooks, **ws), env["settings"],
+                           body_for=webhook_body_for(service, configured.public_url, hooks.style), sleep=fake_sleep,
+                           clock=lambda: now[0])
     service.on_final = sender.on_final
     holder.update(env, sender=sender)
     return holder
@@ -72,7 +77,7 @@ async def _app_client(service) -> TestClient:
     return client
 
 
-def test_delivery_is_the_result_envelope_signed_like_wavespeed(tmp_path):
+def test_delivery_is_wavespeeds_flat_prediction_object_signed_like_wavespeed(tmp_path):
     env = _wired(tmp_path)
 
     async def main():
@@ -91,9 +96,71 @@ def test_delivery_is_the_result_envelope_signed_like_wavespeed(tmp_path):
     headers, raw = received[0]
     assert _independent_check(headers, raw)
     assert headers["webhook-id"] == rec.id and headers["Content-Type"] == "application/json"
-    assert json.loads(raw) == result and result["data"]["status"] == "completed"
+    delivered, data = json.loads(raw), result["data"]
+    assert list(delivered)[:10] == ["id", "model", "input", "outputs", "urls", "has_nsfw_contents", "status",
+                                    "created_at", "error", "timings"]     # flat, not the {code, message, data} envelope
+    assert {k: v for k, v in delivered.items() if k != "input"} == data
+    assert delivered["has_nsfw_contents"] == [False] and data["status"] == "completed"
+    assert delivered["input"] == {**body(), "order": "left_right", "resolution": "480p", "seed": data["seed"]}
     tampered = raw.replace(b"completed", b"failed!!!")
     assert not _independent_check(headers, tampered)
+
+
+def test_webhook_body_echoes_the_route_family_and_model_id_the_job_was_submitted_on(tmp_path):
+    env = _wired(tmp_path)
+    routes = {"wavespeed-ai/infinitetalk/image-to-video-multi": "/api/v3/predictions/{}/result",
+              "community/infinite-talk/fast/multi": "/v1/requests/{}/result",
+              "infinitetalk/image-to-video-multi": "/infinitetalk/v1/predictions/{}/result"}
+
+    async def main():
+        async with Receiver([200]) as hook:
+            client = await _app_client(env["service"])
+            try:
+                ids = []
+                for path in ("/api/v3/wavespeed-ai/infinitetalk/image-to-video-multi",
+                             "/v1/models/community/infinite-talk/fast/multi", "/infinitetalk/v1/image-to-video-multi"):
+                    reply = await (await client.post(f"{path}?webhook={hook.url}", json=body())).json()
+                    ids.append(reply.get("request_id") or reply["data"]["id"])
+                    await finish_job(env, ids[-1])
+                await env["sender"].drain()
+                base = str(client.make_url("")).rstrip("/")
+            finally:
+                await client.close()
+            return ids, base, [json.loads(raw) for _, raw in hook.received]
+
+    ids, base, delivered = asyncio.run(main())
+    by_id = {d["id"]: d for d in delivered}
+    assert sorted(by_id) == sorted(ids)
+    for job_id, (model, route) in zip(ids, routes.items()):
+        assert by_id[job_id]["model"] == model
+        assert by_id[job_id]["urls"]["get"] == base + route.format(job_id)
+
+
+def test_standard_webhooks_style_verifies_with_the_standardwebhooks_library(tmp_path):
+    standardwebhooks = pytest.importorskip("standardwebhooks")
+    secret = "whsec_" + base64.b64encode(bytes(range(32))).decode()
+    environ = {"INFINITETALK_API_WEBHOOK_SECRET": secret, "INFINITETALK_API_WEBHOOK_STYLE": "standard"}
+    env = _wired(tmp_path, environ=environ)
+
+    async def main():
+        async with Receiver([200]) as hook:
+            client = await _app_client(env["service"])
+            try:
+                rec = await _submit_and_finish(client, env, hook.url)
+                result = await (await client.get(f"/infinitetalk/v1/predictions/{rec.id}/result")).json()
+                await env["sender"].drain()
+            finally:
+                await client.close()
+            return result, hook.received
+
+    result, received = asyncio.run(main())
+    (headers, raw), = received
+    assert headers["webhook-signature"].startswith("v1,")
+    verifier = standardwebhooks.Webhook(secret)
+    assert verifier.verify(raw, headers) == result            # the contract routes' envelope, verified
+    with pytest.raises(standardwebhooks.WebhookVerificationError):
+        verifier.verify(raw.replace(b"completed", b"failed!!!"), headers)
+    assert not _independent_check(headers, raw)                # not WaveSpeed's form
 
 
 def test_retries_after_500s_with_growing_delays_then_succeeds(tmp_path):
@@ -112,6 +179,26 @@ def test_retries_after_500s_with_growing_delays_then_succeeds(tmp_path):
     assert len({h["webhook-id"] for h, _ in received}) == 1          # one id across retries
     assert all(_independent_check(h, raw) for h, raw in received)    # each attempt signed afresh
     assert len(delays) == 2 and 0.8 <= delays[0] <= 1.0 and 1.6 <= delays[1] <= 2.0  # 1 s, then doubled
+
+
+def test_huge_answers_are_not_read_the_status_decides(tmp_path):
+    """A receiver answering 700 MB (first with 500, to be retried, then 200): a few kB of each answer are read,
+    the connection is closed, and the status alone decides."""
+    env = _wired(tmp_path, first_delay_s=0.1)
+    huge = 700 * 2**20
+
+    async def main():
+        async with Receiver([500, 200], answer_bytes=huge) as hook:
+            rec = await env["service"].submit("image-to-video-multi", body(), webhook=hook.url, base_url="http://x")
+            await finish_job(env, rec.id)
+            await env["sender"].drain()
+            await asyncio.sleep(0.2)   # let the receiver notice the closed connections
+            return rec, hook
+
+    rec, hook = asyncio.run(main())
+    assert env["sender"].attempts[rec.id] == [500, 200] and len(hook.received) == 2
+    assert 0 < env["sender"].answer_bytes <= 2 * 4096      # at most 4 kB read of each answer
+    assert hook.sent < 2 * 64 * 2**20                       # the receiver could not push its answers out
 
 
 def test_gives_up_after_the_attempt_limit_and_does_not_retry_4xx_or_redirects(tmp_path):
@@ -247,7 +334,7 @@ def test_a_job_ended_by_a_server_that_stopped_before_notifying_is_swept_up(tmp_p
             return rec, hook.received
 
     rec, received = asyncio.run(main())
-    assert len(received) == 1 and json.loads(received[0][1])["data"]["status"] == "completed"
+    assert len(received) == 1 and json.loads(received[0][1])["status"] == "completed"
     assert _delivery_row(a["store_path"], rec.id) == (1, "delivered", 1)
 
 
@@ -262,7 +349,7 @@ def test_a_failed_or_cancelled_job_is_notified_too(tmp_path):
             return hook.received
 
     [(headers, raw)] = asyncio.run(main())
-    data = json.loads(raw)["data"]
+    data = json.loads(raw)
     assert data["status"] == "failed" and data["error"] == "cancelled by the client" and _independent_check(headers, raw)
 
 
@@ -313,7 +400,6 @@ def test_bad_webhook_is_refused_at_submit_and_nothing_is_queued(tmp_path):
 def test_build_from_environment_wires_s3_off_and_webhooks_on(tmp_path):
     from infinitetalk.service.outputs import LocalOutputs
     from infinitetalk.service.app import build
-    from infinitetalk.service.settings import read_settings
     from infinitetalk.service.store import JobRecord, JobStore
     from service_support import TEMPLATE, FakeEngine
 
@@ -322,10 +408,10 @@ def test_build_from_environment_wires_s3_off_and_webhooks_on(tmp_path):
                 lambda: JobStore(tmp_path / "j.sqlite3"), FakeEngine(), settings, {"image-to-video-multi": TEMPLATE}, tmp_path)
     service = app.service
     assert isinstance(service.outputs, LocalOutputs) and service.on_final == app.webhooks.on_final
-    built = app.webhooks.envelope_for
+    built = app.webhooks.body_for
     rec = JobRecord(id="j1", model="m", request={"seed": 1}, status="completed", created_at="t",
                     outputs=[{"filename": "a.mp4", "subfolder": "s", "type": "output"}])
-    assert built(rec)["data"]["outputs"] == ["https://api.example/view?filename=a.mp4&subfolder=s&type=output"]
+    assert built(rec)["outputs"] == ["https://api.example/view?filename=a.mp4&subfolder=s&type=output"]
     with pytest.raises(RuntimeError) as info:
         build(read_settings({"INFINITETALK_API_S3_BUCKET": "UPPER"}), lambda: JobStore(tmp_path / "k.sqlite3"),
               FakeEngine(), settings, {}, tmp_path)
@@ -334,8 +420,16 @@ def test_build_from_environment_wires_s3_off_and_webhooks_on(tmp_path):
 
 
 def test_secret_setting():
-    assert webhook_settings_from_env({}) is None
-    assert webhook_settings_from_env({"INFINITETALK_API_WEBHOOK_SECRET": SECRET}).secret == SECRET
+    assert read_settings({}).webhooks is None
+    assert read_settings({"INFINITETALK_API_WEBHOOK_SECRET": SECRET}).webhooks.secret == SECRET
     with pytest.raises(RuntimeError) as info:
-        webhook_settings_from_env({"INFINITETALK_API_WEBHOOK_SECRET": "whsec_short"})
+        read_settings({"INFINITETALK_API_WEBHOOK_SECRET": "whsec_short"})
     assert "INFINITETALK_API_WEBHOOK_SECRET" in str(info.value) and "expected" in str(info.value)
+    standard = {"INFINITETALK_API_WEBHOOK_STYLE": "standard"}
+    assert read_settings({**standard, "INFINITETALK_API_WEBHOOK_SECRET": "whsec_" + "QUJD" * 8}).webhooks.style == "standard"
+    for bad in ({**standard, "INFINITETALK_API_WEBHOOK_SECRET": "whsec_not base64!!"},
+                {**standard, "INFINITETALK_API_WEBHOOK_SECRET": "whsec_QUJD"},          # 3 bytes
+                {"INFINITETALK_API_WEBHOOK_STYLE": "svix", "INFINITETALK_API_WEBHOOK_SECRET": SECRET}):
+        with pytest.raises(RuntimeError) as info:
+            read_settings(bad)
+        assert "INFINITETALK_API_WEBHOOK_" in str(info.value) and "expected" in str(info.value) or "base64" in str(info.value)

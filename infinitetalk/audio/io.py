@@ -17,7 +17,7 @@ import soxr
 from ..errors import InputError, require_file
 from ..limits import MAX_AUDIO_VALUES, MAX_PIXELS, MAX_SECONDS, check_audio_format
 
-__all__ = ["AudioInfo", "probe_audio", "open_capped", "stream_seconds", "audio_info", "AudioClip", "FEATURE_RATE", "load_audio", "to_mono", "resample", "write_wav", "AudioSource"]
+__all__ = ["AudioInfo", "probe_audio", "decoded_seconds", "open_capped", "stream_seconds", "audio_info", "AudioClip", "FEATURE_RATE", "load_audio", "to_mono", "resample", "write_wav", "AudioSource"]
 
 FEATURE_RATE = 16000   # wav2vec2 input rate
 AudioSource = Union[str, os.PathLike, BinaryIO]
@@ -71,6 +71,30 @@ def probe_audio(path: str | os.PathLike, field: str = "left_audio") -> AudioInfo
         if not container.streams.audio:
             raise InputError(field, f"{p} has no audio track")
         return audio_info(container, container.streams.audio[0], field)
+
+
+def decoded_seconds(path: str | os.PathLike, field: str = "left_audio", max_seconds: float = MAX_SECONDS) -> float:
+    """The audio's real length, counted by decoding it (a header's length can be an estimate: an MP3 without a
+    Xing/VBRI header is timed by its first frame's bitrate). Frames are counted, not kept, and decoding stops
+    once `max_seconds` is passed, so time and memory are bounded. `probe_audio` first; InputError(field)."""
+    info = probe_audio(path, field)
+    samples, rate = 0, info.sample_rate
+    with open_capped(Path(path), field, "audio or video") as container:
+        stream = container.streams.audio[0]
+        try:
+            for frame in container.decode(stream):
+                rate = int(frame.sample_rate) or rate
+                samples += frame.samples
+                if samples > (max_seconds + 1.0 / 25) * rate:
+                    raise InputError(field, f"the audio lasts more than {max_seconds:.0f} s (counted by decoding it); "
+                                            f"at most {max_seconds:.0f} s ({max_seconds / 60:.0f} minutes) is supported")
+        except av.FFmpegError as exc:
+            raise InputError(field, f"{path} is corrupt or not a supported audio format ({exc})") from None
+    if samples == 0 or not rate:
+        raise InputError(field, f"{path} contains no audio samples")
+    seconds = samples / rate
+    check_audio_format(rate, info.channels, seconds, field)
+    return seconds
 
 
 @dataclass

@@ -19,7 +19,8 @@ from .s3 import S3Outputs
 from .settings import ENV_DATABASE_URL, ENV_SWITCH, ENV_WORKER, ENV_WORKFLOWS, ApiSettings, api_enabled, read_settings
 from .staging import S3Inputs
 from .store import JobStore
-from .webhooks import ENV_PUBLIC_URL, WebhookSender, make_webhook_check, result_envelope_for
+from .uploads import UploadSweeper
+from .webhooks import WebhookSender, make_webhook_check, webhook_body_for
 from .worker import Worker
 
 WORKFLOW_FILES = {
@@ -45,13 +46,13 @@ class JobApp:
     def api(self, folders: dict[str, Path] | None = None) -> JobApi:
         """The request handlers (`folders`: label -> path, hidden in messages)."""
         return JobApi(self.service, keys=self.settings.keys.load, is_open=lambda: self.settings.open,
-                      worker=self.worker, folders=folders)
+                      worker=self.worker, folders=folders, sync_wait_s=self.settings.sync_wait_s)
 
 
 def build(settings: ApiSettings, open_db: Callable[[], JobStore], engine: Engine, inputs: InputSettings,
           workflows: dict[str, dict], output_dir: Path) -> JobApp:
     """Wire the parts (the job database, `open_db()`, is opened last: a bad setting leaves nothing behind)."""
-    outputs = S3Outputs(settings.s3, output_dir) if settings.s3 else LocalOutputs()
+    outputs = S3Outputs(settings.s3, output_dir) if settings.s3 else LocalOutputs(output_dir)
     staging = S3Inputs(settings.s3) if settings.s3_inputs else None
     store = open_db()
     worker: Worker | None = None
@@ -65,8 +66,8 @@ def build(settings: ApiSettings, open_db: Callable[[], JobStore], engine: Engine
     service = JobService(store, engine, inputs, workflows, outputs=outputs, staging=staging,
                          on_final=sender.on_final if sender else None,
                          webhook_check=make_webhook_check(inputs) if sender else None, local_cancel=local_cancel,
-                         max_queued=settings.max_queued)
-    body_of = result_envelope_for(service, {ENV_PUBLIC_URL: settings.public_url})
+                         max_queued=settings.max_queued, upload_sweeper=UploadSweeper(inputs, settings.upload_quota))
+    body_of = webhook_body_for(service, settings.public_url, settings.webhooks.style) if settings.webhooks else None
     if settings.run_worker:
         worker = Worker(service, lease_s=settings.lease_s)
     return JobApp(settings, service, worker, sender)
@@ -121,6 +122,7 @@ def register_with_comfyui() -> bool:
     removed = app.service.sweep_if_due()
     log.info("InfiniteTalk job API registered under %s (job database: %s; removed the inputs of %d ended jobs)",
              PREFIX, "PostgreSQL" if app.settings.database_url else "SQLite", len(removed))
+    server.loop.call_soon_threadsafe(app.service.upload_sweeper.ensure_running)   # expired uploads go, on a timer
     if app.webhooks is not None:   # every server sweeps for deliveries a stopped server left unfinished
         server.loop.call_soon_threadsafe(lambda: server.loop.create_task(app.webhooks.run()))
     if app.worker is not None:

@@ -2,7 +2,7 @@
 
 WaveSpeed (the contract's envelope `{code, message, data}`, `data` as GET result answers it):
   POST /api/v3/wavespeed-ai/infinitetalk/image-to-video-multi | video-to-video-multi  [?webhook=URL]
-       body may hold `enable_sync_mode: true`: answer once the job ended (bounded wait, see SYNC_WAIT)
+       body may hold `enable_sync_mode: true`: answer once the job ended (bounded wait: INFINITETALK_API_SYNC_WAIT_SECONDS)
   GET  /api/v3/predictions/{id}/result
   POST /api/v3/media/upload/binary     multipart `file` -> {type, download_url, filename, size}
   POST /api/v3/media/uploads           {filename, size, content_type} -> PUT ticket + download_url
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
+import re
 import shutil
 import time
 import uuid
@@ -29,30 +29,15 @@ from aiohttp import web
 from . import uploads
 from .contract import ApiError, envelope, error_envelope
 from .inputs import disk_full_as_507
-from .jobs import FINAL
+from .store import FINAL
 from .staging import InputStagingError
 
 WAVESPEED_MODELS = {"wavespeed-ai/infinitetalk/image-to-video-multi": "image-to-video-multi",
                     "wavespeed-ai/infinitetalk/video-to-video-multi": "video-to-video-multi"}
 RUNCOMFY_MODEL = "community/infinite-talk/fast/multi"
-ENV_SYNC_WAIT = "INFINITETALK_API_SYNC_WAIT_SECONDS"
-SYNC_WAIT_DEFAULT_S, SYNC_WAIT_MAX_S = 300.0, 3600.0
+V3_OTHER = "/api/v3/{tail:.*}"
 SYNC_POLL_S = 0.5
 log = logging.getLogger("infinitetalk.api")
-
-
-def sync_wait_s() -> float:
-    """How long `enable_sync_mode` holds a request open (env setting, default 300 s, at most 3600 s)."""
-    raw = os.environ.get(ENV_SYNC_WAIT, "").strip()
-    if not raw:
-        return SYNC_WAIT_DEFAULT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= SYNC_WAIT_MAX_S:
-        raise ApiError(500, f"server setting {ENV_SYNC_WAIT}={raw!r}: expected seconds in (0, {SYNC_WAIT_MAX_S:.0f}]")
-    return value
 
 
 def runcomfy_status(rec: Any) -> str:
@@ -74,8 +59,9 @@ class Compat:
         self.service = api.service
 
     # -- plumbing -------------------------------------------------------------------------------------------
-    def _check(self, request: web.Request) -> None:
-        self.api.check(request)
+    def _check(self, request: web.Request) -> Any:
+        """Admit the request (JobApi.check); returns its auth.Caller."""
+        return self.api.check(request)
 
     def _wrap(self, fn, shape: str, unavailable: str = "nothing was changed"):
         """Handler answering `fn`'s data in the WaveSpeed envelope or as RunComfy's bare JSON; errors as
@@ -104,17 +90,15 @@ class Compat:
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise ApiError(400, f"request body must be a JSON object ({type(exc).__name__})") from exc
 
-    async def _submit(self, request: web.Request, kind: str, body: Any):
+    async def _submit(self, request: web.Request, kind: str, body: Any, client_model: str):
         return await self.service.submit(kind, body, webhook=request.query.get("webhook"),
-                                         base_url=self._base(request))
+                                         base_url=self._base(request), client_model=client_model)
 
     def _wavespeed_data(self, rec: Any, base: str) -> dict:
-        data = self.service.describe(rec, base)
-        data["urls"] = {"get": f"{base}/api/v3/predictions/{rec.id}/result"}
-        return data
+        return wavespeed_data(self.service, rec, base)
 
     # -- WaveSpeed ------------------------------------------------------------------------------------------
-    def _ws_submit(self, kind: str):
+    def _ws_submit(self, model: str, kind: str):
         async def submit(request: web.Request):
             self._check(request)
             body = await self._json(request)
@@ -125,8 +109,8 @@ class Compat:
                 if not isinstance(sync, bool):
                     raise ApiError(400, f"field 'enable_sync_mode' must be true or false; got {sync!r}")
                 body.pop("enable_base64_output", None)  # accepted and ignored: outputs are always URLs
-            wait = sync_wait_s() if sync else 0.0
-            rec = await self._submit(request, kind, body)
+            wait = self.api.sync_wait_s if sync else 0.0
+            rec = await self._submit(request, kind, body, model)
             base = self._base(request)
             if not sync:
                 return self._wavespeed_data(rec, base)
@@ -146,8 +130,20 @@ class Compat:
         rec = await self.service.status(request.match_info["id"])
         return self._wavespeed_data(rec, self._base(request))
 
-    async def _ws_upload_binary(self, request: web.Request):
+    async def _ws_other(self, request: web.Request):
+        """A v3 path this server does not serve: 405 for a served path and another method, else 404 (a WaveSpeed
+        model id other than the two served here, or no route at all), in v3's envelope."""
         self._check(request)
+        path = request.path
+        allowed = sorted({method for method, pattern in ROUTES if method != "*" and _matches(pattern, path)})
+        if allowed:
+            raise ApiError(405, f"{request.method} is not allowed on {path}; use {' or '.join(allowed)}")
+        served = ", ".join(WAVESPEED_MODELS)
+        raise ApiError(404, f"no model or route {path.removeprefix('/api/v3/')!r} on this server; its WaveSpeed "
+                            f"models are {served}")
+
+    async def _ws_upload_binary(self, request: web.Request):
+        owner = self._check(request).account   # uploads count against the caller's account
         if not request.content_type.startswith("multipart/"):
             raise ApiError(400, f"the upload must be multipart/form-data with a 'file' part; got "
                                 f"Content-Type {request.content_type!r}")
@@ -166,9 +162,10 @@ class Compat:
                 if not chunk:
                     return
                 yield chunk
-        uploads.sweep(self.service.settings)
-        upload_id, path, size = await uploads.save(self.service.settings, name, chunks())
+        self.service.upload_sweeper.check(owner, 0)
+        upload_id, path, size = await uploads.save(self.service.settings, name, chunks(), owner=owner)
         await self._to_bucket(upload_id, name, path)
+        self.service.upload_sweeper.added(owner, size)
         return {"type": uploads.media_type(name), "download_url": uploads.download_url(self._base(request), upload_id, name),
                 "filename": name, "size": size}
 
@@ -185,7 +182,7 @@ class Compat:
             raise ApiError(503, f"{exc}; nothing was kept, retry later") from exc
 
     async def _ws_upload_ticket(self, request: web.Request):
-        self._check(request)
+        owner = self._check(request).account   # uploads count against the caller's account
         body = await self._json(request)
         if not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object {filename, size[, content_type]}")
@@ -193,14 +190,15 @@ class Compat:
             raise ApiError(400, f"field 'filename' must be the file's name; got {body.get('filename')!r}")
         ctype = body.get("content_type") if isinstance(body.get("content_type"), str) else "application/octet-stream"
         base = self._base(request)
+        name, size = uploads.ticket_terms(body["filename"], body.get("size"))
+        self.service.upload_sweeper.check(owner, size)
         if self.service.staging is not None:   # the PUT goes straight to the bucket, presigned (as S3 tickets do)
-            name, _size = uploads.ticket_terms(body["filename"], body.get("size"))
             upload_id = uuid.uuid4().hex
             put_url = self.service.staging.upload_url(upload_id, name, ctype, int(uploads.TICKET_TTL_S))
         else:
-            uploads.sweep(self.service.settings)
-            upload_id, name, token = uploads.create_ticket(self.service.settings, body["filename"], body.get("size"))
+            upload_id, name, token = uploads.create_ticket(self.service.settings, body["filename"], size, owner=owner)
             put_url = f"{uploads.download_url(base, upload_id, name)}?token={token}"
+        self.service.upload_sweeper.added(owner, size)
         return {"upload": {"method": "PUT", "url": put_url, "headers": {"Content-Type": ctype},
                            "expires_in": int(uploads.TICKET_TTL_S)},
                 "download_url": uploads.download_url(base, upload_id, name), "filename": name, "size": body["size"],
@@ -236,13 +234,15 @@ class Compat:
         body = await self._json(request)
         kind = "video-to-video-multi" if isinstance(body, dict) and body.get("video") not in (None, "") \
             else "image-to-video-multi"
-        rec = await self._submit(request, kind, body)
+        rec = await self._submit(request, kind, body, RUNCOMFY_MODEL)
         return {"request_id": rec.id, **self._rc_urls(self._base(request), rec.id)}
 
     async def _rc_status(self, request: web.Request):
         self._check(request)
         rec = await self.service.status(request.match_info["id"])
         out = {"request_id": rec.id, "status": runcomfy_status(rec)}
+        if out["status"] == "in_queue":   # jobs ahead of this one (0: it runs next)
+            out["queue_position"] = await self.service.db(self.service.store.queue_ahead, rec.id)
         urls = self._rc_urls(self._base(request), rec.id)
         out.update(status_url=urls["status_url"], result_url=urls["result_url"])
         return out
@@ -266,7 +266,8 @@ class Compat:
         queued, read, cancelled = "nothing was queued", "the job's status cannot be read now (nothing is lost)", \
             "nothing was cancelled"
         handlers = {
-            **{("POST", f"/api/v3/{model}"): (self._ws_submit(kind), queued) for model, kind in WAVESPEED_MODELS.items()},
+            **{("POST", f"/api/v3/{model}"): (self._ws_submit(model, kind), queued)
+               for model, kind in WAVESPEED_MODELS.items()},
             ("GET", "/api/v3/predictions/{id}/result"): (self._ws_result, read),
             ("POST", "/api/v3/media/upload/binary"): (self._ws_upload_binary, "nothing was stored"),
             ("POST", "/api/v3/media/uploads"): (self._ws_upload_ticket, "nothing was stored"),
@@ -275,6 +276,7 @@ class Compat:
             ("GET", "/v1/requests/{id}/status"): (self._rc_status, read),
             ("GET", "/v1/requests/{id}/result"): (self._rc_result, read),
             ("POST", "/v1/requests/{id}/cancel"): (self._rc_cancel, cancelled),
+            ("*", V3_OTHER): (self._ws_other, "nothing was changed"),
         }
         out = []
         for method, path in ROUTES:
@@ -291,7 +293,57 @@ ROUTES = (*(("POST", f"/api/v3/{model}") for model in WAVESPEED_MODELS),
           ("GET", "/api/v3/predictions/{id}/result"), ("POST", "/api/v3/media/upload/binary"),
           ("POST", "/api/v3/media/uploads"), ("PUT", uploads.URL_PATH + "/{id}/{name}"),
           ("GET", uploads.URL_PATH + "/{id}/{name}"), ("POST", f"/v1/models/{RUNCOMFY_MODEL}"),
-          ("GET", "/v1/requests/{id}/status"), ("GET", "/v1/requests/{id}/result"), ("POST", "/v1/requests/{id}/cancel"))
+          ("GET", "/v1/requests/{id}/status"), ("GET", "/v1/requests/{id}/result"), ("POST", "/v1/requests/{id}/cancel"),
+          ("*", V3_OTHER))   # last: any other v3 path (a model this server does not serve) answers in v3's shape
+
+
+def _matches(pattern: str, path: str) -> bool:
+    """Whether `path` fits a route pattern whose `{name}` parts are single path segments."""
+    parts = re.split(r"\{[^}]+\}", pattern)
+    return re.fullmatch("[^/]+".join(map(re.escape, parts)), path) is not None
+
+
+def route_family(rec: Any) -> str:
+    """Which API the job was submitted on: `wavespeed` (v3), `runcomfy`, or `contract` (/infinitetalk/v1)."""
+    model = rec.request.get("client_model")
+    return "wavespeed" if model in WAVESPEED_MODELS else "runcomfy" if model == RUNCOMFY_MODEL else "contract"
+
+
+def result_url(rec: Any, base: str) -> str:
+    """The result route of the family the job was submitted on (a webhook's `urls.get`)."""
+    family = route_family(rec)
+    if family == "wavespeed":
+        return f"{base}/api/v3/predictions/{rec.id}/result"
+    if family == "runcomfy":
+        return f"{base}/v1/requests/{rec.id}/result"
+    return f"{base}/infinitetalk/v1/predictions/{rec.id}/result"
+
+
+def wavespeed_data(service: Any, rec: Any, base: str) -> dict:
+    """`data` of a v3 answer: the contract's, with the model id the client submitted with and `urls.get` on
+    the v3 result route."""
+    data = service.describe(rec, base)
+    data["model"] = rec.request.get("client_model") or rec.model
+    data["urls"] = {"get": f"{base}/api/v3/predictions/{rec.id}/result"}
+    return data
+
+
+def client_input(rec: Any) -> dict:
+    """The job's input as the client sent it (seed resolved); a `data:` URI only by its type and size."""
+    req = rec.request
+    media = {name: (value.split(",", 1)[0] + f",<{len(value)} characters>" if value.startswith("data:") else value)
+             for name, value in req.get("media", {}).items()}
+    return {**media, "prompt": req.get("prompt", ""), "order": req.get("order"), "resolution": req.get("resolution"),
+            "seed": req.get("seed")}
+
+
+def prediction_object(service: Any, rec: Any, base: str) -> dict:
+    """WaveSpeed's flat prediction object (a webhook body): id, model, input, outputs, urls (`get` on the route
+    family the job was submitted on), has_nsfw_contents, status, created_at, error, timings, then ours."""
+    data = service.describe(rec, base)
+    first = {"id": rec.id, "model": rec.request.get("client_model") or rec.model, "input": client_input(rec),
+             "outputs": data["outputs"], "urls": {"get": result_url(rec, base)}}
+    return {**first, **{k: v for k, v in data.items() if k not in first}}
 
 
 def reply_shape(path: str) -> str:

@@ -33,10 +33,15 @@ MEDIA_FIELDS = ("image", "video", "mask_image", "left_audio", "right_audio")
 class ApiError(Exception):
     """A refusal in the contract's shape: HTTP status = `code`, `message` says what and why."""
 
-    def __init__(self, code: int, message: str):
+    def __init__(self, code: int, message: str, retry_after_s: int | None = None):
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s   # sent as `Retry-After` (503, 429)
         super().__init__(f"{code}: {message}")
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {} if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
 
 
 @dataclass
@@ -117,7 +122,9 @@ def validate_request(kind: str, body: Any) -> JobRequest:
         raise ApiError(400, f"field 'prompt' is longer than {MAX_PROMPT_CHARS} characters")
     order = _choice(body, "order", ORDERS, "meanwhile" if visual == "video" else "left_right")
     resolution = _choice(body, "resolution", RESOLUTIONS, "480p")
-    seed = body.get("seed", -1)
+    seed = body.get("seed")
+    if seed is None:   # absent or null: the default, as for every optional field
+        seed = -1
     if isinstance(seed, bool) or not isinstance(seed, (int, float)) or (isinstance(seed, float) and not seed.is_integer()):
         raise ApiError(400, f"field 'seed' must be an integer in -1 .. {MAX_SEED}; got {seed!r}")
     seed = int(seed)

@@ -27,7 +27,7 @@ from .graph import build_graph
 from .inputs import JOB_INPUTS, InputSettings, disk_full_as_507, remove_job_inputs, resolve_media
 from .outputs import LocalOutputs, OutputStore
 from .staging import InputStagingError, S3Inputs, UploadTooLarge
-from .uploads import CAPS as UPLOAD_CAPS, UPLOADS, local_upload, media_type, uploads_root
+from .uploads import CAPS as UPLOAD_CAPS, UPLOADS, UploadSweeper, local_upload, media_type, uploads_root
 from .auth import CALLER, Caller
 from .store import FINAL, AccountQueueFull, JobRecord, JobStore, StoreUnavailable
 
@@ -71,8 +71,7 @@ class QueueFull(ApiError):
     """429: the account's queue is full; clients retry after `retry_after_s`."""
 
     def __init__(self, message: str, retry_after_s: int = QUEUE_FULL_RETRY_S):
-        super().__init__(429, message)
-        self.retry_after_s = retry_after_s
+        super().__init__(429, message, retry_after_s)
 
 
 def _dedupe_key(header: str | None, field: Any) -> str | None:
@@ -98,30 +97,21 @@ def output_prefix(job_id: str) -> str:
 
 
 def _probe(field: str, path: Path) -> float | None:
-    """Check one input from its headers now (the budgets in `infinitetalk.limits`), so over-limit,
-    broken and empty-mask files are refused at submit time. Returns an audio field's seconds."""
-    from .. import limits
-    from ..audio.io import probe_audio
+    """Check one input now (the budgets in `infinitetalk.limits`), so over-limit, broken, truncated and
+    empty-mask files are refused at submit time. Returns an audio field's decoded seconds."""
+    from ..audio.io import decoded_seconds
     from ..pipeline.masks import check_mask
-    from ..video.reader import probe_image, probe_video
+    from ..video.image_check import check_image_complete
+    from ..video.reader import probe_video
 
-    if field.endswith("audio"):
-        info = probe_audio(path, field)
-        if info.seconds == info.seconds:  # not NaN: the header knows the duration
-            return info.seconds
-        from ..audio.io import load_audio  # no duration in the header: decode (bounded by load_audio's limits)
-
-        clip = load_audio(path, name=field)
-        seconds = clip.samples.shape[-1] / clip.sample_rate
-        limits.check_audio_format(clip.sample_rate, info.channels, seconds, field)
-        return seconds
+    if field.endswith("audio"):   # counted by decoding: a header's length may be an estimate (VBR MP3)
+        return decoded_seconds(path, field)
     if field == "video":
         probe_video(path, field)
         return None
+    check_image_complete(path, field)   # the whole picture, not only its header (a cut-off file is refused)
     if field == "mask_image":
         check_mask(path, field)
-        return None
-    probe_image(path, field)
     return None
 
 
@@ -139,13 +129,13 @@ class JobService:
     job that reached its final state (from a worker or a route), `webhook_check` vets a submitted webhook URL,
     `staging` (S3Inputs) stages job inputs for workers elsewhere, `local_cancel(job_id)` lets this server's own
     worker act at once on a cancel flagged for a job it may hold, `max_queued` bounds each account's jobs created
-    or running (0: no limit)."""
+    or running (0: no limit), `upload_sweeper` expires uploads and keeps each account's upload quota."""
 
     def __init__(self, store: JobStore, engine: Engine | None, settings: InputSettings, workflows: dict[str, dict],
                  outputs: OutputStore | None = None, on_final: OnFinal | None = None,
                  webhook_check: Callable[[str], str] | None = None, cancel_wait_s: float = 10.0,
                  staging: S3Inputs | None = None, local_cancel: Callable[[str], Awaitable[None]] | None = None,
-                 max_queued: int = 0):
+                 max_queued: int = 0, upload_sweeper: UploadSweeper | None = None):
         self.store = store
         self.engine = engine
         self.settings = settings
@@ -157,19 +147,22 @@ class JobService:
         self.staging = staging
         self.local_cancel = local_cancel
         self.max_queued = max_queued   # per account, jobs created or running (0: no limit)
+        self.upload_sweeper = upload_sweeper or UploadSweeper(settings)  # expires uploads, keeps each account's quota
         self._submitting: set[str] = set()  # job ids whose inputs are being fetched (never swept)
         self._last_sweep = float("-inf")
-        # Probes are header reads (ms) but a mask is decoded: bound how many inputs are open at once.
+        # Probes decode pictures and count audio by decoding (up to a second or two): bound how many run at once.
         self._probing = asyncio.Semaphore(PARALLEL_PROBES)
 
     async def db(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
         """A store call off the event loop (a slow or dead database must not stall the server)."""
         return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args, **kwargs))
 
-    async def submit(self, kind: str, body: Any, webhook: str | None = None, base_url: str = "") -> JobRecord:
+    async def submit(self, kind: str, body: Any, webhook: str | None = None, base_url: str = "",
+                     client_model: str | None = None) -> JobRecord:
         """Validate, fetch and probe every input, then record the job in the queue for the caller's account; a
         refusal (or a database that cannot record it) leaves no file of this job behind. `base_url`: the origin
-        the client used, kept with the job for the links of its webhook. A submission repeating an
+        the client used, kept with the job for the links of its webhook; `client_model`: the model id a drop-in
+        route was called with (its answers and webhook echo it; compat.route_family). A submission repeating an
         `Idempotency-Key` header (or `dedupe_key` field) of the account's within DEDUPE_WINDOW_S gets that job
         back, so a client retrying after a lost reply never pays twice."""
         req = validate_request(kind, body)
@@ -189,7 +182,8 @@ class JobService:
         self._submitting.add(job_id)
         queued = False
         try:
-            record = await self._fetch_probe_record(job_id, req, webhook, base_url, caller.account, dedupe_key)
+            record = await self._fetch_probe_record(job_id, req, webhook, base_url, caller.account, dedupe_key,
+                                                    client_model)
             queued = record.id == job_id   # else a twin submission with the same key came first: that job
             return record
         finally:
@@ -198,7 +192,7 @@ class JobService:
                 remove_job_inputs(self.settings, job_id)
 
     async def _fetch_probe_record(self, job_id: str, req: JobRequest, webhook: str | None, base_url: str,
-                                  account: str, dedupe_key: str | None) -> JobRecord:
+                                  account: str, dedupe_key: str | None, client_model: str | None) -> JobRecord:
         local: dict[str, Path] = {}
         for field_name, value in req.media.items():
             local[field_name] = await resolve_media(job_id, field_name, value, self.settings, self.local_upload)
@@ -225,6 +219,8 @@ class JobService:
         root = Path(self.settings.input_dir).resolve()
         inputs = {f: path.resolve().relative_to(root).as_posix() for f, path in local.items()}
         request = {**req.to_json(), "seed": seed, "inputs": inputs, "base_url": base_url.rstrip("/")}
+        if client_model:
+            request["client_model"] = client_model
         build_graph(self.workflows[req.kind], graph_params(request), filename_prefix=output_prefix(job_id))  # fits
         if self.staging is not None:   # for a worker without this server's input folder
             try:
@@ -379,11 +375,13 @@ class JobService:
     def describe(self, rec: JobRecord, base_url: str) -> dict[str, Any]:
         """The contract's `data` object for a record; URLs are absolute on `base_url`."""
         base = base_url.rstrip("/")
+        outputs = self.outputs.urls(rec.outputs, base)
         return {
             "id": rec.id,
             "model": rec.model,
-            "outputs": self.outputs.urls(rec.outputs, base),
+            "outputs": outputs,
             "urls": {"get": f"{base}/infinitetalk/v1/predictions/{rec.id}/result"},
+            "has_nsfw_contents": [False] * len(outputs),   # WaveSpeed's field: nothing is flagged here
             "status": rec.status,
             "created_at": rec.created_at,
             "error": rec.error,

@@ -6,9 +6,15 @@ its `/view` route on whichever server the client asked (in a fleet the output fo
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlencode
+
+from ..errors import InputError
+from .contract import billed_seconds
+
+log = logging.getLogger("infinitetalk.api")
 
 
 class OutputPublishError(Exception):
@@ -42,10 +48,34 @@ class OutputStore(Protocol):
 
 
 class LocalOutputs:
-    """Outputs stay in the output folder: `{filename, subfolder, type}` → `<base>/view?…`."""
+    """Outputs stay in the output folder: `{filename, subfolder, type}` → `<base>/view?…`. `output_dir` (the
+    folder the engine writes to) lets the finished video be measured for billing (`produced_billing`)."""
+
+    def __init__(self, output_dir: Path | None = None):
+        self.output_dir = None if output_dir is None else Path(output_dir)
 
     def publish(self, job_id: str, engine_outputs: list[dict]) -> list[dict]:
         return [dict(o) for o in engine_outputs]
 
     def urls(self, outputs: list[dict[str, Any]], base_url: str) -> list[str]:
         return [view_url(o, base_url) for o in outputs]
+
+
+def produced_billing(store: Any, engine_outputs: list[dict]) -> dict[str, Any]:
+    """`video_seconds` and `billed_seconds` of the finished video, measured from its file: what was produced is
+    billed, not the estimate made at submit. {} (the estimate stands) when the store knows no output folder
+    or the file cannot be read (logged)."""
+    from ..video.reader import probe_video
+
+    output_dir = getattr(store, "output_dir", None)
+    videos = [item for item in engine_outputs if item.get("type", "output") == "output"]
+    if output_dir is None or not videos:
+        return {}
+    try:
+        seconds = probe_video(output_path(output_dir, videos[0]), "output").seconds
+    except (InputError, OutputPublishError, OSError) as exc:
+        log.warning("the finished video %r could not be measured for billing: %s", videos[0].get("filename"), exc)
+        return {}
+    if not seconds > 0:   # NaN: the file does not say
+        return {}
+    return {"video_seconds": seconds, "billed_seconds": billed_seconds(seconds)}

@@ -22,11 +22,12 @@ from typing import Any
 from aiohttp import web
 
 from ..dependencies import missing_message
-from .auth import CALLER, PROXY_HEADERS, authorize
+from .auth import CALLER, PROXY_HEADERS, Caller, authorize
 from .compat import ROUTES as COMPAT_ROUTES, compat_routes, error_body, reply_shape
 from .contract import MODELS, ApiError, envelope, error_envelope, public_message
 from .inputs import disk_full_as_507
-from .jobs import JobService, QueueFull
+from .jobs import JobService
+from .settings import DEFAULT_SYNC_WAIT_S
 from .store import StoreUnavailable
 
 PREFIX = "/infinitetalk/v1"
@@ -43,16 +44,19 @@ _ROUTE_SHAPES = [("POST", re.compile(_AT + "/(" + "|".join(map(re.escape, MODELS
 class JobApi:
     """The handlers over one JobService; `keys` and `is_open` are asked per request so keys can rotate.
 
-    `worker`: this server's Worker (None on an API-only server), for the health answer.
+    `worker`: this server's Worker (None on an API-only server), for the health answer. `sync_wait_s`: how long
+    WaveSpeed's `enable_sync_mode` holds a request open (compat.py).
     `folders` (label -> path) are replaced by `<label>` in messages; the input folder always is.
     """
 
     def __init__(self, service: JobService, keys: Callable[[], tuple[str, ...]], is_open: Callable[[], bool],
-                 worker: Any = None, folders: dict[str, Path] | None = None):
+                 worker: Any = None, folders: dict[str, Path] | None = None,
+                 sync_wait_s: float = DEFAULT_SYNC_WAIT_S):
         self.service = service
         self.keys = keys
         self.is_open = is_open
         self.worker = worker
+        self.sync_wait_s = sync_wait_s
         self.folders = {"input": Path(service.settings.input_dir), **(folders or {})}
 
     def routes(self) -> list[web.RouteDef]:
@@ -89,13 +93,13 @@ class JobApi:
             log.error("job API: %s", exc)
             return ApiError(503, DB_DOWN.format(what=unavailable)), {"Retry-After": "5"}
         if isinstance(exc, ApiError):
-            headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else {}
-            return ApiError(exc.code, public_message(exc.message, self.folders)), headers
+            return ApiError(exc.code, public_message(exc.message, self.folders)), exc.headers
         log.error("job API error", exc_info=exc)
         return ApiError(500, public_message(f"internal error: {type(exc).__name__}: {exc}", self.folders)), {}
 
-    def check(self, request: web.Request) -> None:
-        """Admit the request or raise ApiError 401/503 (missing packages, API keys, loopback-only without keys)."""
+    def check(self, request: web.Request) -> Caller:
+        """Admit the request or raise ApiError 401/503 (missing packages, API keys, loopback-only without keys);
+        the caller (also set in `auth.CALLER` for the job service) is returned."""
         missing = missing_message(public=True)
         if missing:   # a requirements.txt package is not installed: every route says which (not a 500 per job)
             raise ApiError(503, missing)
@@ -108,7 +112,9 @@ class JobApi:
         proxied = any(name in request.headers for name in PROXY_HEADERS)
         caller = authorize(request.headers.get("Authorization"), request.remote, keys, proxied=proxied,
                            is_open=self.is_open())
-        CALLER.set(dataclasses.replace(caller, idempotency_key=request.headers.get("Idempotency-Key")))
+        caller = dataclasses.replace(caller, idempotency_key=request.headers.get("Idempotency-Key"))
+        CALLER.set(caller)
+        return caller
 
     @staticmethod
     def _base(request: web.Request) -> str:
@@ -158,7 +164,7 @@ class JobApi:
             database = "unreachable"
             problems.append("the job database is unreachable")
         if problems:
-            raise ApiError(503, "not ready: " + "; ".join(problems))
+            raise ApiError(503, "not ready: " + "; ".join(problems), retry_after_s=5)
         worker = self.worker
         return {"status": "ok", "database": database,
                 "worker": "off" if worker is None else "busy" if worker.job is not None else "idle"}

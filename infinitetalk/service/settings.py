@@ -2,7 +2,6 @@
 
 A bad value raises RuntimeError naming the setting (the app then answers 503 naming it, never its value: a
 value may be a secret). Only the key file is read again per request, so keys can rotate without a restart.
-The webhook and sync-wait settings are checked by their own modules (`webhooks.py`, `compat.py`).
 """
 from __future__ import annotations
 
@@ -16,7 +15,8 @@ from pathlib import Path
 from .inputs import DEFAULT_RETENTION_S, InputSettings
 from .s3 import ENV as ENV_S3, MAX_EXPIRY_S, S3Settings
 from .store import ENV_DATABASE_URL  # postgresql://… for a fleet; unset = a SQLite file
-from .webhooks import ENV_PUBLIC_URL, WebhookSettings, webhook_settings_from_env
+from .uploads import UploadQuota
+from .webhooks import STYLES, WebhookSettings, signing_key
 
 ENV_SWITCH = "INFINITETALK_API"  # 1: serve the job API; 0: never; unset: when any INFINITETALK_API_* is set
 ENV_KEYS = "INFINITETALK_API_KEYS"
@@ -30,6 +30,13 @@ ENV_RETENTION = "INFINITETALK_API_INPUT_RETENTION_HOURS"  # keep a finished job'
 ENV_WORKFLOWS = "INFINITETALK_API_WORKFLOWS"  # a folder with customised copies of the two API workflows
 ENV_WORKER = "INFINITETALK_API_WORKER"  # 0 = an API-only server (runs no jobs)
 ENV_LEASE = "INFINITETALK_API_LEASE_SECONDS"
+ENV_WEBHOOK_SECRET = "INFINITETALK_API_WEBHOOK_SECRET"
+ENV_WEBHOOK_STYLE = "INFINITETALK_API_WEBHOOK_STYLE"    # wavespeed (default) | standard
+ENV_PUBLIC_URL = "INFINITETALK_API_PUBLIC_URL"  # base URL of result links in webhook bodies
+ENV_SYNC_WAIT = "INFINITETALK_API_SYNC_WAIT_SECONDS"   # how long WaveSpeed's enable_sync_mode holds a request
+DEFAULT_SYNC_WAIT_S, MAX_SYNC_WAIT_S = 300.0, 3600.0
+ENV_QUOTA_FILES = "INFINITETALK_API_UPLOAD_QUOTA_FILES"   # uploads one account may keep (0: no limit)
+ENV_QUOTA_MB = "INFINITETALK_API_UPLOAD_QUOTA_MB"         # megabytes one account may keep (0: no limit)
 DEFAULT_LEASE_S = 60.0
 DEFAULT_MAX_QUEUED = 100
 ACCOUNT_NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
@@ -96,6 +103,8 @@ class ApiSettings:
     s3_inputs: bool = False
     webhooks: WebhookSettings | None = None
     public_url: str = ""
+    upload_quota: UploadQuota = UploadQuota()   # per account
+    sync_wait_s: float = DEFAULT_SYNC_WAIT_S
 
     def __post_init__(self) -> None:
         if self.s3_inputs and self.s3 is None:
@@ -128,8 +137,12 @@ def read_settings(environ: Mapping[str, str] | None = None) -> ApiSettings:
         s3=_s3(env),
         s3_inputs=_choice(get(ENV_S3 + "INPUTS"), ENV_S3 + "INPUTS",
                           "1 (stage job inputs in the bucket) or 0 (default)", "0"),
-        webhooks=webhook_settings_from_env(env),
+        webhooks=_webhooks(get(ENV_WEBHOOK_SECRET), get(ENV_WEBHOOK_STYLE).lower()),
         public_url=get(ENV_PUBLIC_URL),
+        upload_quota=UploadQuota(
+            max_files=int(_number(get(ENV_QUOTA_FILES), ENV_QUOTA_FILES, UploadQuota.max_files, whole=True)),
+            max_bytes=int(_number(get(ENV_QUOTA_MB), ENV_QUOTA_MB, UploadQuota.max_bytes // 2**20, whole=True)) * 2**20),
+        sync_wait_s=_sync_wait(get(ENV_SYNC_WAIT)),
     )
 
 
@@ -183,6 +196,42 @@ def _lease(raw: str) -> float:
     if not value >= 1:
         raise RuntimeError(f"{ENV_LEASE}={raw!r}: expected a number of seconds >= 1 (default {DEFAULT_LEASE_S:.0f})")
     return value
+
+
+def _sync_wait(raw: str) -> float:
+    if not raw:
+        return DEFAULT_SYNC_WAIT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= MAX_SYNC_WAIT_S:
+        raise RuntimeError(f"{ENV_SYNC_WAIT}={raw!r}: expected seconds in (0, {MAX_SYNC_WAIT_S:.0f}] "
+                           f"(default {DEFAULT_SYNC_WAIT_S:.0f})")
+    return value
+
+
+def _webhooks(secret: str, style: str) -> WebhookSettings | None:
+    """The webhook settings, or None when no secret is set (then `?webhook=` is refused at submit). The secret
+    must make a key of at least 16 bytes: text after any `whsec_` prefix (WaveSpeed), or base64 (`standard`)."""
+    style = style or STYLES[0]
+    if style not in STYLES:
+        raise RuntimeError(f"{ENV_WEBHOOK_STYLE}={style!r}: expected one of {', '.join(STYLES)} (default {STYLES[0]})")
+    if not secret:
+        return None
+    if style == "standard":
+        try:
+            key = signing_key(secret, style)
+        except ValueError:
+            raise RuntimeError(f"{ENV_WEBHOOK_SECRET}: with {ENV_WEBHOOK_STYLE}=standard the secret must be 'whsec_' "
+                               "and base64 (as Standard Webhooks libraries generate it)") from None
+        if len(key) < 16:
+            raise RuntimeError(f"{ENV_WEBHOOK_SECRET}: the secret decodes to {len(key)} bytes; expected at least 16 "
+                               f"(24 to 64 random bytes, base64, with {ENV_WEBHOOK_STYLE}=standard)")
+    elif len(signing_key(secret)) < 16:
+        raise RuntimeError(f"{ENV_WEBHOOK_SECRET}: the secret is {len(signing_key(secret))} characters (after any "
+                           "'whsec_' prefix); expected at least 16 random characters")
+    return WebhookSettings(secret=secret, style=style)
 
 
 def _s3(env: Mapping[str, str]) -> S3Settings | None:

@@ -322,6 +322,16 @@ class JobStore:
                 .values(status="failed", error=error, completed_at=_now_iso()))
         return self._run(lambda c: c.execute(stmt).rowcount == 1)
 
+    def queue_ahead(self, job_id: str) -> int:
+        """How many queued jobs (any account's) are ahead of this one: created earlier (the id breaks ties) and
+        not started, as the claim order takes them (RunComfy's queue_position)."""
+        me = jobs.alias("me")
+        earlier = sa.or_(jobs.c.created_at < me.c.created_at,
+                         sa.and_(jobs.c.created_at == me.c.created_at, jobs.c.id < me.c.id))
+        stmt = sa.select(sa.func.count()).select_from(jobs).join(me, me.c.id == job_id).where(
+            jobs.c.status == "created", earlier)
+        return self._run(lambda c: int(c.execute(stmt).scalar_one()))
+
     def request_cancel(self, job_id: str) -> bool:
         stmt = jobs.update().where(jobs.c.id == job_id, jobs.c.status == "created").values(cancel_requested=1)
         return self._run(lambda c: c.execute(stmt).rowcount == 1)

@@ -6,6 +6,11 @@ served from that folder without any HTTP request (`local_upload`), whatever host
 the id is the capability. Files are written under a temporary name and renamed when complete, capped
 like inputs (images and audio 50 MB, video 100 MB), and removed after the input retention time.
 
+Expired uploads are removed, and what each owner (the uploading caller's account) stores is tallied, by an
+`UploadSweeper` on a timer in a worker thread that app.py starts with the server, never on the event loop and
+never per request; a new upload is refused with 429 (and `Retry-After`) while its owner is over `UploadQuota`
+(`check`). Uploads are attributed to the account named in each upload folder's `.owner` file.
+
 The two-step upload (`POST /api/v3/media/uploads`, then `PUT` to the returned URL, as the wavespeed
 SDK does) authorises the PUT by a one-time ticket token in its URL, like an S3 presigned PUT: the SDK
 sends no Authorization header there. The ticket lives beside the file, so any server sharing the input
@@ -13,9 +18,11 @@ folder can take the PUT.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import secrets
@@ -23,6 +30,7 @@ import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -41,6 +49,9 @@ _TYPES = {
 CAPS = {"image": SIZE_CAPS["image"], "video": SIZE_CAPS["video"], "audio": SIZE_CAPS["left_audio"]}
 _LOCAL = re.compile(r"(?:/api)?" + re.escape(URL_PATH) + r"/([0-9a-f]{32})/([^/]+)")
 _TICKET = ".ticket.json"
+_OWNER = ".owner"
+SWEEP_EVERY_S = 60.0
+log = logging.getLogger("infinitetalk.api")
 
 
 def uploads_root(settings: InputSettings) -> Path:
@@ -77,15 +88,21 @@ def _folder(settings: InputSettings, upload_id: str) -> Path:
     return uploads_root(settings) / upload_id
 
 
+def _mark_owner(folder: Path, owner: str) -> None:
+    if owner:
+        (folder / _OWNER).write_text(owner)
+
+
 async def save(settings: InputSettings, name: str, chunks: AsyncIterator[bytes], upload_id: str | None = None,
-               expected_size: int | None = None) -> tuple[str, Path, int]:
-    """Stream `chunks` to a new upload (or the ticketed `upload_id`); returns (id, path, size)."""
+               expected_size: int | None = None, owner: str = "") -> tuple[str, Path, int]:
+    """Stream `chunks` to a new upload (or the ticketed `upload_id`) of `owner`; returns (id, path, size)."""
     kind = media_type(name)
     cap = CAPS[kind]
     upload_id = upload_id or uuid.uuid4().hex
     folder = _folder(settings, upload_id)
     with disk_full_as_507(f"the input folder's {JOB_INPUTS}/{UPLOADS}/", "file"):
         folder.mkdir(parents=True, exist_ok=True)
+        _mark_owner(folder, owner)
     final = folder / name
     size = 0
     try:
@@ -119,13 +136,14 @@ def ticket_terms(filename: object, size: object) -> tuple[str, int]:
     return name, size
 
 
-def create_ticket(settings: InputSettings, filename: str, size: object) -> tuple[str, str, str]:
-    """A one-time PUT ticket for `filename` of `size` bytes: (upload id, clean name, token)."""
+def create_ticket(settings: InputSettings, filename: str, size: object, owner: str = "") -> tuple[str, str, str]:
+    """A one-time PUT ticket of `owner` for `filename` of `size` bytes: (upload id, clean name, token)."""
     name, size = ticket_terms(filename, size)
     upload_id, token = uuid.uuid4().hex, secrets.token_urlsafe(24)
     folder = _folder(settings, upload_id)
     with disk_full_as_507(f"the input folder's {JOB_INPUTS}/{UPLOADS}/", "file"):
         folder.mkdir(parents=True, exist_ok=True)
+        _mark_owner(folder, owner)
         (folder / _TICKET).write_text(json.dumps({
             "name": name, "size": size, "expires": time.time() + TICKET_TTL_S,
             "token_sha256": hashlib.sha256(token.encode()).hexdigest()}))
@@ -190,15 +208,106 @@ def _clean(name: str) -> bool:
         return False
 
 
-def sweep(settings: InputSettings, now: float | None = None) -> list[str]:
-    """Remove uploads (and unused tickets) older than the input retention time; returns their ids."""
-    root = uploads_root(settings)
-    if not root.is_dir():
-        return []
-    now = time.time() if now is None else now
-    removed = []
-    for folder in root.iterdir():
-        if folder.is_dir() and now - folder.stat().st_mtime >= settings.retention_s:
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder.name)
-    return removed
+@dataclass(frozen=True)
+class UploadQuota:
+    """What one owner may keep in uploads at a time (0: no limit); settings.py reads it."""
+
+    max_files: int = 2000
+    max_bytes: int = 10 * 2**30
+
+
+@dataclass
+class Usage:
+    """What one owner stores: uploads, bytes, and when the oldest was written (it expires first)."""
+
+    files: int = 0
+    bytes: int = 0
+    oldest: float | None = None
+
+
+class UploadSweeper:
+    """Removes expired uploads and tallies each owner's `Usage`, every `interval_s` in a worker thread (`run`),
+    so neither uploads piling up nor the sweep itself slows the event loop. `check` refuses an owner over
+    `quota` with 429; `added` counts an upload at once (the next sweep recounts from the disk, which also
+    brings in uploads other servers sharing the folder took)."""
+
+    def __init__(self, settings: InputSettings, quota: UploadQuota | None = None, interval_s: float = SWEEP_EVERY_S):
+        self.settings = settings
+        self.quota = quota or UploadQuota()
+        self.interval_s = interval_s
+        self.usage: dict[str, Usage] = {}
+        self._task: asyncio.Task | None = None
+        self._stopping = asyncio.Event()
+
+    def sweep(self, now: float | None = None) -> list[str]:
+        """One pass (blocking: call it off the loop): remove expired folders, recount the rest; removed ids."""
+        now = time.time() if now is None else now
+        usage: dict[str, Usage] = {}
+        removed = []
+        root = uploads_root(self.settings)
+        for folder in (root.iterdir() if root.is_dir() else ()):
+            try:
+                written = folder.stat().st_mtime
+                if not folder.is_dir():
+                    continue
+                if now - written >= self.settings.retention_s:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    removed.append(folder.name)
+                    continue
+                owner = (folder / _OWNER).read_text() if (folder / _OWNER).is_file() else ""
+                size = sum(p.stat().st_size for p in folder.iterdir() if not p.name.startswith("."))
+                ticket = folder / _TICKET
+                if ticket.is_file():   # an open ticket holds its announced size
+                    size = max(size, int(json.loads(ticket.read_text()).get("size", 0)))
+            except (OSError, ValueError):   # removed meanwhile (a job's folder, another server's sweep)
+                continue
+            u = usage.setdefault(owner, Usage())
+            u.files, u.bytes = u.files + 1, u.bytes + size
+            u.oldest = written if u.oldest is None else min(u.oldest, written)
+        self.usage = usage
+        return removed
+
+    def added(self, owner: str, size: int, now: float | None = None) -> None:
+        u = self.usage.setdefault(owner, Usage())
+        u.files, u.bytes = u.files + 1, u.bytes + size
+        if u.oldest is None:
+            u.oldest = time.time() if now is None else now
+
+    def check(self, owner: str, adding_bytes: int = 0, now: float | None = None) -> None:
+        """ApiError 429 (Retry-After: until the owner's oldest upload expires) when one more upload of
+        `adding_bytes` would put `owner` over the quota."""
+        u = self.usage.get(owner, Usage())
+        q = self.quota
+        over = (q.max_files and u.files + 1 > q.max_files) or (q.max_bytes and u.bytes + adding_bytes > q.max_bytes)
+        if not over:
+            return
+        now = time.time() if now is None else now
+        wait = int(max(1, (u.oldest or now) + self.settings.retention_s - now)) if u.files else int(self.interval_s)
+        limits = " and ".join(filter(None, (q.max_files and f"{q.max_files} uploads",
+                                             q.max_bytes and f"{q.max_bytes // 2**20} MB")))
+        raise ApiError(429, f"upload quota reached: {u.files} uploads, {u.bytes / 2**20:.0f} MB stored (at most "
+                            f"{limits} per account); uploads expire {self.settings.retention_s / 3600:g} h after "
+                            "they were made", retry_after_s=wait)
+
+    async def run(self) -> None:
+        """Sweep now and every `interval_s` until `stop()`; trouble is logged, never raised."""
+        loop = asyncio.get_running_loop()
+        while not self._stopping.is_set():
+            try:
+                removed = await loop.run_in_executor(None, self.sweep)
+                if removed:
+                    log.info("job API: removed %d expired uploads", len(removed))
+            except Exception:  # noqa: BLE001 - the sweep must outlive one bad pass
+                log.exception("sweeping uploads failed")
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.interval_s)
+            except asyncio.TimeoutError:
+                pass
+
+    def ensure_running(self) -> None:
+        """Start `run` on the running loop unless it runs already (app.py, when the server starts)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self.run())
+
+    def stop(self) -> None:
+        self._stopping.set()

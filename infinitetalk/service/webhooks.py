@@ -1,15 +1,21 @@
-"""Webhooks: `?webhook=URL` on submit; when the job ends, the GET-result envelope is POSTed there.
+"""Webhooks: `?webhook=URL` on submit; when the job ends, the job is POSTed there.
 
-Signed the way WaveSpeed signs: headers `webhook-id`, `webhook-timestamp` (Unix seconds) and
-`webhook-signature: v3,<hex HMAC-SHA256 of "{webhook-id}.{webhook-timestamp}.{raw body}">`, keyed
-with the secret from `INFINITETALK_API_WEBHOOK_SECRET` without its `whsec_` prefix (used as text, not
-base64-decoded). `webhook-id` is the job id, the same on every retry, so a receiver can drop repeats.
+Two styles (`INFINITETALK_API_WEBHOOK_STYLE`; settings.py reads and checks it and the secret):
+* `wavespeed` (default): the body is WaveSpeed's flat prediction object (`compat.prediction_object`), signed
+  as WaveSpeed signs: `webhook-signature: v3,<hex HMAC-SHA256 of "{webhook-id}.{webhook-timestamp}.{raw body}">`
+  keyed with the secret from `INFINITETALK_API_WEBHOOK_SECRET` without its `whsec_` prefix, used as text;
+* `standard`: Standard Webhooks (the `standardwebhooks` library's verifier): the body is the contract routes'
+  GET-result envelope, `webhook-signature: v1,<base64 HMAC-SHA256 of the same string>` keyed with the secret's
+  base64-decoded bytes (`whsec_<base64>`).
+Both send `webhook-id` (the job id, the same on every retry, so a receiver can drop repeats) and
+`webhook-timestamp` (Unix seconds).
 
 The URL is checked by the same guard as inputs (http/https, public addresses only; hosts named in
 `INFINITETALK_API_ALLOW_HOSTS` are admitted: that is how tests reach 127.0.0.1) at submit and again
 before every attempt, and the connection goes only to the addresses just checked. Redirects are not
 followed. Retries on connection errors, 408, 425, 429 and 5xx, with exponential backoff inside a bounded
-total time.
+total time. The status decides; of a receiver's answer body at most `ANSWER_BYTES` are read (for the log),
+within `ANSWER_READ_S`, then the connection is closed: a receiver answering gigabytes costs nothing.
 
 Delivery is at least once across a fleet: a server claims the job's delivery in the job store under a
 lease it extends before every attempt and every wait (`claim_event` / `hold_event`), and records the end
@@ -21,32 +27,34 @@ where they were. Delivery runs as background tasks: it never blocks the server l
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import json
 import logging
-import os
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from .compat import prediction_object
 from .contract import ApiError, envelope
 from .guard import check_url
 from .inputs import InputSettings, _pinned_resolver
 from .store import JobRecord, StoreUnavailable
 
-ENV_SECRET = "INFINITETALK_API_WEBHOOK_SECRET"
-ENV_PUBLIC_URL = "INFINITETALK_API_PUBLIC_URL"  # base URL of result links in webhook bodies
+STYLES = ("wavespeed", "standard")   # INFINITETALK_API_WEBHOOK_STYLE (settings.py)
 SIGNATURE_VERSION = "v3"
 MAX_AGE_S = 300  # what a receiver should accept (WaveSpeed's documented window)
 MAX_URL_CHARS = 2048
 RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
 EVENT = "webhook"
 MAX_LATE_S = 24 * 3600  # a job that ended longer ago than this is not swept up any more
+ANSWER_BYTES = 4096     # read of a receiver's answer body, at most
+ANSWER_READ_S = 2.0     # and for at most this long
 log = logging.getLogger("infinitetalk.api")
 
 
@@ -65,26 +73,34 @@ def make_webhook_check(settings: InputSettings) -> Callable[[str], str]:
     return check
 
 
-def signing_key(secret: str) -> bytes:
-    """The HMAC key of a secret: WaveSpeed's `whsec_` prefix removed, the rest used as UTF-8 text."""
-    return secret.removeprefix("whsec_").encode("utf-8")
+def signing_key(secret: str, style: str = "wavespeed") -> bytes:
+    """The HMAC key of a secret, `whsec_` prefix removed: WaveSpeed uses the rest as UTF-8 text, Standard
+    Webhooks base64-decodes it (ValueError when it is not base64)."""
+    rest = secret.removeprefix("whsec_")
+    if style == "standard":
+        return base64.b64decode(rest + "=" * (-len(rest) % 4), validate=True)
+    return rest.encode("utf-8")
 
 
-def sign(secret: str, webhook_id: str, timestamp: int, body: bytes) -> str:
-    """`v3,<hex>`: HMAC-SHA256 over `{id}.{timestamp}.{body}`."""
-    mac = hmac.new(signing_key(secret), f"{webhook_id}.{timestamp}.".encode() + body, hashlib.sha256)
+def sign(secret: str, webhook_id: str, timestamp: int, body: bytes, style: str = "wavespeed") -> str:
+    """HMAC-SHA256 over `{id}.{timestamp}.{body}`: `v3,<hex>` (WaveSpeed) or `v1,<base64>` (Standard Webhooks)."""
+    mac = hmac.new(signing_key(secret, style), f"{webhook_id}.{timestamp}.".encode() + body, hashlib.sha256)
+    if style == "standard":
+        return "v1," + base64.b64encode(mac.digest()).decode()
     return f"{SIGNATURE_VERSION},{mac.hexdigest()}"
 
 
-def signed_headers(secret: str, webhook_id: str, body: bytes, now: float | None = None) -> dict[str, str]:
+def signed_headers(secret: str, webhook_id: str, body: bytes, now: float | None = None,
+                   style: str = "wavespeed") -> dict[str, str]:
     timestamp = int(time.time() if now is None else now)
-    return {"Content-Type": "application/json", "webhook-id": webhook_id,
-            "webhook-timestamp": str(timestamp), "webhook-signature": sign(secret, webhook_id, timestamp, body)}
+    return {"Content-Type": "application/json", "webhook-id": webhook_id, "webhook-timestamp": str(timestamp),
+            "webhook-signature": sign(secret, webhook_id, timestamp, body, style)}
 
 
 @dataclass
 class WebhookSettings:
     secret: str
+    style: str = "wavespeed"       # signature and body: see the module docstring
     max_attempts: int = 8
     first_delay_s: float = 2.0     # then doubled per attempt (with jitter), at most max_delay_s
     max_delay_s: float = 120.0
@@ -95,41 +111,30 @@ class WebhookSettings:
     max_in_flight: int = 16        # deliveries one server runs at a time
 
 
-def webhook_settings_from_env(environ: Mapping[str, str] | None = None) -> WebhookSettings | None:
-    """The settings, or None when no secret is set (then `?webhook=` is refused at submit)."""
-    env = os.environ if environ is None else environ
-    secret = env.get(ENV_SECRET, "").strip()
-    if not secret:
-        return None
-    if len(signing_key(secret)) < 16:
-        raise RuntimeError(f"{ENV_SECRET}: the secret is {len(signing_key(secret))} characters (after any "
-                           "'whsec_' prefix); expected at least 16 random characters")
-    return WebhookSettings(secret=secret)
-
-
 class WebhookSender:
-    """Posts a finished job's envelope to its webhook; use `on_final` as JobService's `on_final` hook and
+    """Posts a finished job (`body_for`) to its webhook; use `on_final` as JobService's `on_final` hook and
     run `run()` beside the server (the sweep for deliveries another server left unfinished).
 
-    `envelope_for(rec)` builds the body (the GET-result envelope); `webhook_of(rec)` says where to send.
+    `body_for(rec)` builds the body (`webhook_body_for`); `webhook_of(rec)` says where to send.
     `clock` is wall time (the first try's time is kept in the store and read by other servers).
     """
 
     def __init__(self, store: Any, settings: WebhookSettings, inputs: InputSettings,
-                 envelope_for: Callable[[JobRecord], dict],
+                 body_for: Callable[[JobRecord], dict],
                  webhook_of: Callable[[JobRecord], str | None] = lambda rec: rec.webhook,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  clock: Callable[[], float] = time.time, owner: str | None = None):
         self.store = store
         self.settings = settings
         self.inputs = inputs
-        self.envelope_for = envelope_for
+        self.body_for = body_for
         self.webhook_of = webhook_of
         self.sleep = sleep
         self.clock = clock
         self.owner = owner or f"webhooks:{uuid.uuid4().hex[:12]}"
         self.tasks: dict[str, asyncio.Task] = {}  # job id -> its delivery here (strong references until done)
         self.attempts: dict[str, list[int | str]] = {}  # job id -> HTTP status or error name per attempt here
+        self.answer_bytes = 0  # bytes of answer bodies read here, all deliveries together
         self._stopping = asyncio.Event()
 
     def on_final(self, rec: JobRecord) -> None:
@@ -196,7 +201,7 @@ class WebhookSender:
             tries, first_try_at = claimed
             if tries:
                 log.info("webhook for job %s taken over after %d attempts elsewhere", rec.id, tries)
-            body = json.dumps(self.envelope_for(rec), separators=(",", ":")).encode()
+            body = json.dumps(self.body_for(rec), separators=(",", ":")).encode()
             outcome = await self._attempts(rec.id, url, body, tries, first_try_at)
             if outcome is None:   # another server took it over (this one was too slow to extend the lease)
                 return False
@@ -254,25 +259,45 @@ class WebhookSender:
         if not decision.allowed:
             log.warning("webhook for job %s refused: %s", job_id, decision.reason)
             return "refused"
-        headers = signed_headers(self.settings.secret, job_id, body)
+        headers = signed_headers(self.settings.secret, job_id, body, style=self.settings.style)
         connector = aiohttp.TCPConnector(resolver=_pinned_resolver(decision.host, decision.addresses),
                                          use_dns_cache=False, force_close=True)
         timeout = aiohttp.ClientTimeout(total=self.settings.request_timeout_s)
         try:
             async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
                 async with session.post(url, data=body, headers=headers, allow_redirects=False) as resp:
-                    await resp.read()
-                    return resp.status
+                    answer = await read_answer(resp.content)
+                    self.answer_bytes += len(answer)
+                    if not 200 <= resp.status < 300:
+                        log.info("webhook for job %s: HTTP %d %r", job_id, resp.status, answer[:200])
+                    return resp.status   # leaving the block closes the connection: the rest is never read
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             return type(exc).__name__
 
 
-def result_envelope_for(service: Any, environ: Mapping[str, str] | None = None) -> Callable[[JobRecord], dict]:
-    """The webhook body builder: the GET-result envelope, links based on `INFINITETALK_API_PUBLIC_URL`
-    or else on the origin the job was submitted to (kept in the job's request as `base_url`)."""
-    env = os.environ if environ is None else environ
+async def read_answer(content: Any, limit: int = ANSWER_BYTES, within_s: float = ANSWER_READ_S) -> bytes:
+    """At most `limit` bytes of an answer body (aiohttp's StreamReader), for at most `within_s` seconds;
+    whatever came by then (the status is already known, so a slow or endless body is no error)."""
+    got = b""
+    deadline = time.monotonic() + within_s
+    try:
+        while len(got) < limit:
+            chunk = await asyncio.wait_for(content.read(limit - len(got)), max(0.0, deadline - time.monotonic()))
+            if not chunk:
+                break
+            got += chunk
+    except Exception as exc:  # noqa: BLE001 - a broken answer body changes nothing
+        log.debug("webhook answer body not read to its end: %s", type(exc).__name__)
+    return got
 
+
+def webhook_body_for(service: Any, public_url: str = "", style: str = "wavespeed") -> Callable[[JobRecord], dict]:
+    """The webhook body builder: WaveSpeed's flat prediction object, or with the `standard` style the contract's
+    GET-result envelope; links based on `public_url` (`INFINITETALK_API_PUBLIC_URL`) or else on the origin the
+    job was submitted to (kept in the job's request as `base_url`)."""
     def build(rec: JobRecord) -> dict:
-        base = env.get(ENV_PUBLIC_URL, "").strip() or str(rec.request.get("base_url") or "")
-        return envelope(service.describe(rec, base.rstrip("/")))
+        base = (public_url.strip() or str(rec.request.get("base_url") or "")).rstrip("/")
+        if style == "standard":
+            return envelope(service.describe(rec, base))
+        return prediction_object(service, rec, base)
     return build

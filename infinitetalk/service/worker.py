@@ -23,7 +23,7 @@ from typing import Any
 from .contract import ApiError, now_iso
 from .settings import DEFAULT_LEASE_S
 from .jobs import CANCELLED, EngineState, JobService, output_prefix
-from .outputs import OutputPublishError
+from .outputs import OutputPublishError, produced_billing
 from .staging import InputStagingError
 from .store import JobRecord, StoreUnavailable
 
@@ -233,7 +233,9 @@ class Worker:
             message = str(exc) if isinstance(exc, OutputPublishError) else \
                 f"the finished video could not be published ({type(exc).__name__})"
             return await self._end(status="failed", outputs=[], error=message, **changes)
-        await self._end(status="completed", outputs=outputs, **changes)
+        billing = await asyncio.get_running_loop().run_in_executor(None, produced_billing, self.service.outputs,
+                                                                   engine_outputs)   # bill what was produced
+        await self._end(status="completed", outputs=outputs, **billing, **changes)
 
     async def _holding_lease(self, work: Awaitable[Any]) -> Any:
         """Await `work` (an upload or a download: it can outlast the lease) while extending the job's lease every
