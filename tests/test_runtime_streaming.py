@@ -1,6 +1,7 @@
 """Block streaming on the CPU (the same code path as CUDA without streams): streamed and resident DiT give
 the same output, every tensor a block owns (fp8 weight + scale, LoRA factors) moves, nothing stays behind
-between calls, and a budget-forced streaming `generate` writes the same mp4 bytes as an unlimited one."""
+between calls, memory is a fixed ring of device buffers and one host arena per block, and a budget-forced
+streaming `generate` writes the same mp4 bytes as an unlimited one."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from _dit_testutil import random_inputs, random_model, small_config
 from infinitetalk.errors import InputError
 from infinitetalk.runtime import budget
-from infinitetalk.runtime.streaming import BlockStreamer
+from infinitetalk.runtime.streaming import ARENA_ALIGN, BlockStreamer, arena_layout
 
 
 def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -44,10 +45,10 @@ def test_streamed_equals_resident_and_moves_every_tensor():
         assert all(p.numel() == 0 for p in model.blocks[1].parameters())
         assert all(p.numel() > 0 for p in model.blocks[0].parameters())
         streamed = model(**inputs)
-        assert streamer.copies == 3                 # one copy per streamed block per call
+        assert streamer.copies == 4                 # one copy per streamed block, + block 1 prefetched for the next call
         assert all(p.numel() == 0 for p in model.blocks[3].parameters())   # dropped after the call
         again = model(**inputs)
-        assert streamer.copies == 6
+        assert streamer.copies == 7
         streamer.remove()
         restored = model(**inputs)
 
@@ -70,6 +71,86 @@ def test_streaming_really_uses_the_host_copy():
                 slot.host.mul_(1.5)
         after = model(**inputs)
     assert _rel_l2(after, before) > 1e-3
+
+
+def _ring_span(streamer: BlockStreamer) -> tuple[int, int]:
+    first, last = streamer._ring[0], streamer._ring[-1]
+    return first.data_ptr(), last.data_ptr() + last.numel()
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_device_memory_is_a_fixed_ring_over_many_calls(prefetch):
+    """prefetch + 1 buffers allocated once; every streamed block runs from one of them; output unchanged."""
+    cfg = small_config(num_layers=5)
+    model = random_model(cfg)
+    inputs = random_inputs(cfg, persons=2)
+    seen: list[tuple[int, int]] = []
+
+    def where(module, args):   # runs after the streamer's pre-hook: the block's tensors are attached
+        seen.append(min((p.data_ptr(), p.data_ptr() + p.numel() * p.element_size()) for p in module.parameters()))
+
+    with torch.no_grad():
+        resident = model(**inputs)
+        streamer = BlockStreamer(model.blocks, (0, 2, 3, 4), "cpu", prefetch=prefetch).install()
+        for i in (0, 2, 3, 4):
+            model.blocks[i].register_forward_pre_hook(where)
+        ring = [b.data_ptr() for b in streamer._ring]
+        outputs = [model(**inputs) for _ in range(6)]
+    assert len(ring) == prefetch + 1 and streamer.allocations == 1
+    assert [b.data_ptr() for b in streamer._ring] == ring
+    lo, hi = _ring_span(streamer)
+    assert len(seen) == 6 * 4 and all(lo <= a and b <= hi for a, b in seen)
+    assert streamer.copies == 6 * 4 + min(prefetch, 3)   # each block once per call, + the next call's first
+    assert all(torch.equal(o, resident) for o in outputs)
+
+
+def test_blocks_called_out_of_order_still_get_their_own_weights():
+    """A ring buffer is reused by whichever block needs it; a block evicted before it ran is copied again."""
+    cfg = small_config(num_layers=4)
+    model = random_model(cfg)
+    calls: dict[int, tuple] = {}
+    hooks = [b.register_forward_pre_hook(lambda m, a, i=i: calls.setdefault(i, a)) for i, b in enumerate(model.blocks)]
+    with torch.no_grad():
+        model(**random_inputs(cfg, persons=2))          # records each block's real arguments
+        for h in hooks:
+            h.remove()
+        want = {i: model.blocks[i](*calls[i]) for i in range(4)}
+        streamer = BlockStreamer(model.blocks, range(4), "cpu", prefetch=1).install()
+        for i in (2, 0, 3, 3, 1, 2, 0):
+            assert torch.equal(model.blocks[i](*calls[i]), want[i]), i
+    assert streamer.allocations == 1 and len(streamer._ring) == 2
+
+
+def test_host_copies_are_one_aligned_arena_per_block():
+    cfg = small_config(num_layers=3)
+    model = random_model(cfg)
+    streamer = BlockStreamer(model.blocks, (0, 2), "cpu").install()
+    for i in (0, 2):
+        arena, _ = streamer._arenas[i]
+        lo, hi = arena.data_ptr(), arena.data_ptr() + arena.numel()
+        for slot in streamer._slots[i]:
+            assert slot.host.data_ptr() % ARENA_ALIGN == lo % ARENA_ALIGN and lo <= slot.host.data_ptr() < hi
+    assert streamer.host_bytes == sum(t.numel() * t.element_size() for i in (0, 2) for s in streamer._slots[i]
+                                      for t in [s.host])
+    assert streamer.host_bytes <= streamer.arena_bytes < streamer.host_bytes + 2 * 64 * ARENA_ALIGN
+
+
+def test_full_size_block_arena_costs_at_most_5_percent_over_its_tensors():
+    """The pinned bytes of a real 14B block (bf16, and fp8 weights with float32 scales) over its tensor bytes."""
+    from infinitetalk.checkpoints import build_on_meta
+    from infinitetalk.models.dit import DiTConfig, InfiniteTalkDiT
+
+    model = build_on_meta(lambda: InfiniteTalkDiT(DiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=1)))
+    tensors = list(model.blocks[0].parameters()) + list(model.blocks[0].buffers())
+    for fp8 in (False, True):
+        sizes = [t.numel() * (1 if fp8 and t.dim() == 2 else 2) for t in tensors]
+        sizes += [4] * sum(t.dim() == 2 for t in tensors) if fp8 else []
+        layout = arena_layout(sizes)
+        assert layout.payload > 300 * 2**20 if not fp8 else layout.payload > 150 * 2**20
+        assert layout.total <= 1.05 * layout.payload
+        assert all(o % ARENA_ALIGN == 0 for o in layout.offsets)
+        ends = [o + n for o, n in zip(layout.offsets, layout.nbytes)]
+        assert all(e <= o for e, o in zip(ends, layout.offsets[1:])) and ends[-1] <= layout.total
 
 
 def test_bad_indices_are_refused():
