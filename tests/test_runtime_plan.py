@@ -138,3 +138,50 @@ def test_generate_flags_build_one_runtime_options():
     assert defaults.vram_gb is None and defaults.batch_guidance and defaults.budget_bytes is None
     with pytest.raises(InputError, match="vram"):
         _runtime_from_args(build_parser().parse_args(base + ["--vram", "-2"]))
+
+
+# ------------------------------------------------------------------------------------- VAE tiles
+@pytest.mark.parametrize("size", [(480, 832), (832, 480), (640, 640), (720, 1280), (1088, 384)])
+def test_vae_tiles_decode_at_most_1_3x_the_frame_at_every_budget(size):
+    """From 'whole frame fits' down to 'nothing fits': the tiles chosen never decode more than 1.3x the frame
+    (counted with the VAE's own tiling, models/vae.py `_spans`), and more room never means more tiles."""
+    from infinitetalk.models.vae import _spans
+
+    job = JobShape.for_window(*size, 81, 2)
+    lh, lw = size[0] // 8, size[1] // 8
+    full = budget.vae_decode_bytes(*size, 96)
+    counts = []
+    for room in [int(full * f / 200) for f in range(1, 200)]:
+        tile, cost = budget._vae_tile(job, room, 96)
+        if tile is None:
+            assert cost > room
+            continue
+        th, tw, ov = tile
+        assert cost <= room and 0 <= ov < min(th, tw) and th <= lh and tw <= lw
+        ys, xs = _spans(lh, th, ov), _spans(lw, tw, ov)
+        decoded = sum(e - s for s, e in ys) * sum(e - s for s, e in xs)
+        assert decoded <= 1.3 * lh * lw, (room, tile)
+        assert budget.vae_tile_work(lh, lw, tile) == pytest.approx(decoded / (lh * lw))
+        counts.append(len(ys) * len(xs))
+    assert counts and counts == sorted(counts, reverse=True) and counts[-1] == 2
+
+
+def test_tile_spans_counts_like_the_vae():
+    from infinitetalk.models.vae import _spans
+
+    for size in range(1, 70):
+        for tile in range(1, size + 3):
+            for ov in range(0, min(tile, 9)):
+                assert budget.tile_spans(size, tile, ov) == len(_spans(size, tile, ov)), (size, tile, ov)
+
+
+def test_placement_tiles_keep_overlap_where_the_budget_allows():
+    """A budget that fits about half a 480p frame decodes two tiles with the full overlap, not 1.5-3.9x the frame."""
+    w = DiTWeights(dim=512, ffn_dim=1024, text_len=512, block_bytes=(10 * 2**20,) * 4, other_bytes=2**20)
+    job = JobShape.for_window(480, 832, 81, 1)
+    full = budget.vae_decode_bytes(480, 832, 96)
+    roomy = decide_placement(w, job, None, act_bytes=2)
+    held = roomy.vae_peak - full
+    p = decide_placement(w, job, held + int(full * 0.6), act_bytes=2)
+    assert p.fits and p.vae_tile is not None and p.vae_tile[2] == budget.VAE_TILE_OVERLAP
+    assert budget.vae_tile_work(60, 104, p.vae_tile) <= 1.3 and p.vae_peak <= p.budget

@@ -262,6 +262,7 @@ def test_vae_tiles_when_a_whole_frame_does_not_fit(bundle):
         bundle.budget = None
     tile = plan.placement.vae_tile
     assert plan.fits and not plan.placement.streaming and plan.placement.max_guidance_batch == 3
-    assert tile is not None and tile[0] < 20 and 0 < tile[2] < tile[0]
+    assert tile is not None and tile[0] * tile[1] < 20 * 20 and 0 < tile[2] < min(tile[:2])
+    assert budget.vae_tile_work(20, 20, tile) <= budget.VAE_MAX_WORK
     assert plan.placement.vae_peak <= plan.placement.budget
     assert "tiles" in plan.text()

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 __all__ = ["GiB", "AUTO_MARGIN_BYTES", "RUNTIME_RESERVE_BYTES", "PREFETCH_BLOCKS", "JobShape", "DiTWeights",
-           "Placement", "dit_activation_bytes", "vae_decode_bytes", "decide_placement", "spread_indices",
+           "Placement", "dit_activation_bytes", "vae_decode_bytes", "vae_tile_work", "tile_spans", "decide_placement", "spread_indices",
            "auto_budget_bytes", "ceil_gib"]
 
 GiB = 2**30
@@ -40,6 +40,7 @@ VAE_TEMPORAL_STRIDE = 4        # video frames decoded per latent frame
 VAE_SPATIAL_STRIDE = 8         # output pixels per latent pixel
 VAE_TILE_OVERLAP = 8           # latent pixels shared by neighbouring tiles (blended)
 VAE_MIN_TILE = 8               # smallest tile side in latent pixels
+VAE_MAX_WORK = 1.3             # decoded latent area over the frame's, at most (overlaps cost decode work)
 
 
 @dataclass(frozen=True)
@@ -194,16 +195,52 @@ def decide_placement(w: DiTWeights, job: JobShape, budget: int | None, *, act_by
 
 
 def _vae_tile(job: JobShape, room: int, channels: int) -> tuple[tuple[int, int, int] | None, int]:
-    """The largest square-ish tile (latent pixels) whose decode fits in `room` bytes, and its cost."""
+    """The tile (latent pixels) of the fewest equal tiles whose decode fits in `room` bytes, and its cost.
+
+    The tile count per axis comes first and the tiles share the axis equally (overlaps included), so no
+    end-aligned extra tile is decoded; the overlap is the largest up to VAE_TILE_OVERLAP that keeps the
+    decoded area within VAE_MAX_WORK of the frame's. Ties: the larger overlap, then the less work."""
     lh, lw = job.height // VAE_SPATIAL_STRIDE, job.width // VAE_SPATIAL_STRIDE
-    for side in range(max(lh, lw) - 1, VAE_MIN_TILE - 1, -4):
-        th, tw = min(side, lh), min(side, lw)
-        cost = vae_decode_bytes(th * VAE_SPATIAL_STRIDE, tw * VAE_SPATIAL_STRIDE, channels)
-        if cost <= room:
-            overlap = min(VAE_TILE_OVERLAP, max(0, min(th, tw) // 4))
-            return (th, tw, overlap), cost
+    best = None
+    for nh in range(1, _max_tiles(lh) + 1):
+        for nw in range(1, _max_tiles(lw) + 1):
+            for ov in range(VAE_TILE_OVERLAP if nh * nw > 1 else 0, -1, -1):
+                th, tw = _tile_side(lh, nh, ov), _tile_side(lw, nw, ov)
+                if ov and ov >= min(th, tw) // 2:
+                    continue   # an overlap wider than half a tile blends more than it decodes
+                work = vae_tile_work(lh, lw, (th, tw, ov))
+                cost = vae_decode_bytes(th * VAE_SPATIAL_STRIDE, tw * VAE_SPATIAL_STRIDE, channels)
+                if work <= VAE_MAX_WORK and cost <= room:
+                    key = (nh * nw, -ov, work)
+                    if best is None or key < best[0]:
+                        best = key, (th, tw, ov), cost
+                    break
+    if best is not None:
+        return best[1], best[2]
     smallest = min(VAE_MIN_TILE, lh) * VAE_SPATIAL_STRIDE, min(VAE_MIN_TILE, lw) * VAE_SPATIAL_STRIDE
     return None, vae_decode_bytes(*smallest, channels)
+
+
+def _max_tiles(size: int) -> int:
+    """Most tiles along an axis of `size` latent pixels (each at least VAE_MIN_TILE wide)."""
+    return max(1, size // VAE_MIN_TILE)
+
+
+def _tile_side(size: int, count: int, overlap: int) -> int:
+    """The side of `count` equal tiles covering `size` with neighbours sharing `overlap` pixels."""
+    return size if count <= 1 else -(-(size + (count - 1) * overlap) // count)
+
+
+def tile_spans(size: int, tile: int, overlap: int) -> int:
+    """How many tiles `WanVAE`'s tiling decodes along an axis (models/vae.py `_spans`: stride tile − overlap,
+    the last tile aligned to the end)."""
+    return 1 if tile >= size else -(-(size - tile) // (tile - overlap)) + 1
+
+
+def vae_tile_work(lh: int, lw: int, tile: tuple[int, int, int]) -> float:
+    """Latent pixels decoded with `tile` over the frame's `lh`×`lw` (1.0 = no overlap, no extra tile)."""
+    th, tw, ov = tile
+    return (tile_spans(lh, th, ov) * min(th, lh)) * (tile_spans(lw, tw, ov) * min(tw, lw)) / (lh * lw)
 
 
 def ceil_gib(n: int) -> float:
