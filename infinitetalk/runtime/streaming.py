@@ -74,10 +74,18 @@ class _Slot:
         return arena[self.offset:self.offset + n].view(self.host.dtype).view(self.host.shape)
 
 
-def _pin(arena: torch.Tensor) -> bool:
-    """Page-lock `arena` in place (exactly its bytes); False when the driver refuses (then copies are pageable)."""
-    rc = torch.cuda.cudart().cudaHostRegister(arena.data_ptr(), arena.numel(), 0)
-    return int(rc) == 0
+def _pinned_arena(nbytes: int, registered: list[torch.Tensor]) -> torch.Tensor:
+    """A page-locked host buffer of exactly `nbytes` (plain memory registered with CUDA, kept in `registered`
+    until `_unpin`); where the driver refuses, the caching host allocator's pinned memory (rounded up)."""
+    arena = torch.empty(nbytes, dtype=torch.uint8)
+    cudart = torch.cuda.cudart()
+    if int(cudart.cudaHostRegister(arena.data_ptr(), nbytes, 0)) == 0:
+        registered.append(arena)
+        return arena
+    clear = getattr(cudart, "cudaGetLastError", None)   # the failed call must not surface in a later check
+    if clear is not None:
+        clear()
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
 
 def _unpin(arenas: list[torch.Tensor]) -> None:
@@ -150,9 +158,10 @@ class BlockStreamer:
             owned += [(module, n, True, p.data) for n, p in module._parameters.items() if p is not None]
             owned += [(module, n, False, b) for n, b in module._buffers.items() if b is not None]
         layout = arena_layout([t.numel() * t.element_size() for *_, t in owned])
-        arena = torch.empty(layout.total, dtype=torch.uint8)
-        if self.cuda and layout.total and _pin(arena):
-            self._pinned.append(arena)
+        if self.cuda and layout.total:
+            arena = _pinned_arena(layout.total, self._pinned)
+        else:
+            arena = torch.empty(layout.total, dtype=torch.uint8)
         slots = []
         for (module, name, is_param, tensor), offset in zip(owned, layout.offsets):
             slot = _Slot(module, name, is_param, tensor.detach(), offset)
