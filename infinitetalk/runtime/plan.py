@@ -22,7 +22,7 @@ from ..loaders.dit import is_audio_key
 from ..ops.parallel import guidance_layout
 from ..ops.quants import packed_nbytes
 from .budget import (GiB, PREFETCH_BLOCKS, RUNTIME_RESERVE_BYTES, DiTWeights, JobShape, Placement, ceil_gib,
-                     decide_placement, teacache_bytes)
+                     decide_placement)
 
 __all__ = ["ComponentMemory", "MemoryPlan", "plan_for_paths", "make_plan", "dit_weights_of", "module_bytes",
            "job_on_rank"]
