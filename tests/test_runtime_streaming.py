@@ -153,6 +153,36 @@ def test_full_size_block_arena_costs_at_most_5_percent_over_its_tensors():
         assert all(e <= o for e, o in zip(ends, layout.offsets[1:])) and ends[-1] <= layout.total
 
 
+def test_streaming_never_recompiles_a_compiled_block():
+    """Installed and run under inference_mode (as jobs run), streamed blocks hold ordinary tensors like the
+    resident ones: a compiled block keeps its one graph over many calls and buffers."""
+    import torch._dynamo
+
+    from infinitetalk.runtime.kernels import compile_blocks
+
+    cfg = small_config(num_layers=4)
+    model = random_model(cfg)
+    inputs = random_inputs(cfg, persons=2)
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        with torch.inference_mode():
+            want = model(**inputs)
+            compile_blocks(model.blocks, counting)
+            model(**inputs)
+            BlockStreamer(model.blocks, range(4), "cpu", prefetch=2).install()
+            outputs = [model(**inputs) for _ in range(5)]
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 1
+    assert all(torch.allclose(o, want, rtol=1e-5, atol=1e-6) for o in outputs)
+
+
 def test_bad_indices_are_refused():
     cfg = small_config(num_layers=2)
     with pytest.raises(ValueError, match="outside"):

@@ -129,6 +129,12 @@ class BlockStreamer:
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> "BlockStreamer":
+        """Arenas, ring and views are ordinary tensors even when installed under `inference_mode` (a compiled
+        block would otherwise see a different dispatch key set on streamed blocks and recompile)."""
+        with torch.inference_mode(False):
+            return self._install()
+
+    def _install(self) -> "BlockStreamer":
         if self.cuda:   # arenas are unpinned on remove(), or when the streamer is collected
             self._unpin = weakref.finalize(self, _unpin, self._pinned)
         for i in self.streamed:
