@@ -121,6 +121,7 @@ class BlockStreamer:
         self._free: list = []                     # ring slot -> event: its previous block has run (CUDA)
         self._views: dict[tuple[int, int], list[torch.Tensor]] = {}   # (block, ring slot) -> typed views
         self._handles: list = []
+        self._inference = False                   # the blocks' tensors are inference tensors
         self._side = torch.cuda.Stream(self.device) if self.cuda else None
         self.host_bytes = 0        # bytes of the streamed tensors
         self.arena_bytes = 0       # host bytes holding them (pinned on CUDA): <= host_bytes + padding
@@ -129,9 +130,13 @@ class BlockStreamer:
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> "BlockStreamer":
-        """Arenas, ring and views are ordinary tensors even when installed under `inference_mode` (a compiled
-        block would otherwise see a different dispatch key set on streamed blocks and recompile)."""
-        with torch.inference_mode(False):
+        """Arenas, ring and views are made, and later filled, in the blocks' own mode: ordinary tensors for a
+        model built outside `inference_mode`, even when installed or run inside it (a compiled block would
+        otherwise see other dispatch keys on streamed blocks and recompile), inference tensors for a model
+        built inside it."""
+        first = next((p for i in self.streamed for p in self.blocks[i].parameters()), None)
+        self._inference = first is not None and first.is_inference()
+        with torch.inference_mode(self._inference):
             return self._install()
 
     def _install(self) -> "BlockStreamer":
@@ -231,13 +236,14 @@ class BlockStreamer:
         if evicted is not None:
             self._release(evicted)
         arena, n = self._arenas[i]
-        if self.cuda:
-            with torch.cuda.stream(self._side):
-                self._side.wait_event(self._free[k])          # its previous block has finished reading it
-                self._ring[k][:n].copy_(arena[:n], non_blocking=True)
-                self._ready[k].record(self._side)
-        else:
-            self._ring[k][:n].copy_(arena[:n])
+        with torch.inference_mode(self._inference):
+            if self.cuda:
+                with torch.cuda.stream(self._side):
+                    self._side.wait_event(self._free[k])          # its previous block has finished reading it
+                    self._ring[k][:n].copy_(arena[:n], non_blocking=True)
+                    self._ready[k].record(self._side)
+            else:
+                self._ring[k][:n].copy_(arena[:n])
         self._holder[k] = i
         self.copies += 1
         self._age[k] = self.copies
