@@ -2,6 +2,7 @@
 `plan` command, and agreement between header sizes and loaded modules."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -209,7 +210,7 @@ def test_gguf_dit_is_sized_packed_from_its_header_and_counts_its_dequant(tmp_pat
     assert headers == loaded and header_dtypes == loaded_dtypes and "uint8" in loaded_dtypes
     assert loaded.largest_gguf_linear >= cfg.dim * cfg.ffn_dim and loaded.largest_fp8_linear == 0
 
-    full = budget.dit_activation_bytes(budget.replace(_14B, largest_gguf_linear=5120 * 13824), 33_600, 1, 2)
+    full = budget.dit_activation_bytes(dataclasses.replace(_14B, largest_gguf_linear=5120 * 13824), 33_600, 1, 2)
     assert 0.9 * GiB < full - budget.dit_activation_bytes(_14B, 33_600, 1, 2) < 1.3 * GiB   # ≈ 1 GB
 
 

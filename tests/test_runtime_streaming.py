@@ -73,11 +73,6 @@ def test_streaming_really_uses_the_host_copy():
     assert _rel_l2(after, before) > 1e-3
 
 
-def _ring_span(streamer: BlockStreamer) -> tuple[int, int]:
-    first, last = streamer._ring[0], streamer._ring[-1]
-    return first.data_ptr(), last.data_ptr() + last.numel()
-
-
 @pytest.mark.parametrize("prefetch", [0, 1, 2])
 def test_device_memory_is_a_fixed_ring_over_many_calls(prefetch):
     """prefetch + 1 buffers allocated once; every streamed block runs from one of them; output unchanged."""
@@ -98,7 +93,7 @@ def test_device_memory_is_a_fixed_ring_over_many_calls(prefetch):
         outputs = [model(**inputs) for _ in range(6)]
     assert len(ring) == prefetch + 1 and streamer.allocations == 1
     assert [b.data_ptr() for b in streamer._ring] == ring
-    lo, hi = _ring_span(streamer)
+    lo, hi = streamer._ring[0].data_ptr(), streamer._ring[-1].data_ptr() + streamer._ring[-1].numel()
     assert len(seen) == 6 * 4 and all(lo <= a and b <= hi for a, b in seen)
     assert streamer.copies == 6 * 4 + min(prefetch, 3)   # each block once per call, + the next call's first
     assert all(torch.equal(o, resident) for o in outputs)
@@ -130,8 +125,8 @@ def test_host_copies_are_one_aligned_arena_per_block():
         lo, hi = arena.data_ptr(), arena.data_ptr() + arena.numel()
         for slot in streamer._slots[i]:
             assert slot.host.data_ptr() % ARENA_ALIGN == lo % ARENA_ALIGN and lo <= slot.host.data_ptr() < hi
-    assert streamer.host_bytes == sum(t.numel() * t.element_size() for i in (0, 2) for s in streamer._slots[i]
-                                      for t in [s.host])
+    assert streamer.host_bytes == sum(s.host.numel() * s.host.element_size() for i in (0, 2)
+                                      for s in streamer._slots[i])
     assert streamer.host_bytes <= streamer.arena_bytes < streamer.host_bytes + 2 * 64 * ARENA_ALIGN
 
 
