@@ -78,13 +78,16 @@ def _pinned_arena(nbytes: int, registered: list[torch.Tensor]) -> torch.Tensor:
     """A page-locked host buffer of exactly `nbytes` (plain memory registered with CUDA, kept in `registered`
     until `_unpin`); where the driver refuses, the caching host allocator's pinned memory (rounded up)."""
     arena = torch.empty(nbytes, dtype=torch.uint8)
-    cudart = torch.cuda.cudart()
-    if int(cudart.cudaHostRegister(arena.data_ptr(), nbytes, 0)) == 0:
-        registered.append(arena)
-        return arena
-    clear = getattr(cudart, "cudaGetLastError", None)   # the failed call must not surface in a later check
-    if clear is not None:
-        clear()
+    try:
+        cudart = torch.cuda.cudart()
+        if int(cudart.cudaHostRegister(arena.data_ptr(), nbytes, 0)) == 0:
+            registered.append(arena)
+            return arena
+        clear = getattr(cudart, "cudaGetLastError", None)   # the failed call must not surface in a later check
+        if clear is not None:
+            clear()
+    except (AttributeError, RuntimeError):   # no cudart bindings in this build
+        pass
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
 
