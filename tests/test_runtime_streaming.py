@@ -4,6 +4,8 @@ between calls, memory is a fixed ring of device buffers and one host arena per b
 streaming `generate` writes the same mp4 bytes as an unlimited one."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -176,6 +178,68 @@ def test_streaming_never_recompiles_a_compiled_block():
         torch._dynamo.reset()
     assert len(graphs) == 1
     assert all(torch.allclose(o, want, rtol=1e-5, atol=1e-6) for o in outputs)
+
+
+def test_cuda_path_orders_every_buffer_reuse_after_its_last_reader(monkeypatch):
+    """The CUDA code path with recording stand-ins for streams, events and cudart (tensors stay on the CPU):
+    every arena is registered and unregistered, the compute stream waits for each copy, and a buffer is
+    only refilled after the event recorded when its previous block finished."""
+    log: list[tuple[str, object, object]] = []
+
+    class Event:
+        def record(self, stream=None):
+            log.append(("record", stream, self))
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_event(self, event):
+            log.append(("wait", self, event))
+
+        def wait_stream(self, other):
+            pass
+
+        def synchronize(self):
+            pass
+
+    class Cudart:
+        registered: set[int] = set()
+
+        def cudaHostRegister(self, ptr, size, flags):
+            self.registered.add(ptr)
+            return 0
+
+        def cudaHostUnregister(self, ptr):
+            self.registered.remove(ptr)
+            return 0
+
+    compute, cudart = Stream(), Cudart()
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+
+    cfg = small_config(num_layers=5)
+    model = random_model(cfg)
+    inputs = random_inputs(cfg, persons=2)
+    with torch.no_grad():
+        resident = model(**inputs)
+        streamer = BlockStreamer(model.blocks, (0, 1, 3, 4), "cpu", prefetch=2)
+        streamer.cuda, streamer._side = True, Stream()
+        streamer.install()
+        assert len(cudart.registered) == 4
+        outputs = [model(**inputs) for _ in range(3)]
+        free, ready, side = list(streamer._free), list(streamer._ready), streamer._side
+        streamer.remove("cpu")
+    assert all(torch.equal(o, resident) for o in outputs) and not cudart.registered
+    assert sum(1 for op, s, e in log if op == "wait" and s is compute and e in ready) == 3 * 4
+    for k, done in enumerate(free):
+        order = [op for op, s, e in log if e is done and (op == "record" and s is compute or s is side)]
+        assert order.count("wait") == sum(1 for op, s, e in log if op == "record" and s is side and e is ready[k])
+        waits = [i for i, op in enumerate(order) if op == "wait"]
+        assert len(waits) >= 4 and all("record" in order[a + 1:b] for a, b in zip(waits, waits[1:]))
 
 
 def test_bad_indices_are_refused():
