@@ -2,6 +2,7 @@
 `plan` command, and agreement between header sizes and loaded modules."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -138,3 +139,101 @@ def test_generate_flags_build_one_runtime_options():
     assert defaults.vram_gb is None and defaults.batch_guidance and defaults.budget_bytes is None
     with pytest.raises(InputError, match="vram"):
         _runtime_from_args(build_parser().parse_args(base + ["--vram", "-2"]))
+
+
+# ------------------------------------------------------------------------------------- VAE tiles
+@pytest.mark.parametrize("size", [(480, 832), (832, 480), (640, 640), (720, 1280), (1088, 384)])
+def test_vae_tiles_decode_at_most_1_3x_the_frame_at_every_budget(size):
+    """From 'whole frame fits' down to 'nothing fits': the tiles chosen never decode more than 1.3x the frame
+    (counted with the VAE's own tiling, models/vae.py `_spans`), and more room never means more tiles."""
+    from infinitetalk.models.vae import _spans
+
+    job = JobShape.for_window(*size, 81, 2)
+    lh, lw = size[0] // 8, size[1] // 8
+    full = budget.vae_decode_bytes(*size, 96)
+    counts = []
+    for room in [int(full * f / 200) for f in range(1, 200)]:
+        tile, cost = budget._vae_tile(job, room, 96)
+        if tile is None:
+            assert cost > room
+            continue
+        th, tw, ov = tile
+        assert cost <= room and 0 <= ov < min(th, tw) and th <= lh and tw <= lw
+        ys, xs = _spans(lh, th, ov), _spans(lw, tw, ov)
+        decoded = sum(e - s for s, e in ys) * sum(e - s for s, e in xs)
+        assert decoded <= 1.3 * lh * lw, (room, tile)
+        assert budget.vae_tile_work(lh, lw, tile) == pytest.approx(decoded / (lh * lw))
+        counts.append(len(ys) * len(xs))
+    assert counts and counts == sorted(counts, reverse=True) and counts[-1] == 2
+
+
+def test_tile_spans_counts_like_the_vae():
+    from infinitetalk.models.vae import _spans
+
+    for size in range(1, 70):
+        for tile in range(1, size + 3):
+            for ov in range(0, min(tile, 9)):
+                assert budget.tile_spans(size, tile, ov) == len(_spans(size, tile, ov)), (size, tile, ov)
+
+
+def test_placement_tiles_keep_overlap_where_the_budget_allows():
+    """A budget that fits about half a 480p frame decodes two tiles with the full overlap, not 1.5-3.9x the frame."""
+    w = DiTWeights(dim=512, ffn_dim=1024, text_len=512, block_bytes=(10 * 2**20,) * 4, other_bytes=2**20)
+    job = JobShape.for_window(480, 832, 81, 1)
+    full = budget.vae_decode_bytes(480, 832, 96)
+    roomy = decide_placement(w, job, None, act_bytes=2)
+    held = roomy.vae_peak - full
+    p = decide_placement(w, job, held + int(full * 0.6), act_bytes=2)
+    assert p.fits and p.vae_tile is not None and p.vae_tile[2] == budget.VAE_TILE_OVERLAP
+    assert budget.vae_tile_work(60, 104, p.vae_tile) <= 1.3 and p.vae_peak <= p.budget
+
+
+# ------------------------------------------------------------------------------------- what the plan holds
+_14B = DiTWeights(dim=5120, ffn_dim=13824, text_len=512, block_bytes=(5120 * 5120 * 2 * 14,) * 40,
+                  other_bytes=2 * GiB)
+
+
+@pytest.mark.parametrize("mix", ["Q8_0", "Q4_K_M"])
+def test_gguf_dit_is_sized_packed_from_its_header_and_counts_its_dequant(tmp_path, mix):
+    """Header sizes of a GGUF DiT equal the loaded module's (Linear weights stay packed), and the plan adds
+    the float32 temporaries of dequantising its largest Linear weight."""
+    from _dit_testutil import random_state, small_config
+    from infinitetalk.loaders.dit import load_dit
+    from infinitetalk.runtime.plan import _dit_from_files, dit_weights_of
+    from infinitetalk.tiny.gguf import save_gguf
+
+    cfg = small_config(num_layers=2)
+    path = save_gguf(random_state(cfg, seed=4), tmp_path / f"tiny_{mix}.gguf", mix)
+    model = load_dit(path, dtype=torch.float32, num_heads=cfg.num_heads, config={"audio_layers": cfg.audio_layers})
+    loaded, loaded_dtypes = dit_weights_of(model)
+    headers, header_dtypes = _dit_from_files(path, None, [], torch.float32)
+    assert headers == loaded and header_dtypes == loaded_dtypes and "uint8" in loaded_dtypes
+    assert loaded.largest_gguf_linear >= cfg.dim * cfg.ffn_dim and loaded.largest_fp8_linear == 0
+
+    full = budget.dit_activation_bytes(dataclasses.replace(_14B, largest_gguf_linear=5120 * 13824), 33_600, 1, 2)
+    assert 0.9 * GiB < full - budget.dit_activation_bytes(_14B, 33_600, 1, 2) < 1.3 * GiB   # ≈ 1 GB
+
+
+def test_teacache_residuals_are_in_the_plan():
+    job = JobShape.for_window(640, 640, 81, 3)
+    cached = JobShape.for_window(640, 640, 81, 3, teacache=True)
+    held = budget.teacache_bytes(_14B, cached, 2)
+    assert budget.teacache_bytes(_14B, job, 2) == 0 and 0.9 * GiB < held < 1.1 * GiB     # ≈ 1 GiB at 480p
+    plain, skip = (decide_placement(_14B, j, None, act_bytes=2, batch_guidance=False) for j in (job, cached))
+    assert skip.dit_peak - plain.dit_peak == held and skip.vae_peak - plain.vae_peak == held
+    tight = plain.dit_peak + 10 * 2**20    # fits without the residuals: with them blocks must stream
+    assert not decide_placement(_14B, job, tight, act_bytes=2, batch_guidance=False).streaming
+    assert decide_placement(_14B, cached, tight, act_bytes=2, batch_guidance=False).streaming
+
+
+@pytest.mark.parametrize("world, calls, want_calls, want_split", [(2, 2, 1, 1), (4, 2, 1, 2), (2, 3, 3, 2),
+                                                                   (3, 3, 1, 1), (1, 3, 3, 1)])
+def test_each_rank_plans_for_its_share(world, calls, want_calls, want_split):
+    from infinitetalk.runtime.plan import job_on_rank
+
+    whole = JobShape.for_window(640, 640, 81, calls)
+    share = job_on_rank(whole, world, num_heads=40)
+    assert (share.calls_per_step, share.sequence_ranks) == (want_calls, want_split)
+    assert share.local_tokens == -(-whole.tokens // want_split)
+    a, b = (decide_placement(_14B, j, None, act_bytes=2) for j in (whole, share))
+    assert b.dit_peak <= a.dit_peak and (b.dit_peak < a.dit_peak) == (share != whole)

@@ -241,7 +241,8 @@ def _place_for_job(models, req, inputs) -> None:
         return   # a bundle without the DiT (its workers plan their own memory)
     calls = Guidance(float(req.text_guidance), float(req.audio_guidance)).calls_per_step
     height, width = inputs.size
-    plan = models.prepare(JobShape.for_window(height, width, inputs.plan.frame_num, calls))
+    plan = models.prepare(JobShape.for_window(height, width, inputs.plan.frame_num, calls,
+                                              teacache=bool(req.teacache)))
     logging.getLogger("infinitetalk.runtime").info("%s", plan.text())
     if not plan.fits:
         raise InputError("vram", f"this job does not fit the VRAM budget:\n{plan.text()}")

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 __all__ = ["GiB", "AUTO_MARGIN_BYTES", "RUNTIME_RESERVE_BYTES", "PREFETCH_BLOCKS", "JobShape", "DiTWeights",
-           "Placement", "dit_activation_bytes", "vae_decode_bytes", "decide_placement", "spread_indices",
+           "Placement", "dit_activation_bytes", "vae_decode_bytes", "vae_tile_work", "tile_spans",
+           "teacache_bytes", "decide_placement", "spread_indices",
            "auto_budget_bytes", "ceil_gib"]
 
 GiB = 2**30
@@ -31,6 +32,7 @@ FFN_ACT_WIDTHS = 2         # x and the modulated FFN input in the activation dty
 FFN_WORK_WIDTHS = 2        # norm2 output and its modulated copy in float32
 FFN_HIDDEN_COPIES = 2      # the FFN hidden before and after GELU
 DEQUANT_COPIES = 2         # an fp8 Linear's weight cast to the activation dtype, then scaled
+GGUF_DEQUANT_F32_COPIES = 3  # a GGUF Linear's weight while dequantised: codes, scaled codes, result (float32)
 CONTEXT_TOKENS_IMAGE = 257  # CLIP tokens beside the text_len text tokens
 ACTIVATION_SAFETY = 1.15   # fragmentation of the caching allocator
 
@@ -40,26 +42,38 @@ VAE_TEMPORAL_STRIDE = 4        # video frames decoded per latent frame
 VAE_SPATIAL_STRIDE = 8         # output pixels per latent pixel
 VAE_TILE_OVERLAP = 8           # latent pixels shared by neighbouring tiles (blended)
 VAE_MIN_TILE = 8               # smallest tile side in latent pixels
+VAE_MAX_WORK = 1.3             # decoded latent area over the frame's, at most (overlaps cost decode work)
 
 
 @dataclass(frozen=True)
 class JobShape:
-    """What sizes activations: tokens of one window and its output frame size, and guidance calls per step."""
+    """What sizes activations: tokens of one window and its output frame size, and guidance calls per step.
+
+    In a multi-process run a rank plans for its share (`runtime.plan.job_on_rank`): `calls_per_step` are the
+    calls its guidance group computes and `sequence_ranks` the ranks that split each call's tokens.
+    `teacache`: TeaCache keeps one block-stack residual per guidance call between steps."""
 
     height: int
     width: int
     latent_frames: int
     tokens: int
     calls_per_step: int
+    sequence_ranks: int = 1
+    teacache: bool = False
+
+    @property
+    def local_tokens(self) -> int:
+        """Tokens this rank holds (its shard, padded like ops/parallel.py `SequenceGroup.padded`)."""
+        return -(-self.tokens // max(1, self.sequence_ranks))
 
     @classmethod
     def for_window(cls, height: int, width: int, frame_num: int, calls_per_step: int,
-                   patch: Sequence[int] = (1, 2, 2)) -> "JobShape":
+                   patch: Sequence[int] = (1, 2, 2), teacache: bool = False) -> "JobShape":
         """Output `height`×`width` pixels, `frame_num` video frames per window (4n+1)."""
         latent_frames = (frame_num - 1) // VAE_TEMPORAL_STRIDE + 1
         lh, lw = height // VAE_SPATIAL_STRIDE, width // VAE_SPATIAL_STRIDE
         tokens = (latent_frames // patch[0]) * (lh // patch[1]) * (lw // patch[2])
-        return cls(height, width, latent_frames, tokens, calls_per_step)
+        return cls(height, width, latent_frames, tokens, calls_per_step, teacache=teacache)
 
 
 @dataclass(frozen=True)
@@ -73,6 +87,7 @@ class DiTWeights:
     block_bytes: tuple[int, ...]
     other_bytes: int
     largest_fp8_linear: int = 0   # elements of the largest fp8 Linear weight (dequantised per call)
+    largest_gguf_linear: int = 0  # elements of the largest GGUF-packed Linear weight (dequantised per call)
 
     @property
     def total_bytes(self) -> int:
@@ -109,16 +124,24 @@ def auto_budget_bytes(free_bytes: int) -> int:
 
 
 def dit_activation_bytes(w: DiTWeights, tokens: int, batch: int, act_bytes: int) -> int:
-    """Peak activation bytes of one DiT block call on `batch` stacked guidance branches (the larger of the
-    attention and the FFN phase) plus the text/image context and an fp8 weight's dequantised copy."""
+    """Peak activation bytes of one DiT block call on `batch` stacked guidance branches of `tokens` tokens
+    each (a rank's shard in sequence parallelism: the all-to-all exchanges keep the same bytes), the larger
+    of the attention and the FFN phase, plus the text/image context and the temporaries of dequantising the
+    largest fp8 or GGUF Linear weight."""
     work = 8 if act_bytes >= 4 else 4
     ld = batch * tokens * w.dim
     attn = ld * (ATTN_ACT_WIDTHS * act_bytes + ATTN_WORK_WIDTHS * work)
     ffn = ld * (FFN_ACT_WIDTHS * act_bytes + FFN_WORK_WIDTHS * work) + \
         FFN_HIDDEN_COPIES * batch * tokens * w.ffn_dim * act_bytes
     context = 3 * batch * (w.text_len + CONTEXT_TOKENS_IMAGE) * w.dim * act_bytes
-    dequant = DEQUANT_COPIES * w.largest_fp8_linear * act_bytes
+    dequant = max(DEQUANT_COPIES * w.largest_fp8_linear * act_bytes,
+                  w.largest_gguf_linear * (GGUF_DEQUANT_F32_COPIES * 4 + act_bytes))
     return int((max(attn, ffn) + context + dequant) * ACTIVATION_SAFETY)
+
+
+def teacache_bytes(w: DiTWeights, job: JobShape, act_bytes: int) -> int:
+    """TeaCache's residuals, held for the whole window (and its decode): one `[tokens, dim]` per call."""
+    return job.calls_per_step * job.local_tokens * w.dim * act_bytes if job.teacache else 0
 
 
 def vae_decode_bytes(height: int, width: int, channels: int) -> int:
@@ -152,10 +175,10 @@ def decide_placement(w: DiTWeights, job: JobShape, budget: int | None, *, act_by
     """
     n = len(w.block_bytes)
     calls = max(1, job.calls_per_step)
-    fixed = vae_bytes + RUNTIME_RESERVE_BYTES
+    fixed = vae_bytes + RUNTIME_RESERVE_BYTES + teacache_bytes(w, job, act_bytes)
 
     def act(batch: int) -> int:
-        return dit_activation_bytes(w, job.tokens, batch, act_bytes)
+        return dit_activation_bytes(w, job.local_tokens, batch, act_bytes)
 
     full_decode = vae_decode_bytes(job.height, job.width, vae_channels)
     if budget is None:
@@ -194,16 +217,52 @@ def decide_placement(w: DiTWeights, job: JobShape, budget: int | None, *, act_by
 
 
 def _vae_tile(job: JobShape, room: int, channels: int) -> tuple[tuple[int, int, int] | None, int]:
-    """The largest square-ish tile (latent pixels) whose decode fits in `room` bytes, and its cost."""
+    """The tile (latent pixels) of the fewest equal tiles whose decode fits in `room` bytes, and its cost.
+
+    The tile count per axis comes first and the tiles share the axis equally (overlaps included), so no
+    end-aligned extra tile is decoded; the overlap is the largest up to VAE_TILE_OVERLAP that keeps the
+    decoded area within VAE_MAX_WORK of the frame's. Ties: the larger overlap, then the less work."""
     lh, lw = job.height // VAE_SPATIAL_STRIDE, job.width // VAE_SPATIAL_STRIDE
-    for side in range(max(lh, lw) - 1, VAE_MIN_TILE - 1, -4):
-        th, tw = min(side, lh), min(side, lw)
-        cost = vae_decode_bytes(th * VAE_SPATIAL_STRIDE, tw * VAE_SPATIAL_STRIDE, channels)
-        if cost <= room:
-            overlap = min(VAE_TILE_OVERLAP, max(0, min(th, tw) // 4))
-            return (th, tw, overlap), cost
+    best = None
+    for nh in range(1, _max_tiles(lh) + 1):
+        for nw in range(1, _max_tiles(lw) + 1):
+            for ov in range(VAE_TILE_OVERLAP if nh * nw > 1 else 0, -1, -1):
+                th, tw = _tile_side(lh, nh, ov), _tile_side(lw, nw, ov)
+                if ov and ov >= min(th, tw) // 2:
+                    continue   # an overlap wider than half a tile blends more than it decodes
+                work = vae_tile_work(lh, lw, (th, tw, ov))
+                cost = vae_decode_bytes(th * VAE_SPATIAL_STRIDE, tw * VAE_SPATIAL_STRIDE, channels)
+                if work <= VAE_MAX_WORK and cost <= room:
+                    key = (nh * nw, -ov, work)
+                    if best is None or key < best[0]:
+                        best = key, (th, tw, ov), cost
+                    break
+    if best is not None:
+        return best[1], best[2]
     smallest = min(VAE_MIN_TILE, lh) * VAE_SPATIAL_STRIDE, min(VAE_MIN_TILE, lw) * VAE_SPATIAL_STRIDE
     return None, vae_decode_bytes(*smallest, channels)
+
+
+def _max_tiles(size: int) -> int:
+    """Most tiles along an axis of `size` latent pixels (each at least VAE_MIN_TILE wide)."""
+    return max(1, size // VAE_MIN_TILE)
+
+
+def _tile_side(size: int, count: int, overlap: int) -> int:
+    """The side of `count` equal tiles covering `size` with neighbours sharing `overlap` pixels."""
+    return size if count <= 1 else -(-(size + (count - 1) * overlap) // count)
+
+
+def tile_spans(size: int, tile: int, overlap: int) -> int:
+    """How many tiles `WanVAE`'s tiling decodes along an axis (models/vae.py `_spans`: stride tile − overlap,
+    the last tile aligned to the end)."""
+    return 1 if tile >= size else -(-(size - tile) // (tile - overlap)) + 1
+
+
+def vae_tile_work(lh: int, lw: int, tile: tuple[int, int, int]) -> float:
+    """Latent pixels decoded with `tile` over the frame's `lh`×`lw` (1.0 = no overlap, no extra tile)."""
+    th, tw, ov = tile
+    return (tile_spans(lh, th, ov) * min(th, lh)) * (tile_spans(lw, tw, ov) * min(tw, lw)) / (lh * lw)
 
 
 def ceil_gib(n: int) -> float:

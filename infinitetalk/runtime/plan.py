@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,13 @@ from ..checkpoints.layout import IGNORED_SUFFIXES, KNOWN_PREFIXES
 from ..checkpoints.layout import SCALE_SUFFIXES as _SCALE_SUFFIXES
 from ..checkpoints.reader import open_checkpoint
 from ..loaders.dit import is_audio_key
+from ..ops.parallel import guidance_layout
+from ..ops.quants import packed_nbytes
 from .budget import (GiB, PREFETCH_BLOCKS, RUNTIME_RESERVE_BYTES, DiTWeights, JobShape, Placement, ceil_gib,
                      decide_placement)
 
-__all__ = ["ComponentMemory", "MemoryPlan", "plan_for_paths", "make_plan", "dit_weights_of", "module_bytes"]
+__all__ = ["ComponentMemory", "MemoryPlan", "plan_for_paths", "make_plan", "dit_weights_of", "module_bytes",
+           "job_on_rank"]
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 _BLOCK = re.compile(r"(?:^|[._])blocks[._](\d+)[._]")
@@ -71,8 +74,10 @@ class MemoryPlan:
     def text(self) -> str:
         p, j = self.placement, self.job
         budget = "unlimited (everything resident)" if p.budget is None else f"{p.budget / GiB:.1f} GiB"
+        share = f" ({j.local_tokens} on this rank of {j.sequence_ranks})" if j.sequence_ranks > 1 else ""
         lines = [f"memory plan on {self.device}: {self.label}; window {j.height}x{j.width} px, {j.latent_frames} "
-                 f"latent frames, {j.tokens} tokens, {j.calls_per_step} model calls/step",
+                 f"latent frames, {j.tokens} tokens{share}, {j.calls_per_step} model calls/step"
+                 f"{', TeaCache' if j.teacache else ''}",
                  f"budget: {budget}"]
         for c in self.components:
             parts = ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in sorted(c.bytes_by_dtype.items()) if v)
@@ -112,12 +117,15 @@ def _canonical(key: str) -> str:
 
 
 def _stored(key: str, shape: torch.Size, dtype: torch.dtype, run_dtype: torch.dtype,
-            keep_fp32: bool = False) -> tuple[str, int]:
-    """(storage dtype name, bytes) of one file tensor once loaded (loaders' rules: fp8 Linear weights stay
-    fp8, fp8 scales become float32 buffers, other floats take the run dtype, markers are dropped)."""
+            keep_fp32: bool = False, qtype: int | None = None) -> tuple[str, int]:
+    """(storage dtype name, bytes) of one file tensor once loaded (loaders' rules: fp8 and GGUF-quantised
+    Linear weights stay packed, fp8 scales become float32 buffers, other floats take the run dtype, markers
+    are dropped)."""
     n = shape.numel()
     if key.endswith(_DROPPED_SUFFIXES):
         return "", 0
+    if qtype is not None and _packed_linear(key, shape):
+        return "uint8", packed_nbytes(shape, qtype)
     if key.endswith(_SCALE_SUFFIXES):
         return "float32", 4 * n
     if dtype in _FP8 and len(shape) == 2:
@@ -128,20 +136,27 @@ def _stored(key: str, shape: torch.Size, dtype: torch.dtype, run_dtype: torch.dt
     return _dtype_name(dtype), n * dtype.itemsize
 
 
-def _header_tensors(path: Path | str) -> Iterable[tuple[str, torch.Size, torch.dtype]]:
+def _packed_linear(key: str, shape: torch.Size) -> bool:
+    """A GGUF-quantised tensor the loader keeps packed: a Linear weight (other quantised tensors dequantise)."""
+    return len(shape) == 2 and key.endswith(".weight")
+
+
+def _header_tensors(path: Path | str) -> Iterable[tuple[str, torch.Size, torch.dtype, int | None]]:
+    """(name, shape, dtype, GGUF quant type or None) of every tensor, from the header alone."""
     ckpt = open_checkpoint(path)
+    packed_type = getattr(ckpt, "packed_type", lambda key: None)
     for key in ckpt:
-        yield key, ckpt.shape(key), ckpt.dtype(key)
+        yield key, ckpt.shape(key), ckpt.dtype(key), packed_type(key)
 
 
 def _file_bytes(path: Path | str, run_dtype: torch.dtype, only: str | None = None,
                 keep_fp32: bool = False) -> dict[str, int]:
     out: dict[str, int] = defaultdict(int)
     tensors = list(_header_tensors(path))
-    if only is not None and any(_canonical(k).startswith(only) for k, _, _ in tensors):
+    if only is not None and any(_canonical(k).startswith(only) for k, *_ in tensors):
         tensors = [t for t in tensors if _canonical(t[0]).startswith(only)]
-    for key, shape, dtype in tensors:
-        name, n = _stored(key, shape, dtype, run_dtype, keep_fp32)
+    for key, shape, dtype, qtype in tensors:
+        name, n = _stored(key, shape, dtype, run_dtype, keep_fp32, qtype)
         if n:
             out[name] += n
     return dict(out)
@@ -150,43 +165,46 @@ def _file_bytes(path: Path | str, run_dtype: torch.dtype, only: str | None = Non
 def _dit_from_files(dit: Path, patch: Path | None, loras: Iterable[Path], run_dtype: torch.dtype
                     ) -> tuple[DiTWeights, dict[str, int]]:
     """DiTWeights of base (+ audio patch, + unmerged LoRA factors) from headers alone."""
-    chosen: dict[str, tuple[str, int, int]] = {}   # canonical -> (dtype name, bytes, fp8 elements)
+    chosen: dict[str, tuple[str, int, int, int]] = {}   # canonical -> (dtype name, bytes, fp8, GGUF elements)
     sources = [(dit, False)] + ([(patch, True)] if patch is not None else [])
     dim = ffn = 0
     for path, audio_only in sources:
-        for key, shape, dtype in _header_tensors(path):
+        for key, shape, dtype, qtype in _header_tensors(path):
             name = _canonical(key)
             if audio_only and not is_audio_key(name):
                 continue
-            kind, n = _stored(name, shape, dtype, run_dtype)
-            chosen[name] = (kind, n, shape.numel() if dtype in _FP8 and len(shape) == 2 else 0)
+            kind, n = _stored(name, shape, dtype, run_dtype, qtype=qtype)
+            gguf = shape.numel() if qtype is not None and _packed_linear(name, shape) else 0
+            chosen[name] = (kind, n, shape.numel() if dtype in _FP8 and len(shape) == 2 else 0, gguf)
             if name == "blocks.0.self_attn.q.weight":
                 dim = shape[0]
             if name == "blocks.0.ffn.0.weight":
                 ffn = shape[0]
-    # LoRA factors stay as an unmerged low-rank path only on quantised (fp8) weights; elsewhere they merge
+    # LoRA factors stay as an unmerged low-rank path only on quantised (fp8, GGUF) weights; elsewhere they merge
     quantised = {k[: -len(".weight")].replace(".", "_"): k[: -len(".weight")] for k, v in chosen.items()
-                 if k.endswith(".weight") and v[2]}
+                 if k.endswith(".weight") and (v[2] or v[3])}
     for path in loras:
-        for key, shape, dtype in _header_tensors(path):
+        for key, shape, dtype, _ in _header_tensors(path):
             suffix = next((s for s in _LORA_FACTORS if key.endswith(s)), None)
             layer = quantised.get(_canonical(key[: -len(suffix)]).replace(".", "_")) if suffix else None
             if layer is not None:
                 kind, n = _stored(key, shape, dtype, run_dtype)
-                chosen[f"{layer}{suffix}"] = (kind, n, 0)
+                chosen[f"{layer}{suffix}"] = (kind, n, 0, 0)
     return _summarise(((k, *v) for k, v in chosen.items()), dim, ffn)
 
 
-def _summarise(items: Iterable[tuple[str, str, int, int]], dim: int, ffn: int, text_len: int = 512
+def _summarise(items: Iterable[tuple[str, str, int, int, int]], dim: int, ffn: int, text_len: int = 512
                ) -> tuple[DiTWeights, dict[str, int]]:
+    """items: (name, storage dtype name, bytes, fp8 Linear elements, GGUF Linear elements)."""
     blocks: dict[int, int] = defaultdict(int)
-    other = largest_fp8 = 0
+    other = largest_fp8 = largest_gguf = 0
     by_dtype: dict[str, int] = defaultdict(int)
-    for name, kind, n, fp8_elems in items:
+    for name, kind, n, fp8_elems, gguf_elems in items:
         if not n:
             continue
         by_dtype[kind] += n
         largest_fp8 = max(largest_fp8, fp8_elems)
+        largest_gguf = max(largest_gguf, gguf_elems)
         m = _BLOCK.search(name)
         if m:
             blocks[int(m.group(1))] += n
@@ -195,7 +213,7 @@ def _summarise(items: Iterable[tuple[str, str, int, int]], dim: int, ffn: int, t
     count = max(blocks) + 1 if blocks else 0
     weights = DiTWeights(dim=dim, ffn_dim=ffn, text_len=text_len,
                          block_bytes=tuple(blocks.get(i, 0) for i in range(count)), other_bytes=other,
-                         largest_fp8_linear=largest_fp8)
+                         largest_fp8_linear=largest_fp8, largest_gguf_linear=largest_gguf)
     return weights, dict(by_dtype)
 
 
@@ -209,18 +227,31 @@ def module_bytes(module: nn.Module) -> dict[str, int]:
 
 def dit_weights_of(dit: nn.Module) -> tuple[DiTWeights, dict[str, int]]:
     """DiTWeights of a loaded DiT (call before streaming is installed: streamed blocks hold placeholders)."""
+    packed = {f"{name}.weight": m.out_features * m.in_features for name, m in dit.named_modules()
+              if getattr(m, "gguf_type", None) is not None}
+
     def items():
-        for prefix, group in (("", dit.named_parameters()), ("", dit.named_buffers())):
+        for group in (dit.named_parameters(), dit.named_buffers()):
             for name, t in group:
                 if t is None:
                     continue
                 fp8 = t.numel() if t.dtype in _FP8 and t.dim() == 2 else 0
-                yield prefix + name, _dtype_name(t.dtype), t.numel() * t.element_size(), fp8
+                yield name, _dtype_name(t.dtype), t.numel() * t.element_size(), fp8, packed.get(name, 0)
     c = dit.config
     return _summarise(items(), c.dim, c.ffn_dim, c.text_len)
 
 
 # ---------------------------------------------------------------------------------------------- plan
+def job_on_rank(job: JobShape, world_size: int, guidance_parallel: bool = True, num_heads: int | None = None
+                ) -> JobShape:
+    """The share of `job` one rank of a `world_size` run computes (ops/parallel.py `guidance_layout`): the
+    calls of its guidance group, each on 1/P of the tokens. A rank plans for this, not the whole window."""
+    if world_size <= 1:
+        return job
+    groups, size = guidance_layout(world_size, max(1, job.calls_per_step), guidance_parallel, num_heads)
+    return replace(job, calls_per_step=-(-job.calls_per_step // groups), sequence_ranks=size)
+
+
 def make_plan(dit: tuple[DiTWeights, dict[str, int]], others: dict[str, dict[str, int]], job: JobShape,
               budget: int | None, *, device: str, label: str, act_bytes: int, vae_channels: int = 96,
               batch_guidance: bool = True) -> MemoryPlan:
@@ -284,7 +315,7 @@ def plan_for_paths(paths: Any, job: JobShape, budget: int | None, *, device: str
 
 def _vae_channels(path: Path) -> int:
     """Width of the VAE decoder's last stage (its output conv's input channels), 96 for Wan2.1."""
-    for key, shape, _ in _header_tensors(path):
+    for key, shape, *_ in _header_tensors(path):
         if _canonical(key) == "decoder.head.2.weight" and len(shape) >= 2:
             return int(shape[1])
     return 96
