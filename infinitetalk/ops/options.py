@@ -18,13 +18,15 @@ class RuntimeOptions:
     """`vram_gb`: GPU memory the job may use (None or 0 = free memory of the device minus a margin);
     `attention`: attention kernel by name; `fp8_matmul`: `torch._scaled_mm` for fp8 weights (off by default, the
     faithful path; auto = where the GPU supports it); `compile`: torch.compile the transformer blocks;
-    `batch_guidance`: run a step's 2–3 guidance calls as one batch when the budget allows."""
+    `batch_guidance`: run a step's 2–3 guidance calls as one batch when the budget allows; `fp8_fast_accum`:
+    `_scaled_mm`'s fast fp8 accumulation (Hopper; faster, less exact)."""
 
     vram_gb: float | None = None
     attention: str = "sdpa"
     fp8_matmul: str = "off"   # opt-in like ComfyUI's --fast: activation rounding adds error
     compile: bool = False
     batch_guidance: bool = True
+    fp8_fast_accum: bool = False
 
     def __post_init__(self) -> None:
         if self.vram_gb is not None and not (self.vram_gb >= 0):

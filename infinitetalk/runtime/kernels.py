@@ -100,6 +100,7 @@ def configure_dit(dit: nn.Module, options: RuntimeOptions, device: torch.device 
     for module in dit.modules():
         if isinstance(module, Linear):
             module.fp8_matmul = use_fp8 and module.weight.dtype == torch.float8_e4m3fn
+            module.fp8_fast_accum = module.fp8_matmul and options.fp8_fast_accum
             n_fp8 += module.fp8_matmul
     compiled = compile_blocks(dit.blocks, compile_backend) if options.compile else 0
     return KernelReport(options.attention, n_fp8, compiled)
