@@ -9,20 +9,20 @@ from ..errors import InputError
 
 __all__ = ["RuntimeOptions", "ATTENTION_CHOICES", "FP8_MATMUL_CHOICES"]
 
-ATTENTION_CHOICES = ("sdpa", "flash", "sage", "math")
+ATTENTION_CHOICES = ("auto", "sdpa", "cudnn", "flash", "fa3", "sage", "math")
 FP8_MATMUL_CHOICES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
 class RuntimeOptions:
     """`vram_gb`: GPU memory the job may use (None or 0 = free memory of the device minus a margin);
-    `attention`: attention kernel by name; `fp8_matmul`: `torch._scaled_mm` for fp8 weights (off by default, the
+    `attention`: attention kernel by name (auto = the fastest exact one on the device); `fp8_matmul`: `torch._scaled_mm` for fp8 weights (off by default, the
     faithful path; auto = where the GPU supports it); `compile`: torch.compile the transformer blocks;
     `batch_guidance`: run a step's 2–3 guidance calls as one batch when the budget allows; `fp8_fast_accum`:
     `_scaled_mm`'s fast fp8 accumulation (Hopper; faster, less exact)."""
 
     vram_gb: float | None = None
-    attention: str = "sdpa"
+    attention: str = "auto"
     fp8_matmul: str = "off"   # opt-in like ComfyUI's --fast: activation rounding adds error
     compile: bool = False
     batch_guidance: bool = True
