@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["Fused", "ISLANDS", "enable_fusion", "fusion_enabled", "observe", "layer_norm", "modulated_norm",
-           "gated_residual", "rms_norm", "rms_norm_rope", "rope_video", "rope_1d", "quantize_e4m3"]
+           "gated_residual", "rms_norm", "rms_norm_rope", "rope_video", "rope_1d", "quantize_e4m3", "compile_island"]
 
 _observer: Callable[["Fused", Callable, tuple], Any] | None = None
 
@@ -134,14 +134,19 @@ ISLANDS: tuple[Fused, ...] = (layer_norm, modulated_norm, gated_residual, rms_no
                               rope_1d, quantize_e4m3)
 
 
-def enable_fusion(on: bool = True, compiler: Callable[[Callable], Callable] | None = None) -> None:
-    """Run every island compiled (`compiler(fn)`, default `torch.compile(fn, dynamic=True)`: one graph for
-    every token count) or, with `on=False`, as the plain eager function."""
+def compile_island(fn: Callable) -> Callable:
+    """torch.compile for an island: symbolic sizes (one graph for every token count) and the eager roundings
+    kept (`emulate_precision_casts`: a bf16 cast inside the island rounds as it does eager)."""
+    return torch.compile(fn, dynamic=True, options={"emulate_precision_casts": True})
+
+
+def enable_fusion(on: bool = True, compiler: Callable[[Callable], Callable] = compile_island) -> None:
+    """Run every island compiled (`compiler(fn)`) or, with `on=False`, as the plain eager function."""
     for island in ISLANDS:
         if not on:
             island.compiled = None
         elif island.compiled is None:
-            island.compiled = (compiler or (lambda f: torch.compile(f, dynamic=True)))(island.fn)
+            island.compiled = compiler(island.fn)
 
 
 def fusion_enabled() -> bool:

@@ -10,10 +10,13 @@ it changes speed and memory, never the maths beyond the rounding of the kernel c
   capability >= 8.9 (Ada, Hopper, Blackwell); `on` = also elsewhere PyTorch runs `_scaled_mm` (CPU), an
   error on older GPUs; `off` = always dequantise. Layers whose dims are not multiples of 16 dequantise;
 - compile: each transformer block's `forward` is replaced by `torch.compile(forward)`, so hooks on
-  the block (block streaming moves weights in a forward pre-hook) still run outside the compiled code.
+  the block (block streaming moves weights in a forward pre-hook) still run outside the compiled code;
+- fuse: the float32 islands (`ops.fused`) as one compiled kernel each, the cheap half of compile (auto = on
+  CUDA with Triton, and not with `compile`, which fuses them inside each block's graph).
 """
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +25,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..models.layers import Linear
+from ..ops import fused
 from ..ops.attention import resolve_attention
 from ..ops.options import RuntimeOptions
 
@@ -37,6 +41,7 @@ class KernelReport:
     attention: str
     fp8_matmul_layers: int
     compiled_blocks: int
+    fused_islands: bool = False
 
 
 def fp8_matmul_supported(device: torch.device | str) -> tuple[bool, str]:
@@ -64,6 +69,12 @@ def _use_fp8_matmul(mode: str, device: torch.device) -> bool:
     if not ok:
         raise InputError("fp8_matmul", f"'on' but fp8 matmul is not available: {why}; use 'auto' or 'off'")
     return True
+
+
+def _use_fusion(options: RuntimeOptions, device: torch.device) -> bool:
+    if options.fuse == "off" or options.compile:
+        return False
+    return options.fuse == "on" or (device.type == "cuda" and importlib.util.find_spec("triton") is not None)
 
 
 def compile_blocks(blocks: nn.ModuleList, backend: str | Callable = "inductor") -> int:
@@ -103,4 +114,6 @@ def configure_dit(dit: nn.Module, options: RuntimeOptions, device: torch.device 
             module.fp8_fast_accum = module.fp8_matmul and options.fp8_fast_accum
             n_fp8 += module.fp8_matmul
     compiled = compile_blocks(dit.blocks, compile_backend) if options.compile else 0
-    return KernelReport(options.attention, n_fp8, compiled)
+    fuse = _use_fusion(options, torch.device(device))
+    fused.enable_fusion(fuse)
+    return KernelReport(options.attention, n_fp8, compiled, fuse)
