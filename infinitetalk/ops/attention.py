@@ -23,7 +23,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..errors import InputError
 from .options import ATTENTION_CHOICES
 
-__all__ = ["AttentionKernel", "KERNELS", "resolve_attention", "attention_available", "auto_order"]
+__all__ = ["AttentionKernel", "KERNELS", "resolve_attention", "attention_available", "auto_order",
+           "auto_kernel_name"]
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +122,14 @@ def _order_for(device: torch.device) -> tuple[str, ...]:
     return names
 
 
+def auto_kernel_name(device: torch.device | str) -> str:
+    """The one kernel `auto` stands for inside a compiled graph on `device` (no try/except in a trace):
+    the fastest of PyTorch's own."""
+    return next(n for n in _order_for(torch.device(device)) if KERNELS[n].package is None)
+
+
 def _auto(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     names = _order_for(q.device)
-    if torch.compiler.is_compiling():   # one kernel per graph, no try/except in a trace: PyTorch's own
-        name = next(n for n in names if KERNELS[n].package is None)
-        return resolve_attention(name)(q, k, v)
     for name in names[:-1]:
         try:
             return resolve_attention(name)(q, k, v)
