@@ -121,8 +121,9 @@ def _quantize_e4m3_chunked(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor
     """`_quantize_e4m3` of `[rows, k]` a few rows at a time: no float32 copy of the whole activation."""
     out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     rows = max(1, QUANTIZE_CHUNK // max(1, x.shape[-1]))
-    for start in range(0, x.shape[0], rows):
-        out[start:start + rows] = _quantize_e4m3(x[start:start + rows], scale)
+    for start in range(0, x.shape[0], rows):   # one float32 chunk, scaled and clamped in place; the copy rounds
+        chunk = x[start:start + rows].to(torch.float32, copy=True)
+        out[start:start + rows] = chunk.div_(scale).clamp_(-_E4M3_MAX, _E4M3_MAX)
     return out
 
 
