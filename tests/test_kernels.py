@@ -42,7 +42,8 @@ def test_math_matches_sdpa():
 
 @pytest.mark.parametrize("name", ["flsh", "xformers", ""])
 def test_unknown_backend_is_a_clear_error(name):
-    with pytest.raises(InputError, match=r"attention: unknown attention backend .*auto, sdpa, cudnn, flash, fa3, sage, math"):
+    with pytest.raises(InputError, match=r"attention: unknown attention backend .*auto, sdpa, cudnn, flash, fa3, "
+                                         r"sage, math"):
         check_backend(name)
     with pytest.raises(InputError, match="unknown attention backend"):
         rt_attention.resolve_attention(name)

@@ -18,8 +18,9 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Fused", "ISLANDS", "enable_fusion", "fusion_enabled", "observe", "layer_norm", "modulated_norm",
-           "gated_residual", "rms_norm", "rms_norm_rope", "rope_video", "rope_1d", "quantize_e4m3", "compile_island"]
+__all__ = ["Fused", "ISLANDS", "enable_fusion", "fusion_enabled", "observe", "compile_island", "layer_norm",
+           "modulated_norm", "gated_residual", "rms_norm", "rms_norm_rope", "rope_video", "rope_1d", "quantize_e4m3",
+           "E4M3_MAX", "QUANTIZE_CHUNK"]
 
 _observer: Callable[["Fused", Callable, tuple], Any] | None = None
 
@@ -28,7 +29,7 @@ class Fused:
     """A float32 island: calls `fn`, or its compiled version after `enable_fusion()`."""
 
     def __init__(self, fn: Callable, eager: Callable | None = None):
-        self.fn, self.name, self.compiled = fn, fn.__name__, None
+        self.fn, self.name, self.compiled = fn, fn.__name__.lstrip("_"), None
         self.eager = eager or fn   # the same maths, kinder to memory where a kernel-per-op would not be
         self.__doc__ = fn.__doc__
 
@@ -39,11 +40,7 @@ class Fused:
         return run(*args) if _observer is None else _observer(self, run, args)
 
 
-def _island(fn: Callable) -> Fused:
-    return Fused(fn)
-
-
-@_island
+@Fused
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
     """Wan's FP32 LayerNorm: statistics and affine in float32, result rounded to x's dtype."""
     w = None if weight is None else weight.float()
@@ -51,7 +48,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     return F.layer_norm(x.float(), (x.shape[-1],), w, b, eps).to(x.dtype)
 
 
-@_island
+@Fused
 def modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
                    out_dtype: torch.dtype) -> torch.Tensor:
     """adaLN: LayerNorm (rounded to x's dtype like the reference), then ·(1+scale)+shift in float32."""
@@ -59,13 +56,13 @@ def modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ep
     return (normed.float() * (1 + scale) + shift).to(out_dtype)
 
 
-@_island
+@Fused
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """x + y·gate with a float32 gate, rounded to x's dtype."""
     return (x + y * gate).to(x.dtype)
 
 
-@_island
+@Fused
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Wan RMSNorm: normalise in float32, round to x's dtype, then scale (weight in x's dtype)."""
     xf = x.float()
@@ -73,7 +70,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return normed * weight.to(x.dtype)
 
 
-@_island
+@Fused
 def rope_video(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent channel pairs of `x` `[..., L, heads, d]` by `rotations` `[L, 1, d/2, 2]` (cos, sin).
 
@@ -85,7 +82,7 @@ def rope_video(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2).to(x.dtype)
 
 
-@_island
+@Fused
 def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, rotations: torch.Tensor) -> torch.Tensor:
     """q/k of the self-attention: RMSNorm over the full width `[B, L, dim]`, then the 3-D RoPE per head
     -> `[B, L, heads, d]` (d = 2·rotations.shape[-2])."""
@@ -93,7 +90,7 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, rotations: 
     return rope_video.fn(normed.unflatten(-1, (-1, 2 * rotations.shape[-2])), rotations)
 
 
-@_island
+@Fused
 def rope_1d(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """1-D RoPE (base 10000, adjacent pairs) on `x` `[..., d]`, positions broadcast against `x.shape[:-1]`;
     float32 maths like the reference (positions may be fractional: L-RoPE speaker positions)."""
@@ -106,15 +103,13 @@ def rope_1d(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return torch.stack([re * cos - im * sin, im * cos + re * sin], dim=-1).flatten(-2).to(x.dtype)
 
 
-_E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
-
-
+E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 QUANTIZE_CHUNK = 2**24   # elements of the float32 quotient an eager quantisation holds at once (64 MiB)
 
 
 def _quantize_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x / scale in float32, saturated at ±448, rounded to float8 e4m3."""
-    return (x.float() / scale).clamp_(-_E4M3_MAX, _E4M3_MAX).to(torch.float8_e4m3fn)
+    return (x.float() / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
 
 def _quantize_e4m3_chunked(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -123,12 +118,11 @@ def _quantize_e4m3_chunked(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor
     rows = max(1, QUANTIZE_CHUNK // max(1, x.shape[-1]))
     for start in range(0, x.shape[0], rows):   # one float32 chunk, scaled and clamped in place; the copy rounds
         chunk = x[start:start + rows].to(torch.float32, copy=True)
-        out[start:start + rows] = chunk.div_(scale).clamp_(-_E4M3_MAX, _E4M3_MAX)
+        out[start:start + rows] = chunk.div_(scale).clamp_(-E4M3_MAX, E4M3_MAX)
     return out
 
 
 quantize_e4m3 = Fused(_quantize_e4m3, eager=_quantize_e4m3_chunked)
-quantize_e4m3.name = "quantize_e4m3"
 
 
 ISLANDS: tuple[Fused, ...] = (layer_norm, modulated_norm, gated_residual, rms_norm, rope_video, rms_norm_rope,

@@ -17,8 +17,9 @@ FUSE_CHOICES = ("auto", "on", "off")
 @dataclass(frozen=True)
 class RuntimeOptions:
     """`vram_gb`: GPU memory the job may use (None or 0 = free memory of the device minus a margin);
-    `attention`: attention kernel by name (auto = the fastest exact one on the device); `fp8_matmul`: `torch._scaled_mm` for fp8 weights (off by default, the
-    faithful path; auto = where the GPU supports it); `compile`: torch.compile the transformer blocks;
+    `attention`: attention kernel by name (auto = the fastest exact one on the device); `fp8_matmul`:
+    `torch._scaled_mm` for fp8 weights (off by default, the faithful path; auto = where the GPU supports it);
+    `compile`: torch.compile the transformer blocks;
     `batch_guidance`: run a step's 2–3 guidance calls as one batch when the budget allows; `fp8_fast_accum`:
     `_scaled_mm`'s fast fp8 accumulation (Hopper; faster, less exact); `fuse`: the DiT's float32 islands as
     compiled kernels (`ops.fused`; auto = on CUDA with Triton, unless `compile` already compiles whole blocks)."""
