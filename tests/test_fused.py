@@ -37,6 +37,22 @@ def test_observer_sees_each_island_call():
     assert seen == ["gated_residual", "rms_norm"]
 
 
+def test_an_island_whose_compiler_fails_runs_eager(caplog):
+    def broken(fn):
+        def run(*args):
+            raise RuntimeError("triton: no working compiler")
+        return run
+
+    fused.enable_fusion(True, compiler=broken)
+    x = torch.randn(2, 5, 8, generator=G)
+    with caplog.at_level("WARNING"):
+        got = fused.rms_norm(x, torch.ones(8), 1e-6)
+        fused.rms_norm(x, torch.ones(8), 1e-6)
+    assert torch.equal(got, fused.rms_norm.fn(x, torch.ones(8), 1e-6))
+    assert fused.rms_norm.compiled is None and fused.gated_residual.compiled is not None
+    assert sum("rms_norm: compiling failed" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_fuse_option_is_off_on_cpu_by_default():
     model = random_model(small_config(num_layers=1))
     assert not configure_dit(model, RuntimeOptions(), "cpu").fused_islands

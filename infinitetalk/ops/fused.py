@@ -11,6 +11,7 @@ kernel reading its inputs and writing its output).
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -22,6 +23,7 @@ __all__ = ["Fused", "ISLANDS", "enable_fusion", "fusion_enabled", "observe", "co
            "modulated_norm", "gated_residual", "rms_norm", "rms_norm_rope", "rope_video", "rope_1d", "quantize_e4m3",
            "E4M3_MAX", "QUANTIZE_CHUNK"]
 
+log = logging.getLogger(__name__)
 _observer: Callable[["Fused", Callable, tuple], Any] | None = None
 
 
@@ -36,8 +38,19 @@ class Fused:
     def __call__(self, *args):
         if torch.compiler.is_compiling():  # traced into the caller's graph
             return self.fn(*args)
-        run = self.compiled or self.eager
+        run = self.eager if self.compiled is None else self._compiled
         return run(*args) if _observer is None else _observer(self, run, args)
+
+    def _compiled(self, *args):
+        try:
+            return self.compiled(*args)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # a compiler that fails here (no working Triton, ...) costs speed, not the job
+            log.warning("fused %s: compiling failed (%s: %s); it runs eager from now on", self.name,
+                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            self.compiled = None
+            return self.eager(*args)
 
 
 @Fused
