@@ -105,6 +105,23 @@ def test_auto_falls_back_when_a_kernel_refuses_a_shape(monkeypatch, caplog):
     assert sum("fa3 refused" in r.getMessage() for r in caplog.records) == 1   # said once, not per call
 
 
+def test_auto_skips_a_backend_that_is_missing_or_does_not_load(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)   # installed nowhere
+    rt_attention._resolved.pop("fa3", None)
+    assert not rt_attention._usable("fa3")
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", types.ModuleType("flash_attn_interface"))
+    real_import = rt_attention.importlib.import_module
+
+    def import_module(name, *args):
+        if name == "flash_attn_interface":
+            raise OSError("undefined symbol in the CUDA build")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(rt_attention.importlib, "import_module", import_module)
+    assert not rt_attention._usable("fa3")   # a broken build costs speed, not the job
+    assert rt_attention._usable("cudnn") and rt_attention._usable("sdpa")
+
+
 def test_cudnn_first_sdpa_is_sdpa_where_cudnn_is_absent():
     q, k, v = _qkv()
     torch.testing.assert_close(attention(q, k, v, "cudnn"), attention(q, k, v, "sdpa"))

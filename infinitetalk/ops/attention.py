@@ -11,8 +11,10 @@ never picked by `auto` (it changes the maths). Every kernel takes and returns `[
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -113,11 +115,24 @@ _orders: dict[torch.device, tuple[str, ...]] = {}
 _refused: set[tuple[str, str]] = set()
 
 
+def _usable(name: str) -> bool:
+    """`auto` only: the backend's package is installed and imports (a broken binary build is skipped, not fatal)."""
+    package = KERNELS[name].package
+    try:
+        if package is not None and package not in sys.modules and importlib.util.find_spec(package) is None:
+            return False
+        resolve_attention(name)
+    except Exception as exc:  # noqa: BLE001 - an optional package's import may fail any way it likes
+        log.warning("attention auto: %s is installed but does not load (%s); not used", name, exc)
+        return False
+    return True
+
+
 def _order_for(device: torch.device) -> tuple[str, ...]:
     names = _orders.get(device)
     if names is None:
         cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-        names = _orders[device] = auto_order(device.type, cap, attention_available)
+        names = _orders[device] = auto_order(device.type, cap, _usable)
         log.info("attention auto on %s: %s", device, " > ".join(names))
     return names
 
