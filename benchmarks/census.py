@@ -5,8 +5,8 @@
     python benchmarks/census.py --resolution 720p  # 21×90×160 latent
     python benchmarks/census.py --smoke --json     # tiny shapes: checks that the script works (seconds)
 
-Every tensor is a fake CUDA tensor (torch's FakeTensorMode: shapes, dtypes and devices, no data, no memory),
-so the full 14B block runs here in seconds on a CPU. A TorchDispatchMode records each aten op: FLOPs (torch's
+Every tensor is a fake tensor (torch's FakeTensorMode: shapes, dtypes and devices, no data, no memory; on the
+CPU device, see DEVICE), so the full 14B block runs here in seconds on a CPU. A TorchDispatchMode records each aten op: FLOPs (torch's
 flop counter formulas), bytes read and written, the source line in this package that issued it, whether it ran
 inside a DiT block or a fused float32 island (`ops.fused`), and the bytes alive (activation peak, read against
 the memory plan's estimate from runtime/budget.py). Each configuration is then *modelled*, never measured:
@@ -181,7 +181,7 @@ class Census(TorchDispatchMode):
 
 
 def _fake_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The fused attention op as a GPU runs it (fake CUDA SDPA would decompose into the math path)."""
+    """The fused attention op as a GPU runs it (SDPA on fake tensors would decompose into the math path)."""
     return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[0]
 
 
@@ -256,7 +256,7 @@ def seconds(ops: list[Op], mode: str, attention_rate: float = ATTENTION_RATE[AUT
 
 # ---- runs --------------------------------------------------------------------------------------------------
 def _fill(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Meta parameters and buffers -> fake CUDA tensors (floats as `dtype`), in place."""
+    """Meta parameters and buffers -> fake tensors on DEVICE (floats as `dtype`), in place."""
     for module in model.modules():
         for table in (module._parameters, module._buffers):
             for name, t in table.items():
@@ -280,7 +280,7 @@ def _dit(cfg: DiTConfig, weights: str) -> InfiniteTalkDiT:
 
 def trace_dit(cfg: DiTConfig, latent: tuple[int, int, int], weights: str, persons: int = 2
               ) -> tuple[Census, int]:
-    """One DiT call with one block (cfg.num_layers = 1) on fake CUDA tensors -> (census, DiT call activation
+    """One DiT call with one block (cfg.num_layers = 1) on fake tensors -> (census, DiT call activation
     peak in bytes)."""
     one = replace(cfg, num_layers=1)
     census = Census()
