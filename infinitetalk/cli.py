@@ -262,7 +262,8 @@ def _add_runtime_args(p: argparse.ArgumentParser, kernels: bool = True) -> None:
                    help="GPU memory the job may use; DiT blocks that do not fit stream from host memory "
                         "(default / 0: free memory of the device minus a margin)")
     if kernels:
-        p.add_argument("--attention", choices=ATTENTION_CHOICES, default="sdpa", help="attention kernel")
+        p.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto",
+                       help="attention kernel (auto: the fastest exact one of the device)")
         p.add_argument("--fp8-matmul", choices=FP8_MATMUL_CHOICES, default="off",
                        help="fp8 weights through fp8 matmuls: faster, slightly less exact (auto: on GPUs that have "
                             "them; default off)")
@@ -285,7 +286,7 @@ def _log_to_stderr(name: str) -> None:
 def _runtime_from_args(args: argparse.Namespace):
     from .ops.options import RuntimeOptions
 
-    return RuntimeOptions(vram_gb=args.vram, attention=getattr(args, "attention", "sdpa"),
+    return RuntimeOptions(vram_gb=args.vram, attention=getattr(args, "attention", "auto"),
                           fp8_matmul=getattr(args, "fp8_matmul", "off"), compile=getattr(args, "compile", False),
                           batch_guidance=not args.no_batch_guidance)
 

@@ -208,9 +208,10 @@ class InfiniteTalkModelLoader:
                 "vram_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5, "advanced": True,
                                       "tooltip": "GPU memory the job may use in GB; 0 = automatic (free memory "
                                       "minus a margin). Lower it to stream DiT blocks from RAM on small GPUs."}),
-                "attention": (list(ATTENTION_CHOICES), {"default": "sdpa", "advanced": True, "tooltip":
-                              "Attention kernel: sdpa (PyTorch, default), flash (flash-attn), sage "
-                              "(sageattention), math (plain reference maths, slow). flash/sage need their package."}),
+                "attention": (list(ATTENTION_CHOICES), {"default": "auto", "advanced": True, "tooltip":
+                              "Attention kernel: auto (default: the fastest exact one of the GPU, cuDNN on Hopper), "
+                              "sdpa (PyTorch), cudnn, flash (flash-attn), fa3 (flash-attn 3), sage (sageattention, "
+                              "lossy), math (plain reference maths, slow). flash/fa3/sage need their package."}),
                 "fp8_matmul": (list(FP8_MATMUL_CHOICES), {"default": "off", "advanced": True, "tooltip":
                                "Multiply fp8 weights in fp8 (torch._scaled_mm; faster, slightly less exact): auto = where the GPU supports it "
                                "(Ada/Hopper+), on, or off (default: upcast to the compute precision, the faithful path)."}),
@@ -235,7 +236,7 @@ class InfiniteTalkModelLoader:
 
     def load(self, diffusion_model: str, infinitetalk_patch: str, lora: str, lora_strength: float,
              audio_encoder: str, text_encoder: str, clip_vision: str, vae: str, precision: str = "auto",
-             offload: str = "auto", vram_gb: float = 0.0, attention: str = "sdpa", fp8_matmul: str = "off",
+             offload: str = "auto", vram_gb: float = 0.0, attention: str = "auto", fp8_matmul: str = "off",
              compile: bool = False, gpus: int = 1) -> tuple:
         values = {"diffusion_model": diffusion_model, "infinitetalk_patch": infinitetalk_patch, "lora": lora,
                   "audio_encoder": audio_encoder, "text_encoder": text_encoder, "clip_vision": clip_vision, "vae": vae}

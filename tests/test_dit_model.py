@@ -96,9 +96,11 @@ def test_reference_map_matches_explicit_softmax():
 def test_rope_helpers():
     assert rope_axis_split(128) == (22, 21, 21) and rope_axis_split(32) == (6, 5, 5)
     rotations = video_rope_tables((2, 3, 4), 32)
-    assert rotations.shape == (24, 1, 16) and rotations.dtype == torch.complex128
+    assert rotations.shape == (24, 1, 16, 2) and rotations.dtype == torch.float64
     x = torch.randn(24, 2, 32)
     y = apply_video_rope(x, rotations)
+    as_complex = torch.view_as_complex(x.double().unflatten(-1, (-1, 2))) * torch.view_as_complex(rotations)
+    torch.testing.assert_close(y, torch.view_as_real(as_complex).flatten(-2).float())  # the reference's complex maths
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
     torch.testing.assert_close(y[0], x[0], atol=0, rtol=0)  # token (0,0,0) has angle 0
     emb = timestep_sinusoid(256, torch.tensor([999.0]))

@@ -42,7 +42,8 @@ def test_math_matches_sdpa():
 
 @pytest.mark.parametrize("name", ["flsh", "xformers", ""])
 def test_unknown_backend_is_a_clear_error(name):
-    with pytest.raises(InputError, match=r"attention: unknown attention backend .*sdpa, flash, sage, math"):
+    with pytest.raises(InputError, match=r"attention: unknown attention backend .*auto, sdpa, cudnn, flash, fa3, "
+                                         r"sage, math"):
         check_backend(name)
     with pytest.raises(InputError, match="unknown attention backend"):
         rt_attention.resolve_attention(name)
@@ -69,6 +70,62 @@ def test_missing_package_names_it(monkeypatch, tmp_path, name, package, pip):
     monkeypatch.setattr(pipeline_models, "resolve_model_paths", lambda *a, **k: None)
     with pytest.raises(InputError, match=package):
         pipeline_models.load_models(tmp_path, device="cpu", runtime=RuntimeOptions(attention=name))
+
+
+@pytest.mark.parametrize("device,cap,fa3,order", [
+    ("cpu", None, True, ("sdpa",)),
+    ("cuda", (8, 0), True, ("sdpa",)),                    # A100: SDPA's FlashAttention-2
+    ("cuda", (8, 9), False, ("sdpa",)),
+    ("cuda", (9, 0), False, ("cudnn", "sdpa")),           # H100/H200: cuDNN attention inside SDPA
+    ("cuda", (9, 0), True, ("fa3", "cudnn", "sdpa")),     # FA3 when installed
+    ("cuda", (10, 0), True, ("cudnn", "sdpa")),           # FA3 is a Hopper kernel
+])
+def test_auto_order_by_device(device, cap, fa3, order):
+    asked = []
+    assert rt_attention.auto_order(device, cap, lambda n: asked.append(n) or (fa3 and n == "fa3")) == order
+    assert set(asked) <= {"fa3"}   # sage (lossy) is never considered
+
+
+def test_auto_falls_back_when_a_kernel_refuses_a_shape(monkeypatch, caplog):
+    def flash_attn_func(q, k, v):   # like a kernel refusing stride-0 batch K/V
+        if k.stride(0) == 0:
+            raise RuntimeError("k must have contiguous batch")
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", types.SimpleNamespace(flash_attn_func=flash_attn_func))
+    rt_attention._resolved.pop("fa3", None)
+    monkeypatch.setitem(rt_attention._orders, torch.device("cpu"), ("fa3", "sdpa"))
+    q, k, v = _qkv(torch.bfloat16)
+    torch.testing.assert_close(attention(q, k, v, "auto"), attention(q, k, v, "fa3"))
+    k1, v1 = k[:1].expand(2, -1, -1, -1), v[:1].expand(2, -1, -1, -1)
+    with caplog.at_level("WARNING"):
+        out = attention(q, k1, v1, "auto")
+        attention(q, k1, v1, "auto")
+    torch.testing.assert_close(out, attention(q, k1, v1, "sdpa"))
+    assert sum("fa3 refused" in r.getMessage() for r in caplog.records) == 1   # said once, not per call
+
+
+def test_auto_skips_a_backend_that_is_missing_or_does_not_load(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)   # installed nowhere
+    rt_attention._resolved.pop("fa3", None)
+    assert not rt_attention._usable("fa3")
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", types.ModuleType("flash_attn_interface"))
+    real_import = rt_attention.importlib.import_module
+
+    def import_module(name, *args):
+        if name == "flash_attn_interface":
+            raise OSError("undefined symbol in the CUDA build")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(rt_attention.importlib, "import_module", import_module)
+    assert not rt_attention._usable("fa3")   # a broken build costs speed, not the job
+    assert rt_attention._usable("cudnn") and rt_attention._usable("sdpa")
+
+
+def test_cudnn_first_sdpa_is_sdpa_where_cudnn_is_absent():
+    q, k, v = _qkv()
+    torch.testing.assert_close(attention(q, k, v, "cudnn"), attention(q, k, v, "sdpa"))
+    assert RuntimeOptions().attention == "auto"
 
 
 def _fake_packages(monkeypatch, calls):

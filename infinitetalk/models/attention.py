@@ -31,8 +31,11 @@ def check_backend(backend: str) -> str:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
     """softmax(q·kᵀ/√d)·v over `[batch, heads, tokens, d]` tensors, no mask, no dropout.
 
+    - "auto": the fastest exact kernel of the device, falling back per shape (`ops.attention.auto_order`).
     - "sdpa": `F.scaled_dot_product_attention` (PyTorch picks flash / memory-efficient / math).
+    - "cudnn": SDPA with cuDNN attention first (Hopper).
     - "math": the explicit formula in the input dtype (slow; a debugging reference).
-    - "flash" / "sage": flash-attn / SageAttention when installed (fp16/bf16; float32 goes through bf16).
+    - "flash" / "fa3" / "sage": flash-attn 2 / 3 / SageAttention when installed (fp16/bf16; float32 goes
+      through bf16).
     """
     return resolve_attention(backend)(q, k, v)

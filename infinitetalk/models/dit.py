@@ -165,7 +165,8 @@ class InfiniteTalkDiT(nn.Module):
         latent = torch.cat([x, y], dim=0).to(device=device, dtype=dtype)
         tokens = self.patch_embedding(latent.unsqueeze(0))
         grid = tuple(tokens.shape[2:])
-        tokens = tokens.flatten(2).transpose(1, 2).expand(batch, -1, -1)  # [B, L, dim]
+        # [B, L, dim], contiguous: the residual stream every block reads along its channels
+        tokens = tokens.flatten(2).transpose(1, 2).expand(batch, -1, -1).contiguous()
         n_t, n_h, n_w = grid
         n_tokens = n_t * n_h * n_w
 

@@ -2,6 +2,7 @@
 
 Dtype rules (the reference's, kept so bf16 runs behave like the original): LayerNorm/RMSNorm
 statistics in float32, modulation/gating/head in float32, everything else in the activation dtype.
+The float32 islands are `ops.fused` functions (one kernel each once fusion is enabled).
 """
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import fused
 from .attention import attention
 from .audio_adapter import AudioCrossAttention, speaker_positions
 from .layers import Linear
-from .rope import apply_video_rope
 
 __all__ = ["FP32LayerNorm", "LayerNorm", "RMSNorm", "PatchEmbedding", "SelfAttention", "I2VCrossAttention",
            "DiTBlock", "Head", "MLPProj", "reference_attention_map", "SampleAudio", "TokenShard"]
@@ -51,9 +52,7 @@ class FP32LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.empty(dim)) if affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = None if self.weight is None else self.weight.float()
-        b = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x.float(), (self.dim,), w, b, self.eps).to(x.dtype)
+        return fused.layer_norm(x, self.weight, self.bias, self.eps)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -72,9 +71,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).to(x.dtype)
-        return normed * self.weight.to(x.dtype)
+        return fused.rms_norm(x, self.weight, self.eps)
 
 
 class PatchEmbedding(nn.Conv3d):
@@ -144,10 +141,9 @@ class SelfAttention(nn.Module):
         """`x` `[B, L, dim]`; `token_masks[b]` `[3, S]` builds sample b's reference map (else None).
         With a shard, `x` and `rope` hold this process's tokens and heads are exchanged (Ulysses)."""
         b, n, dim = x.shape
-        shape = (b, n, self.num_heads, self.head_dim)
-        q = apply_video_rope(self.norm_q(self.q(x)).view(shape), rope)
-        k = apply_video_rope(self.norm_k(self.k(x)).view(shape), rope)
-        v = self.v(x).view(shape)
+        q = fused.rms_norm_rope(self.q(x), self.norm_q.weight, self.norm_q.eps, rope)
+        k = fused.rms_norm_rope(self.k(x), self.norm_k.weight, self.norm_k.eps, rope)
+        v = self.v(x).view(b, n, self.num_heads, self.head_dim)
         if shard is not None:  # [B, L_local, heads, d] -> [B, L, heads/P, d]
             q, k, v = (shard.group.tokens_to_heads(t, shard.n_tokens) for t in (q, k, v))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -210,11 +206,11 @@ class DiTBlock(nn.Module):
         """`x` `[B, L, dim]` (B guidance samples of one latent); `e0` `[1, 6, dim]` float32; `text`
         `[B, text_len, dim]`; `image` `[1 or B, N, dim]`; `audio[b]` sample b's audio tokens (+ masks).
         With a shard, `x`/`rope` hold only this process's tokens (sequence parallelism)."""
-        dtype = x.dtype
+        dtype, eps = x.dtype, self.norm1.eps
         shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = (self.modulation.float() + e0).chunk(6, dim=1)
-        y, maps = self.self_attn((self.norm1(x).float() * (1 + scale_msa) + shift_msa).to(dtype), rope,
+        y, maps = self.self_attn(fused.modulated_norm(x, shift_msa, scale_msa, eps, dtype), rope,
                                  [a.token_masks for a in audio], backend, shard)
-        x = (x + y * gate_msa).to(dtype)
+        x = fused.gated_residual(x, y, gate_msa)
         x = x + self.cross_attn(self.norm3(x), text, image, backend)
         audio_out = []
         for i, (sample, attn_map) in enumerate(zip(audio, maps)):
@@ -230,8 +226,8 @@ class DiTBlock(nn.Module):
                                                           shard.n_tokens, backend)
             audio_out.append(out.reshape(audio_in.shape))
         x = x + torch.stack(audio_out)
-        y = self.ffn((self.norm2(x).float() * (1 + scale_ffn) + shift_ffn).to(dtype))
-        return (x + y * gate_ffn).to(dtype)
+        y = self.ffn(fused.modulated_norm(x, shift_ffn, scale_ffn, eps, dtype))
+        return fused.gated_residual(x, y, gate_ffn)
 
 
 class Head(nn.Module):
@@ -245,7 +241,7 @@ class Head(nn.Module):
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         shift, scale = (self.modulation.float() + e.unsqueeze(1)).chunk(2, dim=1)
-        return self.head(self.norm(x).float() * (1 + scale) + shift)
+        return self.head(fused.modulated_norm(x, shift, scale, self.norm.eps, torch.float32))
 
 
 class MLPProj(nn.Module):

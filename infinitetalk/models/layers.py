@@ -11,7 +11,8 @@ non-persistent buffer the loaders fill, so block streaming moves it along with t
 - a GGUF weight is `weight` as the file's uint8 blocks `[out, bytes per row]` with `gguf_type` set.
 
 `fp8_matmul` (set by `runtime.kernels.configure_dit`) runs e4m3 weights through `torch._scaled_mm` with a
-per-tensor activation scale instead of dequantising them.
+per-tensor activation scale instead of dequantising them (the activation's quantisation is an `ops.fused` island:
+one kernel, no float32 copy, once fusion is on).
 """
 from __future__ import annotations
 
@@ -19,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import fused
 from ..ops.quants import dequantize_blocks
 
-__all__ = ["Linear", "dequantize", "scaled_mm_linear", "fp8_matmul_fits", "FP8_MAX"]
+__all__ = ["Linear", "dequantize", "scaled_mm_linear", "fp8_matmul_fits", "fp8_matmul_workspace_bytes", "FP8_MAX"]
 
-FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+FP8_MAX = fused.E4M3_MAX  # 448
 
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -42,24 +44,37 @@ def fp8_matmul_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def scaled_mm_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
-                     bias: torch.Tensor | None) -> torch.Tensor:
+                     bias: torch.Tensor | None, fast_accum: bool = False) -> torch.Tensor:
     """x·(scale·W)ᵀ + b with fp8 operands: x is quantised per call to e4m3 with a per-tensor scale
-    amax/448, W stays as stored; a per-row weight scale multiplies the output. Result in x's dtype."""
+    amax/448, W stays as stored; a per-row weight scale multiplies the output. Result in x's dtype.
+
+    The bias goes into `_scaled_mm`'s epilogue (per-tensor weight scale, half-precision output);
+    `fast_accum`: Hopper's faster fp8 accumulation (fewer promotions to float32; slightly less exact)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     lo, hi = torch.aminmax(x2)   # max |x| without an |x| copy of the activations
     x_scale = (torch.maximum(-lo, hi).float() / FP8_MAX).clamp_min(1e-12)
-    # one float32 copy, scaled and clamped in place (activations of a 14B DiT are GiB-sized per call)
-    xq = x2.to(torch.float32, copy=True).div_(x_scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    one = torch.ones((), device=x.device, dtype=torch.float32)
+    xq = fused.quantize_e4m3(x2, x_scale)
     per_tensor = scale is not None and scale.numel() == 1
-    w_scale = scale.reshape(()).to(device=x.device, dtype=torch.float32) if per_tensor else one
-    out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=x.dtype)
+    w_scale = (scale.reshape(()).to(device=x.device, dtype=torch.float32) if per_tensor
+               else torch.ones((), device=x.device, dtype=torch.float32))
+    b = None if bias is None else bias.to(x.dtype)
+    in_epilogue = b is not None and (scale is None or per_tensor) and x.dtype in (torch.bfloat16, torch.float16)
+    out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=w_scale, bias=b if in_epilogue else None,
+                           out_dtype=x.dtype, use_fast_accum=fast_accum)
     if scale is not None and not per_tensor:
         out = out * scale.reshape(1, -1).to(device=x.device, dtype=x.dtype)
-    if bias is not None:
-        out = out + bias.to(x.dtype)
+    if b is not None and not in_epilogue:
+        out = out + b
     return out.reshape(*shape[:-1], weight.shape[0])
+
+
+def fp8_matmul_workspace_bytes(rows: int, in_features: int) -> int:
+    """Bytes `scaled_mm_linear` holds beyond its input and output while multiplying `rows` activations of
+    width `in_features`: the e4m3 copy, plus the float32 quotient of one quantisation chunk (eager; a fused
+    quantisation has none). For the memory plan: the largest call is the FFN's second Linear (in = ffn_dim)."""
+    n = rows * in_features
+    return n + 4 * min(n, fused.QUANTIZE_CHUNK)
 
 
 class Linear(nn.Linear):
@@ -70,6 +85,7 @@ class Linear(nn.Linear):
     lora_up: torch.Tensor | None
     gguf_type: int | None = None  # GGML quantisation type of a packed `weight`
     fp8_matmul: bool = False
+    fp8_fast_accum: bool = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
@@ -88,7 +104,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp8_matmul and self.gguf_type is None and fp8_matmul_fits(x, self.weight):
-            out = scaled_mm_linear(x, self.weight, self.weight_scale, self.bias)
+            out = scaled_mm_linear(x, self.weight, self.weight_scale, self.bias, self.fp8_fast_accum)
         else:
             b = self.bias
             if b is not None and b.dtype != x.dtype:

@@ -1,11 +1,14 @@
 """Position encodings of the DiT: timestep sinusoid, 3-D video RoPE, 1-D speaker RoPE (L-RoPE).
 
 Precision follows the reference: the sinusoid and the 3-D rotation angles are float64 (a float32
-sinusoid alone costs ~4e-6 relative error at t≈1000); the 1-D speaker RoPE is float32 math.
+sinusoid alone costs ~4e-6 relative error at t≈1000); the 1-D speaker RoPE is float32 math. The rotations
+themselves are `ops.fused` islands (one kernel each when fusion is on).
 """
 from __future__ import annotations
 
 import torch
+
+from ..ops import fused
 
 __all__ = ["timestep_sinusoid", "video_rope_tables", "apply_video_rope", "apply_rope_1d", "rope_axis_split"]
 
@@ -36,7 +39,7 @@ def _axis_angles(n: int, complex_dims: int, device) -> torch.Tensor:
 
 def video_rope_tables(grid: tuple[int, int, int], head_dim: int,
                       device: torch.device | str | None = None) -> torch.Tensor:
-    """Unit rotations `[f·h·w, 1, head_dim/2]` (complex128) for tokens in (frame, row, col) order.
+    """Unit rotations `[f·h·w, 1, head_dim/2, 2]` (cos, sin; float64) for tokens in (frame, row, col) order.
 
     Positions start at 0 on each axis; each axis has its own frequency ladder.
     """
@@ -48,32 +51,14 @@ def video_rope_tables(grid: tuple[int, int, int], head_dim: int,
         ah.view(1, h, 1, ch).expand(f, h, w, ch),
         aw.view(1, 1, w, cw).expand(f, h, w, cw),
     ], dim=-1).reshape(f * h * w, 1, cf + ch + cw)
-    return torch.polar(torch.ones_like(angles), angles)
+    return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
-def apply_video_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs of `x` `[..., L, heads, d]` by the 3-D RoPE; returns x's dtype.
-
-    The rotation runs in complex128 for float32 inputs (reference-exact) and in complex64 otherwise:
-    the result is rounded to bf16/fp16 right after, where float64 would only cost time.
-    """
-    work, cdtype = (torch.float64, torch.complex128) if x.dtype in (torch.float32, torch.float64) \
-        else (torch.float32, torch.complex64)
-    pairs = torch.view_as_complex(x.to(work).unflatten(-1, (-1, 2)).contiguous())
-    rotated = pairs * rotations.to(device=x.device, dtype=cdtype)
-    return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
+apply_video_rope = fused.rope_video
 
 
 def apply_rope_1d(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """1-D RoPE (base 10000, adjacent pairs) on `x` `[..., d]`; `positions` broadcast against `x.shape[:-1]`.
 
-    Float32 math like the reference; positions may be fractional (L-RoPE speaker positions).
-    """
-    d = x.shape[-1]
-    inv = 1.0 / torch.pow(10000, torch.arange(0, d, 2, dtype=torch.float32, device=x.device)[: d // 2] / d)
-    angles = positions.to(device=x.device).float()[..., None] * inv
-    cos, sin = torch.cos(angles), torch.sin(angles)
-    pairs = x.float().unflatten(-1, (-1, 2))
-    re, im = pairs[..., 0], pairs[..., 1]
-    out = torch.stack([re * cos - im * sin, im * cos + re * sin], dim=-1).flatten(-2)
-    return out.to(x.dtype)
+    Float32 math like the reference; positions may be fractional (L-RoPE speaker positions)."""
+    return fused.rope_1d(x, positions.to(device=x.device))

@@ -10,10 +10,14 @@ it changes speed and memory, never the maths beyond the rounding of the kernel c
   capability >= 8.9 (Ada, Hopper, Blackwell); `on` = also elsewhere PyTorch runs `_scaled_mm` (CPU), an
   error on older GPUs; `off` = always dequantise. Layers whose dims are not multiples of 16 dequantise;
 - compile: each transformer block's `forward` is replaced by `torch.compile(forward)`, so hooks on
-  the block (block streaming moves weights in a forward pre-hook) still run outside the compiled code.
+  the block (block streaming moves weights in a forward pre-hook) still run outside the compiled code;
+- fuse: the float32 islands (`ops.fused`) as one compiled kernel each, the cheap half of compile (auto = on
+  CUDA with Triton, and not with `compile`, which fuses them inside each block's graph).
 """
 from __future__ import annotations
 
+import importlib.util
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,12 +26,14 @@ from torch import nn
 
 from ..errors import InputError
 from ..models.layers import Linear
-from ..ops.attention import resolve_attention
+from ..ops import fused
+from ..ops.attention import auto_kernel_name, resolve_attention
 from ..ops.options import RuntimeOptions
 
 __all__ = ["configure_dit", "check_kernels", "KernelReport", "fp8_matmul_supported", "compile_blocks"]
 
 MIN_FP8_CAPABILITY = (8, 9)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,7 @@ class KernelReport:
     attention: str
     fp8_matmul_layers: int
     compiled_blocks: int
+    fused_islands: bool = False
 
 
 def fp8_matmul_supported(device: torch.device | str) -> tuple[bool, str]:
@@ -66,15 +73,33 @@ def _use_fp8_matmul(mode: str, device: torch.device) -> bool:
     return True
 
 
+def _use_fusion(options: RuntimeOptions, device: torch.device) -> bool:
+    if options.fuse == "off" or options.compile:
+        return False
+    return options.fuse == "on" or (device.type == "cuda" and importlib.util.find_spec("triton") is not None)
+
+
+def _new_graph(fail) -> None:
+    log.warning("torch.compile: a new DiT block graph (a guard failed: %s). Expected once per kind of call "
+                "(a two-speaker and a one-speaker guidance call unbatched, a new resolution); anything else "
+                "recompiles every block until Dynamo's limit, then runs eager", fail.reason)
+
+
 def compile_blocks(blocks: nn.ModuleList, backend: str | Callable = "inductor") -> int:
     """torch.compile each block's forward in place (hooks stay outside); returns how many were compiled.
 
-    `dynamic=None`: PyTorch re-specialises once when the token count changes, then treats it as dynamic."""
+    Every block runs the same code, so blocks share their graphs (parameters are graph inputs): one graph per
+    kind of call for the whole stack, streamed blocks included. `dynamic=None`: PyTorch re-specialises once
+    when the token count changes, then treats it as dynamic. Each new graph after the first is logged with the
+    guard that failed (`_new_graph`)."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.emulate_precision_casts = True   # bf16 roundings where the eager code has them
     n = 0
     for block in blocks:
         if getattr(block, "_compiled_forward", False):
             continue
-        block.forward = torch.compile(block.forward, backend=backend, dynamic=None)
+        block.forward = torch._dynamo.optimize(backend, dynamic=None, guard_fail_fn=_new_graph)(block.forward)
         block._compiled_forward = True
         n += 1
     return n
@@ -95,11 +120,15 @@ def configure_dit(dit: nn.Module, options: RuntimeOptions, device: torch.device 
     machines without a compiler).
     """
     use_fp8 = check_kernels(options, device)
-    dit.attention = options.attention
+    # a compiled block calls one kernel: `auto` is resolved here, not per call inside the graph
+    dit.attention = auto_kernel_name(device) if options.compile and options.attention == "auto" else options.attention
     n_fp8 = 0
     for module in dit.modules():
         if isinstance(module, Linear):
             module.fp8_matmul = use_fp8 and module.weight.dtype == torch.float8_e4m3fn
+            module.fp8_fast_accum = module.fp8_matmul and options.fp8_fast_accum
             n_fp8 += module.fp8_matmul
     compiled = compile_blocks(dit.blocks, compile_backend) if options.compile else 0
-    return KernelReport(options.attention, n_fp8, compiled)
+    fuse = _use_fusion(options, torch.device(device))
+    fused.enable_fusion(fuse)
+    return KernelReport(options.attention, n_fp8, compiled, fuse)
