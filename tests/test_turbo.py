@@ -150,10 +150,23 @@ def _comment(path: Path) -> dict:
         return json.loads(c.metadata["comment"])
 
 
-@pytest.mark.parametrize("distilled", [True, False], ids=["distilled-dit", "lora-fallback"])
-def test_turbo_video_says_which_distillation_ran(tiny_models, tmp_path, distilled):
-    from infinitetalk.demo import synthetic_voice, two_faces_image, write_png
+def _media(tmp_path: Path, seconds: float) -> dict:
     from infinitetalk.audio.io import write_wav
+    from infinitetalk.demo import synthetic_voice, two_faces_image, write_png
+
+    return dict(left_audio=write_wav(tmp_path / "l.wav", synthetic_voice(seconds, 120.0, 16000, 1)[None], 16000),
+                right_audio=write_wav(tmp_path / "r.wav", synthetic_voice(seconds, 200.0, 16000, 2)[None], 16000),
+                image=write_png(tmp_path / "two.png", two_faces_image(64, 96)))
+
+
+def _turbo(media: dict, out: Path, **kw) -> GenerationRequest:
+    return GenerationRequest(out=out, preset="turbo", seed=3, size_scale=0.05, frame_num=21, motion_frames=5,
+                             order="left_right", **media, **kw)
+
+
+@pytest.mark.parametrize("distilled", [True, False], ids=["distilled-dit", "lora-fallback"])
+def test_turbo_video_says_which_distillation_ran_and_resumes_byte_identical(tiny_models, tmp_path, distilled):
+    from infinitetalk.errors import JobCancelled
     from infinitetalk.pipeline.generate import generate
     from infinitetalk.pipeline.models import load_models
 
@@ -165,12 +178,9 @@ def test_turbo_video_says_which_distillation_ran(tiny_models, tmp_path, distille
     calls = []
     forward = models.dit.forward
     models.dit.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
-    req = GenerationRequest(left_audio=write_wav(tmp_path / "l.wav", synthetic_voice(0.4, 120.0, 16000, 1)[None], 16000),
-                            right_audio=write_wav(tmp_path / "r.wav", synthetic_voice(0.4, 200.0, 16000, 2)[None], 16000),
-                            image=write_png(tmp_path / "two.png", two_faces_image(64, 96)), out=tmp_path / "o.mp4",
-                            preset="turbo", seed=3, size_scale=0.05, frame_num=21, motion_frames=5, order="meanwhile")
-    result = generate(req, models)
-    assert len(calls) == 4 * result.windows   # 4 steps, one DiT call each, per window
+    media = _media(tmp_path, 0.6)
+    result = generate(_turbo(media, tmp_path / "a.mp4"), models)
+    assert result.windows == 2 and len(calls) == 4 * result.windows   # 4 steps, one DiT call each, per window
     meta = _comment(result.path)
     assert (meta["preset"], meta["steps"], meta["text_guidance"], meta["audio_guidance"], meta["shift"]) == \
         ("turbo", 4, 1.0, 1.0, 11.0)
@@ -178,3 +188,13 @@ def test_turbo_video_says_which_distillation_ran(tiny_models, tmp_path, distille
     assert bool(meta["model"]["loras"]) is not distilled
     if not distilled:
         assert "lightx2v" in meta["model"]["loras"][0][0]
+        return
+    # stopped after the first window, then resumed: the same file, byte for byte
+    req = _turbo(media, tmp_path / "b.mp4", job_dir=tmp_path / "job")
+    infos = []
+    with pytest.raises(JobCancelled):
+        generate(req, models, progress=lambda d, t, info: infos.append(info),
+                 cancel=lambda: bool(infos) and infos[-1].window >= 1)
+    assert not req.out.exists()
+    resumed = generate(req, models)
+    assert resumed.resumed_windows == 1 and resumed.path.read_bytes() == result.path.read_bytes()
