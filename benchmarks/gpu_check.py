@@ -13,6 +13,7 @@ what would not finish in time):
              s per call and slowdown against unlimited
   vae        decode of one 81-frame 480p window (real VAE config)
   e2e        one `fast` window (6 steps × 2 guidance calls + VAE decode) → seconds per video-second
+  e2e_turbo  one `turbo` window (4 steps × 1 call, the 4-step distilled recipe, + VAE decode) → the same
   agreement  GPU vs CPU fp32 on a small DiT config (rel L2)
 Weights are drawn on the device at the storage dtype (no downloads, no host copy of 14B).
 """
@@ -40,7 +41,7 @@ from infinitetalk.checkpoints import build_on_meta, load_module  # noqa: E402
 from infinitetalk.models.dit import DiTConfig, InfiniteTalkDiT  # noqa: E402
 
 GIB = 2**30
-FAST_STEPS, FAST_CALLS = 6, 2          # the `fast` preset: 6 steps, 2 guidance calls per step
+FAST_CALLS = 2                         # the `fast` preset's guidance calls per step (the budget section's job)
 NEW_FRAMES_PER_WINDOW = 72             # 81-frame window, 9 motion frames carried over
 FPS = 25
 
@@ -282,12 +283,17 @@ def section_vae(device: torch.device, latent: tuple[int, int, int]) -> dict:
 
 
 def section_e2e(cfg: DiTConfig, device: torch.device, dtype: torch.dtype, size: tuple[int, int, int],
-                steps: int, vae_s: float | None, smoke: bool) -> dict:
-    """One `fast` window: `steps` guided Euler steps (2 calls each, batched when the runtime allows) on the DiT,
-    plus the window's VAE decode (measured above); encoders run once per job and are left out."""
+                preset: str, vae_s: float | None, smoke: bool) -> dict:
+    """One window of `preset` (its steps, guidance calls batched when the runtime allows, shift at 480p) on
+    the DiT, plus the window's VAE decode (measured above); encoders run once per job and are left out.
+    The smoke run takes 2 steps."""
+    from infinitetalk.pipeline.request import PRESETS
     from infinitetalk.pipeline.sampler import Guidance, WindowConditioning, sample_window
     from infinitetalk.pipeline.schedule import timesteps
 
+    p = PRESETS[preset]
+    steps, guidance = (2 if smoke else p.steps), Guidance(p.text_guidance, p.audio_guidance)
+    calls = guidance.calls_per_step
     f, h, w = size
     model = build_dit(cfg, device, dtype)
     if not smoke:
@@ -295,15 +301,16 @@ def section_e2e(cfg: DiTConfig, device: torch.device, dtype: torch.dtype, size: 
     configure(model, device, fp8_matmul="auto")
     x, _t, ctx, clip, y, audio, masks = dit_inputs(cfg, f, h, w, device, dtype)
     cond = WindowConditioning(context=ctx, context_null=ctx, clip_fea=clip, y=y, audio=audio, ref_target_masks=masks)
-    times = timesteps(steps, 7.0)
+    times = timesteps(steps, p.shift_at("480p"))
     motion = torch.zeros(cfg.out_dim, 1, h, w, device=device)
     with torch.inference_mode():
-        s, latent = _timed(lambda: sample_window(model, x.float(), cond, times, Guidance(1.0, 2.0), motion,
-                                                 batch=FAST_CALLS), device, warmup=0, iters=1)
+        s, latent = _timed(lambda: sample_window(model, x.float(), cond, times, guidance, motion, batch=calls),
+                           device, warmup=0, iters=1)
     assert torch.isfinite(latent).all()
     total = s + (vae_s or 0.0)
     video_s = NEW_FRAMES_PER_WINDOW / FPS
-    return {"steps": steps, "calls_per_step": FAST_CALLS, "guidance_batch": FAST_CALLS, "dit": "fp8" if not smoke else "fp32", "sampling_s": round(s, 3), "vae_decode_s": vae_s,
+    return {"preset": preset, "steps": steps, "calls_per_step": calls, "guidance_batch": calls,
+            "dit": "fp8" if not smoke else "fp32", "sampling_s": round(s, 3), "vae_decode_s": vae_s,
             "window_s": round(total, 3), "video_s_per_window": video_s,
             "s_per_video_second": round(total / video_s, 3)}
 
@@ -370,8 +377,10 @@ def main(argv: list[str] | None = None) -> int:
                needs_s=3 if smoke else 90)
     vae = report.run("vae", lambda: section_vae(device, (2, 4, 4) if smoke else (21, 80, 80)),
                      needs_s=3 if smoke else 40) or {}
-    report.run("e2e", lambda: section_e2e(cfg, device, dtype, sizes["480p"], 2 if smoke else FAST_STEPS,
-                                          vae.get("s"), smoke), needs_s=3 if smoke else 80)
+    report.run("e2e", lambda: section_e2e(cfg, device, dtype, sizes["480p"], "fast", vae.get("s"), smoke),
+               needs_s=3 if smoke else 80)
+    report.run("e2e_turbo", lambda: section_e2e(cfg, device, dtype, sizes["480p"], "turbo", vae.get("s"), smoke),
+               needs_s=3 if smoke else 45)
     report.run("agreement", lambda: section_agreement(device if not smoke else torch.device("cpu")), needs_s=2)
     report.data["total_s"] = round(time.perf_counter() - report.t0, 1)
 

@@ -15,7 +15,7 @@ def test_gpu_check_smoke_runs_every_section(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((tmp_path / "gpu_check.json").read_text())
     sections = data["sections"]
-    assert set(sections) == {"env", "dit", "budget", "vae", "e2e", "agreement"}
+    assert set(sections) == {"env", "dit", "budget", "vae", "e2e", "e2e_turbo", "agreement"}
     for name, result in sections.items():
         assert "error" not in result and "skipped" not in result, (name, result)
     # the budget section streams blocks when the budget is below the model (tiny budgets stream every block)
@@ -24,5 +24,6 @@ def test_gpu_check_smoke_runs_every_section(tmp_path: Path) -> None:
     assert all(row["streamed_blocks"] == row["of"] for key, row in budget.items() if key.endswith("GB"))
     assert sections["agreement"]["ok"] is True
     assert sections["e2e"]["s_per_video_second"] > 0
+    assert (sections["e2e"]["calls_per_step"], sections["e2e_turbo"]["calls_per_step"]) == (2, 1)   # fast, turbo
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| budget | unlimited |" in table and "| e2e | s_per_video_second |" in table
