@@ -198,3 +198,13 @@ def test_turbo_video_says_which_distillation_ran_and_resumes_byte_identical(tiny
     assert not req.out.exists()
     resumed = generate(req, models)
     assert resumed.resumed_windows == 1 and resumed.path.read_bytes() == result.path.read_bytes()
+
+
+def test_cli_plan_takes_turbo_and_the_dit_kind(tiny_models, capsys):
+    from infinitetalk.cli import main
+
+    assert main(["plan", "--models", str(tiny_models), "--preset", "turbo", "--vram", "100", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["job"]["calls_per_step"] == 1 and "step-distilled DiT" in plan["label"]
+    assert main(["plan", "--models", str(tiny_models), "--preset", "turbo", "--dit-kind", "base", "--vram", "100"]) == 0
+    assert "base DiT + LoRA" in capsys.readouterr().out
