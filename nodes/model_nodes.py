@@ -136,7 +136,8 @@ class ModelChoice:
         from infinitetalk.pipeline.models import load_models
         from infinitetalk.pipeline.request import PRESETS
 
-        if PRESETS.get(preset) is not None and PRESETS[preset].needs_distill_lora and not (self.has_lora or self.distilled):
+        distilled_enough = self.has_lora or self.distilled
+        if PRESETS.get(preset) is not None and PRESETS[preset].needs_distill_lora and not distilled_enough:
             turbo = " or the 4-step distilled DiT" if PRESETS[preset].distilled_dit else ""
             raise InputError("preset", f"the '{preset}' preset needs a step-distill LoRA{turbo}: choose one in the "
                                        "model loader's 'lora' (e.g. lightx2v I2V 480p rank64) or use preset 'quality'")

@@ -143,7 +143,7 @@ class ModelFiles:
     unknown: list[Path] = field(default_factory=list)
     errors: dict[Path, str] = field(default_factory=dict)  # unreadable files -> why
     precision: dict[Path, str] = field(default_factory=dict)
-    distilled: set[Path] = field(default_factory=set)  # DiT files (of `dit`, `dit_infinitetalk`) that are step-distilled
+    distilled: set[Path] = field(default_factory=set)  # the step-distilled files of `dit` and `dit_infinitetalk`
 
     def of(self, component: str) -> list[Path]:
         """Candidates for a component name of COMPONENTS (e.g. "dit+infinitetalk")."""

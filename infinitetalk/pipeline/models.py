@@ -35,8 +35,8 @@ from .request import PRESETS
 from .resolution import BUCKETS
 from .sampler import Guidance
 
-__all__ = ["ModelBundle", "ModelPaths", "load_models", "resolve_model_paths", "dit_is_distilled", "default_device", "default_dtype",
-           "largest_bucket", "job_for", "plan_from_files"]
+__all__ = ["ModelBundle", "ModelPaths", "load_models", "resolve_model_paths", "dit_is_distilled", "default_device",
+           "default_dtype", "largest_bucket", "job_for", "plan_from_files"]
 
 COMPONENTS = ("dit", "wav2vec2", "text_encoder", "clip_vision", "vae")
 # Modules that visit the compute device only while used when offloading.

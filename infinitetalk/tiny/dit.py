@@ -13,7 +13,7 @@ diffusion_models/   base I2V (no audio keys)
   tiny_Wan2.1-I2V-14B-480P/diffusion_pytorch_model-0000k-of-00003.safetensors + index.json (Wan-AI, fp32)
   step-distilled DiT (LightX2V's 4-step InfiniteTalk; other random weights, base keys only, known by name):
   tiny_InfiniteTalk-4StepDistill-Mean-w-ITAudioAdaptorV6.1-bf16.safetensors   bf16, no prefix
-  tiny_InfiniteTalk-4StepDistill-Mean-w-ITAudioAdaptorV6.1-fp8.safetensors    LightX2V fp8: per-row `weight_scale` [out, 1]
+  tiny_InfiniteTalk-4StepDistill-Mean-w-ITAudioAdaptorV6.1-fp8.safetensors    LightX2V fp8, `weight_scale` [out, 1]
 model_patches/      the InfiniteTalk audio keys only
   tiny_MeiGen-InfiniteTalk/multi/infinitetalk.safetensors    fp32, no prefix (MeiGen)
   tiny_wan2.1_infiniteTalk_multi_fp16.safetensors            fp16 (Comfy-Org)
