@@ -208,3 +208,26 @@ def test_cli_plan_takes_turbo_and_the_dit_kind(tiny_models, capsys):
     assert plan["job"]["calls_per_step"] == 1 and "step-distilled DiT" in plan["label"]
     assert main(["plan", "--models", str(tiny_models), "--preset", "turbo", "--dit-kind", "base", "--vram", "100"]) == 0
     assert "base DiT + LoRA" in capsys.readouterr().out
+
+
+def test_a_distilled_file_with_audio_weights_gets_the_multi_adapter_over_them(tiny_models, tmp_path):
+    """LightX2V always loads its adapter file over the distilled DiT; a distilled file that carries audio
+    weights of its own is used alone only when no InfiniteTalk patch is found."""
+    from infinitetalk.tiny.dit import METADATA, tiny_state
+
+    patch_file = resolve_model_paths(tiny_models, "turbo").patch
+    _, other = tiny_state(seed=21)   # audio weights unlike the patch's
+    combined = {**load_file(str(tiny_models / "diffusion_models" / BF16)),
+                **{k: v for k, v in other.items() if k.startswith("audio_proj.") or ".audio_cross_attn." in k
+                   or ".norm_x." in k}}
+    tree = tmp_path / "models"
+    shutil.copytree(tiny_models, tree, ignore=shutil.ignore_patterns("*4StepDistill*"))
+    save_file(combined, str(tree / "diffusion_models" / f"{DISTILLED_DIT}-bf16.safetensors"), metadata=METADATA)
+    paths = resolve_model_paths(tree, "turbo")
+    assert paths.distilled and paths.patch is not None and paths.patch.name == patch_file.name
+    with_patch = load_dit(paths.dit, paths.patch, dtype=torch.float32)
+    alone = load_dit(paths.dit, None, dtype=torch.float32)
+    patch_w = load_file(str(paths.patch))
+    key = next(k for k in patch_w if k.endswith("audio_proj.proj1.weight"))
+    torch.testing.assert_close(with_patch.audio_proj.proj1.weight, patch_w[key].float())
+    assert not torch.equal(alone.audio_proj.proj1.weight, with_patch.audio_proj.proj1.weight)
