@@ -18,9 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from infinitetalk.checkpoints.detect import find_models
+from infinitetalk.checkpoints.detect import DIT_KINDS, find_models
 from infinitetalk.cli import DIT_KINDS as CLI_DIT_KINDS, PRESET_NAMES
-from infinitetalk.checkpoints.detect import DIT_KINDS
 from infinitetalk.errors import InputError
 from infinitetalk.loaders.dit import load_dit
 from infinitetalk.pipeline.models import job_for, plan_from_files, resolve_model_paths
