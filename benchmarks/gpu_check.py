@@ -386,7 +386,7 @@ def section_budget(b: Bench) -> dict:
             bundle.budget = None if budget is None else int(budget * GIB)
             p = bundle.prepare(job).placement
             _free()
-            streamer = bundle._streamer
+            streamer = bundle.streamer
             row = {"streamed_blocks": len(p.streamed), "of": p.num_blocks, "guidance_batch": p.max_guidance_batch,
                    "fits": p.fits, "predicted_dit_peak_gib": _gib(p.dit_peak),
                    "streamed_bytes": streamer.host_bytes if streamer else 0,

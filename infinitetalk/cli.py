@@ -8,6 +8,9 @@ from pathlib import Path
 
 from .dependencies import missing_message
 
+PRESET_NAMES = ("quality", "fast", "turbo")   # pipeline.request.PRESETS, without importing torch for --help
+DIT_KINDS = ("auto", "base", "distilled")     # checkpoints.detect.DIT_KINDS, likewise
+
 
 def _make_tiny_models(args: argparse.Namespace) -> int:
     from .errors import InputError, require_writable_folder
@@ -119,7 +122,7 @@ def _generate(args: argparse.Namespace) -> int:
             _log_to_stderr("infinitetalk.runtime")
         overrides = {"dit": args.dit, "patch": args.patch, "wav2vec2": args.wav2vec2,
                      "text_encoder": args.text_encoder, "clip_vision": args.clip_vision, "vae": args.vae,
-                     "tokenizer": args.tokenizer, "lora_strength": args.lora_strength,
+                     "tokenizer": args.tokenizer, "lora_strength": args.lora_strength, "dit_kind": args.dit_kind,
                      "loras": [(p, args.lora_strength) for p in args.lora or []]}
         env = launch_env()                          # torchrun: rank 0 does all I/O, the others hold only the DiT
         if env is not None and not env.is_main:
@@ -222,15 +225,18 @@ def _add_generate(sub) -> None:
                    help="who speaks when (default: left_right for an image, meanwhile for a video)")
     p.add_argument("--resolution", choices=("480p", "720p"), default="480p")
     p.add_argument("--seed", type=int, default=-1, help="-1 = random (the seed used is printed and stored in the file)")
-    p.add_argument("--preset", choices=("quality", "fast"), default="quality",
-                   help="quality: 40 steps, 3 model calls/step; fast: distill LoRA, 6 steps, 2 calls/step")
+    p.add_argument("--preset", choices=PRESET_NAMES, default="quality",
+                   help="quality: 40 steps, 3 model calls/step; fast: distill LoRA, 6 steps, 2 calls/step; turbo: "
+                        "the 4-step distilled DiT (else the base DiT + lightx2v LoRA), 4 steps, 1 call/step")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--text-guidance", "--text-scale", type=float, default=None,
-                   help="text CFG strength (default: the preset's, 5 quality / 1 fast); --text-scale is the old name")
+                   help="text CFG strength (default: the preset's, 5 quality / 1 fast, turbo); --text-scale is the "
+                        "old name")
     p.add_argument("--audio-guidance", "--audio-scale", type=float, default=None,
-                   help="audio (lip-sync) CFG strength (default: the preset's, 4 quality / 2 fast); "
+                   help="audio (lip-sync) CFG strength (default: the preset's, 4 quality / 2 fast / 1 turbo); "
                         "--audio-scale is the old name")
-    p.add_argument("--shift", type=float, default=None, help="default 7 at 480p, 11 at 720p")
+    p.add_argument("--shift", type=float, default=None,
+                   help="default 7 at 480p, 11 at 720p (turbo: 11 at 480p, 7 at 720p, as LightX2V's distilled configs)")
     p.add_argument("--teacache", type=float, default=0.0,
                    help="TeaCache step-skipping threshold for the quality preset (0 = off; 0.1 ≈ 2×, 0.2 ≈ 3× faster, "
                         "approximate)")
@@ -247,11 +253,18 @@ def _add_generate(sub) -> None:
                        ("text-encoder", "umT5-XXL text encoder"), ("tokenizer", "umT5 spiece.model"),
                        ("clip-vision", "CLIP ViT-H vision encoder"), ("vae", "Wan2.1 VAE")):
         p.add_argument(f"--{name}", default=None, help=f"{what} file (overrides the models folder)")
+    _add_dit_kind(p)
     p.add_argument("--lora", action="append", help="LoRA file (repeatable); the fast preset needs a distill LoRA")
     p.add_argument("--lora-strength", type=float, default=1.0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_runtime_args(p)
     p.set_defaults(func=_generate)
+
+
+def _add_dit_kind(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dit-kind", choices=DIT_KINDS, default="auto",
+                   help="whether the DiT file is the step-distilled one (turbo) or the base Wan2.1 DiT; their tensors "
+                        "look alike, so auto goes by the file's metadata or name (4StepDistill / StepDistill)")
 
 
 def _add_runtime_args(p: argparse.ArgumentParser, kernels: bool = True) -> None:
@@ -300,7 +313,8 @@ def _plan(args: argparse.Namespace) -> int:
     try:
         runtime = _runtime_from_args(args)
         plan = plan_from_files(args.models, preset=args.preset, resolution=args.resolution, vram_gb=runtime.vram_gb,
-                               overrides={"loras": [(p, 1.0) for p in args.lora or []]}, frame_num=args.frame_num,
+                               overrides={"loras": [(p, 1.0) for p in args.lora or []], "dit_kind": args.dit_kind},
+                               frame_num=args.frame_num,
                                batch_guidance=runtime.batch_guidance)
     except (InputError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -314,10 +328,11 @@ def _add_plan(sub) -> None:
                        description="Per component: bytes by dtype and where it lives; the predicted peak GPU memory "
                                    "of a DiT step and of a VAE decode; whether the job fits. Exit status 1 when not.")
     p.add_argument("--models", required=True, help="ComfyUI-style models folder")
-    p.add_argument("--preset", choices=("quality", "fast"), default="quality")
+    p.add_argument("--preset", choices=PRESET_NAMES, default="quality")
     p.add_argument("--resolution", choices=("480p", "720p"), default="480p")
     p.add_argument("--frame-num", type=int, default=81, help="frames per window")
     p.add_argument("--lora", action="append", help="LoRA file (repeatable)")
+    _add_dit_kind(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_runtime_args(p, kernels=False)
     p.set_defaults(func=_plan)

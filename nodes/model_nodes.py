@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from infinitetalk.checkpoints.detect import DIT_KINDS
 from infinitetalk.errors import InputError
+from infinitetalk.pipeline.model_files import dit_is_distilled
 from infinitetalk.ops.options import ATTENTION_CHOICES, FP8_MATMUL_CHOICES, RuntimeOptions
 
 from . import bridge
@@ -125,6 +127,7 @@ class ModelChoice:
     dtype: str | None
     offload: bool | None
     has_lora: bool
+    distilled: bool = False  # the DiT is step-distilled (turbo's 4-step file): no distill LoRA needed
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     gpus: int = 1  # GPUs the sampler's job is spread over (multigpu/workers.py); 1 = this process only
     sampler: Any = field(default=None, repr=False)   # with gpus > 1: the WorkerPool `generate` samples with
@@ -135,9 +138,11 @@ class ModelChoice:
         from infinitetalk.pipeline.models import load_models
         from infinitetalk.pipeline.request import PRESETS
 
-        if PRESETS.get(preset) is not None and PRESETS[preset].needs_distill_lora and not self.has_lora:
-            raise InputError("preset", f"the '{preset}' preset needs a step-distill LoRA: choose one in the model "
-                                       "loader's 'lora' (e.g. lightx2v I2V 480p rank64) or use preset 'quality'")
+        distilled_enough = self.has_lora or self.distilled
+        if PRESETS.get(preset) is not None and PRESETS[preset].needs_distill_lora and not distilled_enough:
+            turbo = " or the 4-step distilled DiT" if PRESETS[preset].distilled_dit else ""
+            raise InputError("preset", f"the '{preset}' preset needs a step-distill LoRA{turbo}: choose one in the "
+                                       "model loader's 'lora' (e.g. lightx2v I2V 480p rank64) or use preset 'quality'")
         with self._lock:
             if self._bundle is None:
                 extra: dict[str, Any] = {"runtime": self.runtime}
@@ -189,7 +194,8 @@ class InfiniteTalkModelLoader:
                                             "models/model_patches (or diffusion_models); 'none' when the DiT file "
                                             "already contains it."),
                 "lora": combo("lora", "Step-distill LoRA (lightx2v / FusionX) from models/loras, needed by the "
-                              "'fast' preset; 'none' for the 'quality' preset."),
+                              "'fast' preset and by 'turbo' on the base DiT; 'none' for 'quality' or the 4-step "
+                              "distilled DiT."),
                 "lora_strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05,
                                             "tooltip": "LoRA strength (1.0 for lightx2v)."}),
                 "audio_encoder": combo("audio_encoder", "chinese-wav2vec2-base from models/audio_encoders or "
@@ -219,6 +225,10 @@ class InfiniteTalkModelLoader:
                             "torch.compile the transformer blocks: slower first window, faster after."}),
                 "gpus": ("INT", {"default": 1, "min": 1, "max": MAX_GPUS, "advanced": True, "tooltip":
                          "GPUs to spread each job over (sequence/guidance parallel); 1 = only ComfyUI's GPU."}),
+                "dit_kind": (list(DIT_KINDS), {"default": "auto", "advanced": True, "tooltip":
+                             "Whether the diffusion model is the 4-step distilled InfiniteTalk DiT (for the "
+                             "'turbo' preset, no LoRA needed) or the base Wan2.1 DiT. auto: from the file's "
+                             "metadata or name (4StepDistill); the tensors of both look alike."}),
             },
         }
 
@@ -237,7 +247,7 @@ class InfiniteTalkModelLoader:
     def load(self, diffusion_model: str, infinitetalk_patch: str, lora: str, lora_strength: float,
              audio_encoder: str, text_encoder: str, clip_vision: str, vae: str, precision: str = "auto",
              offload: str = "auto", vram_gb: float = 0.0, attention: str = "auto", fp8_matmul: str = "off",
-             compile: bool = False, gpus: int = 1) -> tuple:
+             compile: bool = False, gpus: int = 1, dit_kind: str = "auto") -> tuple:
         values = {"diffusion_model": diffusion_model, "infinitetalk_patch": infinitetalk_patch, "lora": lora,
                   "audio_encoder": audio_encoder, "text_encoder": text_encoder, "clip_vision": clip_vision, "vae": vae}
         paths = {role: resolve(role, name) for role, name in values.items()}
@@ -257,7 +267,9 @@ class InfiniteTalkModelLoader:
                      "wav2vec2": paths["audio_encoder"], "text_encoder": paths["text_encoder"],
                      "clip_vision": paths["clip_vision"], "vae": paths["vae"],
                      "loras": [(paths["lora"], float(lora_strength))] if paths["lora"] is not None else []}
+        distilled = dit_is_distilled(paths["diffusion_model"], dit_kind)
+        overrides["dit_kind"] = "distilled" if distilled else "base"
         choice = ModelChoice(overrides=overrides, dtype=None if precision == "auto" else precision,
                              offload=None if offload == "auto" else offload == "on",
-                             has_lora=paths["lora"] is not None, runtime=runtime, gpus=int(gpus))
+                             has_lora=paths["lora"] is not None, runtime=runtime, gpus=int(gpus), distilled=distilled)
         return (choice,)

@@ -131,19 +131,20 @@ class InfiniteTalkMultiSampler:
                                  "tooltip": "Noise seed; -1 draws a random one (reported on the 'seed' output)."}),
                 "preset": (list(PRESETS), {"default": DEFAULT_PRESET, "presets": preset_values(), "tooltip":
                            "fast: 6 steps, text guidance 1, audio guidance 2; needs the lightx2v/FusionX distill "
-                           "LoRA in the loader. quality: 40 steps, text guidance 5, audio guidance 4, no LoRA, "
-                           "about 10x slower. Choosing a preset fills steps and both guidances; edit them after "
-                           "to override."}),
+                           "LoRA in the loader. turbo: 4 steps, no guidance (one model call per step, ~3x faster "
+                           "than fast); the 4-step distilled InfiniteTalk DiT, or the base DiT + lightx2v LoRA. "
+                           "quality: 40 steps, text guidance 5, audio guidance 4, no LoRA, about 10x slower than "
+                           "fast. Choosing a preset fills steps and both guidances; edit them after to override."}),
                 "steps": ("INT", {"default": fast.steps, "min": 1, "max": 100, "tooltip":
-                                  "Denoising steps per window (fast 6, quality 40); set by the preset."}),
+                                  "Denoising steps per window (turbo 4, fast 6, quality 40); set by the preset."}),
                 "text_guidance": ("FLOAT", {"default": fast.text_guidance, "min": 0.0, "max": MAX_GUIDANCE,
                                             "step": 0.1, "tooltip":
                                             "Text CFG: how strongly the prompt is followed (fast 1 = off, one "
                                             "model call saved; quality 5). Set by the preset."}),
                 "audio_guidance": ("FLOAT", {"default": fast.audio_guidance, "min": 0.0, "max": MAX_GUIDANCE,
                                              "step": 0.1, "tooltip":
-                                             "Audio CFG: how strongly the lips follow the voices (fast 2, quality "
-                                             "4). Not the audio's loudness. Set by the preset."}),
+                                             "Audio CFG: how strongly the lips follow the voices (turbo 1 = off, "
+                                             "fast 2, quality 4). Not the audio's loudness. Set by the preset."}),
                 "color_strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
                                              "How strongly each window's colours are matched to the reference "
                                              "(stops colour drift on long videos); 0 = off."}),

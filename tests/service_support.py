@@ -26,6 +26,7 @@ TEMPLATE = {
     "3": {"class_type": "LoadImageMask", "inputs": {"image": "m.png", "channel": "alpha"}, "_meta": {"title": "mask_image"}},
     "4": {"class_type": "InfiniteTalkMultiSampler", "inputs": {
         "prompt": "", "order": "left_right", "resolution": "480p", "seed": 0,
+        "preset": "fast", "steps": 6, "text_guidance": 1.0, "audio_guidance": 2.0,
         "image": ["1", 0], "left_audio": ["2", 0], "right_audio": ["2", 1], "mask": ["3", 0]}},
     "5": {"class_type": "InfiniteTalkVideoCombine", "inputs": {"filename_prefix": "x", "video": ["4", 0]}},
 }

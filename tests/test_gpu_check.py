@@ -34,7 +34,7 @@ def test_gpu_check_smoke_runs_every_section(tmp_path: Path) -> None:
     assert agreement["ok"] is True and agreement["tf32"] is False
     e2e, turbo = sections["e2e"], sections["turbo"]
     assert e2e["s_per_video_second"] > 0 and e2e["dit_passes"] == e2e["steps"]   # both calls in one pass
-    assert turbo["dit_passes"] == turbo["steps"] and "one_call_per_step" in turbo
+    assert turbo["dit_passes"] == turbo["steps"] and turbo["calls_per_step"] == 1 and turbo["one_call_per_step"]
     compiled = sections["compile"]
     assert 1 <= compiled["graphs"] <= compiled["blocks"] and compiled["s_per_call"] > 0
     table = (tmp_path / "gpu_check.md").read_text()

@@ -318,3 +318,22 @@ def test_model_loading_shows_progress_text_on_the_node(env, monkeypatch):
     assert choice.load("quality") == "bundle"
     assert [n for n, _ in sent] == ["3", "3"]
     assert "Loading models" in sent[0][1] and "dit.safetensors" in sent[0][1] and "Models loaded in" in sent[1][1]
+
+
+def test_loader_knows_the_distilled_dit_so_turbo_needs_no_lora(env):
+    """The 4-step distilled DiT is recognised by its name (or dit_kind); turbo then runs without a LoRA;
+    dit_kind 'base' says the file is a base DiT, and then turbo asks for the distill LoRA."""
+    from infinitetalk.tiny.dit import DISTILLED_DIT
+
+    loader = env["InfiniteTalkModelLoader"]
+    distilled = f"tiny_{DISTILLED_DIT}-fp8.safetensors"
+    assert distilled in loader.INPUT_TYPES()["required"]["diffusion_model"][0]
+    assert loader.INPUT_TYPES()["optional"]["dit_kind"][0] == ["auto", "base", "distilled"]
+    (models,) = loader().load(**dict(LOADER, diffusion_model=distilled))
+    assert models.distilled and models.overrides["dit_kind"] == "distilled" and not models.has_lora
+    bundle = models.load("turbo")
+    assert bundle.paths.distilled and bundle.paths.loras == [] and bundle.dit.blocks[0].self_attn.q.weight.dtype == \
+        torch.float8_e4m3fn
+    (base,) = loader().load(**dict(LOADER, diffusion_model=distilled, dit_kind="base"))
+    with pytest.raises(InputError, match="distilled DiT"):
+        base.load("turbo")

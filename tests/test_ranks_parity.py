@@ -9,7 +9,8 @@ test runs the one process on every core as a new user does, with a size whose GE
 that what the code itself computes thread-dependently (the umT5 attention did) still shows up.
 The presets cover the layouts:
 2 ranks — quality: one group of 2 splitting the tokens (Ulysses); fast: 2 guidance groups of 1;
-3 ranks — quality: 3 guidance groups of 1; fast: 2 groups of 1, rank 2 adding zeros (3 cannot split heads).
+3 ranks — quality: 3 guidance groups of 1; fast: 2 groups of 1, rank 2 adding zeros (3 cannot split heads);
+turbo (the 4-step distilled DiT, one call per step): 2 ranks split its tokens; on 3, ranks left over add zeros.
 Tiny models, 32×32 frames, 2 windows of 21 frames, 2 steps; every subprocess has a timeout. The split is exact:
 the mp4 files are identical (and so, first, are the decoded frames, which say by how much they are not).
 """
@@ -31,6 +32,7 @@ from infinitetalk.demo import synthetic_voice, two_faces_image, write_png
 ROOT = Path(__file__).resolve().parents[1]
 RATE = 22050
 RUN_TIMEOUT_S = 300
+PRESETS = ("quality", "fast", "turbo")
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +85,7 @@ def _frames(path: Path) -> np.ndarray:
 def single(tiny_models, media, tmp_path_factory) -> dict[str, Path]:
     """One process's video per preset."""
     videos = {}
-    for preset in ("quality", "fast"):
+    for preset in PRESETS:
         out = tmp_path_factory.mktemp(f"single_{preset}") / "single.mp4"
         run = _generate(tiny_models, media, out, preset)
         assert run.returncode == 0, run.stderr[-3000:]
@@ -101,7 +103,7 @@ def assert_same_video(got: Path, expected: Path, what: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [2, 3])
-@pytest.mark.parametrize("preset", ["quality", "fast"])
+@pytest.mark.parametrize("preset", PRESETS)
 def test_torchrun_video_matches_one_process(tiny_models, media, single, tmp_path, nproc, preset):
     out = tmp_path / f"ranks{nproc}.mp4"
     run = _generate(tiny_models, media, out, preset, nproc)

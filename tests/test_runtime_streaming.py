@@ -256,6 +256,14 @@ def bundle(tiny_models):
     return load_models(tiny_models, preset="quality", device="cpu", dtype="fp32")
 
 
+@pytest.fixture(scope="module")
+def turbo_bundle(tiny_models):
+    """The 4-step distilled DiT (LightX2V fp8 layout would do too; bf16 is picked first), one call per step."""
+    from infinitetalk.pipeline.models import load_models
+
+    return load_models(tiny_models, preset="turbo", device="cpu", dtype="fp32")
+
+
 def _media(tmp_path):
     from infinitetalk.audio.io import write_wav
     from infinitetalk.demo import synthetic_voice, two_faces_image, write_png
@@ -293,21 +301,23 @@ def _forcing_budget(models, req_media, tmp_path) -> int:
 
 
 @pytest.mark.slow
-def test_generate_with_forced_streaming_writes_the_same_bytes(bundle, tmp_path, monkeypatch):
+@pytest.mark.parametrize("preset", ["quality", "turbo"])
+def test_generate_with_forced_streaming_writes_the_same_bytes(preset, request, tmp_path, monkeypatch):
     """The VAE decode is left out of the budget here (its own test below) so only the DiT placement changes."""
     from infinitetalk.pipeline.generate import generate
 
+    bundle = request.getfixturevalue("turbo_bundle" if preset == "turbo" else "bundle")
     monkeypatch.setattr(budget, "VAE_DECODE_LIVE_TENSORS", 0)
     media = _media(tmp_path)
     tight = _forcing_budget(bundle, media, tmp_path)
     assert tight > 0
 
     bundle.budget = None
-    plain = generate(_request(media, tmp_path / "plain.mp4"), bundle)
+    plain = generate(_request(media, tmp_path / "plain.mp4", preset=preset), bundle)
     assert not bundle.placement.streaming and bundle.streamer is None
 
     bundle.budget = tight
-    streamed = generate(_request(media, tmp_path / "streamed.mp4"), bundle)
+    streamed = generate(_request(media, tmp_path / "streamed.mp4", preset=preset), bundle)
     assert bundle.placement.streaming and bundle.plan.fits
     assert bundle.placement.max_guidance_batch == 1
     assert bundle.streamer is not None and bundle.streamer.copies > 0

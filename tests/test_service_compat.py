@@ -11,6 +11,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from edge_support import make_edge_env
 from infinitetalk.service import uploads
+from infinitetalk.service.compat import ROUTES as COMPAT_ROUTES
 from infinitetalk.service.jobs import EngineState
 from infinitetalk.service.routes import JobApi
 from service_support import KEY, WORKERS, FakeEngine, body, dispatch, settle, write_wav
@@ -326,3 +327,44 @@ def test_wavespeed_sdk_uploads_and_runs_a_job(tmp_path):
     assert len(sync["outputs"]) == 1 and "prompt-2_00001_.mp4" in sync["outputs"][0]
     graph = env["service"].engine.graphs["prompt-1"]
     assert (env["inputs"] / graph["1"]["inputs"]["image"]).read_bytes() == image_path.read_bytes()
+
+
+def _sampler(graph: dict) -> dict:
+    return next(n["inputs"] for n in graph.values() if n["class_type"] == "InfiniteTalkMultiSampler")
+
+
+def test_the_fast_tier_routes_run_turbo_and_the_standard_ones_the_workflows_own_settings(env):
+    """RunComfy's fast/multi and WaveSpeed's infinitetalk-fast routes queue the turbo preset (4 steps, guidance
+    off); the standard route keeps the shipped workflow's sampler settings; the native route takes `tier`."""
+    routes = {"ws": f"{WS}/image-to-video-multi", "ws_fast": f"{WS}-fast/image-to-video-multi",
+              "rc_fast": "/v1/models/community/infinite-talk/fast/multi",
+              "native_fast": "/infinitetalk/v1/image-to-video-multi"}
+
+    async def flow(client):
+        out = {}
+        for name, path in routes.items():
+            payload = body()
+            if name == "native_fast":
+                payload["tier"] = "fast"
+            resp = await client.post(path, json=payload, headers=AUTH)
+            got = await resp.json()
+            assert resp.status == 200, (name, got)
+            job = got.get("request_id") or got["data"]["id"]
+            out[name] = (resp.status, got, env["engine"].graphs[await dispatch(env, job)])
+            env["engine"].finish(env["worker"].prompt_id, "clip_00001_.mp4")
+            await settle(env)
+        bad = await client.post(routes["native_fast"], json={**body(), "tier": "turbo"}, headers=AUTH)
+        return out, (bad.status, await bad.json())
+
+    out, bad = serve(env["service"], flow)
+    template = _sampler(env["service"].workflows["image-to-video-multi"])
+    assert _sampler(out["ws"][2]) == {**_sampler(out["ws"][2]), "preset": template["preset"],
+                                      "steps": template["steps"]}
+    for name in ("ws_fast", "rc_fast", "native_fast"):
+        sampler = _sampler(out[name][2])
+        assert (sampler["preset"], sampler["steps"], sampler["text_guidance"], sampler["audio_guidance"]) == \
+            ("turbo", 4, 1.0, 1.0), name
+    assert out["ws_fast"][1]["data"]["model"] == "infinitetalk-fast/image-to-video-multi"
+    assert out["ws"][1]["data"]["model"] == "infinitetalk/image-to-video-multi"
+    assert bad[0] == 400 and "tier" in str(bad[1])
+    assert ("POST", "/api/v3/wavespeed-ai/infinitetalk-fast/video-to-video-multi") in COMPAT_ROUTES

@@ -97,7 +97,7 @@ SAMPLER_COMMON = {
 }
 LOADER = {role: spec[0] for role, spec in MODEL_FILES.items()} | {
     "lora_strength": 1.0, "precision": "auto", "offload": "auto",
-    "vram_gb": 0.0, "attention": "sdpa", "fp8_matmul": "off", "compile": False, "gpus": 1}
+    "vram_gb": 0.0, "attention": "sdpa", "fp8_matmul": "off", "compile": False, "gpus": 1, "dit_kind": "auto"}
 SAVE = {"fps": 25.0, "codec": "h264", "crf": 19, "pix_fmt": "yuv420p", "trim_to_audio": True}
 
 
@@ -110,8 +110,11 @@ def image_graph() -> dict:
                  "1. Load the picture of the two people and their two voices (left person = left_audio).\n"
                  "2. Check the mask preview: red = left voice, blue = right voice.\n"
                  "3. order: left_right = left speaks first, then right; meanwhile = both tracks at once.\n"
-                 "4. preset fast needs the lightx2v LoRA; quality (40 steps) needs none; choosing one fills steps,\n"
-                 "   text_guidance and audio_guidance with its numbers (edit them after to override).\n"
+                 "4. preset fast needs the lightx2v LoRA; quality (40 steps) needs none; turbo (4 steps, one model\n"
+                 "   call each, ~3x faster than fast) runs the 4-step distilled DiT (diffusion_model\n"
+                 "   InfiniteTalk-4StepDistill-Mean-w-ITAudioAdaptorV6.1-bf16, lora none) or this base DiT + the\n"
+                 "   lightx2v LoRA. Choosing a preset fills steps, text_guidance and audio_guidance with its\n"
+                 "   numbers (edit them after to override).\n"
                  "The video is as long as the audio, any length; it is streamed to disk window by window.\n"
                  "mask_image (muted, grey): select it and press Ctrl+M to limit motion to the white parts of a "
                  "mask picture."),
@@ -146,8 +149,11 @@ def video_graph() -> dict:
                  "2. order meanwhile = both tracks at once (dubbing); left_right / right_left = one after the other.\n"
                  "3. Speakers are bound to the left and right halves of the frame; connect InfiniteTalk Mask From "
                  "Region masks to left_mask/right_mask for other layouts.\n"
-                 "4. preset fast needs the lightx2v LoRA; quality (40 steps) needs none; choosing one fills steps,\n"
-                 "   text_guidance and audio_guidance with its numbers (edit them after to override).\n"
+                 "4. preset fast needs the lightx2v LoRA; quality (40 steps) needs none; turbo (4 steps, one model\n"
+                 "   call each, ~3x faster than fast) runs the 4-step distilled DiT (diffusion_model\n"
+                 "   InfiniteTalk-4StepDistill-Mean-w-ITAudioAdaptorV6.1-bf16, lora none) or this base DiT + the\n"
+                 "   lightx2v LoRA. Choosing a preset fills steps, text_guidance and audio_guidance with its\n"
+                 "   numbers (edit them after to override).\n"
                  "The source video is read window by window (never whole into RAM).\n"
                  "mask_image (muted, grey): select it and press Ctrl+M to limit motion to the white parts of a "
                  "mask picture."),

@@ -18,7 +18,8 @@ from ..errors import CheckpointError, InputError
 from .lora import is_lora_key
 from .reader import Checkpoint, open_checkpoint
 
-__all__ = ["COMPONENTS", "detect_component", "detect_checkpoint", "precision_of", "ModelFiles", "find_models", "pick"]
+__all__ = ["COMPONENTS", "detect_component", "detect_checkpoint", "precision_of", "is_distilled_dit", "ModelFiles",
+           "find_models", "pick", "DIT_KINDS"]
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,12 @@ COMPONENTS = ("dit", "dit+infinitetalk", "infinitetalk", "lora", "wav2vec2", "t5
 MODEL_FOLDERS = ("diffusion_models", "unet", "model_patches", "loras", "audio_encoders", "wav2vec2",
                  "text_encoders", "clip", "clip_vision", "vae")
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".gguf")
+# A step-distilled DiT (LightX2V's `InfiniteTalk-4StepDistill-Mean-w-ITAudioAdaptorV6.1-{bf16,fp8}`, the
+# `Wan2.1-I2V-14B-480P-StepDistill-CfgDistill-Lightx2v` files) has exactly the base DiT's tensors: content
+# cannot tell them apart, so the header metadata or the published file name does (docs/model-files.md).
+DIT_KINDS = ("auto", "base", "distilled")
+DISTILLED_NAME_WORDS = ("stepdistill", "4step")
+_DIT_KIND_KEY = "infinitetalk.dit_kind"
 _PRECISION_RANK = {"fp32": 5, "bf16": 4, "fp16": 3, "fp8_scaled": 2, "fp8": 1, "gguf": 1, "other": 0}
 
 
@@ -109,6 +116,17 @@ def precision_of(ckpt: Checkpoint) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(main, "other")
 
 
+def is_distilled_dit(ckpt: Checkpoint) -> bool:
+    """Whether a DiT file is a step-distilled one: its metadata `infinitetalk.dit_kind` when present, else
+    whether its file (or folder) name contains a LightX2V distill word (`4StepDistill`, `StepDistill`, `4step`)."""
+    declared = ckpt.metadata.get(_DIT_KIND_KEY)
+    if declared in ("base", "distilled"):
+        return declared == "distilled"
+    path = Path(ckpt.path)
+    names = (path.name, path.parent.name) if path.name.endswith(".index.json") else (path.name,)   # shards: the folder
+    return any(word in "".join(ch for ch in n.lower() if ch.isalnum()) for n in names for word in DISTILLED_NAME_WORDS)
+
+
 @dataclass
 class ModelFiles:
     """Checkpoints found under a models folder, by component (sorted paths)."""
@@ -125,6 +143,7 @@ class ModelFiles:
     unknown: list[Path] = field(default_factory=list)
     errors: dict[Path, str] = field(default_factory=dict)  # unreadable files -> why
     precision: dict[Path, str] = field(default_factory=dict)
+    distilled: set[Path] = field(default_factory=set)  # the step-distilled files of `dit` and `dit_infinitetalk`
 
     def of(self, component: str) -> list[Path]:
         """Candidates for a component name of COMPONENTS (e.g. "dit+infinitetalk")."""
@@ -184,6 +203,8 @@ def find_models(models_dir: str | os.PathLike) -> ModelFiles:
             continue
         found.of(component).append(path)
         found.precision[path] = precision_of(ckpt)
+        if component in ("dit", "dit+infinitetalk") and is_distilled_dit(ckpt):
+            found.distilled.add(path)
     return found
 
 

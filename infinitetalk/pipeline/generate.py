@@ -40,7 +40,7 @@ from .job import JobFolder, JobState, default_job_dir, fingerprint
 from .progress import JobProgress, ProgressHook, ProgressInfo
 from .request import GenerationRequest
 from .sampler import Guidance, KeepRegion, WindowConditioning, WindowSampler, sample_window, window_noise
-from .schedule import shift_for, timesteps
+from .schedule import timesteps
 from .teacache import TeaCache
 from .windows import gather_audio_windows
 
@@ -111,9 +111,12 @@ def _generate(request, req, inputs, models, sampler, progress, cancel, on_window
         job.start(state)
     seed = state.seed
     settings = _settings(req, seed, height, width, plan.final_frames)
+    recipe = models.recipe() if hasattr(models, "recipe") else {}
+    if recipe:   # which DiT and LoRAs made it: turbo says whether the distilled DiT or the distill LoRA ran
+        settings["model"] = recipe
 
     steps = int(req.steps)
-    times = timesteps(steps, req.shift if req.shift is not None else shift_for(req.resolution))
+    times = timesteps(steps, float(req.shift))   # resolved: the request's, else the preset's at its resolution
     guidance = Guidance(float(req.text_guidance), float(req.audio_guidance))
     tracker = JobProgress(progress, plan.num_chunks, steps, (plan.frame_num - 1) // 4 + 1, resumed)
 
@@ -148,7 +151,7 @@ def _settings(req: GenerationRequest, seed: int, height: int, width: int, frames
     return {
         "generator": "infinitetalk-multi", "seed": seed, "preset": req.preset, "steps": req.steps,
         "text_guidance": req.text_guidance, "audio_guidance": req.audio_guidance,
-        "shift": req.shift if req.shift is not None else shift_for(req.resolution),
+        "shift": req.shift,
         "resolution": req.resolution, "size": [height, width], "order": req.order, "frames": frames,
         "prompt": req.prompt, "prompts": window_prompts(req.prompt), "color_strength": req.color_strength,
         **({"teacache": {"threshold": req.teacache, "scale": req.resolution.removesuffix("p"),

@@ -101,6 +101,13 @@ class ModelBundle:
         self.placement, self.plan = plan.placement, plan
         return plan
 
+    def recipe(self) -> dict:
+        """What makes the sampling step-distilled, for the output's metadata: the DiT's kind and the LoRAs."""
+        if self.paths is None:
+            return {}
+        return {"dit": Path(self.paths.dit).name, "dit_kind": "distilled" if self.paths.distilled else "base",
+                "loras": [[Path(p).name, s] for p, s in self.paths.loras]}
+
     def identity(self) -> str:
         base = self.paths.identity() if self.paths is not None else "in-memory"
         return f"{base}:{self.dtype}"
@@ -206,5 +213,7 @@ def plan_from_files(models_dir: str | Path | None, preset: str = "fast", resolut
     budget = None if not vram_gb else int(vram_gb * GiB)
     if budget is None and device == "cuda" and torch.cuda.is_available():
         budget = auto_budget_bytes(torch.cuda.mem_get_info()[0])
+    dit = "step-distilled DiT" if paths.distilled else "base DiT" + (" + LoRA" if paths.loras else "")
     return plan_for_paths(paths, job_for(preset, resolution, frame_num), budget, device=device, dtype=dtype,
-                          batch_guidance=batch_guidance, label=f"preset {preset}, {resolution}, {frame_num} frames/window")
+                          batch_guidance=batch_guidance,
+                          label=f"preset {preset} ({dit}), {resolution}, {frame_num} frames/window")

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import InputError
 from ..text.prompts import DEFAULT_PROMPT, join_prompts
+from .schedule import shift_for
 
 ORDERS = ("meanwhile", "left_right", "right_left")
 RESOLUTIONS = ("480p", "720p")
@@ -21,7 +23,8 @@ MAX_GUIDANCE = 20.0
 
 @dataclass(frozen=True)
 class Preset:
-    """Sampling recipe. `text_guidance == 1` means 2 model calls per step (cond + drop-audio).
+    """Sampling recipe. `text_guidance == 1` means 2 model calls per step (cond + drop-audio); both guidances
+    1 means one call per step (no guidance pass at all: the guided velocity is the conditional one).
 
     The two guidance scales are named for what they are (classifier-free guidance strengths), not
     `*_scale`: elsewhere `audio_scale` means the audio signal's strength (1.0), a different knob."""
@@ -29,8 +32,19 @@ class Preset:
     steps: int
     text_guidance: float
     audio_guidance: float
-    shift: float | None  # None: by resolution (7 at 480p, 11 at 720p), as the reference
-    needs_distill_lora: bool
+    shift: float | Mapping[str, float] | None  # None: by resolution (7 at 480p, 11 at 720p), as the reference
+    needs_distill_lora: bool   # step distillation needed: a distill LoRA (or, with `distilled_dit`, that DiT)
+    distilled_dit: bool = False   # made for a step-distilled DiT file; without one the distill LoRA stands in
+
+    def shift_at(self, resolution: str) -> float:
+        """The timestep shift of this preset at a resolution ('480p' / '720p')."""
+        if self.shift is None:
+            return shift_for(resolution)
+        if isinstance(self.shift, Mapping):
+            if resolution not in self.shift:
+                raise InputError("resolution", f"expected one of {', '.join(self.shift)}, got {resolution!r}")
+            return float(self.shift[resolution])
+        return float(self.shift)
 
 
 PRESETS: dict[str, Preset] = {
@@ -38,6 +52,11 @@ PRESETS: dict[str, Preset] = {
     "quality": Preset(steps=40, text_guidance=5.0, audio_guidance=4.0, shift=None, needs_distill_lora=False),
     # Distill-LoRA recipe (lightx2v / FusionX): few steps, 2 model calls per step.
     "fast": Preset(steps=6, text_guidance=1.0, audio_guidance=2.0, shift=None, needs_distill_lora=True),
+    # LightX2V's 4-step distilled InfiniteTalk (configs/infinitetalk/infinitetalk_480p_multi_distilled.json and
+    # the 720p multi distilled configs): 4 steps, no guidance (enable_cfg false: one model call per step),
+    # shift 11 at 480p and 7 at 720p. Runs the distilled DiT file, else the base DiT + the distill LoRA.
+    "turbo": Preset(steps=4, text_guidance=1.0, audio_guidance=1.0, shift={"480p": 11.0, "720p": 7.0},
+                    needs_distill_lora=True, distilled_dit=True),
 }
 
 
@@ -58,8 +77,8 @@ class GenerationRequest:
     seed: int = -1
     preset: str = "quality"
     steps: int | None = None  # None: the preset's
-    text_guidance: float | None = None  # None: the preset's (text CFG: 5 quality, 1 fast)
-    audio_guidance: float | None = None  # None: the preset's (audio CFG: 4 quality, 2 fast)
+    text_guidance: float | None = None  # None: the preset's (text CFG: 5 quality, 1 fast / turbo)
+    audio_guidance: float | None = None  # None: the preset's (audio CFG: 4 quality, 2 fast, 1 turbo)
     shift: float | None = None
     color_strength: float = 1.0
     frame_num: int = 81
@@ -93,7 +112,7 @@ class GenerationRequest:
             steps=self.steps or preset.steps,
             text_guidance=preset.text_guidance if self.text_guidance is None else self.text_guidance,
             audio_guidance=preset.audio_guidance if self.audio_guidance is None else self.audio_guidance,
-            shift=self.shift if self.shift is not None else preset.shift,
+            shift=self.shift if self.shift is not None else preset.shift_at(self.resolution),
             seed=seed,
         )
 

@@ -6,6 +6,8 @@ Guidance (reference §5.3), per step at time t:
   `drop_text` = (negative prompt, audio), `uncond` = (negative prompt, ONE zero-audio person).
 - fast (text_scale == 1, distill LoRA), 2 model calls:
   `v = drop_audio + s_a·(cond − drop_audio)`, `drop_audio` = (prompt, one zero-audio person).
+- unguided (text_scale == audio_scale == 1, the 4-step distilled DiT; LightX2V's `enable_cfg` false), 1 call:
+  `v = cond` — what both formulas give at scale 1, without computing the passes that cancel out.
 
 Every step the clean motion latents are written back over the first latent frames (InfiniteTalk keeps them
 clean; MultiTalk's re-noising is dead code there). An optional keep region (mask-limited generation) pins
@@ -44,12 +46,17 @@ class Guidance:
 
     @property
     def text_free(self) -> bool:
-        """True for the 2-call recipe (distill LoRA, text guidance off)."""
+        """True for the 1- and 2-call recipes (text guidance off)."""
         return math.isclose(self.text_scale, 1.0)
 
     @property
+    def unguided(self) -> bool:
+        """True for the 1-call recipe: text and audio guidance both off (the conditional velocity alone)."""
+        return self.text_free and math.isclose(self.audio_scale, 1.0)
+
+    @property
     def calls_per_step(self) -> int:
-        return 2 if self.text_free else 3
+        return 1 if self.unguided else 2 if self.text_free else 3
 
 
 @dataclass
@@ -93,8 +100,10 @@ def window_noise(seed: int, window_index: int, shape: tuple[int, ...], device: t
 
 
 def guidance_calls(cond: WindowConditioning, guidance: Guidance) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The (context, audio) of each model call of a step: fast = [cond, drop_audio]; quality = [cond,
-    drop_text, uncond]."""
+    """The (context, audio) of each model call of a step: unguided = [cond]; fast = [cond, drop_audio];
+    quality = [cond, drop_text, uncond]."""
+    if guidance.unguided:
+        return [(cond.context, cond.audio)]
     if guidance.text_free:
         return [(cond.context, cond.audio), (cond.context, cond.silent_audio)]
     return [(cond.context, cond.audio), (cond.context_null, cond.audio), (cond.context_null, cond.silent_audio)]
@@ -102,6 +111,8 @@ def guidance_calls(cond: WindowConditioning, guidance: Guidance) -> list[tuple[t
 
 def combine_guidance(velocities: list[torch.Tensor], guidance: Guidance) -> torch.Tensor:
     """The guided velocity from the calls' velocities (order of `guidance_calls`)."""
+    if guidance.unguided:
+        return velocities[0]
     if guidance.text_free:
         v_cond, v_drop_audio = velocities
         return v_drop_audio + guidance.audio_scale * (v_cond - v_drop_audio)
@@ -144,7 +155,7 @@ def _batch_size(batch: int | bool, calls: int) -> int:
 def guided_velocity(dit: DiTCall, x: torch.Tensor, t: torch.Tensor, cond: WindowConditioning,
                     guidance: Guidance, batch: int | bool = 1, parallel: ParallelState | None = None,
                     skip: tuple[TeaCache, int] | None = None) -> torch.Tensor:
-    """The guided flow velocity at time t (2 or 3 model calls; `batch` of them per DiT pass). With
+    """The guided flow velocity at time t (1, 2 or 3 model calls; `batch` of them per DiT pass). With
     `parallel` (a `ParallelState`) this is a collective: every rank returns the same velocity.
     `skip`: (TeaCache, step index) for step skipping."""
     calls = guidance_calls(cond, guidance)

@@ -2,6 +2,7 @@
 
 WaveSpeed (the contract's envelope `{code, message, data}`, `data` as GET result answers it):
   POST /api/v3/wavespeed-ai/infinitetalk/image-to-video-multi | video-to-video-multi  [?webhook=URL]
+  POST /api/v3/wavespeed-ai/infinitetalk-fast/image-to-video-multi | video-to-video-multi   (fast tier: turbo)
        body may hold `enable_sync_mode: true`: answer once the job ended (bounded wait: INFINITETALK_API_SYNC_WAIT_SECONDS)
   GET  /api/v3/predictions/{id}/result
   POST /api/v3/media/upload/binary     multipart `file` -> {type, download_url, filename, size}
@@ -9,7 +10,7 @@ WaveSpeed (the contract's envelope `{code, message, data}`, `data` as GET result
   PUT  /infinitetalk/v1/uploads/{id}/{name}?token=..   the ticket's upload (token instead of Bearer)
   GET  /infinitetalk/v1/uploads/{id}/{name}            the uploaded file
 RunComfy (its own shapes; status words in_queue, in_progress, completed, cancelled):
-  POST /v1/models/community/infinite-talk/fast/multi  [?webhook=URL]
+  POST /v1/models/community/infinite-talk/fast/multi  [?webhook=URL]   (fast tier: turbo)
   GET  /v1/requests/{id}/status | /v1/requests/{id}/result      POST /v1/requests/{id}/cancel
 Every route but the ticketed PUT needs the same Bearer key as the contract's routes.
 """
@@ -33,9 +34,13 @@ from .store import FINAL
 from .staging import InputStagingError
 
 WAVESPEED_MODELS = {"wavespeed-ai/infinitetalk/image-to-video-multi": "image-to-video-multi",
-                    "wavespeed-ai/infinitetalk/video-to-video-multi": "video-to-video-multi"}
+                    "wavespeed-ai/infinitetalk/video-to-video-multi": "video-to-video-multi",
+                    "wavespeed-ai/infinitetalk-fast/image-to-video-multi": "image-to-video-multi",
+                    "wavespeed-ai/infinitetalk-fast/video-to-video-multi": "video-to-video-multi"}
 RUNCOMFY_MODEL = "community/infinite-talk/fast/multi"
 V3_OTHER = "/api/v3/{tail:.*}"
+# The hosted fast tier: these routes' jobs run the contract's tier "fast" (the turbo preset).
+FAST_TIER_PATHS = ("/api/v3/wavespeed-ai/infinitetalk-fast/", f"/v1/models/{RUNCOMFY_MODEL}")
 SYNC_POLL_S = 0.5
 log = logging.getLogger("infinitetalk.api")
 
@@ -91,6 +96,8 @@ class Compat:
             raise ApiError(400, f"request body must be a JSON object ({type(exc).__name__})") from exc
 
     async def _submit(self, request: web.Request, kind: str, body: Any, client_model: str):
+        if isinstance(body, dict):   # the route decides the tier
+            body = {**body, "tier": "fast" if request.path.startswith(FAST_TIER_PATHS) else "standard"}
         return await self.service.submit(kind, body, webhook=request.query.get("webhook"),
                                          base_url=self._base(request), client_model=client_model)
 

@@ -18,6 +18,9 @@ MODELS = {
     "image-to-video-multi": "infinitetalk/image-to-video-multi",
     "video-to-video-multi": "infinitetalk/video-to-video-multi",
 }
+# Service tiers (body field `tier`; the drop-in fast routes set it) -> the sampler preset their jobs run:
+# standard keeps the shipped workflow's own sampler settings, fast runs `turbo` (4 steps, one DiT call each).
+TIERS: dict[str, str | None] = {"standard": None, "fast": "turbo"}
 STATUSES = ("created", "processing", "completed", "failed")
 MAX_SECONDS = 600.0
 BILLING_MIN_SECONDS = 5
@@ -55,19 +58,21 @@ class JobRequest:
     resolution: str
     seed: int
     extra: dict[str, Any] = field(default_factory=dict)
+    tier: str = "standard"  # key of TIERS
 
     @property
     def model(self) -> str:
-        return MODELS[self.kind]
+        """The hosted model name, e.g. infinitetalk/image-to-video-multi (infinitetalk-fast/... on the fast tier)."""
+        return MODELS[self.kind].replace("infinitetalk/", "infinitetalk-fast/", self.tier == "fast")
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "media": self.media, "prompt": self.prompt, "order": self.order,
-                "resolution": self.resolution, "seed": self.seed}
+                "resolution": self.resolution, "seed": self.seed, "tier": self.tier}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "JobRequest":
         return cls(kind=d["kind"], media=dict(d["media"]), prompt=d["prompt"], order=d["order"],
-                   resolution=d["resolution"], seed=int(d["seed"]))
+                   resolution=d["resolution"], seed=int(d["seed"]), tier=d.get("tier", "standard"))
 
 
 def _string(body: dict, name: str, required: bool) -> str | None:
@@ -130,7 +135,8 @@ def validate_request(kind: str, body: Any) -> JobRequest:
     seed = int(seed)
     if not (-1 <= seed <= MAX_SEED):
         raise ApiError(400, f"field 'seed' must be in -1 .. {MAX_SEED} (-1 = random); got {seed}")
-    return JobRequest(kind=kind, media=media, prompt=prompt, order=order, resolution=resolution, seed=seed)
+    tier = _choice(body, "tier", tuple(TIERS), "standard")
+    return JobRequest(kind=kind, media=media, prompt=prompt, order=order, resolution=resolution, seed=seed, tier=tier)
 
 
 def billed_seconds(video_seconds: float) -> int:

@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Protocol
 
 from ..errors import InputError
-from .contract import MAX_SECONDS, ApiError, JobRequest, audio_seconds_for, billed_seconds, now_iso, validate_request
+from ..pipeline.request import PRESETS
+from .contract import (MAX_SECONDS, TIERS, ApiError, JobRequest, audio_seconds_for, billed_seconds, now_iso,
+                       validate_request)
 from .graph import build_graph
 from .inputs import JOB_INPUTS, InputSettings, disk_full_as_507, remove_job_inputs, resolve_media
 from .outputs import LocalOutputs, OutputStore
@@ -121,6 +123,10 @@ def graph_params(request: dict[str, Any]) -> dict[str, Any]:
     params: dict[str, Any] = dict(request.get("inputs") or {})
     params.update(prompt=request["prompt"], order=request["order"], resolution=request["resolution"],
                   seed=request["seed"])
+    preset = TIERS[request.get("tier", "standard")]
+    if preset is not None:   # the tier's sampler settings (the fast tier: turbo), else the workflow's own
+        p = PRESETS[preset]
+        params.update(preset=preset, steps=p.steps, text_guidance=p.text_guidance, audio_guidance=p.audio_guidance)
     return params
 
 

@@ -11,6 +11,9 @@ diffusion_models/   base I2V (no audio keys)
   tiny_wan2.1_i2v_480p_fp8_scaled.safetensors                comfy_quant in `_quantization_metadata`
   tiny_wan2.1_i2v_480p_fp8_rowwise.safetensors               per-layer `comfy_quant` tensors, per-row scales
   tiny_Wan2.1-I2V-14B-480P/diffusion_pytorch_model-0000k-of-00003.safetensors + index.json (Wan-AI, fp32)
+  step-distilled DiT (LightX2V's 4-step InfiniteTalk; other random weights, base keys only, known by name):
+  tiny_InfiniteTalk-4StepDistill-Mean-w-ITAudioAdaptorV6.1-bf16.safetensors   bf16, no prefix
+  tiny_InfiniteTalk-4StepDistill-Mean-w-ITAudioAdaptorV6.1-fp8.safetensors    LightX2V fp8, `weight_scale` [out, 1]
 model_patches/      the InfiniteTalk audio keys only
   tiny_MeiGen-InfiniteTalk/multi/infinitetalk.safetensors    fp32, no prefix (MeiGen)
   tiny_wan2.1_infiniteTalk_multi_fp16.safetensors            fp16 (Comfy-Org)
@@ -34,17 +37,18 @@ from ..checkpoints.materialize import build_on_meta
 from ..loaders.dit import is_audio_key
 from . import spec
 from .layouts import (
-    linear_weight_names, random_lora, random_state_dict, save_fp8_comfy_quant, save_fp8_legacy, save_lora,
-    save_safetensors, save_sharded,
+    linear_weight_names, random_lora, random_state_dict, save_fp8_comfy_quant, save_fp8_legacy, save_fp8_lightx2v,
+    save_lora, save_safetensors, save_sharded,
 )
 
 if TYPE_CHECKING:
     from ..models.dit import DiTConfig, InfiniteTalkDiT
 
-__all__ = ["write", "tiny_config", "tiny_state", "is_audio_key", "METADATA"]
+__all__ = ["write", "tiny_config", "tiny_state", "is_audio_key", "METADATA", "DISTILLED_DIT"]
 
 METADATA = {"infinitetalk.num_heads": str(spec.DIT_HEADS), "infinitetalk.audio_layers": str(spec.AUDIO_LAYERS)}
 LORA_RANK = 4
+DISTILLED_DIT = "InfiniteTalk-4StepDistill-Mean-w-ITAudioAdaptorV6.1"   # LightX2V's file name, less -bf16 / -fp8
 
 
 def tiny_config() -> DiTConfig:
@@ -95,6 +99,13 @@ def write(models_dir: str | Path, seed: int = 0) -> list[Path]:
                          metadata=meta),
         save_fp8_legacy(patch, mp / "tiny_Wan2_1-InfiniteTalk-Multi_fp8_e4m3fn_scaled_KJ.safetensors", "",
                         audio_linears, metadata=meta),
+    ]
+    _, turbo_state = tiny_state(seed + 10)
+    turbo = {k: v for k, v in turbo_state.items() if not is_audio_key(k)}
+    turbo_linears = [n for n in block_linears if n.split(".")[2] in ("self_attn", "cross_attn", "ffn")]
+    out += [
+        save_safetensors(turbo, dm / f"tiny_{DISTILLED_DIT}-bf16.safetensors", dtype=torch.bfloat16, metadata=meta),
+        save_fp8_lightx2v(turbo, dm / f"tiny_{DISTILLED_DIT}-fp8.safetensors", turbo_linears, metadata=meta),
     ]
     norms = [n[: -len(".weight")] for n in base if n.startswith("blocks.") and ".norm" in n and n.endswith(".weight")]
     biased = [n[: -len(".weight")] for n in block_linears if n[: -len(".weight")] + ".bias" in base]

@@ -19,7 +19,7 @@ from torch import nn
 
 __all__ = [
     "random_state_dict", "linear_weight_names", "save_safetensors", "save_sharded", "save_pth",
-    "save_fp8_legacy", "save_fp8_comfy_quant", "random_lora", "save_lora",
+    "save_fp8_legacy", "save_fp8_comfy_quant", "save_fp8_lightx2v", "random_lora", "save_lora",
 ]
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -208,6 +208,25 @@ def save_fp8_comfy_quant(state: Mapping[str, torch.Tensor], path: str | Path, pr
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(out, str(path), metadata=_metadata(meta))
+    return path
+
+
+def save_fp8_lightx2v(state: Mapping[str, torch.Tensor], path: str | Path, linear_names: Iterable[str],
+                      dtype: torch.dtype = torch.bfloat16, metadata: Mapping[str, object] | None = None) -> Path:
+    """LightX2V's fp8 files (their converter, `fp8` / `fp8-sgl` schemes): listed Linear weights in
+    float8_e4m3fn with a float32 per-output-row `<layer>.weight_scale` of shape [out, 1] (row amax / 448),
+    no marker and no format metadata; every other tensor in `dtype`."""
+    quant = set(linear_names)
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        if k in quant:
+            out[k], scale = _quantize_fp8(v, per_row=True)
+            out[k[: -len(".weight")] + ".weight_scale"] = scale.to(torch.float32).contiguous()
+        else:
+            out[k] = _cast(v, dtype)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(path), metadata=_metadata(metadata))
     return path
 
 
