@@ -14,7 +14,6 @@ lacks the upload brings it from the bucket (`fetch_upload`). Expire that prefix 
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
