@@ -141,7 +141,10 @@ def test_load_two_audios_splits_a_stereo_conversation(pkg, tmp_path):
 def test_mask_from_region_modes_and_preview(pkg):
     node = _nodes(pkg)["InfiniteTalkMaskFromRegion"]()
     image = torch.full((1, 40, 100, 3), 0.5)
-    left, right, bg, preview = node.make(image, "halves", 0.1, "", "")
+    out = node.make(image, "halves", 0.1, "", "")
+    left, right, bg, preview = out["result"]
+    shown = out["ui"]["images"][0]   # the node shows its own preview (the templates have no Preview Image)
+    assert shown["type"] == "temp" and (pkg.nodes.bridge.temp_dir() / shown["subfolder"] / shown["filename"]).is_file()
     assert left.shape == right.shape == bg.shape == (1, 40, 100) and preview.shape == (1, 40, 100, 3)
     assert left[0, 20, 10] == 1 and left[0, 20, 80] == 0 and right[0, 20, 80] == 1
     assert torch.all((left + right + bg) <= 1)  # disjoint classes
@@ -149,14 +152,14 @@ def test_mask_from_region_modes_and_preview(pkg):
     assert p[20, 10, 0] > p[20, 10, 2] and p[20, 80, 2] > p[20, 80, 0]  # left red, right blue
     assert p[0, 0].max() < 0.5 * 0.5 + 1e-6  # background dimmed
 
-    left, right, _, _ = node.make(image, "x_ranges", 0.0, "0,30", "70,100")
+    left, right, _, _ = node.make(image, "x_ranges", 0.0, "0,30", "70,100")["result"]
     assert left[0, :, :30].all() and not left[0, :, 30:].any() and right[0, :, 70:].all()
-    left, right, _, _ = node.make(image, "boxes", 0.0, "10,5,20,15", "60,0,90,40")
+    left, right, _, _ = node.make(image, "boxes", 0.0, "10,5,20,15", "60,0,90,40")["result"]
     assert left[0].sum() == 100 and left[0, 5, 10] == 1 and left[0, 15, 10] == 0  # x = column, y = row
     painted = torch.zeros(1, 40, 100)
     painted[:, 10:30, 20:40] = 1
     painted[:, 10:30, 60:80] = 1
-    left, right, _, _ = node.make(image, "mask", 0.0, "", "", mask=painted)
+    left, right, _, _ = node.make(image, "mask", 0.0, "", "", mask=painted)["result"]
     assert left[0].sum() == 400 and right[0].sum() == 400
 
 

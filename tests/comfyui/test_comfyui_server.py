@@ -133,7 +133,9 @@ def test_image_workflow_over_http(server):
     frames, video_s, audio_s = _probe(_saved_video(server, entry))
     assert frames == round((LEFT_S + RIGHT_S) * 25)  # left_right: one after the other
     assert video_s == pytest.approx(frames / 25, abs=0.01) and audio_s == pytest.approx(frames / 25, abs=0.05)
-    assert any(o.get("images") for k, o in entry["outputs"].items() if k == "5")  # mask preview shown
+    mask = next(k for k, n in _graph("infinitetalk_multi_image", 0).items()
+                if n["class_type"] == "InfiniteTalkMaskFromRegion")
+    assert entry["outputs"].get(mask, {}).get("images")  # the mask node shows its own preview
 
 
 def test_video_workflow_over_http_without_mask(server):
@@ -151,8 +153,7 @@ def test_video_workflow_over_http_without_mask(server):
 
 def test_bad_inputs_name_the_input_and_the_server_keeps_serving(server):
     graph = _graph("infinitetalk_multi_image", seed=7)
-    preview = next(k for k, n in graph.items() if n["class_type"] == "PreviewImage")
-    del graph[preview]  # with a valid output node left, ComfyUI would run that part and answer 200
+    assert not [n for n in graph.values() if n["class_type"] == "PreviewImage"]  # else that part runs and "succeeds"
     audio_node = next(k for k, n in graph.items() if n["class_type"] == "InfiniteTalkLoadTwoAudios")
     bad = copy.deepcopy(graph)
     bad[audio_node]["inputs"]["right_audio"] = "missing.wav"
@@ -183,6 +184,16 @@ def test_bad_inputs_name_the_input_and_the_server_keeps_serving(server):
     bad[loader]["inputs"]["vae"] = "clip_vision_h.safetensors"
     status, body = server.post("/prompt", {"prompt": bad, "client_id": "t"})
     assert status == 400 and "vae" in json.dumps(body["node_errors"][loader])
+
+    bad = copy.deepcopy(graph)   # two missing files: one error each, on its own input, naming that file; nothing runs
+    bad[loader]["inputs"].update(diffusion_model="gone_dit.safetensors", text_encoder="gone_t5.safetensors")
+    status, body = server.post("/prompt", {"prompt": bad, "client_id": "t"})
+    assert status == 400, body
+    errors = body["node_errors"][loader]["errors"]
+    assert sorted(e["extra_info"]["input_name"] for e in errors) == ["diffusion_model", "text_encoder"]
+    for error in errors:
+        wanted = "gone_dit" if error["extra_info"]["input_name"] == "diffusion_model" else "gone_t5"
+        assert wanted in error["details"], error
     assert server.get("/system_stats")["system"]["comfyui_version"]
 
 
