@@ -2,11 +2,22 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
 
 from .dependencies import missing_message
+
+
+class _Parser(argparse.ArgumentParser):
+    """Refuses a bad command line with one `error: field: ...` line, like every other refusal (no usage block)."""
+
+    def error(self, message: str):
+        match = re.match(r"argument (?:--)?([\w-]+)(?:/[^:]*)?: (.*)", message, re.S)
+        if match:
+            message = f"{match.group(1).replace('-', '_')}: {match.group(2)}"
+        self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
 
 
 def _make_tiny_models(args: argparse.Namespace) -> int:
@@ -291,6 +302,8 @@ def _runtime_from_args(args: argparse.Namespace):
 def _plan(args: argparse.Namespace) -> int:
     import json
 
+    import torch
+
     from .errors import CheckpointError, InputError
     from .pipeline.models import plan_from_files
 
@@ -302,6 +315,9 @@ def _plan(args: argparse.Namespace) -> int:
     except (InputError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if not torch.cuda.is_available() and not args.json:
+        print("note: no CUDA GPU on this machine: this is the plan for one with the memory given by --vram "
+              "(none given: unlimited)", file=sys.stderr)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.text())
     return 0 if plan.fits else 1
 
@@ -321,18 +337,18 @@ def _add_plan(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="infinitetalk", description="InfiniteTalk Multi: two-person lip-synced video.")
+    ap = _Parser(prog="infinitetalk", description="InfiniteTalk Multi: two-person lip-synced video.")
     sub = ap.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_plan(sub)
     d = sub.add_parser("demo", help="end-to-end run on tiny random models with a synthetic picture and voices (CPU, seconds)")
-    d.add_argument("--out", default="demo.mp4")
+    d.add_argument("--out", default="demo.mp4", help="output .mp4 (default: demo.mp4)")
     d.add_argument("--cache", default=None, help="folder for the tiny models (default: a temporary folder)")
-    d.add_argument("--seconds", type=float, default=4.0, help="length of the synthetic conversation")
-    d.add_argument("--steps", type=int, default=2)
-    d.add_argument("--size-scale", type=float, default=0.125, help="fraction of the 480p bucket size")
+    d.add_argument("--seconds", type=float, default=4.0, help="length of the synthetic conversation (default: 4)")
+    d.add_argument("--steps", type=int, default=2, help="denoising steps per window (default: 2)")
+    d.add_argument("--size-scale", type=float, default=0.125, help="fraction of the 480p bucket size (default: 0.125)")
     _add_window_args(d)
-    d.add_argument("--quiet", action="store_true")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=_demo)
     p = sub.add_parser("make-tiny-models", help="write random tiny checkpoints (every real layout) into a ComfyUI-style models folder")
     p.add_argument("dir", help="models folder to create/fill (diffusion_models/, model_patches/, loras/, ...)")

@@ -70,7 +70,7 @@ class MemoryPlan:
     def text(self) -> str:
         p, j = self.placement, self.job
         budget = "unlimited (everything resident)" if p.budget is None else f"{p.budget / GiB:.1f} GiB"
-        lines = [f"memory plan on {self.device}: {self.label}; window {j.height}x{j.width} px, {j.latent_frames} "
+        lines = [f"memory plan for {self.device}: {self.label}; window {j.width}x{j.height} px, {j.latent_frames} "
                  f"latent frames, {j.tokens} tokens, {j.calls_per_step} model calls/step",
                  f"budget: {budget}"]
         for c in self.components:
