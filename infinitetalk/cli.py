@@ -44,11 +44,12 @@ class ProgressBar:
     """
 
     def __init__(self, label: str = "generating", stream=None, width: int = 30):
+        from .pipeline.progress import StageClock
+
         self.label, self.stream, self.width = label, stream or sys.stderr, width
         self.t0 = self.last_t = time.perf_counter()
-        self.last_done: int | None = None
         self.first: tuple[int, float] | None = None      # plain calls: (done, time) of the first one
-        self.spent: dict[str, tuple[float, int]] = {}   # stage -> (seconds, units) measured
+        self.clock = StageClock()
         self.announced = False
 
     def __call__(self, done: int, total: int, info=None) -> None:
@@ -60,10 +61,9 @@ class ProgressBar:
             if info.resumed_windows:
                 self.stream.write(f"resuming: {info.resumed_windows} of {info.windows} windows were already "
                                   "finished in the job folder\n")
-        if info is not None and self.last_done is not None and done > self.last_done:
-            seconds, units = self.spent.get(info.stage, (0.0, 0))
-            self.spent[info.stage] = (seconds + now - self.last_t, units + done - self.last_done)
-        self.last_done, self.last_t = done, now
+        if info is not None:
+            self.clock.tick(done, info)
+        self.last_t = now
         frac = done / total if total else 1.0
         fill = int(self.width * frac)
         where = ""
@@ -81,18 +81,10 @@ class ProgressBar:
         if info is None:   # plain (done, total): one rate over everything since the first call
             d0, t0 = self.first
             return f" eta {(self.last_t - t0) / (done - d0) * (total - done):.0f}s" if done > d0 else ""
-        seconds, unknown = 0.0, False
-        for stage, left in info.remaining.items():
-            if left <= 0 or stage == "write":   # the final join is a remux: seconds at most
-                continue
-            spent, units = self.spent.get(stage, (0.0, 0))
-            if units == 0:
-                unknown = True
-            else:
-                seconds += spent / units * left
-        if unknown and seconds == 0.0:
+        eta = self.clock.eta(info)
+        if eta is None:
             return " eta ?"
-        return f" eta {'>' if unknown else ''}{seconds:.0f}s"
+        return f" eta {'>' if eta[1] else ''}{eta[0]:.0f}s"
 
 
 def _request_from_args(args: argparse.Namespace):

@@ -7,11 +7,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from infinitetalk.errors import InputError
+from infinitetalk.errors import InputError, JobCancelled
+from infinitetalk.pipeline.progress import ProgressInfo
 from infinitetalk.pipeline.request import MAX_GUIDANCE, MAX_SEED, ORDERS, PRESETS, RESOLUTIONS, GenerationRequest
 from infinitetalk.text.prompts import DEFAULT_PROMPT
 
 from . import bridge, media
+from .status import JobStatus
 from .types import InfiniteTalkVideo
 
 FRAMES_LIMIT_MB = 2048
@@ -128,7 +130,8 @@ class InfiniteTalkMultiSampler:
                                "Output size bucket (aspect ratio kept from the picture): 480p is the model's "
                                "trained size and fast; 720p is sharper and ~2.5x slower."}),
                 "seed": ("INT", {"default": 42, "min": -1, "max": MAX_SEED, "control_after_generate": True,
-                                 "tooltip": "Noise seed; -1 draws a random one (reported on the 'seed' output)."}),
+                                 "tooltip": "Noise seed; -1 draws a new one every run. The seed used is shown on the node when the "
+                                 "video is done and given on the 'seed' output."}),
                 "preset": (list(PRESETS), {"default": DEFAULT_PRESET, "presets": preset_values(), "tooltip":
                            "fast: 6 steps, text guidance 1, audio guidance 2; needs the lightx2v/FusionX distill "
                            "LoRA in the loader. quality: 40 steps, text guidance 5, audio guidance 4, no LoRA, "
@@ -169,6 +172,11 @@ class InfiniteTalkMultiSampler:
         }
 
     @classmethod
+    def IS_CHANGED(cls, seed: int, **_) -> Any:
+        """seed -1 draws a new seed every run, so such a job is never served from ComfyUI's cache (NaN != NaN)."""
+        return float("nan") if int(seed) == -1 else str(seed)
+
+    @classmethod
     def VALIDATE_INPUTS(cls, seed: int, steps: int) -> bool | str:
         if not -1 <= int(seed) <= MAX_SEED:
             return f"seed: {seed} is outside -1 .. {MAX_SEED}"
@@ -207,14 +215,16 @@ class InfiniteTalkMultiSampler:
         bundle = models.load(preset) if hasattr(models, "load") else models
         request.job_dir = _job_dir(request, bundle)
         bar: list[bridge.Progress] = []
+        status = JobStatus()
         collector = _FrameCollector(int(frames_limit_mb), _expected_frames(left_audio, right_audio, request.order),
                                     frames_output_used(queued_graph, unique_id))
         last = {}
 
-        def progress(done: int, total: int) -> None:
+        def progress(done: int, total: int, info: ProgressInfo) -> None:
             if not bar:
                 bar.append(bridge.Progress(total))
             bar[0].update(done, total)
+            status(done, total, info)
 
         def on_window(index: int, frames: np.ndarray) -> None:
             frames = frames.cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
@@ -224,9 +234,20 @@ class InfiniteTalkMultiSampler:
                 bar[0].preview(frames[-1])
 
         bridge.free_memory_for_job()
-        result = bridge.guarded(lambda: generate(request, bundle, progress=progress, cancel=bridge.interrupted,
-                                                 on_window=on_window))
+        def run() -> Any:   # the node's text ends on the outcome, never on a stale "window 2/5"
+            try:
+                return generate(request, bundle, progress=progress, cancel=bridge.interrupted, on_window=on_window)
+            except JobCancelled:
+                status.cancelled(int(seed))
+                raise
+            except Exception as err:
+                status.failed(err)
+                raise
+
+        status.say("checking the inputs and the memory plan")
+        result = bridge.guarded(run)
         bridge.soft_empty_cache()
+        status.finished(result.frames, 25.0, int(result.seed), result.elapsed_s)
         info = InfiniteTalkVideo.from_file(Path(result.path), seed=int(result.seed))
         frames = collector.image(info.frames, last.get("frame")) if collector.used else bridge.blocked_output(
             "InfiniteTalk Multi Sampler's 'frames' output was not connected when this video was made, so its frames "

@@ -144,12 +144,18 @@ def _fake_generate(frames_per_window: int, windows: int, size=(16, 24), seed: in
     from infinitetalk_multi_pkg.nodes import media
 
     def fake(request, models, progress=None, cancel=None, on_window=None):
+        from infinitetalk.pipeline.progress import JobProgress
+
         fake.job_dirs.append(request.job_dir)
         h, w = size
         steps, chunks = 2, []
+        tracker = JobProgress(progress, windows, steps, decode_units=1)
+        tracker.start()
+        tracker.advance("prepare")
         for k in range(windows):
+            tracker.advance("encode")
             for s in range(steps):
-                progress(k * steps + s + 1, windows * steps)
+                tracker.advance("steps")
                 if cancel():
                     from infinitetalk.errors import JobCancelled
                     raise JobCancelled("cancelled")
@@ -157,6 +163,8 @@ def _fake_generate(frames_per_window: int, windows: int, size=(16, 24), seed: in
             fake.windows += 1
             on_window(k, chunk)
             chunks.append(chunk.numpy())
+            tracker.window_done(k)
+        tracker.finish()
         n = frames_per_window * windows - 3  # the real loop trims the last window to the audio
         mix = (0.25 * np.sin(np.arange(n * 640, dtype=np.float32) * 0.05))[None]
         media.frames_to_mp4(np.concatenate(chunks)[:n], request.out, audio=(mix, 16000))
@@ -335,3 +343,63 @@ def test_model_loading_shows_progress_text_on_the_node(env, monkeypatch):
     assert choice.load("quality") == "bundle"
     assert [n for n, _ in sent] == ["3", "3"]
     assert "Loading models" in sent[0][1] and "dit.safetensors" in sent[0][1] and "Models loaded in" in sent[1][1]
+
+
+def test_status_line_shows_window_step_eta_and_ends_on_the_outcome(env, monkeypatch):
+    from infinitetalk.pipeline.progress import JobProgress
+    from infinitetalk_multi_pkg.nodes.status import JobStatus
+
+    clock = [50.0]
+    monkeypatch.setattr("infinitetalk.pipeline.progress.time.perf_counter", lambda: clock[0])
+    shown: list[str] = []
+    status = JobStatus(shown.append)
+    job = JobProgress(status, windows=3, steps=4, decode_units=2)
+    job.start()
+    assert shown[-1].startswith("window 1/3") and "preparing" in shown[-1] and "measuring" in shown[-1]
+    for stage, seconds in (("prepare", 2.0), ("encode", 1.0), ("steps", 3.0)):
+        clock[0] += seconds
+        job.advance(stage)
+    assert "window 1/3 · step 1/4 · sampling" in shown[-1] and "more than" in shown[-1]  # decode not timed yet
+    for _ in range(3):
+        clock[0] += 3.0
+        job.advance("steps")
+    clock[0] += 10.0
+    job.advance("decode", 2)
+    job.window_done(0)
+    clock[0] += 1.0
+    job.advance("encode")   # left: 1 encode (1 s) + 8 steps (3 s) + 4 decode units (5 s), every stage timed
+    assert shown[-1] == "window 2/3 · step 0/4 · sampling · about 45 s left"
+    status.cancelled(seed=-1)
+    assert shown[-1] == ("Cancelled after window 1/3. Run again with seed -1 (set its control to 'fixed') "
+                         "to resume from window 2.")
+    status.failed(RuntimeError("boom"))
+    assert shown[-1].startswith("Stopped by an error (windows 1-1 are kept") and shown[-1].endswith("boom")
+    status.finished(frames=50, fps=25.0, seed=1234, seconds=75)
+    assert shown[-1] == "Done: 50 frames (2.0 s of video), seed 1234, in 1 min 15 s"
+
+
+def test_seed_minus_one_rerolls_every_run_and_the_node_ends_showing_the_seed(env, monkeypatch):
+    import infinitetalk.pipeline.generate as gen
+    from infinitetalk_multi_pkg.nodes import bridge
+
+    sampler = env["InfiniteTalkMultiSampler"]
+    changed = sampler.IS_CHANGED(seed=-1)
+    assert changed != changed                                   # NaN: ComfyUI never serves it from its cache
+    assert sampler.IS_CHANGED(seed=5) == sampler.IS_CHANGED(seed=5) != sampler.IS_CHANGED(seed=6)
+    shown: list[str] = []
+    monkeypatch.setattr(bridge, "progress_text", shown.append)
+    monkeypatch.setattr(gen, "generate", _fake_generate(8, 2, seed=777))
+    sampler().generate(object(), _audio(0.5, 200.0), _audio(0.5, 300.0), image=torch.rand(1, 8, 8, 3),
+                       **dict(SAMPLER, seed=-1))
+    assert any(t.startswith("window 2/2 · step 2/2") for t in shown)
+    assert shown[-1].startswith("Done: 13 frames") and "seed 777" in shown[-1]
+
+    monkeypatch.setattr(bridge, "interrupted", lambda: len(shown) > 7)   # Cancel pressed in window 2
+    shown.clear()
+    monkeypatch.setattr(gen, "generate", _fake_generate(8, 3))
+    from infinitetalk.errors import JobCancelled
+
+    with pytest.raises(JobCancelled):
+        sampler().generate(object(), _audio(0.5, 200.0), _audio(0.5, 300.0), image=torch.rand(1, 8, 8, 3),
+                           **dict(SAMPLER, seed=9))
+    assert shown[-1].startswith("Cancelled after window 1/3. Run again with seed 9") and "window 2" in shown[-1]

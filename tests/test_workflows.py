@@ -195,3 +195,12 @@ def test_audio_encoder_link_is_the_public_copy():
     wav2vec2 = next(m for m in loader["properties"]["models"] if m["directory"] == "audio_encoders")
     assert wav2vec2["url"] == ("https://huggingface.co/Kijai/wav2vec2_safetensors/resolve/main/"
                                "wav2vec2-chinese-base_fp16.safetensors")
+
+
+@pytest.mark.parametrize("name,_", PAIRS)
+def test_seed_control_randomizes_as_core_templates(custom_node_package, name, _):
+    """A new seed every run, as core's templates; the sampler shows the seed it used on its node."""
+    ui = _load(ROOT / "example_workflows" / f"{TITLES[name]}.json")
+    sampler = next(n for n in ui["nodes"] if n["type"] == "InfiniteTalkMultiSampler")
+    names = [w for w, _, _ in _widgets(custom_node_package, sampler["type"])]
+    assert sampler["widgets_values"][names.index("control_after_generate")] == "randomize"

@@ -181,7 +181,7 @@ def to_ui(graph: dict) -> dict:
         for name, control in schema["widgets"]:
             widgets_values.append(values[name])
             if control:
-                widgets_values.append("fixed")
+                widgets_values.append("randomize")  # as core templates: a new seed each run
         ours = class_type not in CORE_NODES
         properties = {"Node name for S&R": class_type, "cnr_id": "infinitetalk-multi" if ours else "comfy-core",
                       "ver": VERSION if ours else CORE_VERSION}
