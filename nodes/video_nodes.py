@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -42,7 +41,8 @@ class InfiniteTalkVideoCombine:
     DESCRIPTION = ("Saves the video to ComfyUI's output folder as mp4 (h264 or h265 video, 8 or 10 bit, aac audio) "
                    "and previews it. Takes the sampler's 'video' (streamed from disk, any length) and/or an IMAGE "
                    "batch, plus optional audio. A video already in the chosen codec and pixel format, without new "
-                   "frames or audio, is copied as is (no re-encode).")
+                   "frames or audio, is copied as is (no re-encode). The graph that made it is embedded either way: drop the "
+                   "mp4 on ComfyUI to open it.")
     CATEGORY = "InfiniteTalk"
     SEARCH_ALIASES = ["InfiniteTalk", "save mp4", "video combine"]  # the node search also matches these
     FUNCTION = "combine"
@@ -100,7 +100,9 @@ class InfiniteTalkVideoCombine:
         folder, stem, subfolder = bridge.save_path(filename_prefix, width, height)
         path = folder / f"{stem}.mp4"
         if images is None and audio is None and _stream_format(video.path) == (STREAM_NAMES[codec], pix_fmt):
-            shutil.copyfile(video.path, path)
+            from infinitetalk.video.segments import remux
+
+            remux(video.path, path, _metadata(prompt, extra_pnginfo))   # no re-encode, the graph embedded
         else:
             self._encode(path, width, height, fps, crf, pix_fmt, codec, trim_to_audio, video, images, audio,
                          _metadata(prompt, extra_pnginfo))

@@ -219,8 +219,13 @@ def test_video_combine_streams_an_infinitetalk_video(pkg, tmp_path):
     assert (video.frames, video.width, video.height, video.fps, video.has_audio) == (40, 48, 32, 25.0, True)
     assert video.seconds == pytest.approx(1.6) and video.get_stream_source() == str(src)
     node = _nodes(pkg)["InfiniteTalkVideoCombine"]()
-    copied = node.combine("it", 25, 19, "yuv420p", True, video=video)["result"][0]
-    assert open(copied, "rb").read() == src.read_bytes()  # no re-encode when nothing changes
+    graph = {"prompt": {"1": {"class_type": "InfiniteTalkMultiSampler"}}, "extra_pnginfo": {"workflow": {"nodes": [1]}}}
+    copied = node.combine("it", 25, 19, "yuv420p", True, video=video, **graph)["result"][0]
+    with av.open(str(src)) as a, av.open(copied) as b:   # no re-encode when nothing changes: the same packets
+        assert [bytes(p) for p in a.demux() if p.dts is not None] == [bytes(p) for p in b.demux() if p.dts is not None]
+        # ... and the graph travels in it (drag the mp4 back into ComfyUI), as on the re-encoding path
+        assert json.loads(b.metadata["prompt"]) == graph["prompt"]
+        assert json.loads(b.metadata["workflow"]) == {"nodes": [1]}
     short = {"waveform": torch.zeros(1, 2, 8000), "sample_rate": 16000}  # 0.5 s
     n, size, _, aud = _probe(node.combine("it", 25, 19, "yuv420p", True, video=video, audio=short)["result"][0])
     assert n == 13 and size == (48, 32) and aud[1] == pytest.approx(0.52, abs=0.05)
