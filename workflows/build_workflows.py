@@ -89,8 +89,9 @@ SAVE = {"fps": 25.0, "codec": "h264", "crf": 19, "pix_fmt": "yuv420p", "trim_to_
 def image_graph() -> dict:
     return {
         "name": "infinitetalk_multi_image",
-        # the template browser shows a custom node's template by its file name, as title and description
-        "title": "Picture to two-person talking video",
+        # the template browser shows and searches a custom node's template only by its file name (its title,
+        # description and name in frontend 1.49; no tags): so the name carries the words people search for
+        "title": "InfiniteTalk Multi - picture to two-person talking video, lip sync",
         "note": ("InfiniteTalk Multi, picture -> two-person talking video.\n"
                  "1. Load the picture of the two people and their two voices (left person = left_audio).\n"
                  "2. Check the mask preview: red = left voice, blue = right voice.\n"
@@ -124,7 +125,7 @@ def image_graph() -> dict:
 def video_graph() -> dict:
     return {
         "name": "infinitetalk_multi_video",
-        "title": "Video to two-person lip-synced dub",
+        "title": "InfiniteTalk Multi - video to two-person lip sync dub",
         "note": ("InfiniteTalk Multi, video -> the same two people lip-synced to new voices.\n"
                  "1. Load the video of the two people and their two voices (left person = left_audio).\n"
                  "2. order meanwhile = both tracks at once (dubbing); left_right / right_left = one after the other.\n"

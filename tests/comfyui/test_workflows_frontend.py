@@ -26,8 +26,8 @@ pytestmark = [pytest.mark.comfyui,
               pytest.mark.skipif(chromium_binary() is None, reason="no chromium binary (set CHROMIUM)")]
 
 NAMES = ("infinitetalk_multi_image", "infinitetalk_multi_video")  # API twins; the UI files carry titles
-TITLES = {"infinitetalk_multi_image": "Picture to two-person talking video",
-          "infinitetalk_multi_video": "Video to two-person lip-synced dub"}
+TITLES = {"infinitetalk_multi_image": "InfiniteTalk Multi - picture to two-person talking video, lip sync",
+          "infinitetalk_multi_video": "InfiniteTalk Multi - video to two-person lip sync dub"}
 PINIA = "document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia._s"
 # the template browser's side bar entries for custom-node packs: [id, label]
 TEMPLATE_NAV = (f"(async () => {{ const s = {PINIA}.get('workflowTemplates'); await s.loadWorkflowTemplates();"
