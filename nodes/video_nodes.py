@@ -30,6 +30,20 @@ def _trimmed(chunks: Iterator[np.ndarray], limit: int | None) -> Iterator[np.nda
             return
 
 
+def _retimed(chunks: Iterator[np.ndarray], source_fps: float, fps: float) -> Iterator[np.ndarray]:
+    """The frames of a `source_fps` video shown at `fps`, same length: output frame i is the source frame on
+    screen at time i / fps (repeated or skipped), so the audio stays in sync with the lips."""
+    out, start = 0, 0
+    for chunk in chunks:
+        picks = []
+        while (index := math.floor(out * source_fps / fps + 1e-9)) < start + len(chunk):
+            picks.append(index - start)
+            out += 1
+        if picks:
+            yield chunk[picks]
+        start += len(chunk)
+
+
 def _image_chunks(images: Any, height: int, width: int, chunk: int = 16) -> Iterator[np.ndarray]:
     for start in range(0, int(images.shape[0]), chunk):
         yield media.image_uint8(images[start:start + chunk], "images")[:, :height, :width]
@@ -40,7 +54,7 @@ class InfiniteTalkVideoCombine:
 
     DESCRIPTION = ("Saves the video to ComfyUI's output folder as mp4 (h264 or h265 video, 8 or 10 bit, aac audio) "
                    "and previews it. Takes the sampler's 'video' (streamed from disk, any length) and/or an IMAGE "
-                   "batch, plus optional audio. A video already in the chosen codec and pixel format, without new "
+                   "batch, plus optional audio. A video already in the chosen codec, pixel format and fps, without new "
                    "frames or audio, is copied as is (no re-encode). The graph that made it is embedded either way: drop the "
                    "mp4 on ComfyUI to open it.")
     CATEGORY = "InfiniteTalk"
@@ -58,8 +72,9 @@ class InfiniteTalkVideoCombine:
                 "filename_prefix": ("STRING", {"default": "InfiniteTalk/video", "tooltip":
                                     "File name prefix in the output folder (a counter is appended; folders allowed)."}),
                 "fps": ("FLOAT", {"default": 25.0, "min": 1.0, "max": 120.0, "step": 0.01, "round": 0.001,
-                                  "tooltip": "Frame rate for IMAGE frames, decimals allowed (29.97, 23.976); "
-                                  "InfiniteTalk makes 25 fps. A connected video keeps its own."}),
+                                  "tooltip": "Frame rate of the file, decimals allowed (29.97, 23.976). InfiniteTalk makes "
+                                  "25 fps: at another rate its video keeps its length and lip sync (frames are "
+                                  "repeated or skipped); IMAGE frames are shown at this rate."}),
                 "codec": (list(CODECS), {"default": "h264", "tooltip":
                           "h264 plays everywhere; h265 (HEVC) is about half the size at the same quality but "
                           "slower to encode and not played by some browsers."}),
@@ -96,10 +111,11 @@ class InfiniteTalkVideoCombine:
             if pix_fmt.startswith("yuv420p"):  # 4:2:0 needs even sizes: drop the odd last row/column
                 height, width = height - height % 2, width - width % 2
         else:
-            height, width, fps = video.height, video.width, video.fps
+            height, width, fps = video.height, video.width, float(fps)
         folder, stem, subfolder = bridge.save_path(filename_prefix, width, height)
         path = folder / f"{stem}.mp4"
-        if images is None and audio is None and _stream_format(video.path) == (STREAM_NAMES[codec], pix_fmt):
+        if images is None and audio is None and math.isclose(fps, video.fps) \
+                and _stream_format(video.path) == (STREAM_NAMES[codec], pix_fmt):
             from infinitetalk.video.segments import remux
 
             remux(video.path, path, _metadata(prompt, extra_pnginfo))   # no re-encode, the graph embedded
@@ -114,14 +130,17 @@ class InfiniteTalkVideoCombine:
                 trim_to_audio: bool, video: InfiniteTalkVideo | None, images: Any, audio: dict | None, metadata: dict) -> None:
         from infinitetalk.video.writer import Mp4Writer
 
-        frame_count = int(images.shape[0]) if images is not None else video.frames
+        if images is not None:
+            frame_count, chunks = int(images.shape[0]), _image_chunks(images, height, width)
+        else:   # at another fps the video keeps its length and its sync: frames are repeated or skipped
+            frame_count = math.ceil(video.frames * fps / video.fps - 1e-9)
+            chunks = _retimed(video.iter_frames(), video.fps, fps)
         if audio is None and video is not None and video.has_audio:
             audio = video.audio()
         sound = media.audio_parts(audio, "audio") if audio is not None else None
         if sound is not None and trim_to_audio:
             # enough frames to carry all of the audio (the writer pads the last partial frame with silence)
             frame_count = min(frame_count, max(1, math.ceil(sound[0].shape[1] / sound[1] * fps - 1e-6)))
-        chunks = _image_chunks(images, height, width) if images is not None else video.iter_frames()
         with Mp4Writer(path, width, height, fps=fps, crf=int(crf), pix_fmt=pix_fmt, audio=sound,
                        metadata=metadata, codec=CODECS[codec]) as writer:
             for chunk in _trimmed(chunks, frame_count):

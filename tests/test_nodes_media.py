@@ -271,3 +271,26 @@ def test_bridge_standalone_folders(pkg, tmp_path):
     bar.update(3)
     bar.preview(np.zeros((4, 4, 3), np.uint8))
     assert (bar.value, bar.total) == (3, 10)
+
+
+def test_video_combine_fps_retimes_a_connected_video_frame_exact_with_its_audio(pkg, tmp_path):
+    """fps applies to the sampler's video too: same length, each output frame the source frame on screen then."""
+    from infinitetalk_multi_pkg.nodes import media
+    from infinitetalk_multi_pkg.nodes.types import InfiniteTalkVideo
+
+    src = tmp_path / "src.mp4"
+    frames = np.zeros((50, 32, 48, 3), np.uint8)
+    frames[:, :, :] = (np.arange(50) * 5)[:, None, None, None]   # frame k is grey 5k: which frame is which
+    media.frames_to_mp4(frames, src, crf=0, audio=(np.zeros((1, 32000), np.float32), 16000))   # 2.0 s at 25 fps
+    video = InfiniteTalkVideo.from_file(src)
+    node = _nodes(pkg)["InfiniteTalkVideoCombine"]()
+    out = node.combine("retime", 30, 0, "yuv444p", True, video=video)["result"][0]
+    with av.open(out) as c:
+        stream = c.streams.video[0]
+        greys = [int(f.to_ndarray(format="rgb24")[16, 24, 0]) for f in c.decode(video=0)]
+        assert stream.average_rate == 30 and c.streams.audio
+    assert len(greys) == 60                                            # 2.0 s at 30 fps
+    expected = [5 * math.floor(i * 25 / 30 + 1e-9) for i in range(60)]
+    assert max(abs(g - e) for g, e in zip(greys, expected)) <= 2       # frame-exact (up to yuv rounding)
+    n, _, _, aud = _probe(out)
+    assert aud[1] == pytest.approx(2.0, abs=0.05)                      # the audio keeps its length: still in sync
