@@ -10,6 +10,7 @@ import torch
 from infinitetalk.errors import InputError, JobCancelled
 from infinitetalk.pipeline.progress import ProgressInfo
 from infinitetalk.pipeline.request import MAX_GUIDANCE, MAX_SEED, ORDERS, PRESETS, RESOLUTIONS, GenerationRequest
+from infinitetalk.pipeline.schedule import SHIFT_BY_RESOLUTION
 from infinitetalk.text.prompts import DEFAULT_PROMPT
 
 from . import bridge, media
@@ -26,6 +27,14 @@ def preset_values() -> dict[str, dict]:
     """preset -> the widget values it stands for; the web extension fills them in when the preset changes."""
     return {name: {"steps": p.steps, "text_guidance": p.text_guidance, "audio_guidance": p.audio_guidance}
             for name, p in PRESETS.items()}
+
+
+def preset_tooltip() -> str:
+    """What each preset stands for, from the preset data (a preset added there shows up here)."""
+    lines = [f"{name}: {p.steps} steps, text guidance {p.text_guidance:g}, audio guidance {p.audio_guidance:g}"
+             + ("; needs a step-distill LoRA (lightx2v / FusionX) in the loader" if p.needs_distill_lora else "")
+             for name, p in PRESETS.items()]
+    return ". ".join(lines) + ". Choosing a preset fills steps and both guidances; edit them after to override."
 
 
 def frames_output_used(prompt: Any, unique_id: Any) -> bool:
@@ -133,10 +142,7 @@ class InfiniteTalkMultiSampler:
                                  "tooltip": "Noise seed; -1 draws a new one every run. The seed used is shown on the node when the "
                                  "video is done and given on the 'seed' output."}),
                 "preset": (list(PRESETS), {"default": DEFAULT_PRESET, "presets": preset_values(), "tooltip":
-                           "fast: 6 steps, text guidance 1, audio guidance 2; needs the lightx2v/FusionX distill "
-                           "LoRA in the loader. quality: 40 steps, text guidance 5, audio guidance 4, no LoRA, "
-                           "about 10x slower. Choosing a preset fills steps and both guidances; edit them after "
-                           "to override."}),
+                           preset_tooltip()}),
                 "steps": ("INT", {"default": fast.steps, "min": 1, "max": 100, "tooltip":
                                   "Denoising steps per window (fast 6, quality 40); set by the preset."}),
                 "text_guidance": ("FLOAT", {"default": fast.text_guidance, "min": 0.0, "max": MAX_GUIDANCE,
@@ -166,6 +172,14 @@ class InfiniteTalkMultiSampler:
                                             "tooltip": "Largest 'frames' IMAGE output in MB (float32). A longer "
                                             "video with 'frames' connected stops with an error saying what to "
                                             "set; with 'frames' unconnected nothing is kept in RAM."}),
+                "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.5, "advanced": True,
+                                    "tooltip": "Timestep shift of the flow-matching schedule (higher = more steps "
+                                    "spent on coarse motion); 0 = the reference's: "
+                                    + ", ".join(f"{v:g} at {k}" for k, v in SHIFT_BY_RESOLUTION.items()) + "."}),
+                "teacache": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "advanced": True,
+                                       "tooltip": "TeaCache step skipping threshold (0 = off): 0.1 is about 2x, "
+                                       "0.2 about 3x faster, approximate. Only for the 3-call recipe (text "
+                                       "guidance above 1, e.g. preset quality); recorded in the video's metadata."}),
             },
             # 'prompt' is the text prompt here, so the queued graph comes in as 'queued_graph'
             "hidden": {"queued_graph": "PROMPT", "unique_id": "UNIQUE_ID"},
@@ -188,7 +202,8 @@ class InfiniteTalkMultiSampler:
                  order: str, resolution: str, seed: int, preset: str, steps: int, text_guidance: float,
                  audio_guidance: float, color_strength: float, image: Any = None, video: Any = None,
                  left_mask: Any = None, right_mask: Any = None, mask_image: Any = None, size_scale: float = 1.0,
-                 frames_limit_mb: int = FRAMES_LIMIT_MB, queued_graph: Any = None, unique_id: Any = None) -> tuple:
+                 frames_limit_mb: int = FRAMES_LIMIT_MB, shift: float = 0.0, teacache: float = 0.0,
+                 queued_graph: Any = None, unique_id: Any = None) -> tuple:
         from infinitetalk.pipeline.generate import generate
 
         if (image is None) == (video is None):
@@ -209,6 +224,8 @@ class InfiniteTalkMultiSampler:
             audio_guidance=float(audio_guidance),
             color_strength=float(color_strength),
             size_scale=float(size_scale),
+            shift=float(shift) or None,
+            teacache=float(teacache),
             **_speaker_masks(left_mask, right_mask),
         )
         request.validate()
