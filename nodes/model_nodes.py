@@ -168,6 +168,25 @@ class ModelChoice:
     gpus: int = 1  # GPUs the sampler's job is spread over (runtime/workers.py); 1 = this process only
     _bundle: Any = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _entry: Any = field(default=None, repr=False)   # the bundle's entry in ComfyUI's memory manager
+
+    def holds(self, bundle: Any) -> bool:
+        return self._bundle is bundle
+
+    def release(self, bundle: Any) -> None:
+        """Let the bundle go (ComfyUI's memory manager needs the memory); the next `load` reads the files again."""
+        if self._bundle is bundle:
+            self._bundle = None
+
+    def core_entry(self) -> Any:
+        """The loaded bundle as an entry of ComfyUI's memory manager (nodes/core_memory.py); None before loading."""
+        from .core_memory import CoreEntry
+
+        if self._bundle is None:
+            return None
+        if self._entry is None or self._entry.bundle is not self._bundle:
+            self._entry = CoreEntry(self, self._bundle)
+        return self._entry
 
     def load(self, preset: str = "quality") -> Any:
         from infinitetalk.pipeline.models import load_models
@@ -178,6 +197,7 @@ class ModelChoice:
                                        "loader's 'lora' (e.g. lightx2v I2V 480p rank64) or use preset 'quality'")
         with self._lock:
             if self._bundle is None:
+                bridge.make_room_for(None)   # core cannot size files not yet loaded: its models make way
                 extra: dict[str, Any] = {"runtime": self.runtime}
                 names = ", ".join(Path(p).name for p in self._files())
                 bridge.progress_text(f"Loading models (first run, may take minutes): {names}")

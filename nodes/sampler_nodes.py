@@ -250,7 +250,7 @@ class InfiniteTalkMultiSampler:
             if bar:
                 bar[0].preview(frames[-1])
 
-        bridge.free_memory_for_job()
+        bridge.make_room_for(models.core_entry() if hasattr(models, "core_entry") else None)
         def run() -> Any:   # the node's text ends on the outcome, never on a stale "window 2/5"
             try:
                 return generate(request, bundle, progress=progress, cancel=bridge.interrupted, on_window=on_window)

@@ -429,3 +429,19 @@ def test_advanced_shift_and_teacache_reach_the_request_and_presets_come_from_the
         sampler().generate(object(), _audio(0.5, 200.0), _audio(0.5, 300.0), image=torch.rand(1, 8, 8, 3),
                            teacache=0.2, **dict(run, text_guidance=1.0))
     assert err.value.input_name == "teacache"
+
+
+def test_core_entry_sizes_and_lets_go_of_the_bundle(env):
+    """The ModelPatcher look-alike core's memory manager sees (real-ComfyUI check: tests/comfyui/test_core_memory.py)."""
+    (choice,) = env["InfiniteTalkModelLoader"]().load(**LOADER)
+    assert choice.core_entry() is None                          # nothing loaded: nothing for core to manage
+    bundle = choice.load("quality")
+    entry = choice.core_entry()
+    assert entry is choice.core_entry() and entry.model is bundle.dit
+    size = sum(t.numel() * t.element_size() for m in bundle.modules().values() for t in [*m.parameters(), *m.buffers()])
+    assert entry.model_size() == size and entry.loaded_size() == size   # CPU device: all of it is "loaded"
+    assert entry.partially_load(bundle.device, 1e30) == 0 and choice.holds(bundle)
+    entry.detach()                                              # core needs the memory: a CPU bundle is let go
+    assert not choice.holds(bundle) and entry.loaded_size() == 0 and entry.partially_unload(bundle.device, 1) == 0
+    again = choice.load("quality")
+    assert again is not bundle and choice.core_entry() is not entry
