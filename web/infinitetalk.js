@@ -1,7 +1,8 @@
 // InfiniteTalk Multi front-end helpers (ComfyUI frontend 1.2x-1.49):
-// - Load Two Audios: an upload button and an audio player per side (the core audio widgets only bind an
-//   input named "audio" on core nodes). Uploads go to the input folder through the standard /upload/image route
-//   and set the combo as core's audio upload does (value, callback, onWidgetChanged).
+// - Load Two Audios: an upload button and an audio player per side (core binds its audio upload only to an input
+//   named "audio"; the player is core's own AUDIO_UI widget, so both node renderers show it). Uploads go to the
+//   input folder through the standard /upload/image route and set the combo as core's audio upload does
+//   (value, callback, onWidgetChanged).
 // - Sampler: choosing a preset fills steps / text_guidance / audio_guidance with that preset's numbers (read
 //   from the node definition, `presets` of the preset input); editing them afterwards wins.
 // - Model loader: wide enough that every file name reads; a missing file's "Value not in list" error also says
@@ -31,14 +32,12 @@ function inputFileUrl(name) {
 function addAudioSide(node, widgetName, side) {
   const combo = node.widgets?.find((w) => w.name === widgetName);
   if (!combo) return;
-  const player = document.createElement("audio");
-  player.controls = true;
-  player.preload = "metadata";
-  player.style.width = "100%";
-  player.classList.add("comfy-audio");
-  let url = "";
-  const showFile = () => { // the player widget's value is its URL, as core's audioUI (the Vue node renderer reads it)
-    preview.value = combo.value ? inputFileUrl(combo.value) : "";
+  const showFile = () => {
+    if (!preview) return;
+    const url = combo.value ? inputFileUrl(combo.value) : "";
+    preview.element.src = url;
+    preview.value = url;
+    preview.element.classList.toggle("empty-audio-widget", !url);
   };
   const picker = document.createElement("input");
   picker.type = "file";
@@ -70,16 +69,10 @@ function addAudioSide(node, widgetName, side) {
   const button = node.addWidget("button", `upload_${widgetName}`, null, () => picker.click(), { serialize: false });
   button.label = `upload ${side} audio`;
   button.serialize = false; // keep it out of the saved workflow's widgets_values (options.serialize only covers the prompt)
-  const preview = node.addDOMWidget(`${side}_audio_player`, "audioUI", player, {
-    serialize: false,
-    getValue: () => url,
-    setValue: (value) => {
-      url = value || "";
-      if (url) player.src = url;
-      else player.removeAttribute("src");
-    },
-  });
-  preview.serialize = false;
+  // core's own audio player widget (AUDIO_UI): its value is the file URL, which the classic canvas and the
+  // Vue node renderer (Nodes 2.0) both show; a DOM widget of our own is invisible to the latter
+  const preview = app.widgets?.AUDIO_UI?.(node, `${side}_audio_player`)?.widget;
+  if (preview) preview.serialize = false;
   const callback = combo.callback;
   combo.callback = function () {
     const result = callback?.apply(this, arguments);
