@@ -19,6 +19,8 @@ pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
 SCRIPT = r"""
 import importlib.util, json, math, sys
 import torch
+from comfy.cli_args import args
+args.cpu = True   # as `main.py --cpu`
 import comfy.model_management as mm
 import comfy.model_patcher
 import folder_paths
@@ -47,7 +49,7 @@ seen = {}
 before = core_model()
 mm.load_models_gpu([before])
 seen["before_job"] = listed()
-(choice,) = nodes["InfiniteTalkModelLoader"]().load(**loader_values)
+(choice,) = nodes["InfiniteTalkModelLoader"]().load(lora_strength=1.0, **loader_values)
 job = dict(prompt="two people", negative_prompt="", order="left_right", resolution="480p", seed=3, preset="quality",
            steps=1, text_guidance=5.0, audio_guidance=4.0, color_strength=1.0, size_scale=0.05)
 nodes["InfiniteTalkMultiSampler"]().generate(choice, audio(0.3, 200.0), audio(0.3, 300.0),
