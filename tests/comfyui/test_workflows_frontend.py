@@ -4,7 +4,10 @@ Skipped unless COMFYUI_DIR is set AND a chromium binary is found (or CHROMIUM na
 node type is known to the frontend (a bogus type in the same graph is caught by the same check), each
 widget holds the value the file gives it, the prompt the frontend queues equals the API twin, the
 saved graph keeps its widgets_values, nothing from our web/*.js lands in the console, the template
-browser lists both under "InfiniteTalk Multi", and choosing a sampler preset fills its numbers.
+browser lists both under "InfiniteTalk Multi" and its search finds them, choosing a sampler preset fills its
+numbers, the audio node's upload buttons clear the frontend's "missing media" state, a missing model file is
+one error on its own input with where it goes and its download link, and with Nodes 2.0 (the Vue renderer)
+the audio players show and no two nodes of a template overlap.
 Thumbnails: `python workflows/build_workflows.py --thumbnails`.
 """
 from __future__ import annotations
@@ -56,6 +59,15 @@ UPLOAD = """(async () => { const pickers = [...document.querySelectorAll('input[
 # a queued graph whose loader names a file that is not there: the error ComfyUI answers, as the frontend gets it
 QUEUE_MISSING = """(async g => { const r = await window.comfyAPI.api.api.fetchApi('/prompt', {method: 'POST',
   headers: {'Content-Type': 'application/json'}, body: JSON.stringify({prompt: g})}); return await r.json() })"""
+# the template browser as a user searches it: open it, type into its search box, read the cards found
+TEMPLATE_SEARCH = """(async q => { if (!document.querySelector('[data-testid^=template-workflow-]'))
+    await app.extensionManager.command.execute('Comfy.BrowseTemplates');
+  await new Promise(r => setTimeout(r, 1500));
+  const box = [...document.querySelectorAll('input')].find(i => /search/i.test(i.placeholder || ''));
+  box.value = q; box.dispatchEvent(new Event('input', {bubbles: true}));
+  await new Promise(r => setTimeout(r, 1500));
+  return [...document.querySelectorAll('[data-testid^=template-workflow-]')]
+    .map(e => e.getAttribute('data-testid').slice('template-workflow-'.length)) })"""
 # Nodes 2.0: the DOM boxes of the nodes (canvas-independent) and the audio players the Vue renderer shows
 NODE_BOXES = ("[...document.querySelectorAll('[data-node-id]')].map(e => { const r = e.getBoundingClientRect();"
               " return [e.getAttribute('data-node-id'), r.left, r.top, r.right, r.bottom] })")
@@ -132,6 +144,8 @@ async def _check_all(server) -> dict:
         loader = next(n for n in graph.values() if n["class_type"] == "InfiniteTalkModelLoader")
         loader["inputs"].update(TINY_LOADER, vae="absent_vae.safetensors")
         seen["missing_model"] = await page.evaluate(f"{QUEUE_MISSING}({json.dumps(graph)})")
+        seen["search"] = {q: await page.evaluate(f"{TEMPLATE_SEARCH}({json.dumps(q)})")
+                          for q in ("InfiniteTalk", "lip sync", "two-person talking")}
         seen["console"] = page.console
     return seen
 
@@ -272,3 +286,9 @@ def test_nodes_2_shows_the_audio_players_and_no_node_overlaps(frontend, name):
     overlaps = [(a, b) for i, (a, *ra) in enumerate(boxes) for b, *rb in boxes[i + 1:]
                 if not (ra[2] <= rb[0] or rb[2] <= ra[0] or ra[3] <= rb[1] or rb[3] <= ra[1])]
     assert overlaps == [], boxes
+
+
+def test_template_browser_search_finds_both_templates(frontend):
+    for query, found in frontend["search"].items():
+        wanted = set(TITLES.values()) if query != "two-person talking" else {TITLES[NAMES[0]]}
+        assert wanted <= set(found), (query, found)
