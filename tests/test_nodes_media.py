@@ -250,7 +250,7 @@ def test_video_combine_decimal_fps_h265_and_10_bit(pkg, tmp_path):
     again = node.combine("hevc/again", 25, 19, "yuv420p", True, video=video)["result"][0]
     assert _probe(again)[2] == "h264"
     tiny = dict(codec="h265", images=images[:, :32, :48])  # libx265 breaks below one 64-pixel block
-    for bad, name in ((dict(codec="vp9"), "codec"), (dict(fps=0.5), "fps"), (tiny, "codec")):
+    for bad, name in ((dict(codec="av1"), "codec"), (dict(fps=0.5), "fps"), (tiny, "codec")):
         args = dict(filename_prefix="x", fps=25, crf=19, pix_fmt="yuv420p", trim_to_audio=True, images=images) | bad
         with pytest.raises(InputError) as err:
             node.combine(**args)
@@ -294,3 +294,27 @@ def test_video_combine_fps_retimes_a_connected_video_frame_exact_with_its_audio(
     assert max(abs(g - e) for g, e in zip(greys, expected)) <= 2       # frame-exact (up to yuv rounding)
     n, _, _, aud = _probe(out)
     assert aud[1] == pytest.approx(2.0, abs=0.05)                      # the audio keeps its length: still in sync
+
+
+@pytest.mark.parametrize("codec, container, stream, pix_fmt, audio_codec", [
+    ("vp9", "webm", "vp9", "yuv420p", "opus"),
+    ("prores", "mov", "prores", "yuv422p10le", "aac"),
+    ("gif", "gif", "gif", None, None),
+])
+def test_video_combine_webm_prores_and_gif(pkg, codec, container, stream, pix_fmt, audio_codec):
+    from infinitetalk_multi_pkg.nodes import media
+    from infinitetalk_multi_pkg.nodes.types import InfiniteTalkVideo
+
+    src = pkg.nodes.bridge.temp_dir() / "src.mp4"
+    frames = (np.random.default_rng(1).random((25, 64, 96, 3)) * 255).astype(np.uint8)
+    media.frames_to_mp4(frames, src, audio=(np.zeros((1, 16000), np.float32) + 0.05, 16000))   # 1.0 s, 25 fps
+    node = _nodes(pkg)["InfiniteTalkVideoCombine"]()
+    out = node.combine("formats/clip", 25, 30, "yuv420p", True, codec=codec, video=InfiniteTalkVideo.from_file(src),
+                       prompt={"1": {"class_type": "X"}})
+    path = Path(out["result"][0])
+    assert path.suffix == f".{container}" and out["ui"]["images"][0]["filename"] == path.name
+    with av.open(str(path)) as c:
+        assert container in c.format.name and c.streams.video[0].codec_context.name == stream
+        assert pix_fmt is None or c.streams.video[0].codec_context.pix_fmt == pix_fmt
+        assert sum(1 for _ in c.decode(video=0)) == 25
+        assert [a.codec_context.name for a in c.streams.audio] == ([audio_codec] if audio_codec else [])
