@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from infinitetalk.errors import InputError, JobCancelled
+from infinitetalk.errors import InputError
 from infinitetalk.pipeline.progress import ProgressInfo
 from infinitetalk.pipeline.request import MAX_GUIDANCE, MAX_SEED, ORDERS, PRESETS, RESOLUTIONS, GenerationRequest
 from infinitetalk.pipeline.schedule import SHIFT_BY_RESOLUTION
@@ -229,10 +229,11 @@ class InfiniteTalkMultiSampler:
             **_speaker_masks(left_mask, right_mask),
         )
         request.validate()
-        bundle = models.load(preset) if hasattr(models, "load") else models
+        status = JobStatus()   # the node's text ends on the outcome, never on a stale "loading" or "window 2/5"
+        with status.outcome(int(seed)):
+            bundle = models.load(preset) if hasattr(models, "load") else models
         request.job_dir = _job_dir(request, bundle)
         bar: list[bridge.Progress] = []
-        status = JobStatus()
         collector = _FrameCollector(int(frames_limit_mb), _expected_frames(left_audio, right_audio, request.order),
                                     frames_output_used(queued_graph, unique_id))
         last = {}
@@ -250,17 +251,11 @@ class InfiniteTalkMultiSampler:
             if bar:
                 bar[0].preview(frames[-1])
 
-        bridge.make_room_for(models.core_entry() if hasattr(models, "core_entry") else None)
-        def run() -> Any:   # the node's text ends on the outcome, never on a stale "window 2/5"
-            try:
+        def run() -> Any:
+            with status.outcome(int(seed)):
                 return generate(request, bundle, progress=progress, cancel=bridge.interrupted, on_window=on_window)
-            except JobCancelled:
-                status.cancelled(int(seed))
-                raise
-            except Exception as err:
-                status.failed(err)
-                raise
 
+        bridge.make_room_for(models.core_entry() if hasattr(models, "core_entry") else None)
         status.say("checking the inputs and the memory plan")
         result = bridge.guarded(run)
         bridge.soft_empty_cache()

@@ -5,8 +5,11 @@ used, the error, or how to resume after Cancel) instead of a stale "window 2/5".
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Callable
 
+from infinitetalk.errors import JobCancelled
 from infinitetalk.pipeline.progress import ProgressInfo, StageClock
 
 from . import bridge
@@ -58,6 +61,18 @@ class JobStatus:
         if info.resumed_windows:
             parts.append(f"resumed after window {info.resumed_windows}")
         return " · ".join(parts)
+
+    @contextmanager
+    def outcome(self, seed: int) -> Iterator[None]:
+        """Around model loading and the job: a cancel or an error ends the text on what happened."""
+        try:
+            yield
+        except JobCancelled:
+            self.cancelled(seed)
+            raise
+        except Exception as err:
+            self.failed(err)
+            raise
 
     def windows_done(self) -> int:
         """Windows finished and kept in the job folder so far."""

@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 # container by file suffix -> its audio encoder (None: the format has no audio track); mp4 for anything else
 CONTAINERS = {".mp4": ("mp4", "aac"), ".mov": ("mov", "aac"), ".webm": ("webm", "libopus"), ".gif": ("gif", None)}
 OPUS_RATE = 48000   # the rate the Opus encoder is given (it takes 48 kHz and a few lower ones)
-# video encoder -> its options beyond the pixel format (crf filled in where the encoder has one)
-_ENCODER_OPTIONS = {"libvpx-vp9": {"b": "0", "deadline": "good", "cpu-used": "4", "row-mt": "1"},
+# video encoder -> its options beyond the pixel format ({crf}: the quality asked for)
+_ENCODER_OPTIONS = {"libvpx-vp9": {"crf": "{crf}", "b": "0", "deadline": "good", "cpu-used": "4", "row-mt": "1"},
                     "prores_ks": {"profile": "3"}}   # ProRes 422 HQ
 
 # Sample rates the AAC encoder accepts; other rates are resampled to 48 kHz.
@@ -176,9 +176,7 @@ class Mp4Writer:
             for key, value in (metadata or {}).items():
                 self._container.metadata[str(key)] = str(value)
             options = {"crf": str(crf), "preset": "medium"} if self.codec in ("libx264", "libx265") else {}
-            options.update(_ENCODER_OPTIONS.get(self.codec, {}))
-            if self.codec == "libvpx-vp9":
-                options["crf"] = str(crf)
+            options.update({k: v.format(crf=crf) for k, v in _ENCODER_OPTIONS.get(self.codec, {}).items()})
             if self.codec == "libx265":
                 options["x265-params"] = "log-level=error"
             if self.codec == "libx264" and x264_cpu_flags():
