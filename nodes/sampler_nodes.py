@@ -176,6 +176,10 @@ class InfiniteTalkMultiSampler:
                                     "tooltip": "Timestep shift of the flow-matching schedule (higher = more steps "
                                     "spent on coarse motion); 0 = the reference's: "
                                     + ", ".join(f"{v:g} at {k}" for k, v in SHIFT_BY_RESOLUTION.items()) + "."}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.05, "max": 1.0, "step": 0.05, "advanced": True,
+                                      "tooltip": "Video input only: how much of each window is made anew. 1 = from "
+                                      "pure noise (the reference); lower starts from the source video's own "
+                                      "frames, keeping more of their motion (fewer steps run). Not with mask_image."}),
                 "teacache": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "advanced": True,
                                        "tooltip": "TeaCache step skipping threshold (0 = off): 0.1 is about 2x, "
                                        "0.2 about 3x faster, approximate. Only for the 3-call recipe (text "
@@ -202,7 +206,8 @@ class InfiniteTalkMultiSampler:
                  order: str, resolution: str, seed: int, preset: str, steps: int, text_guidance: float,
                  audio_guidance: float, color_strength: float, image: Any = None, video: Any = None,
                  left_mask: Any = None, right_mask: Any = None, mask_image: Any = None, size_scale: float = 1.0,
-                 frames_limit_mb: int = FRAMES_LIMIT_MB, shift: float = 0.0, teacache: float = 0.0,
+                 frames_limit_mb: int = FRAMES_LIMIT_MB, shift: float = 0.0, denoise: float = 1.0,
+                 teacache: float = 0.0,
                  queued_graph: Any = None, unique_id: Any = None) -> tuple:
         from infinitetalk.pipeline.generate import generate
 
@@ -225,6 +230,7 @@ class InfiniteTalkMultiSampler:
             color_strength=float(color_strength),
             size_scale=float(size_scale),
             shift=float(shift) or None,
+            denoise=float(denoise),
             teacache=float(teacache),
             **_speaker_masks(left_mask, right_mask),
         )

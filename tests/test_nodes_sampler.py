@@ -405,7 +405,7 @@ def test_seed_minus_one_rerolls_every_run_and_the_node_ends_showing_the_seed(env
     assert shown[-1].startswith("Cancelled after window 1/3. Run again with seed 9") and "window 2" in shown[-1]
 
 
-def test_advanced_shift_and_teacache_reach_the_request_and_presets_come_from_the_data(env, monkeypatch):
+def test_advanced_shift_denoise_and_teacache_reach_the_request_and_presets_come_from_the_data(env, monkeypatch):
     import infinitetalk.pipeline.generate as gen
     from infinitetalk.pipeline.request import PRESETS
 
@@ -414,17 +414,21 @@ def test_advanced_shift_and_teacache_reach_the_request_and_presets_come_from_the
     assert types["required"]["preset"][0] == list(PRESETS)
     for name, preset in PRESETS.items():   # the tooltip is written from the preset table
         assert f"{name}: {preset.steps} steps" in types["required"]["preset"][1]["tooltip"]
-    for name in ("shift", "teacache"):
-        assert types["optional"][name][1]["advanced"] and types["optional"][name][1]["default"] == 0.0
+    for name, default in (("shift", 0.0), ("denoise", 1.0), ("teacache", 0.0)):
+        assert types["optional"][name][1]["advanced"] and types["optional"][name][1]["default"] == default
     seen = []
     fake = _fake_generate(8, 1)
     monkeypatch.setattr(gen, "generate", lambda request, *a, **k: (seen.append(request), fake(request, *a, **k))[1])
     run = dict(SAMPLER, preset="quality", text_guidance=5.0)
     sampler().generate(object(), _audio(0.5, 200.0), _audio(0.5, 300.0), image=torch.rand(1, 8, 8, 3), **run)
-    assert seen[-1].shift is None and seen[-1].teacache == 0.0            # 0 = the reference's shift, no skipping
+    assert seen[-1].shift is None and seen[-1].teacache == 0.0 and seen[-1].denoise == 1.0   # the reference's
     sampler().generate(object(), _audio(0.5, 200.0), _audio(0.5, 300.0), image=torch.rand(1, 8, 8, 3),
                        shift=5.0, teacache=0.2, **run)
     assert seen[-1].shift == 5.0 and seen[-1].teacache == 0.2
+    with pytest.raises(InputError) as err:   # a picture has no source motion to keep
+        sampler().generate(object(), _audio(0.5, 200.0), _audio(0.5, 300.0), image=torch.rand(1, 8, 8, 3),
+                           denoise=0.5, **run)
+    assert err.value.input_name == "denoise"
     with pytest.raises(InputError) as err:   # the 2-call recipe cannot skip steps: said before any work
         sampler().generate(object(), _audio(0.5, 200.0), _audio(0.5, 300.0), image=torch.rand(1, 8, 8, 3),
                            teacache=0.2, **dict(run, text_guidance=1.0))

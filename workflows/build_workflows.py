@@ -73,7 +73,7 @@ SAMPLER_COMMON = {
     "prompt": "Two people are talking to each other in a bright room, natural head and hand movements.",
     "negative_prompt": "", "resolution": "480p", "seed": 42, "preset": "fast", "steps": 6,
     "text_guidance": 1.0, "audio_guidance": 2.0, "color_strength": 1.0, "size_scale": 1.0, "frames_limit_mb": 2048,
-    "shift": 0.0, "teacache": 0.0,
+    "shift": 0.0, "denoise": 1.0, "teacache": 0.0,
 }
 def model_files() -> dict[str, tuple[str, str, str]]:
     """role -> (file the loader widget names, download url, folder): the loader's own DOWNLOADS and ROLES."""
