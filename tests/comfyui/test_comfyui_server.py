@@ -221,3 +221,39 @@ def test_cancel_interrupts_the_job_and_the_server_keeps_serving(server):
     assert interrupted, entry["status"]["messages"]
     assert interrupted[0]["node_type"] == "InfiniteTalkMultiSampler"  # stopped inside the job, between steps
     assert server.get("/system_stats")["system"]["comfyui_version"]
+
+
+def test_the_sampler_says_stage_window_step_and_ends_on_the_seed_used(server):
+    """ComfyUI's progress text of the sampler node, as the frontend receives it over the websocket: stage,
+    window x/y and step while it runs, the seed used at the end (seed -1: a new one each run)."""
+    import asyncio
+    import struct
+
+    import aiohttp
+
+    graph = _graph("infinitetalk_multi_image", seed=-1)
+    sampler = next(k for k, n in graph.items() if n["class_type"] == "InfiniteTalkMultiSampler")
+
+    async def texts() -> list[str]:
+        seen: list[str] = []
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{server.url}/ws?clientId=progress-text") as ws:
+                status, body = await asyncio.to_thread(server.post, "/prompt",
+                                                       {"prompt": graph, "client_id": "progress-text"})
+                assert status == 200, body
+                async for msg in ws:
+                    if msg.type == aiohttp.WSMsgType.BINARY and struct.unpack(">I", msg.data[:4])[0] == 3:
+                        size = struct.unpack(">I", msg.data[4:8])[0]
+                        if msg.data[8:8 + size].decode() == sampler:
+                            seen.append(msg.data[8 + size:].decode())
+                    elif msg.type == aiohttp.WSMsgType.TEXT:
+                        data = json.loads(msg.data)
+                        if data["type"] in ("execution_success", "execution_error") and \
+                                data["data"].get("prompt_id") == body["prompt_id"]:
+                            return seen
+        return seen
+
+    first, second = asyncio.run(asyncio.wait_for(texts(), 600)), asyncio.run(asyncio.wait_for(texts(), 600))
+    assert any(t.startswith("window 1/1 · step 1/2 · sampling") for t in first), first
+    assert first[-1].startswith("Done: 20 frames") and " seed " in first[-1], first
+    assert second and second[-1].startswith("Done:") and second[-1] != first[-1]   # -1 drew another seed
