@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -10,6 +11,16 @@ from .dependencies import missing_message
 
 PRESET_NAMES = ("quality", "fast", "turbo")   # pipeline.request.PRESETS, without importing torch for --help
 DIT_KINDS = ("auto", "base", "distilled")     # checkpoints.detect.DIT_KINDS, likewise
+
+
+class _Parser(argparse.ArgumentParser):
+    """Refuses a bad command line with one `error: field: ...` line, like every other refusal (no usage block)."""
+
+    def error(self, message: str):
+        match = re.match(r"argument (?:--)?([\w-]+)(?:/[^:]*)?: (.*)", message, re.S)
+        if match:
+            message = f"{match.group(1).replace('-', '_')}: {match.group(2)}"
+        self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
 
 
 def _make_tiny_models(args: argparse.Namespace) -> int:
@@ -36,11 +47,12 @@ class ProgressBar:
     """
 
     def __init__(self, label: str = "generating", stream=None, width: int = 30):
+        from .pipeline.progress import StageClock
+
         self.label, self.stream, self.width = label, stream or sys.stderr, width
         self.t0 = self.last_t = time.perf_counter()
-        self.last_done: int | None = None
         self.first: tuple[int, float] | None = None      # plain calls: (done, time) of the first one
-        self.spent: dict[str, tuple[float, int]] = {}   # stage -> (seconds, units) measured
+        self.clock = StageClock()
         self.announced = False
 
     def __call__(self, done: int, total: int, info=None) -> None:
@@ -52,10 +64,9 @@ class ProgressBar:
             if info.resumed_windows:
                 self.stream.write(f"resuming: {info.resumed_windows} of {info.windows} windows were already "
                                   "finished in the job folder\n")
-        if info is not None and self.last_done is not None and done > self.last_done:
-            seconds, units = self.spent.get(info.stage, (0.0, 0))
-            self.spent[info.stage] = (seconds + now - self.last_t, units + done - self.last_done)
-        self.last_done, self.last_t = done, now
+        if info is not None:
+            self.clock.tick(done, info)
+        self.last_t = now
         frac = done / total if total else 1.0
         fill = int(self.width * frac)
         where = ""
@@ -73,18 +84,10 @@ class ProgressBar:
         if info is None:   # plain (done, total): one rate over everything since the first call
             d0, t0 = self.first
             return f" eta {(self.last_t - t0) / (done - d0) * (total - done):.0f}s" if done > d0 else ""
-        seconds, unknown = 0.0, False
-        for stage, left in info.remaining.items():
-            if left <= 0 or stage == "write":   # the final join is a remux: seconds at most
-                continue
-            spent, units = self.spent.get(stage, (0.0, 0))
-            if units == 0:
-                unknown = True
-            else:
-                seconds += spent / units * left
-        if unknown and seconds == 0.0:
+        eta = self.clock.eta(info)
+        if eta is None:
             return " eta ?"
-        return f" eta {'>' if unknown else ''}{seconds:.0f}s"
+        return f" eta {'>' if eta[1] else ''}{eta[0]:.0f}s"
 
 
 def _request_from_args(args: argparse.Namespace):
@@ -307,6 +310,8 @@ def _runtime_from_args(args: argparse.Namespace):
 def _plan(args: argparse.Namespace) -> int:
     import json
 
+    import torch
+
     from .errors import CheckpointError, InputError
     from .pipeline.models import plan_from_files
 
@@ -319,6 +324,9 @@ def _plan(args: argparse.Namespace) -> int:
     except (InputError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if not torch.cuda.is_available() and not args.json:
+        print("note: no CUDA GPU on this machine: this is the plan for one with the memory given by --vram "
+              "(none given: unlimited)", file=sys.stderr)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.text())
     return 0 if plan.fits else 1
 
@@ -339,18 +347,18 @@ def _add_plan(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="infinitetalk", description="InfiniteTalk Multi: two-person lip-synced video.")
+    ap = _Parser(prog="infinitetalk", description="InfiniteTalk Multi: two-person lip-synced video.")
     sub = ap.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_plan(sub)
     d = sub.add_parser("demo", help="end-to-end run on tiny random models with a synthetic picture and voices (CPU, seconds)")
-    d.add_argument("--out", default="demo.mp4")
+    d.add_argument("--out", default="demo.mp4", help="output .mp4 (default: demo.mp4)")
     d.add_argument("--cache", default=None, help="folder for the tiny models (default: a temporary folder)")
-    d.add_argument("--seconds", type=float, default=4.0, help="length of the synthetic conversation")
-    d.add_argument("--steps", type=int, default=2)
-    d.add_argument("--size-scale", type=float, default=0.125, help="fraction of the 480p bucket size")
+    d.add_argument("--seconds", type=float, default=4.0, help="length of the synthetic conversation (default: 4)")
+    d.add_argument("--steps", type=int, default=2, help="denoising steps per window (default: 2)")
+    d.add_argument("--size-scale", type=float, default=0.125, help="fraction of the 480p bucket size (default: 0.125)")
     _add_window_args(d)
-    d.add_argument("--quiet", action="store_true")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=_demo)
     p = sub.add_parser("make-tiny-models", help="write random tiny checkpoints (every real layout) into a ComfyUI-style models folder")
     p.add_argument("dir", help="models folder to create/fill (diffusion_models/, model_patches/, loras/, ...)")

@@ -7,7 +7,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ["InputError", "CheckpointError", "JobCancelled", "WorkerLost", "OutOfSpace", "is_out_of_space",
-           "disk_full_as_out_of_space", "require_file", "require_writable_folder"]
+           "disk_full_as_out_of_space", "require_file", "require_writable_folder",
+           "unreadable_reason"]
 
 
 class CheckpointError(ValueError):
@@ -63,9 +64,21 @@ class WorkerLost(RuntimeError):
     """Another process of a multi-process job died or stopped answering; the job folder keeps finished windows."""
 
 
+def unreadable_reason(exc: BaseException, kind: str) -> str:
+    """Why a media file could not be opened, in words (no errno numbers): `kind` is what it should have been."""
+    if isinstance(exc, PermissionError):
+        return "permission denied (the file cannot be read by this user)"
+    if type(exc).__name__ == "InvalidDataError":   # PyAV: FFmpeg found no format it knows in the bytes
+        return f"it is not {kind} (damaged, or another kind of file)"
+    text = getattr(exc, "strerror", None) or str(exc)
+    return f"it is not {kind} that can be decoded ({text[:1].lower() + text[1:]})"
+
+
 def require_file(path: str | os.PathLike, name: str) -> Path:
     """`path` as a Path, or InputError(name) when it is missing or empty (checked before decoding)."""
     p = Path(path)
+    if p.is_dir():
+        raise InputError(name, f"{p} is a folder; expected a file")
     if not p.is_file():
         raise InputError(name, f"file not found: {p}")
     if p.stat().st_size == 0:

@@ -34,7 +34,7 @@ NODE_DISPLAY_NAME_MAPPINGS: dict = {
     "InfiniteTalkMaskFromRegion": "InfiniteTalk Mask From Region",
     "InfiniteTalkModelLoader": "InfiniteTalk Model Loader",
     "InfiniteTalkMultiSampler": "InfiniteTalk Multi Sampler (long video)",
-    "InfiniteTalkVideoCombine": "InfiniteTalk Video Combine (mp4)",
+    "InfiniteTalkVideoCombine": "InfiniteTalk Video Combine (mp4, webm, ProRes, gif)",
 }
 
 

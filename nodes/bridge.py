@@ -226,12 +226,18 @@ def torch_device() -> Any:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def free_memory_for_job() -> None:
-    """Ask ComfyUI to unload its own models before a job that manages its own weights."""
+def make_room_for(entry: Any | None) -> None:
+    """Before loading or running our models: with `entry` (nodes/core_memory.CoreEntry) ComfyUI frees only what
+    our models need and lists them among its own, so a later workflow's models can free ours in turn; without
+    one (weights not loaded yet, size unknown to core) its models are unloaded."""
     mm = _comfy("comfy.model_management")
-    if mm is not None:
+    if mm is None:
+        return
+    if entry is None:
         mm.unload_all_models()
-        mm.soft_empty_cache()
+    else:
+        mm.load_models_gpu([entry])
+    mm.soft_empty_cache()
 
 
 def soft_empty_cache() -> None:

@@ -7,6 +7,8 @@ import torch
 
 from infinitetalk.errors import InputError
 
+from . import media
+
 MODES = ("halves", "x_ranges", "boxes", "mask", "speaker_masks")
 
 LEFT_COLOUR = torch.tensor([1.0, 0.15, 0.15])
@@ -33,12 +35,20 @@ def overlay_preview(image: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return out.clamp(0, 1)[None]
 
 
+def preview_ui(preview: torch.Tensor) -> dict:
+    """The node's own preview image (a temp PNG, shown like core Preview Image's): the templates need no separate
+    output node for it, so a graph whose video cannot be made is refused as a whole instead of "succeeding"."""
+    path = media.write_png(media.image_uint8(preview, "preview")[0], media.temp_file(".png", "speaker_masks"))
+    return {"images": [{"filename": path.name, "subfolder": path.parent.name, "type": "temp"}]}
+
+
 class MaskFromRegion:
     """Bind each voice to a person: left/right speaker masks, the background, and a coloured preview."""
 
     DESCRIPTION = ("Makes the speaker masks that bind the left voice to the left person and the right voice to "
                    "the right person. Check the preview: red = left voice, blue = right voice, dimmed = "
-                   "background (never lip-synced). Pixels covered by both speakers belong to neither.")
+                   "background (never lip-synced), shown on the node when it runs. Pixels covered by both "
+                   "speakers belong to neither.")
     CATEGORY = "InfiniteTalk"
     SEARCH_ALIASES = ["InfiniteTalk", "speaker mask", "mask from region"]  # the node search also matches these
     FUNCTION = "make"
@@ -98,7 +108,8 @@ class MaskFromRegion:
         else:
             raise InputError("mode", f"{mode!r} is not one of {', '.join(MODES)}")
         masks = masks.float().cpu()
-        return (masks[0:1], masks[1:2], masks[2:3], overlay_preview(image.cpu(), masks))
+        preview = overlay_preview(image.cpu(), masks)
+        return {"ui": preview_ui(preview), "result": (masks[0:1], masks[1:2], masks[2:3], preview)}
 
 
 def _first(mask: Any) -> torch.Tensor:

@@ -22,6 +22,19 @@ MAX_GPUS = 16
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 OFFLOADS = ("auto", "on", "off")
 
+HF = "https://huggingface.co"
+REPACK = f"{HF}/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files"
+# input name -> where the file the templates name is downloaded from (also the templates' `properties.models`)
+DOWNLOADS: dict[str, str] = {
+    "diffusion_model": f"{REPACK}/diffusion_models/wan2.1_i2v_480p_14B_fp8_scaled.safetensors",
+    "infinitetalk_patch": f"{REPACK}/model_patches/wan2.1_infiniteTalk_multi_fp16.safetensors",
+    "lora": f"{HF}/Kijai/WanVideo_comfy/resolve/main/Lightx2v/lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors",
+    "audio_encoder": f"{HF}/Kijai/wav2vec2_safetensors/resolve/main/wav2vec2-chinese-base_fp16.safetensors",
+    "text_encoder": f"{REPACK}/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors",
+    "clip_vision": f"{REPACK}/clip_vision/clip_vision_h.safetensors",
+    "vae": f"{REPACK}/vae/wan_2.1_vae.safetensors",
+}
+
 # input name -> (folders searched in order, components accepted, what to download when wrong)
 ROLES: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
     "diffusion_model": (("diffusion_models",), ("dit", "dit+infinitetalk"),
@@ -93,6 +106,17 @@ def _whole_checkpoint(path: Path) -> Path:
     return path
 
 
+def where_to_get(role: str) -> str:
+    """What file `role` takes, the folder it goes in and where to download one."""
+    folders, _, hint = ROLES[role]
+    return f"put {hint} into models/{folders[0]} (download: {DOWNLOADS[role]}), then press R to refresh"
+
+
+def missing_file_message(role: str, name: str) -> str:
+    """The error for a chosen file that is in none of `role`'s folders."""
+    return f"{name!r} is not in ComfyUI's models/{' or models/'.join(ROLES[role][0])} folder: {where_to_get(role)}"
+
+
 def resolve(role: str, name: str) -> Path | None:
     """Full path of a combo choice (None for "none"); InputError naming the input when missing."""
     if role in OPTIONAL_ROLES and name in (NONE, "", None):
@@ -101,7 +125,22 @@ def resolve(role: str, name: str) -> Path | None:
         path = bridge.model_path(folder, name)
         if path is not None:
             return _whole_checkpoint(path)
-    raise InputError(role, f"{name!r} is not in ComfyUI's models/{' or models/'.join(ROLES[role][0])} folder")
+    raise InputError(role, missing_file_message(role, name))
+
+
+def resolve_all(values: dict[str, str]) -> dict[str, Path | None]:
+    """Every role's path; one InputError naming each missing file (not only the first) when any is absent."""
+    paths, missing = {}, []
+    for role, name in values.items():
+        try:
+            paths[role] = resolve(role, name)
+        except InputError as err:
+            missing.append(err)
+    if len(missing) == 1:
+        raise missing[0]
+    if missing:
+        raise InputError(", ".join(e.input_name for e in missing), "; ".join(str(e) for e in missing))
+    return paths
 
 
 def check_component(role: str, path: Path) -> str:
@@ -133,6 +172,25 @@ class ModelChoice:
     sampler: Any = field(default=None, repr=False)   # with gpus > 1: the WorkerPool `generate` samples with
     _bundle: Any = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _entry: Any = field(default=None, repr=False)   # the bundle's entry in ComfyUI's memory manager
+
+    def holds(self, bundle: Any) -> bool:
+        return self._bundle is bundle
+
+    def release(self, bundle: Any) -> None:
+        """Let the bundle go (ComfyUI's memory manager needs the memory); the next `load` reads the files again."""
+        if self._bundle is bundle:
+            self._bundle = None
+
+    def core_entry(self) -> Any:
+        """The loaded bundle as an entry of ComfyUI's memory manager (nodes/core_memory.py); None before loading."""
+        from .core_memory import CoreEntry
+
+        if self._bundle is None:
+            return None
+        if self._entry is None or self._entry.bundle is not self._bundle:
+            self._entry = CoreEntry(self, self._bundle)
+        return self._entry
 
     def load(self, preset: str = "quality") -> Any:
         from infinitetalk.pipeline.models import load_models
@@ -145,6 +203,7 @@ class ModelChoice:
                                        "model loader's 'lora' (e.g. lightx2v I2V 480p rank64) or use preset 'quality'")
         with self._lock:
             if self._bundle is None:
+                bridge.make_room_for(None)   # core cannot size files not yet loaded: its models make way
                 extra: dict[str, Any] = {"runtime": self.runtime}
                 names = ", ".join(Path(p).name for p in self._files())
                 bridge.progress_text(f"Loading models (first run, may take minutes): {names}")
@@ -183,8 +242,8 @@ class InfiniteTalkModelLoader:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        def combo(role: str, tooltip: str) -> tuple:
-            return (choices(role), {"tooltip": tooltip})
+        def combo(role: str, tooltip: str) -> tuple:  # `missing`: the web extension adds it to a missing-file error
+            return (choices(role), {"tooltip": tooltip, "missing": where_to_get(role)})
 
         return {
             "required": {
@@ -232,25 +291,15 @@ class InfiniteTalkModelLoader:
             },
         }
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, diffusion_model: str, infinitetalk_patch: str, lora: str, audio_encoder: str,
-                        text_encoder: str, clip_vision: str, vae: str) -> bool | str:
-        values = {"diffusion_model": diffusion_model, "infinitetalk_patch": infinitetalk_patch, "lora": lora,
-                  "audio_encoder": audio_encoder, "text_encoder": text_encoder, "clip_vision": clip_vision, "vae": vae}
-        for role, name in values.items():
-            try:
-                resolve(role, name)
-            except InputError as err:
-                return str(err)
-        return True
-
+    # No VALIDATE_INPUTS: ComfyUI then checks each file combo on its own, one error per missing file on its own
+    # input (a VALIDATE_INPUTS over the combos has its one message attached to every one of them).
     def load(self, diffusion_model: str, infinitetalk_patch: str, lora: str, lora_strength: float,
              audio_encoder: str, text_encoder: str, clip_vision: str, vae: str, precision: str = "auto",
              offload: str = "auto", vram_gb: float = 0.0, attention: str = "auto", fp8_matmul: str = "off",
              compile: bool = False, gpus: int = 1, dit_kind: str = "auto") -> tuple:
         values = {"diffusion_model": diffusion_model, "infinitetalk_patch": infinitetalk_patch, "lora": lora,
                   "audio_encoder": audio_encoder, "text_encoder": text_encoder, "clip_vision": clip_vision, "vae": vae}
-        paths = {role: resolve(role, name) for role, name in values.items()}
+        paths = resolve_all(values)
         kinds = {role: check_component(role, p) for role, p in paths.items() if p is not None}
         if kinds["diffusion_model"] == "dit" and paths["infinitetalk_patch"] is None:
             raise InputError("infinitetalk_patch", "the chosen DiT has no InfiniteTalk weights; choose the "

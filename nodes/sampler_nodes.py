@@ -8,10 +8,13 @@ import numpy as np
 import torch
 
 from infinitetalk.errors import InputError
+from infinitetalk.pipeline.progress import ProgressInfo
 from infinitetalk.pipeline.request import MAX_GUIDANCE, MAX_SEED, ORDERS, PRESETS, RESOLUTIONS, GenerationRequest
+from infinitetalk.pipeline.schedule import SHIFT_BY_RESOLUTION
 from infinitetalk.text.prompts import DEFAULT_PROMPT
 
 from . import bridge, media
+from .status import JobStatus
 from .types import InfiniteTalkVideo
 
 FRAMES_LIMIT_MB = 2048
@@ -24,6 +27,14 @@ def preset_values() -> dict[str, dict]:
     """preset -> the widget values it stands for; the web extension fills them in when the preset changes."""
     return {name: {"steps": p.steps, "text_guidance": p.text_guidance, "audio_guidance": p.audio_guidance}
             for name, p in PRESETS.items()}
+
+
+def preset_tooltip() -> str:
+    """What each preset stands for, from the preset data (a preset added there shows up here)."""
+    lines = [f"{name}: {p.steps} steps, text guidance {p.text_guidance:g}, audio guidance {p.audio_guidance:g}"
+             + ("; needs a step-distill LoRA (lightx2v / FusionX) in the loader" if p.needs_distill_lora else "")
+             for name, p in PRESETS.items()]
+    return ". ".join(lines) + ". Choosing a preset fills steps and both guidances; edit them after to override."
 
 
 def frames_output_used(prompt: Any, unique_id: Any) -> bool:
@@ -128,13 +139,10 @@ class InfiniteTalkMultiSampler:
                                "Output size bucket (aspect ratio kept from the picture): 480p is the model's "
                                "trained size and fast; 720p is sharper and ~2.5x slower."}),
                 "seed": ("INT", {"default": 42, "min": -1, "max": MAX_SEED, "control_after_generate": True,
-                                 "tooltip": "Noise seed; -1 draws a random one (reported on the 'seed' output)."}),
+                                 "tooltip": "Noise seed; -1 draws a new one every run. The seed used is shown on the node when the "
+                                 "video is done and given on the 'seed' output."}),
                 "preset": (list(PRESETS), {"default": DEFAULT_PRESET, "presets": preset_values(), "tooltip":
-                           "fast: 6 steps, text guidance 1, audio guidance 2; needs the lightx2v/FusionX distill "
-                           "LoRA in the loader. turbo: 4 steps, no guidance (one model call per step, ~3x faster "
-                           "than fast); the 4-step distilled InfiniteTalk DiT, or the base DiT + lightx2v LoRA. "
-                           "quality: 40 steps, text guidance 5, audio guidance 4, no LoRA, about 10x slower than "
-                           "fast. Choosing a preset fills steps and both guidances; edit them after to override."}),
+                           preset_tooltip()}),
                 "steps": ("INT", {"default": fast.steps, "min": 1, "max": 100, "tooltip":
                                   "Denoising steps per window (turbo 4, fast 6, quality 40); set by the preset."}),
                 "text_guidance": ("FLOAT", {"default": fast.text_guidance, "min": 0.0, "max": MAX_GUIDANCE,
@@ -164,10 +172,28 @@ class InfiniteTalkMultiSampler:
                                             "tooltip": "Largest 'frames' IMAGE output in MB (float32). A longer "
                                             "video with 'frames' connected stops with an error saying what to "
                                             "set; with 'frames' unconnected nothing is kept in RAM."}),
+                "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.5, "advanced": True,
+                                    "tooltip": "Timestep shift of the flow-matching schedule (higher = more steps "
+                                    "spent on coarse motion); 0 = the preset's (" + "; ".join(
+                                        name + " " + ", ".join(f"{p.shift_at(r):g} at {r}" for r in SHIFT_BY_RESOLUTION)
+                                        for name, p in PRESETS.items()) + ")."}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.05, "max": 1.0, "step": 0.05, "advanced": True,
+                                      "tooltip": "Video input only: how much of each window is made anew. 1 = from "
+                                      "pure noise (the reference); lower starts from the source video's own "
+                                      "frames, keeping more of their motion (fewer steps run). Not with mask_image."}),
+                "teacache": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "advanced": True,
+                                       "tooltip": "TeaCache step skipping threshold (0 = off): 0.1 is about 2x, "
+                                       "0.2 about 3x faster, approximate. Only for the 3-call recipe (text "
+                                       "guidance above 1, e.g. preset quality); recorded in the video's metadata."}),
             },
             # 'prompt' is the text prompt here, so the queued graph comes in as 'queued_graph'
             "hidden": {"queued_graph": "PROMPT", "unique_id": "UNIQUE_ID"},
         }
+
+    @classmethod
+    def IS_CHANGED(cls, seed: int, **_) -> Any:
+        """seed -1 draws a new seed every run, so such a job is never served from ComfyUI's cache (NaN != NaN)."""
+        return float("nan") if int(seed) == -1 else str(seed)
 
     @classmethod
     def VALIDATE_INPUTS(cls, seed: int, steps: int) -> bool | str:
@@ -181,7 +207,9 @@ class InfiniteTalkMultiSampler:
                  order: str, resolution: str, seed: int, preset: str, steps: int, text_guidance: float,
                  audio_guidance: float, color_strength: float, image: Any = None, video: Any = None,
                  left_mask: Any = None, right_mask: Any = None, mask_image: Any = None, size_scale: float = 1.0,
-                 frames_limit_mb: int = FRAMES_LIMIT_MB, queued_graph: Any = None, unique_id: Any = None) -> tuple:
+                 frames_limit_mb: int = FRAMES_LIMIT_MB, shift: float = 0.0, denoise: float = 1.0,
+                 teacache: float = 0.0,
+                 queued_graph: Any = None, unique_id: Any = None) -> tuple:
         from infinitetalk.pipeline.generate import generate
 
         if (image is None) == (video is None):
@@ -202,20 +230,26 @@ class InfiniteTalkMultiSampler:
             audio_guidance=float(audio_guidance),
             color_strength=float(color_strength),
             size_scale=float(size_scale),
+            shift=float(shift) or None,
+            denoise=float(denoise),
+            teacache=float(teacache),
             **_speaker_masks(left_mask, right_mask),
         )
         request.validate()
-        bundle = models.load(preset) if hasattr(models, "load") else models
+        status = JobStatus()   # the node's text ends on the outcome, never on a stale "loading" or "window 2/5"
+        with status.outcome(int(seed)):
+            bundle = models.load(preset) if hasattr(models, "load") else models
         request.job_dir = _job_dir(request, bundle)
         bar: list[bridge.Progress] = []
         collector = _FrameCollector(int(frames_limit_mb), _expected_frames(left_audio, right_audio, request.order),
                                     frames_output_used(queued_graph, unique_id))
         last = {}
 
-        def progress(done: int, total: int) -> None:
+        def progress(done: int, total: int, info: ProgressInfo) -> None:
             if not bar:
                 bar.append(bridge.Progress(total))
             bar[0].update(done, total)
+            status(done, total, info)
 
         def on_window(index: int, frames: np.ndarray) -> None:
             frames = frames.cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
@@ -224,10 +258,16 @@ class InfiniteTalkMultiSampler:
             if bar:
                 bar[0].preview(frames[-1])
 
-        bridge.free_memory_for_job()
-        result = bridge.guarded(lambda: generate(request, bundle, progress=progress, cancel=bridge.interrupted,
-                                                 on_window=on_window, sampler=getattr(models, "sampler", None)))
+        def run() -> Any:
+            with status.outcome(int(seed)):
+                return generate(request, bundle, progress=progress, cancel=bridge.interrupted, on_window=on_window,
+                                sampler=getattr(models, "sampler", None))
+
+        bridge.make_room_for(models.core_entry() if hasattr(models, "core_entry") else None)
+        status.say("checking the inputs and the memory plan")
+        result = bridge.guarded(run)
         bridge.soft_empty_cache()
+        status.finished(result.frames, 25.0, int(result.seed), result.elapsed_s)
         info = InfiniteTalkVideo.from_file(Path(result.path), seed=int(result.seed))
         frames = collector.image(info.frames, last.get("frame")) if collector.used else bridge.blocked_output(
             "InfiniteTalk Multi Sampler's 'frames' output was not connected when this video was made, so its frames "

@@ -245,3 +245,53 @@ def test_demo_writes_a_real_mp4(tiny_models, tmp_path, capsys):
     assert rc == 0
     frames, meta = _read(out)
     assert frames == 30 and meta["seed"] == 0
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["--order", "both"], "order"),
+    (["--seed", "abc"], "seed"),
+    (["--video", "v.mp4"], "video"),   # with --image below: the two sources exclude each other
+])
+def test_a_wrong_choice_is_one_error_line_naming_the_field(argv, field, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["generate", "--image", "x.png", "--out", "o.mp4", *argv])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert err.count("\n") == 1 and err.startswith(f"error: {field}: "), err   # no usage block before it
+    assert "usage:" not in err
+
+
+def test_unreadable_and_folder_inputs_are_said_in_words(tiny_models, inputs, tmp_path, capsys):
+    junk = tmp_path / "junk.wav"
+    junk.write_bytes(b"not audio at all")
+    base = ["generate", "--models", str(tiny_models), "--out", str(tmp_path / "o.mp4"), *SMALL]
+    assert main([*base, "--image", inputs["image"], "--left-audio", str(junk), "--right-audio", inputs["right"]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: left_audio: ") and "not an audio or video file" in err and "Errno" not in err
+    assert main([*base, "--image", str(junk), "--left-audio", inputs["left"], "--right-audio", inputs["right"]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: image: ") and "not an image file" in err and "Errno" not in err
+    assert main([*base, "--image", str(tmp_path), "--left-audio", inputs["left"], "--right-audio", inputs["right"]]) == 2
+    assert "is a folder; expected a file" in capsys.readouterr().err
+
+
+def test_plan_on_a_machine_without_gpu_says_so_and_sizes_read_width_by_height(tiny_models, capsys, monkeypatch):
+    import re
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    main(["plan", "--models", str(tiny_models), "--preset", "quality"])
+    captured = capsys.readouterr()
+    assert "no CUDA GPU on this machine" in captured.err and "memory plan on" not in captured.out
+    from infinitetalk.pipeline.models import job_for
+
+    job = job_for("quality", "480p", 81)
+    assert re.search(rf"window {job.width}x{job.height} px", captured.out)   # width x height, as every other line
+
+
+def test_every_demo_option_has_help():
+    parser = build_parser()
+    demo = parser._subparsers._group_actions[0].choices["demo"]
+    for action in demo._actions:
+        assert action.help, action.dest

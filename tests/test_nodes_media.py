@@ -141,7 +141,10 @@ def test_load_two_audios_splits_a_stereo_conversation(pkg, tmp_path):
 def test_mask_from_region_modes_and_preview(pkg):
     node = _nodes(pkg)["InfiniteTalkMaskFromRegion"]()
     image = torch.full((1, 40, 100, 3), 0.5)
-    left, right, bg, preview = node.make(image, "halves", 0.1, "", "")
+    out = node.make(image, "halves", 0.1, "", "")
+    left, right, bg, preview = out["result"]
+    shown = out["ui"]["images"][0]   # the node shows its own preview (the templates have no Preview Image)
+    assert shown["type"] == "temp" and (pkg.nodes.bridge.temp_dir() / shown["subfolder"] / shown["filename"]).is_file()
     assert left.shape == right.shape == bg.shape == (1, 40, 100) and preview.shape == (1, 40, 100, 3)
     assert left[0, 20, 10] == 1 and left[0, 20, 80] == 0 and right[0, 20, 80] == 1
     assert torch.all((left + right + bg) <= 1)  # disjoint classes
@@ -149,14 +152,14 @@ def test_mask_from_region_modes_and_preview(pkg):
     assert p[20, 10, 0] > p[20, 10, 2] and p[20, 80, 2] > p[20, 80, 0]  # left red, right blue
     assert p[0, 0].max() < 0.5 * 0.5 + 1e-6  # background dimmed
 
-    left, right, _, _ = node.make(image, "x_ranges", 0.0, "0,30", "70,100")
+    left, right, _, _ = node.make(image, "x_ranges", 0.0, "0,30", "70,100")["result"]
     assert left[0, :, :30].all() and not left[0, :, 30:].any() and right[0, :, 70:].all()
-    left, right, _, _ = node.make(image, "boxes", 0.0, "10,5,20,15", "60,0,90,40")
+    left, right, _, _ = node.make(image, "boxes", 0.0, "10,5,20,15", "60,0,90,40")["result"]
     assert left[0].sum() == 100 and left[0, 5, 10] == 1 and left[0, 15, 10] == 0  # x = column, y = row
     painted = torch.zeros(1, 40, 100)
     painted[:, 10:30, 20:40] = 1
     painted[:, 10:30, 60:80] = 1
-    left, right, _, _ = node.make(image, "mask", 0.0, "", "", mask=painted)
+    left, right, _, _ = node.make(image, "mask", 0.0, "", "", mask=painted)["result"]
     assert left[0].sum() == 400 and right[0].sum() == 400
 
 
@@ -216,8 +219,13 @@ def test_video_combine_streams_an_infinitetalk_video(pkg, tmp_path):
     assert (video.frames, video.width, video.height, video.fps, video.has_audio) == (40, 48, 32, 25.0, True)
     assert video.seconds == pytest.approx(1.6) and video.get_stream_source() == str(src)
     node = _nodes(pkg)["InfiniteTalkVideoCombine"]()
-    copied = node.combine("it", 25, 19, "yuv420p", True, video=video)["result"][0]
-    assert open(copied, "rb").read() == src.read_bytes()  # no re-encode when nothing changes
+    graph = {"prompt": {"1": {"class_type": "InfiniteTalkMultiSampler"}}, "extra_pnginfo": {"workflow": {"nodes": [1]}}}
+    copied = node.combine("it", 25, 19, "yuv420p", True, video=video, **graph)["result"][0]
+    with av.open(str(src)) as a, av.open(copied) as b:   # no re-encode when nothing changes: the same packets
+        assert [bytes(p) for p in a.demux() if p.dts is not None] == [bytes(p) for p in b.demux() if p.dts is not None]
+        # ... and the graph travels in it (drag the mp4 back into ComfyUI), as on the re-encoding path
+        assert json.loads(b.metadata["prompt"]) == graph["prompt"]
+        assert json.loads(b.metadata["workflow"]) == {"nodes": [1]}
     short = {"waveform": torch.zeros(1, 2, 8000), "sample_rate": 16000}  # 0.5 s
     n, size, _, aud = _probe(node.combine("it", 25, 19, "yuv420p", True, video=video, audio=short)["result"][0])
     assert n == 13 and size == (48, 32) and aud[1] == pytest.approx(0.52, abs=0.05)
@@ -242,7 +250,7 @@ def test_video_combine_decimal_fps_h265_and_10_bit(pkg, tmp_path):
     again = node.combine("hevc/again", 25, 19, "yuv420p", True, video=video)["result"][0]
     assert _probe(again)[2] == "h264"
     tiny = dict(codec="h265", images=images[:, :32, :48])  # libx265 breaks below one 64-pixel block
-    for bad, name in ((dict(codec="vp9"), "codec"), (dict(fps=0.5), "fps"), (tiny, "codec")):
+    for bad, name in ((dict(codec="av1"), "codec"), (dict(fps=0.5), "fps"), (tiny, "codec")):
         args = dict(filename_prefix="x", fps=25, crf=19, pix_fmt="yuv420p", trim_to_audio=True, images=images) | bad
         with pytest.raises(InputError) as err:
             node.combine(**args)
@@ -263,3 +271,50 @@ def test_bridge_standalone_folders(pkg, tmp_path):
     bar.update(3)
     bar.preview(np.zeros((4, 4, 3), np.uint8))
     assert (bar.value, bar.total) == (3, 10)
+
+
+def test_video_combine_fps_retimes_a_connected_video_frame_exact_with_its_audio(pkg, tmp_path):
+    """fps applies to the sampler's video too: same length, each output frame the source frame on screen then."""
+    from infinitetalk_multi_pkg.nodes import media
+    from infinitetalk_multi_pkg.nodes.types import InfiniteTalkVideo
+
+    src = tmp_path / "src.mp4"
+    frames = np.zeros((50, 32, 48, 3), np.uint8)
+    frames[:, :, :] = (np.arange(50) * 5)[:, None, None, None]   # frame k is grey 5k: which frame is which
+    media.frames_to_mp4(frames, src, crf=0, audio=(np.zeros((1, 32000), np.float32), 16000))   # 2.0 s at 25 fps
+    video = InfiniteTalkVideo.from_file(src)
+    node = _nodes(pkg)["InfiniteTalkVideoCombine"]()
+    out = node.combine("retime", 30, 0, "yuv444p", True, video=video)["result"][0]
+    with av.open(out) as c:
+        stream = c.streams.video[0]
+        greys = [int(f.to_ndarray(format="rgb24")[16, 24, 0]) for f in c.decode(video=0)]
+        assert stream.average_rate == 30 and c.streams.audio
+    assert len(greys) == 60                                            # 2.0 s at 30 fps
+    expected = [5 * math.floor(i * 25 / 30 + 1e-9) for i in range(60)]
+    assert max(abs(g - e) for g, e in zip(greys, expected)) <= 2       # frame-exact (up to yuv rounding)
+    n, _, _, aud = _probe(out)
+    assert aud[1] == pytest.approx(2.0, abs=0.05)                      # the audio keeps its length: still in sync
+
+
+@pytest.mark.parametrize("codec, container, stream, pix_fmt, audio_codec", [
+    ("vp9", "webm", "vp9", "yuv420p", "opus"),
+    ("prores", "mov", "prores", "yuv422p10le", "aac"),
+    ("gif", "gif", "gif", None, None),
+])
+def test_video_combine_webm_prores_and_gif(pkg, codec, container, stream, pix_fmt, audio_codec):
+    from infinitetalk_multi_pkg.nodes import media
+    from infinitetalk_multi_pkg.nodes.types import InfiniteTalkVideo
+
+    src = pkg.nodes.bridge.temp_dir() / "src.mp4"
+    frames = (np.random.default_rng(1).random((25, 64, 96, 3)) * 255).astype(np.uint8)
+    media.frames_to_mp4(frames, src, audio=(np.zeros((1, 16000), np.float32) + 0.05, 16000))   # 1.0 s, 25 fps
+    node = _nodes(pkg)["InfiniteTalkVideoCombine"]()
+    out = node.combine("formats/clip", 25, 30, "yuv420p", True, codec=codec, video=InfiniteTalkVideo.from_file(src),
+                       prompt={"1": {"class_type": "X"}})
+    path = Path(out["result"][0])
+    assert path.suffix == f".{container}" and out["ui"]["images"][0]["filename"] == path.name
+    with av.open(str(path)) as c:
+        assert container in c.format.name and c.streams.video[0].codec_context.name == stream
+        assert pix_fmt is None or c.streams.video[0].codec_context.pix_fmt == pix_fmt
+        assert sum(1 for _ in c.decode(video=0)) == 25
+        assert [a.codec_context.name for a in c.streams.audio] == ([audio_codec] if audio_codec else [])

@@ -27,11 +27,13 @@ def test_registry_metadata_is_complete():
     assert (ROOT / "web" / "icon.svg").is_file()
     for path in comfy["includes"]:
         assert (ROOT / path).exists(), path
-    assert any(d.startswith("comfyui-frontend-package") for d in project["dependencies"])
+    # the frontend is an extra (the browser tests need it), never pulled by `pip install .` for the CLI
+    assert not any(d.startswith("comfyui-frontend-package") for d in project["dependencies"])
+    assert any(d.startswith("comfyui-frontend-package") for d in project["optional-dependencies"]["frontend"])
 
 
 def test_requirements_mirror_the_runtime_dependencies():
-    deps = [d for d in _pyproject()["project"]["dependencies"] if not d.startswith("comfyui-frontend-package")]
+    deps = _pyproject()["project"]["dependencies"]
     lines = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
     reqs = [line for line in lines if line and not line.startswith("#")]
     assert reqs == deps

@@ -55,6 +55,25 @@ def test_loader_names_a_file_holding_another_model(env, tiny_models, tmp_path):
     assert err.value.input_name == "vae"
 
 
+def test_loader_names_every_missing_file_with_its_folder_and_download(env):
+    """Each file combo is checked on its own: no VALIDATE_INPUTS (ComfyUI would attach its one message to all seven
+    inputs); a missing file's combo carries where it goes and its download link, and the loader names every one."""
+    from infinitetalk_multi_pkg.nodes import model_nodes
+
+    loader = env["InfiniteTalkModelLoader"]
+    assert not hasattr(loader, "VALIDATE_INPUTS")
+    types = loader.INPUT_TYPES()["required"]
+    for role, url in model_nodes.DOWNLOADS.items():
+        assert url in types[role][1]["missing"] and f"models/{model_nodes.ROLES[role][0][0]}" in types[role][1]["missing"]
+    with pytest.raises(InputError) as err:
+        loader().load(**dict(LOADER, diffusion_model="gone_dit.safetensors", vae="gone_vae.safetensors"))
+    text = str(err.value)
+    assert err.value.input_name == "diffusion_model, vae"
+    assert "'gone_dit.safetensors'" in text and "models/diffusion_models" in text
+    assert "'gone_vae.safetensors'" in text and model_nodes.DOWNLOADS["vae"] in text
+    assert "clip_vision" not in err.value.input_name  # present files are not named
+
+
 def test_loader_lists_checks_and_names_the_wrong_file(env):
     loader = env["InfiniteTalkModelLoader"]
     types = loader.INPUT_TYPES()["required"]
@@ -71,8 +90,6 @@ def test_loader_lists_checks_and_names_the_wrong_file(env):
     assert models.overrides["patch"].name == PATCH and models.overrides["loras"] == [] and not models.has_lora
 
     bad = dict(LOADER, vae="clip_vision_h.safetensors")
-    assert loader.VALIDATE_INPUTS(**{k: bad[k] for k in ("diffusion_model", "infinitetalk_patch", "lora",
-                                     "audio_encoder", "text_encoder", "clip_vision", "vae")}).startswith("vae")
     with pytest.raises(InputError) as err:  # exists in no vae folder
         loader().load(**bad)
     assert err.value.input_name == "vae"
@@ -94,7 +111,7 @@ def image_job(custom_node_package, tiny_models, tmp_path_factory):
     nodes = custom_node_package.NODE_CLASS_MAPPINGS
     (models,) = nodes["InfiniteTalkModelLoader"]().load(**LOADER)
     image = torch.rand(1, 64, 96, 3)
-    masks = nodes["InfiniteTalkMaskFromRegion"]().make(image, "halves", 0.05, "", "")
+    masks = nodes["InfiniteTalkMaskFromRegion"]().make(image, "halves", 0.05, "", "")["result"]
     outputs = nodes["InfiniteTalkMultiSampler"]().generate(
         models, _audio(0.5, 200.0), _audio(0.3, 330.0, rate=22050), image=image, left_mask=masks[0],
         right_mask=masks[1], **SAMPLER)
@@ -127,12 +144,18 @@ def _fake_generate(frames_per_window: int, windows: int, size=(16, 24), seed: in
     from infinitetalk_multi_pkg.nodes import media
 
     def fake(request, models, progress=None, cancel=None, on_window=None, sampler=None):
+        from infinitetalk.pipeline.progress import JobProgress
+
         fake.job_dirs.append(request.job_dir)
         h, w = size
         steps, chunks = 2, []
+        tracker = JobProgress(progress, windows, steps, decode_units=1)
+        tracker.start()
+        tracker.advance("prepare")
         for k in range(windows):
+            tracker.advance("encode")
             for s in range(steps):
-                progress(k * steps + s + 1, windows * steps)
+                tracker.advance("steps")
                 if cancel():
                     from infinitetalk.errors import JobCancelled
                     raise JobCancelled("cancelled")
@@ -140,6 +163,8 @@ def _fake_generate(frames_per_window: int, windows: int, size=(16, 24), seed: in
             fake.windows += 1
             on_window(k, chunk)
             chunks.append(chunk.numpy())
+            tracker.window_done(k)
+        tracker.finish()
         n = frames_per_window * windows - 3  # the real loop trims the last window to the audio
         mix = (0.25 * np.sin(np.arange(n * 640, dtype=np.float32) * 0.05))[None]
         media.frames_to_mp4(np.concatenate(chunks)[:n], request.out, audio=(mix, 16000))
@@ -337,3 +362,109 @@ def test_loader_knows_the_distilled_dit_so_turbo_needs_no_lora(env):
     (base,) = loader().load(**dict(LOADER, diffusion_model=distilled, dit_kind="base"))
     with pytest.raises(InputError, match="distilled DiT"):
         base.load("turbo")
+
+
+def test_status_line_shows_window_step_eta_and_ends_on_the_outcome(env, monkeypatch):
+    from infinitetalk.pipeline.progress import JobProgress
+    from infinitetalk_multi_pkg.nodes.status import JobStatus
+
+    clock = [50.0]
+    monkeypatch.setattr("infinitetalk.pipeline.progress.time.perf_counter", lambda: clock[0])
+    shown: list[str] = []
+    status = JobStatus(shown.append)
+    job = JobProgress(status, windows=3, steps=4, decode_units=2)
+    job.start()
+    assert shown[-1].startswith("window 1/3") and "preparing" in shown[-1] and "measuring" in shown[-1]
+    for stage, seconds in (("prepare", 2.0), ("encode", 1.0), ("steps", 3.0)):
+        clock[0] += seconds
+        job.advance(stage)
+    assert "window 1/3 · step 1/4 · sampling" in shown[-1] and "more than" in shown[-1]  # decode not timed yet
+    for _ in range(3):
+        clock[0] += 3.0
+        job.advance("steps")
+    clock[0] += 10.0
+    job.advance("decode", 2)
+    job.window_done(0)
+    clock[0] += 1.0
+    job.advance("encode")   # left: 1 encode (1 s) + 8 steps (3 s) + 4 decode units (5 s), every stage timed
+    assert shown[-1] == "window 2/3 · step 0/4 · sampling · about 45 s left"
+    status.cancelled(seed=-1)
+    assert shown[-1] == ("Cancelled after window 1/3. Run again with seed -1 (set its control to 'fixed') "
+                         "to resume from window 2.")
+    status.failed(RuntimeError("boom"))
+    assert shown[-1].startswith("Stopped by an error (windows 1-1 are kept") and shown[-1].endswith("boom")
+    status.finished(frames=50, fps=25.0, seed=1234, seconds=75)
+    assert shown[-1] == "Done: 50 frames (2.0 s of video), seed 1234, in 1 min 15 s"
+
+
+def test_seed_minus_one_rerolls_every_run_and_the_node_ends_showing_the_seed(env, monkeypatch):
+    import infinitetalk.pipeline.generate as gen
+    from infinitetalk_multi_pkg.nodes import bridge
+
+    sampler = env["InfiniteTalkMultiSampler"]
+    changed = sampler.IS_CHANGED(seed=-1)
+    assert changed != changed                                   # NaN: ComfyUI never serves it from its cache
+    assert sampler.IS_CHANGED(seed=5) == sampler.IS_CHANGED(seed=5) != sampler.IS_CHANGED(seed=6)
+    shown: list[str] = []
+    monkeypatch.setattr(bridge, "progress_text", shown.append)
+    monkeypatch.setattr(gen, "generate", _fake_generate(8, 2, seed=777))
+    sampler().generate(object(), _audio(0.5, 200.0), _audio(0.5, 300.0), image=torch.rand(1, 8, 8, 3),
+                       **dict(SAMPLER, seed=-1))
+    assert any(t.startswith("window 2/2 · step 2/2") for t in shown)
+    assert shown[-1].startswith("Done: 13 frames") and "seed 777" in shown[-1]
+
+    monkeypatch.setattr(bridge, "interrupted", lambda: len(shown) > 7)   # Cancel pressed in window 2
+    shown.clear()
+    monkeypatch.setattr(gen, "generate", _fake_generate(8, 3))
+    from infinitetalk.errors import JobCancelled
+
+    with pytest.raises(JobCancelled):
+        sampler().generate(object(), _audio(0.5, 200.0), _audio(0.5, 300.0), image=torch.rand(1, 8, 8, 3),
+                           **dict(SAMPLER, seed=9))
+    assert shown[-1].startswith("Cancelled after window 1/3. Run again with seed 9") and "window 2" in shown[-1]
+
+
+def test_advanced_shift_denoise_and_teacache_reach_the_request_and_presets_come_from_the_data(env, monkeypatch):
+    import infinitetalk.pipeline.generate as gen
+    from infinitetalk.pipeline.request import PRESETS
+
+    sampler = env["InfiniteTalkMultiSampler"]
+    types = sampler.INPUT_TYPES()
+    assert types["required"]["preset"][0] == list(PRESETS)
+    for name, preset in PRESETS.items():   # the tooltip is written from the preset table
+        assert f"{name}: {preset.steps} steps" in types["required"]["preset"][1]["tooltip"]
+    for name, default in (("shift", 0.0), ("denoise", 1.0), ("teacache", 0.0)):
+        assert types["optional"][name][1]["advanced"] and types["optional"][name][1]["default"] == default
+    seen = []
+    fake = _fake_generate(8, 1)
+    monkeypatch.setattr(gen, "generate", lambda request, *a, **k: (seen.append(request), fake(request, *a, **k))[1])
+    run = dict(SAMPLER, preset="quality", text_guidance=5.0)
+    sampler().generate(object(), _audio(0.5, 200.0), _audio(0.5, 300.0), image=torch.rand(1, 8, 8, 3), **run)
+    assert seen[-1].shift is None and seen[-1].teacache == 0.0 and seen[-1].denoise == 1.0   # the reference's
+    sampler().generate(object(), _audio(0.5, 200.0), _audio(0.5, 300.0), image=torch.rand(1, 8, 8, 3),
+                       shift=5.0, teacache=0.2, **run)
+    assert seen[-1].shift == 5.0 and seen[-1].teacache == 0.2
+    with pytest.raises(InputError) as err:   # a picture has no source motion to keep
+        sampler().generate(object(), _audio(0.5, 200.0), _audio(0.5, 300.0), image=torch.rand(1, 8, 8, 3),
+                           denoise=0.5, **run)
+    assert err.value.input_name == "denoise"
+    with pytest.raises(InputError) as err:   # the 2-call recipe cannot skip steps: said before any work
+        sampler().generate(object(), _audio(0.5, 200.0), _audio(0.5, 300.0), image=torch.rand(1, 8, 8, 3),
+                           teacache=0.2, **dict(run, text_guidance=1.0))
+    assert err.value.input_name == "teacache"
+
+
+def test_core_entry_sizes_and_lets_go_of_the_bundle(env):
+    """The ModelPatcher look-alike core's memory manager sees (real-ComfyUI check: tests/comfyui/test_core_memory.py)."""
+    (choice,) = env["InfiniteTalkModelLoader"]().load(**LOADER)
+    assert choice.core_entry() is None                          # nothing loaded: nothing for core to manage
+    bundle = choice.load("quality")
+    entry = choice.core_entry()
+    assert entry is choice.core_entry() and entry.model is bundle.dit
+    size = sum(t.numel() * t.element_size() for m in bundle.modules().values() for t in [*m.parameters(), *m.buffers()])
+    assert entry.model_size() == size and entry.loaded_size() == size   # CPU device: all of it is "loaded"
+    assert entry.partially_load(bundle.device, 1e30) == 0 and choice.holds(bundle)
+    entry.detach()                                              # core needs the memory: a CPU bundle is let go
+    assert not choice.holds(bundle) and entry.loaded_size() == 0 and entry.partially_unload(bundle.device, 1) == 0
+    again = choice.load("quality")
+    assert again is not bundle and choice.core_entry() is not entry

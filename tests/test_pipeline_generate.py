@@ -251,3 +251,22 @@ def test_teacache_is_recorded_in_the_metadata_and_needs_the_quality_recipe(model
         _request(media, tmp_path, "fast.mp4", preset="fast", teacache=0.2).validate()
     with pytest.raises(InputError, match="teacache"):
         _request(media, tmp_path, "bad.mp4", teacache=-1).validate()
+
+
+def test_video_denoise_starts_from_the_source_part_way_down(models, media, tmp_path):
+    """denoise < 1 (video only): the window starts from its source latents noised to the first model time at or
+    below denoise x 1000, so fewer steps run and the result stays nearer the source; 1 is the reference path."""
+    def run(name, **kw):
+        steps: list[int] = []
+        hook = lambda done, total, info: steps.append(info.step) if info.stage == "steps" else None  # noqa: E731
+        r = generate(_request(media, tmp_path, name, image=None, video=media["video"], seed=3,
+                              **dict(SMALL, steps=4), **kw), models, progress=hook)
+        return r, _read(r.path), steps
+
+    full, (full_frames, _, full_meta), full_steps = run("full.mp4")
+    half, (half_frames, _, half_meta), half_steps = run("half.mp4", denoise=0.5)
+    assert "denoise" not in full_meta and half_meta["denoise"] == 0.5
+    assert len(full_steps) == 4 * full.windows and len(half_steps) < len(full_steps)   # started part way down
+    assert full_frames.shape == half_frames.shape and not np.array_equal(full_frames, half_frames)
+    with pytest.raises(InputError, match="denoise"):   # a picture has no source motion to keep
+        generate(_request(media, tmp_path, "img.mp4", denoise=0.5), models)

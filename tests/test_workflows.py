@@ -11,8 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = [("infinitetalk_multi_image", ("image",)), ("infinitetalk_multi_video", ("video",))]
 # API name -> UI template file name (the template browser shows a custom template's file name as its title)
-TITLES = {"infinitetalk_multi_image": "Picture to two-person talking video",
-          "infinitetalk_multi_video": "Video to two-person lip-synced dub"}
+TITLES = {"infinitetalk_multi_image": "InfiniteTalk Multi - picture to two-person talking video, lip sync",
+          "infinitetalk_multi_video": "InfiniteTalk Multi - video to two-person lip sync dub"}
 HOSTED = ("left_audio", "right_audio", "mask_image", "prompt", "order", "resolution", "seed")
 # ComfyUI core node types the workflows use, with their widgets in UI order (checked against a real
 # ComfyUI's /object_info by tests/comfyui when COMFYUI_DIR is set).
@@ -195,3 +195,22 @@ def test_audio_encoder_link_is_the_public_copy():
     wav2vec2 = next(m for m in loader["properties"]["models"] if m["directory"] == "audio_encoders")
     assert wav2vec2["url"] == ("https://huggingface.co/Kijai/wav2vec2_safetensors/resolve/main/"
                                "wav2vec2-chinese-base_fp16.safetensors")
+
+
+@pytest.mark.parametrize("name,_", PAIRS)
+def test_seed_control_randomizes_as_core_templates(custom_node_package, name, _):
+    """A new seed every run, as core's templates; the sampler shows the seed it used on its node."""
+    ui = _load(ROOT / "example_workflows" / f"{TITLES[name]}.json")
+    sampler = next(n for n in ui["nodes"] if n["type"] == "InfiniteTalkMultiSampler")
+    names = [w for w, _, _ in _widgets(custom_node_package, sampler["type"])]
+    assert sampler["widgets_values"][names.index("control_after_generate")] == "randomize"
+
+
+def test_template_names_carry_the_words_people_search_for():
+    """The template browser searches a pack's templates by file name only (title = description = name):
+    "InfiniteTalk", "lip sync" and what each makes must be in it."""
+    for name, title in TITLES.items():
+        assert (ROOT / "example_workflows" / f"{title}.json").is_file() and (ROOT / "example_workflows" / f"{title}.jpg").is_file()
+        words = set(title.lower().replace(",", " ").split())
+        assert {"infinitetalk", "lip", "sync", "two-person"} <= words, title
+        assert ("picture" if name.endswith("image") else "video") in words

@@ -1,9 +1,12 @@
 // InfiniteTalk Multi front-end helpers (ComfyUI frontend 1.2x-1.49):
-// - Load Two Audios: an upload button and an audio player per side (the core audio widgets only bind an
-//   input named "audio" on core nodes). Uploads go to the input folder through the standard /upload/image route.
+// - Load Two Audios: an upload button and an audio player per side (core binds its audio upload only to an input
+//   named "audio"; the player is core's own AUDIO_UI widget, so both node renderers show it). Uploads go to the
+//   input folder through the standard /upload/image route and set the combo as core's audio upload does
+//   (value, callback, onWidgetChanged).
 // - Sampler: choosing a preset fills steps / text_guidance / audio_guidance with that preset's numbers (read
 //   from the node definition, `presets` of the preset input); editing them afterwards wins.
-// - Model loader: wide enough that every file name reads.
+// - Model loader: wide enough that every file name reads; a missing file's "Value not in list" error also says
+//   where the file goes and where to download it.
 // - Template browser: our templates are listed under "InfiniteTalk Multi" instead of the install folder name.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
@@ -29,13 +32,12 @@ function inputFileUrl(name) {
 function addAudioSide(node, widgetName, side) {
   const combo = node.widgets?.find((w) => w.name === widgetName);
   if (!combo) return;
-  const player = document.createElement("audio");
-  player.controls = true;
-  player.preload = "metadata";
-  player.style.width = "100%";
   const showFile = () => {
-    if (combo.value) player.src = inputFileUrl(combo.value);
-    else player.removeAttribute("src");
+    if (!preview) return;
+    const url = combo.value ? inputFileUrl(combo.value) : "";
+    preview.element.src = url;
+    preview.value = url;
+    preview.element.classList.toggle("empty-audio-widget", !url);
   };
   const picker = document.createElement("input");
   picker.type = "file";
@@ -54,8 +56,12 @@ function addAudioSide(node, widgetName, side) {
     const saved = await response.json();
     const name = saved.subfolder ? `${saved.subfolder}/${saved.name}` : saved.name;
     if (!combo.options.values.includes(name)) combo.options.values.push(name);
+    // as core's audio upload: value, callback, then onWidgetChanged, which is what clears the node's
+    // "missing input" state (without it the red ring and Run's warning stay until the combo is picked again)
+    const previous = combo.value;
     combo.value = name;
     combo.callback?.(name);
+    node.onWidgetChanged?.(combo.name, name, previous, combo);
     node.graph?.setDirtyCanvas(true);
     picker.value = "";
   };
@@ -63,8 +69,10 @@ function addAudioSide(node, widgetName, side) {
   const button = node.addWidget("button", `upload_${widgetName}`, null, () => picker.click(), { serialize: false });
   button.label = `upload ${side} audio`;
   button.serialize = false; // keep it out of the saved workflow's widgets_values (options.serialize only covers the prompt)
-  const preview = node.addDOMWidget(`${side}_audio_player`, "audioUI", player, { serialize: false });
-  preview.serialize = false;
+  // core's own audio player widget (AUDIO_UI): its value is the file URL, which the classic canvas and the
+  // Vue node renderer (Nodes 2.0) both show; a DOM widget of our own is invisible to the latter
+  const preview = app.widgets?.AUDIO_UI?.(node, `${side}_audio_player`)?.widget;
+  if (preview) preview.serialize = false;
   const callback = combo.callback;
   combo.callback = function () {
     const result = callback?.apply(this, arguments);
@@ -128,12 +136,46 @@ function nameTemplateCategory() {
   }
 }
 
+async function loaderHints() {
+  // input name -> where its file goes and its download link (the loader's `missing` option of each file combo)
+  const response = await api.fetchApi(`/object_info/${LOADER}`);
+  const required = (await response.json())?.[LOADER]?.input?.required ?? {};
+  return Object.fromEntries(Object.entries(required).filter(([, spec]) => spec?.[1]?.missing)
+    .map(([name, spec]) => [name, spec[1].missing]));
+}
+
+function addMissingFileHints() {
+  // ComfyUI refuses a missing model file with "Value not in list", one error per input: add to each of the
+  // loader's what the file is, where it goes and where to download it.
+  const fetchApi = api.fetchApi.bind(api);
+  api.fetchApi = async function (route, options) {
+    const response = await fetchApi(route, options);
+    if (route !== "/prompt" || options?.method !== "POST" || response.status !== 400) return response;
+    try {
+      const body = await response.clone().json();
+      const errors = Object.values(body?.node_errors ?? {}).filter((e) => e.class_type === LOADER)
+        .flatMap((e) => e.errors ?? []).filter((e) => e.type === "value_not_in_list");
+      if (!errors.length) return response;
+      const hints = await loaderHints();
+      for (const error of errors) {
+        const hint = hints[error.extra_info?.input_name];
+        if (hint) error.details = `${error.details}: ${hint}`;
+      }
+      return new Response(JSON.stringify(body), { status: response.status, statusText: response.statusText,
+                                                  headers: response.headers });
+    } catch {
+      return response;
+    }
+  };
+}
+
 let presets;
 
 app.registerExtension({
   name: "InfiniteTalk.Nodes",
   async setup() {
     nameTemplateCategory();
+    addMissingFileHints();
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData?.name === SAMPLER) presets = await samplerPresets(nodeData);

@@ -19,27 +19,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 VERSION = "0.1.0"
 CORE_VERSION = "0.33.0"
-HF = "https://huggingface.co"
-REPACK = f"{HF}/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files"
-
-# The files the loader widgets name, with where to download them (frontend `properties.models`).
-MODEL_FILES = {
-    "diffusion_model": ("wan2.1_i2v_480p_14B_fp8_scaled.safetensors",
-                        f"{REPACK}/diffusion_models/wan2.1_i2v_480p_14B_fp8_scaled.safetensors", "diffusion_models"),
-    "infinitetalk_patch": ("wan2.1_infiniteTalk_multi_fp16.safetensors",
-                           f"{REPACK}/model_patches/wan2.1_infiniteTalk_multi_fp16.safetensors", "model_patches"),
-    "lora": ("lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors",
-             f"{HF}/Kijai/WanVideo_comfy/resolve/main/Lightx2v/lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors",
-             "loras"),
-    "audio_encoder": ("wav2vec2-chinese-base_fp16.safetensors",  # the copy core's template and the wrapper use
-                      f"{HF}/Kijai/wav2vec2_safetensors/resolve/main/wav2vec2-chinese-base_fp16.safetensors",
-                      "audio_encoders"),
-    "text_encoder": ("umt5_xxl_fp8_e4m3fn_scaled.safetensors",
-                     f"{REPACK}/text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors", "text_encoders"),
-    "clip_vision": ("clip_vision_h.safetensors", f"{REPACK}/clip_vision/clip_vision_h.safetensors", "clip_vision"),
-    "vae": ("wan_2.1_vae.safetensors", f"{REPACK}/vae/wan_2.1_vae.safetensors", "vae"),
-}
-
 # Core node types used, with their widget names in UI order and their socket outputs.
 CORE_NODES = {
     "LoadImage": {"widgets": ["image", "upload"], "outputs": [("IMAGE", "IMAGE"), ("MASK", "MASK")], "inputs": []},
@@ -51,7 +30,7 @@ MUTED = 2  # LiteGraph mode "never": the node and its links are left out of the 
 # bypass (4) would make the frontend look for a pass-through input a loader does not have, and warn.
 # Node size per type [w, h] (at least what frontend 1.49 computes, so it keeps them) and the view a graph opens with.
 SIZES = {"LoadImage": [300, 330], "LoadVideo": [300, 330], "InfiniteTalkLoadTwoAudios": [520, 330],
-         "InfiniteTalkModelLoader": [520, 430], "InfiniteTalkMaskFromRegion": [320, 210], "PreviewImage": [320, 300],
+         "InfiniteTalkModelLoader": [520, 430], "InfiniteTalkMaskFromRegion": [320, 520], "PreviewImage": [320, 300],
          "InfiniteTalkMultiSampler": [380, 550], "InfiniteTalkVideoCombine": [340, 450]}
 NOTE_SIZE = [760, 170]
 VIEW = (1400, 820, 90, 100)  # fit the graph into this many screen pixels, top-left margin (sidebar, menu bar)
@@ -94,8 +73,15 @@ SAMPLER_COMMON = {
     "prompt": "Two people are talking to each other in a bright room, natural head and hand movements.",
     "negative_prompt": "", "resolution": "480p", "seed": 42, "preset": "fast", "steps": 6,
     "text_guidance": 1.0, "audio_guidance": 2.0, "color_strength": 1.0, "size_scale": 1.0, "frames_limit_mb": 2048,
+    "shift": 0.0, "denoise": 1.0, "teacache": 0.0,
 }
-LOADER = {role: spec[0] for role, spec in MODEL_FILES.items()} | {
+def model_files() -> dict[str, tuple[str, str, str]]:
+    """role -> (file the loader widget names, download url, folder): the loader's own DOWNLOADS and ROLES."""
+    loader = import_package().nodes.model_nodes
+    return {role: (url.rsplit("/", 1)[1], url, loader.ROLES[role][0][0]) for role, url in loader.DOWNLOADS.items()}
+
+
+LOADER = {role: spec[0] for role, spec in model_files().items()} | {
     "lora_strength": 1.0, "precision": "auto", "offload": "auto",
     "vram_gb": 0.0, "attention": "sdpa", "fp8_matmul": "off", "compile": False, "gpus": 1, "dit_kind": "auto"}
 SAVE = {"fps": 25.0, "codec": "h264", "crf": 19, "pix_fmt": "yuv420p", "trim_to_audio": True}
@@ -104,8 +90,9 @@ SAVE = {"fps": 25.0, "codec": "h264", "crf": 19, "pix_fmt": "yuv420p", "trim_to_
 def image_graph() -> dict:
     return {
         "name": "infinitetalk_multi_image",
-        # the template browser shows a custom node's template by its file name, as title and description
-        "title": "Picture to two-person talking video",
+        # the template browser shows and searches a custom node's template only by its file name (its title,
+        # description and name in frontend 1.49; no tags): so the name carries the words people search for
+        "title": "InfiniteTalk Multi - picture to two-person talking video, lip sync",
         "note": ("InfiniteTalk Multi, picture -> two-person talking video.\n"
                  "1. Load the picture of the two people and their two voices (left person = left_audio).\n"
                  "2. Check the mask preview: red = left voice, blue = right voice.\n"
@@ -125,7 +112,6 @@ def image_graph() -> dict:
             (3, "InfiniteTalkModelLoader", "Models", dict(LOADER), {}),
             (4, "InfiniteTalkMaskFromRegion", "Who speaks where",
              {"mode": "halves", "margin": 0.05, "left_region": "5,45", "right_region": "55,95"}, {"image": (1, 0)}),
-            (5, "PreviewImage", "Mask preview", {}, {"images": (4, 3)}),
             (6, "LoadImage", "mask_image", {"image": "infinitetalk_mask.png", "upload": "image"}, {}),
             (7, "InfiniteTalkMultiSampler", "Generate", dict(SAMPLER_COMMON, order="left_right"),
              {"models": (3, 0), "left_audio": (2, 0), "right_audio": (2, 1), "image": (1, 0), "left_mask": (4, 0),
@@ -135,7 +121,7 @@ def image_graph() -> dict:
         ],
         "muted": [6],
         # columns left to right: inputs | audio + models | speaker masks | sampler | output
-        "layout": {1: (0, 230), 6: (0, 600), 2: (330, 230), 3: (330, 600), 4: (890, 230), 5: (890, 480),
+        "layout": {1: (0, 230), 6: (0, 720), 2: (330, 230), 3: (330, 760), 4: (890, 230),
                    7: (1250, 230), 8: (1670, 230)},
     }
 
@@ -143,7 +129,7 @@ def image_graph() -> dict:
 def video_graph() -> dict:
     return {
         "name": "infinitetalk_multi_video",
-        "title": "Video to two-person lip-synced dub",
+        "title": "InfiniteTalk Multi - video to two-person lip sync dub",
         "note": ("InfiniteTalk Multi, video -> the same two people lip-synced to new voices.\n"
                  "1. Load the video of the two people and their two voices (left person = left_audio).\n"
                  "2. order meanwhile = both tracks at once (dubbing); left_right / right_left = one after the other.\n"
@@ -169,7 +155,7 @@ def video_graph() -> dict:
              {"video": (7, 0)}),
         ],
         "muted": [6],
-        "layout": {1: (0, 230), 6: (0, 600), 2: (330, 230), 3: (330, 600), 7: (890, 230), 8: (1310, 230)},
+        "layout": {1: (0, 230), 6: (0, 720), 2: (330, 230), 3: (330, 760), 7: (890, 230), 8: (1310, 230)},
     }
 
 
@@ -203,12 +189,12 @@ def to_ui(graph: dict) -> dict:
         for name, control in schema["widgets"]:
             widgets_values.append(values[name])
             if control:
-                widgets_values.append("fixed")
+                widgets_values.append("randomize")  # as core templates: a new seed each run
         ours = class_type not in CORE_NODES
         properties = {"Node name for S&R": class_type, "cnr_id": "infinitetalk-multi" if ours else "comfy-core",
                       "ver": VERSION if ours else CORE_VERSION}
         if class_type == "InfiniteTalkModelLoader":
-            properties["models"] = [{"name": n, "url": u, "directory": d} for n, u, d in MODEL_FILES.values()]
+            properties["models"] = [{"name": n, "url": u, "directory": d} for n, u, d in model_files().values()]
         nodes.append({
             "id": node_id, "type": class_type, "title": title,
             "pos": list(graph["layout"][node_id]), "size": list(SIZES[class_type]),

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import soxr
 
-from ..errors import InputError, require_file
+from ..errors import InputError, require_file, unreadable_reason
 from ..limits import MAX_AUDIO_VALUES, MAX_PIXELS, MAX_SECONDS, check_audio_format
 
 __all__ = ["AudioInfo", "probe_audio", "decoded_seconds", "open_capped", "stream_seconds", "audio_info", "AudioClip", "FEATURE_RATE", "load_audio", "to_mono", "resample", "write_wav", "AudioSource"]
@@ -39,7 +39,7 @@ def open_capped(path: Path, field: str, what: str) -> av.container.InputContaine
     try:
         return av.open(str(path), mode="r", options={"max_pixels": str(MAX_PIXELS)})
     except (av.FFmpegError, OSError, ValueError) as exc:
-        raise InputError(field, f"cannot read {path} as {what} ({exc})") from None
+        raise InputError(field, f"cannot read {path}: {unreadable_reason(exc, what + ' file')}") from None
 
 
 def stream_seconds(container: av.container.InputContainer, stream: av.stream.Stream) -> float | None:
@@ -67,7 +67,7 @@ def probe_audio(path: str | os.PathLike, field: str = "left_audio") -> AudioInfo
     channel count, duration and decoded size within `infinitetalk.limits`. InputError(field) otherwise.
     Nothing is decoded; time and memory are bounded whatever the file claims."""
     p = require_file(path, field)
-    with open_capped(p, field, "audio or video") as container:
+    with open_capped(p, field, "an audio or video") as container:
         if not container.streams.audio:
             raise InputError(field, f"{p} has no audio track")
         return audio_info(container, container.streams.audio[0], field)
@@ -127,7 +127,8 @@ def _open(source: AudioSource, name: str):
     try:
         return av.open(source if not isinstance(source, os.PathLike) else os.fspath(source), mode="r")
     except (av.FFmpegError, OSError, ValueError) as exc:
-        raise InputError(name, f"cannot read {_describe(source)} as audio or video ({exc})") from None
+        raise InputError(name, f"cannot read {_describe(source)}: "
+                               f"{unreadable_reason(exc, 'an audio or video file')}") from None
 
 
 def load_audio(source: AudioSource, name: str = "left_audio", max_seconds: float = MAX_SECONDS) -> AudioClip:
@@ -181,7 +182,8 @@ def load_audio(source: AudioSource, name: str = "left_audio", max_seconds: float
             if resampler is not None:
                 take(resampler.resample(None))
         except av.FFmpegError as exc:
-            raise InputError(name, f"{_describe(source)} is corrupt or not a supported audio format ({exc})") from None
+            raise InputError(name, f"{_describe(source)} is corrupt or not a supported audio format "
+                                   f"({unreadable_reason(exc, 'decodable audio')})") from None
     if not chunks or rate is None or total == 0:
         raise InputError(name, f"{_describe(source)} contains no audio samples")
     planar = np.empty((channels, total), np.float32)     # filled chunk by chunk, each freed once copied

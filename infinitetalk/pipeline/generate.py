@@ -156,6 +156,7 @@ def _settings(req: GenerationRequest, seed: int, height: int, width: int, frames
         "prompt": req.prompt, "prompts": window_prompts(req.prompt), "color_strength": req.color_strength,
         **({"teacache": {"threshold": req.teacache, "scale": req.resolution.removesuffix("p"),
                          "retention_steps": False}} if req.teacache else {}),
+        **({"denoise": req.denoise} if req.denoise < 1.0 else {}),
     }
 
 
@@ -192,9 +193,12 @@ def _run_windows(req, models, sampler, inputs, job: JobFolder, state: JobState, 
         keep, keep_frames = _keep_region(models, inputs, start, frame_num, cached)
         tracker.advance("encode")
 
+        window_times = times
+        if req.denoise < 1.0:   # video-to-video at a strength: start from the source, noised, part way down
+            noise, window_times = _from_source(models, inputs, start, frame_num, noise, times, req.denoise)
         if req.teacache:   # step skipping (quality recipe; settings["teacache"] records it): fresh state per window
             extra["teacache"] = TeaCache(req.teacache, scale=req.resolution.removesuffix("p"))
-        latent = sample(models.dit, noise, cond, times, guidance, motion, keep=keep, on_step=on_step, **extra)
+        latent = sample(models.dit, noise, cond, window_times, guidance, motion, keep=keep, on_step=on_step, **extra)
 
         # decode frame by frame, colour-match, stream the kept frames into this window's segment
         lo, hi = plan.kept_range(k)
@@ -301,6 +305,16 @@ def _reference(models, inputs, start: int, frame_num: int, cached: dict):
     if inputs.source.is_still:
         cached["reference"] = result
     return result
+
+
+def _from_source(models, inputs, start: int, frame_num: int, noise: torch.Tensor, times: torch.Tensor,
+                 strength: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(start latent, times) of a window denoised at `strength` < 1: the first model time at or below
+    strength x 1000 and the window's source latents noised to it, x = (1 - sigma) x0 + sigma noise (flow matching)."""
+    first = next((i for i in range(times.numel() - 1) if float(times[i]) <= strength * 1000.0), times.numel() - 2)
+    source = models.vae.encode(to_model_frames(inputs.source.frames(start, frame_num)).to(models.device))
+    sigma = float(times[first]) / 1000.0
+    return (1.0 - sigma) * source.to(noise.dtype) + sigma * noise, times[first:]
 
 
 def _keep_region(models, inputs, start: int, frame_num: int, cached: dict):

@@ -108,6 +108,38 @@ class ModelBundle:
         return {"dit": Path(self.paths.dit).name, "dit_kind": "distilled" if self.paths.distilled else "base",
                 "loras": [[Path(p).name, s] for p, s in self.paths.loras]}
 
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """The loaded nn.Modules by component name (TextEncoder unwrapped to its T5)."""
+        named = {name: getattr(self, name) for name in COMPONENTS}
+        return {name: getattr(m, "model", m) for name, m in named.items() if m is not None}
+
+    def device_bytes(self) -> int:
+        """Bytes of weights now on the compute device (everything when that is the CPU)."""
+        return sum(t.numel() * t.element_size() for m in self.modules().values()
+                   for t in [*m.parameters(), *m.buffers()] if t.device.type == self.device.type)
+
+    def release_device(self) -> int:
+        """Move every weight to host memory (another program needs the device); the next `prepare` and
+        `restore_device` bring them back. Returns the bytes freed on the device."""
+        before = self.device_bytes() if self.device.type != "cpu" else 0
+        if self._streamer is not None:
+            self._streamer.remove(device="cpu")
+            self._streamer = None
+        for module in self.modules().values():
+            module.to("cpu")
+        self.placement = None   # so the next prepare places the DiT again
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return before
+
+    def restore_device(self) -> None:
+        """Undo `release_device` for the modules living on the device between uses (`prepare` places the DiT)."""
+        homes = {"vae": self.device} | ({} if self.offload else {"text_encoder": self.device,
+                                                                  "clip_vision": self.device})
+        for name, module in self.modules().items():
+            if name in homes:
+                module.to(homes[name])
+
     def identity(self) -> str:
         base = self.paths.identity() if self.paths is not None else "in-memory"
         return f"{base}:{self.dtype}"

@@ -12,10 +12,11 @@ A hook is called `hook(done, total)` or, when it accepts a third argument, `hook
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["STAGES", "ProgressInfo", "ProgressHook", "JobProgress"]
+__all__ = ["STAGES", "ProgressInfo", "ProgressHook", "JobProgress", "StageClock"]
 
 STAGES = ("prepare", "encode", "steps", "decode", "write")
 ProgressHook = Callable[..., None]   # (done, total) or (done, total, ProgressInfo)
@@ -30,6 +31,13 @@ class ProgressInfo:
     windows: int
     remaining: dict            # units left per stage
     resumed_windows: int = 0   # windows that were already finished in the job folder
+    steps: int = 0             # sampling steps per window
+
+    @property
+    def step(self) -> int:
+        """Sampling steps done in the window being worked on (0 .. steps)."""
+        later = max(0, self.windows - self.window - 1) * self.steps
+        return max(0, min(self.steps, self.steps - (self.remaining.get("steps", 0) - later)))
 
 
 def _wants_info(hook: ProgressHook) -> bool:
@@ -90,7 +98,39 @@ class JobProgress:
             return
         if self.with_info:
             info = ProgressInfo(stage, min(self.window, self.windows), self.windows, dict(self.remaining),
-                                self.resumed)
+                                self.resumed, self.per_window["steps"])
             self.hook(self.done, self.total, info)
         else:
             self.hook(self.done, self.total)
+
+
+class StageClock:
+    """An honest ETA: each stage's time per unit is measured as it runs and multiplied by the units left of it.
+
+    Feed it every event (`tick`); `eta` is None before anything with work left was timed, else (seconds,
+    lower_bound) where lower_bound says some stage with work left (say, the first VAE decode) is not timed yet.
+    The final `write` (a remux) is not counted: seconds at most."""
+
+    def __init__(self):
+        self.spent: dict[str, tuple[float, int]] = {}   # stage -> (seconds, units) measured
+        self.last_done: int | None = None
+        self.last_t = time.perf_counter()
+
+    def tick(self, done: int, info: ProgressInfo) -> None:
+        now = time.perf_counter()
+        if self.last_done is not None and done > self.last_done:
+            seconds, units = self.spent.get(info.stage, (0.0, 0))
+            self.spent[info.stage] = (seconds + now - self.last_t, units + done - self.last_done)
+        self.last_done, self.last_t = done, now
+
+    def eta(self, info: ProgressInfo) -> tuple[float, bool] | None:
+        seconds, unknown = 0.0, False
+        for stage, left in info.remaining.items():
+            if left <= 0 or stage == "write":
+                continue
+            spent, units = self.spent.get(stage, (0.0, 0))
+            if units == 0:
+                unknown = True
+            else:
+                seconds += spent / units * left
+        return None if unknown and seconds == 0.0 else (seconds, unknown)

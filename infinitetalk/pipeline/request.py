@@ -97,6 +97,9 @@ class GenerationRequest:
     # TeaCache step skipping (quality recipe only; an approximation): threshold, 0 = off; the reference suggests
     # 0.1 (≈2× faster) … 0.2 (≈3×). Recorded in the output metadata when on.
     teacache: float = 0.0
+    # Video input only: how much of each window is generated anew (1 = from pure noise, the reference; lower
+    # starts from the window's source latents noised to that level, keeping more of the source's motion).
+    denoise: float = 1.0
 
     # -- resolved values -------------------------------------------------------------------------
     def resolved(self) -> "GenerationRequest":
@@ -154,6 +157,11 @@ class GenerationRequest:
             raise InputError("crf", f"{self.crf} is outside 0 .. 51")
         if self.shift is not None and not self.shift > 0:
             raise InputError("shift", f"{self.shift} must be positive")
+        if not (0.0 < float(self.denoise) <= 1.0):
+            raise InputError("denoise", f"{self.denoise} is outside (0, 1] (1 = generate from pure noise)")
+        if self.denoise < 1.0 and (self.video is None or self.mask_image is not None):
+            raise InputError("denoise", "denoise below 1 starts from the source video's own frames: it needs a "
+                                        "video input and no mask_image")
         if not (0.0 <= float(self.teacache) <= 1.0):
             raise InputError("teacache", f"{self.teacache} is outside 0 .. 1 (0 = off)")
         text = PRESETS[self.preset].text_guidance if self.text_guidance is None else float(self.text_guidance)

@@ -75,7 +75,7 @@ class MemoryPlan:
         p, j = self.placement, self.job
         budget = "unlimited (everything resident)" if p.budget is None else f"{p.budget / GiB:.1f} GiB"
         share = f" ({j.local_tokens} on this rank of {j.sequence_ranks})" if j.sequence_ranks > 1 else ""
-        lines = [f"memory plan on {self.device}: {self.label}; window {j.height}x{j.width} px, {j.latent_frames} "
+        lines = [f"memory plan for {self.device}: {self.label}; window {j.width}x{j.height} px, {j.latent_frames} "
                  f"latent frames, {j.tokens} tokens{share}, {j.calls_per_step} model calls/step"
                  f"{', TeaCache' if j.teacache else ''}",
                  f"budget: {budget}"]

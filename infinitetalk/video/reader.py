@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..audio.io import AudioClip, AudioInfo, audio_info, load_audio, open_capped, stream_seconds
-from ..errors import InputError, require_file
+from ..errors import InputError, require_file, unreadable_reason
 from ..limits import FPS, MAX_PIXELS, MAX_VIDEO_SECONDS, MIN_SIDE, check_pixels
 
 __all__ = ["ImageInfo", "VideoInfo", "image_size_from_header", "probe_image", "probe_video", "load_image", "load_image_with_alpha", "VideoSource"]
@@ -172,7 +172,7 @@ def _open(path: str | os.PathLike, name: str):
     try:
         container = av.open(str(p), mode="r", options={"max_pixels": str(MAX_PIXELS)})
     except (av.FFmpegError, OSError, ValueError) as exc:
-        raise InputError(name, f"cannot read {p} as an image or video ({exc})") from None
+        raise InputError(name, f"cannot read {p}: {unreadable_reason(exc, 'an image or video file')}") from None
     for stream in container.streams.video:
         stream.codec_context.options = {"max_pixels": str(MAX_PIXELS)}
     return container

@@ -18,9 +18,10 @@ from ..errors import disk_full_as_out_of_space
 from ..files import atomic_write
 from .writer import aac_ready_audio
 
-__all__ = ["concat_segments"]
+__all__ = ["concat_segments", "remux"]
 
 FPS = 25
+CONTAINER_TAGS = ("major_brand", "minor_version", "compatible_brands", "encoder")   # the muxer writes its own
 
 
 def _layout(channels: int) -> str:
@@ -56,6 +57,27 @@ def concat_segments(
     with disk_full_as_out_of_space(out.parent, out.name), atomic_write(out) as part:
         part.unlink(missing_ok=True)   # left by an interrupted run
         _write(segments, part, frames, audio, metadata or {})
+    return out
+
+
+def remux(src: Path, out: Path, metadata: dict[str, str]) -> Path:
+    """Copy `src`'s video and audio packets into `out` (no re-encode) with `metadata` added to its own tags
+    (e.g. the ComfyUI graph that made it); atomic like `concat_segments`."""
+    out = Path(out)
+    with disk_full_as_out_of_space(out.parent, out.name), atomic_write(out) as tmp:
+        tmp.unlink(missing_ok=True)   # left by an interrupted run
+        with av.open(str(src)) as source, av.open(str(tmp), "w", format="mp4",
+                                                  options={"movflags": "+faststart+use_metadata_tags"}) as container:
+            kept = {k: v for k, v in source.metadata.items() if k not in CONTAINER_TAGS}   # e.g. the job's settings
+            for key, value in {**kept, **metadata}.items():
+                container.metadata[key] = str(value)
+            streams = [s for s in source.streams if s.type in ("video", "audio")]
+            copies = {s.index: container.add_stream_from_template(s) for s in streams}
+            for packet in source.demux(streams):
+                if packet.dts is None:   # the demuxer's end-of-stream marker
+                    continue
+                packet.stream = copies[packet.stream.index]
+                container.mux(packet)
     return out
 
 

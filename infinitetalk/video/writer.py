@@ -28,6 +28,13 @@ __all__ = ["Mp4Writer", "pick_video_encoder", "to_uint8_frames", "aac_output_for
 
 log = logging.getLogger(__name__)
 
+# container by file suffix -> its audio encoder (None: the format has no audio track); mp4 for anything else
+CONTAINERS = {".mp4": ("mp4", "aac"), ".mov": ("mov", "aac"), ".webm": ("webm", "libopus"), ".gif": ("gif", None)}
+OPUS_RATE = 48000   # the rate the Opus encoder is given (it takes 48 kHz and a few lower ones)
+# video encoder -> its options beyond the pixel format ({crf}: the quality asked for)
+_ENCODER_OPTIONS = {"libvpx-vp9": {"crf": "{crf}", "b": "0", "deadline": "good", "cpu-used": "4", "row-mt": "1"},
+                    "prores_ks": {"profile": "3"}}   # ProRes 422 HQ
+
 # Sample rates the AAC encoder accepts; other rates are resampled to 48 kHz.
 _AAC_RATES = frozenset({96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350})
 
@@ -131,6 +138,7 @@ class Mp4Writer:
 
     audio: an AudioClip (or `(samples [C, T], sample_rate)`) muxed as AAC, cut to exactly the video length.
     metadata: stored as container metadata tags (e.g. seed, prompt), readable with any mp4 tool.
+    The container follows the path's suffix (CONTAINERS): .mp4 (default), .mov, .webm (Opus audio), .gif (no audio).
     """
 
     def __init__(self, path: str | os.PathLike, width: int, height: int, fps: float = 25, crf: int = 19,
@@ -143,11 +151,17 @@ class Mp4Writer:
         self.width, self.height, self.fps = int(width), int(height), Fraction(fps).limit_denominator(1001)
         if self.width < 2 or self.height < 2 or (pix_fmt == "yuv420p" and (self.width % 2 or self.height % 2)):
             raise InputError("size", f"video size must be even for {pix_fmt}, got {self.width}×{self.height}")
+        self.format, audio_codec = CONTAINERS.get(Path(path).suffix.lower(), ("mp4", "aac"))
         if isinstance(audio, tuple):
             audio = AudioClip(torch.as_tensor(audio[0], dtype=torch.float32), int(audio[1]))
+        if audio is not None and audio_codec is None:
+            raise InputError("audio", f"a .{self.format} file has no audio track: leave the audio out or choose "
+                                      "a video format")
         if audio is not None:
             ready, rate, _ = aac_ready_audio(audio.samples, audio.sample_rate)
             audio = AudioClip(torch.from_numpy(ready), rate)
+            if audio_codec == "libopus" and rate != OPUS_RATE:
+                audio = AudioClip(resample(audio.samples, rate, OPUS_RATE), OPUS_RATE)
         self.audio = audio
         self.frames_written = 0
         self._closed = False
@@ -159,12 +173,13 @@ class Mp4Writer:
         if self.codec == "libx265" and min(self.width, self.height) < 64:  # smaller frames corrupt libx265's heap
             raise InputError("codec", f"h265 needs a video of at least 64×64 pixels, got {self.width}×{self.height}: "
                                       "use h264")
-        self._container = av.open(str(self.temp_path), mode="w", format="mp4",
-                                  options={"movflags": "+faststart+use_metadata_tags"})
+        flags = {"movflags": "+faststart+use_metadata_tags"} if self.format in ("mp4", "mov") else {}
+        self._container = av.open(str(self.temp_path), mode="w", format=self.format, options=flags)
         try:
             for key, value in (metadata or {}).items():
                 self._container.metadata[str(key)] = str(value)
             options = {"crf": str(crf), "preset": "medium"} if self.codec in ("libx264", "libx265") else {}
+            options.update({k: v.format(crf=crf) for k, v in _ENCODER_OPTIONS.get(self.codec, {}).items()})
             if self.codec == "libx265":
                 options["x265-params"] = "log-level=error"
             if self.codec == "libx264" and x264_cpu_flags():
@@ -183,7 +198,8 @@ class Mp4Writer:
             self._audio = None
             if audio is not None:
                 rate, layout = aac_output_format(audio.sample_rate, audio.channels)
-                self._audio = self._container.add_stream("aac", rate=rate, layout=layout)
+                rate = OPUS_RATE if audio_codec == "libopus" else rate
+                self._audio = self._container.add_stream(audio_codec, rate=rate, layout=layout)
                 self._audio.bit_rate = audio_bitrate
         except Exception:
             self.abort()

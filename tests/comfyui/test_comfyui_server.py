@@ -129,11 +129,13 @@ def test_object_info_lists_every_node_with_tooltips(server):
 
 def test_image_workflow_over_http(server):
     entry = server.run(_graph("infinitetalk_multi_image", seed=5))
-    assert entry["status"]["status_str"] == "success", _errors(entry)
+    assert entry["status"]["status_str"] == "success", [e.get("exception_message") for e in _errors(entry)]
     frames, video_s, audio_s = _probe(_saved_video(server, entry))
     assert frames == round((LEFT_S + RIGHT_S) * 25)  # left_right: one after the other
     assert video_s == pytest.approx(frames / 25, abs=0.01) and audio_s == pytest.approx(frames / 25, abs=0.05)
-    assert any(o.get("images") for k, o in entry["outputs"].items() if k == "5")  # mask preview shown
+    mask = next(k for k, n in _graph("infinitetalk_multi_image", 0).items()
+                if n["class_type"] == "InfiniteTalkMaskFromRegion")
+    assert entry["outputs"].get(mask, {}).get("images")  # the mask node shows its own preview
 
 
 def test_video_workflow_over_http_without_mask(server):
@@ -143,7 +145,7 @@ def test_video_workflow_over_http_without_mask(server):
     for node in graph.values():
         node["inputs"] = {k: v for k, v in node["inputs"].items() if not (isinstance(v, list) and v[0] == mask_node)}
     entry = server.run(graph)
-    assert entry["status"]["status_str"] == "success", _errors(entry)
+    assert entry["status"]["status_str"] == "success", [e.get("exception_message") for e in _errors(entry)]
     frames, video_s, audio_s = _probe(_saved_video(server, entry))
     assert frames == round(max(LEFT_S, RIGHT_S) * 25)  # meanwhile: both at once
     assert audio_s == pytest.approx(frames / 25, abs=0.05)
@@ -151,8 +153,7 @@ def test_video_workflow_over_http_without_mask(server):
 
 def test_bad_inputs_name_the_input_and_the_server_keeps_serving(server):
     graph = _graph("infinitetalk_multi_image", seed=7)
-    preview = next(k for k, n in graph.items() if n["class_type"] == "PreviewImage")
-    del graph[preview]  # with a valid output node left, ComfyUI would run that part and answer 200
+    assert not [n for n in graph.values() if n["class_type"] == "PreviewImage"]  # else that part runs and "succeeds"
     audio_node = next(k for k, n in graph.items() if n["class_type"] == "InfiniteTalkLoadTwoAudios")
     bad = copy.deepcopy(graph)
     bad[audio_node]["inputs"]["right_audio"] = "missing.wav"
@@ -183,6 +184,16 @@ def test_bad_inputs_name_the_input_and_the_server_keeps_serving(server):
     bad[loader]["inputs"]["vae"] = "clip_vision_h.safetensors"
     status, body = server.post("/prompt", {"prompt": bad, "client_id": "t"})
     assert status == 400 and "vae" in json.dumps(body["node_errors"][loader])
+
+    bad = copy.deepcopy(graph)   # two missing files: one error each, on its own input, naming that file; nothing runs
+    bad[loader]["inputs"].update(diffusion_model="gone_dit.safetensors", text_encoder="gone_t5.safetensors")
+    status, body = server.post("/prompt", {"prompt": bad, "client_id": "t"})
+    assert status == 400, body
+    errors = body["node_errors"][loader]["errors"]
+    assert sorted(e["extra_info"]["input_name"] for e in errors) == ["diffusion_model", "text_encoder"]
+    for error in errors:
+        wanted = "gone_dit" if error["extra_info"]["input_name"] == "diffusion_model" else "gone_t5"
+        assert wanted in error["details"], error
     assert server.get("/system_stats")["system"]["comfyui_version"]
 
 
@@ -210,3 +221,39 @@ def test_cancel_interrupts_the_job_and_the_server_keeps_serving(server):
     assert interrupted, entry["status"]["messages"]
     assert interrupted[0]["node_type"] == "InfiniteTalkMultiSampler"  # stopped inside the job, between steps
     assert server.get("/system_stats")["system"]["comfyui_version"]
+
+
+def test_the_sampler_says_stage_window_step_and_ends_on_the_seed_used(server):
+    """ComfyUI's progress text of the sampler node, as the frontend receives it over the websocket: stage,
+    window x/y and step while it runs, the seed used at the end (seed -1: a new one each run)."""
+    import asyncio
+    import struct
+
+    import aiohttp
+
+    graph = _graph("infinitetalk_multi_image", seed=-1)
+    sampler = next(k for k, n in graph.items() if n["class_type"] == "InfiniteTalkMultiSampler")
+
+    async def texts() -> list[str]:
+        seen: list[str] = []
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{server.url}/ws?clientId=progress-text") as ws:
+                status, body = await asyncio.to_thread(server.post, "/prompt",
+                                                       {"prompt": graph, "client_id": "progress-text"})
+                assert status == 200, body
+                async for msg in ws:
+                    if msg.type == aiohttp.WSMsgType.BINARY and struct.unpack(">I", msg.data[:4])[0] == 3:
+                        size = struct.unpack(">I", msg.data[4:8])[0]
+                        if msg.data[8:8 + size].decode() == sampler:
+                            seen.append(msg.data[8 + size:].decode())
+                    elif msg.type == aiohttp.WSMsgType.TEXT:
+                        data = json.loads(msg.data)
+                        if data["type"] in ("execution_success", "execution_error") and \
+                                data["data"].get("prompt_id") == body["prompt_id"]:
+                            return seen
+        return seen
+
+    first, second = asyncio.run(asyncio.wait_for(texts(), 600)), asyncio.run(asyncio.wait_for(texts(), 600))
+    assert any(t.startswith("window 1/1 · step 1/2 · sampling") for t in first), first
+    assert first[-1].startswith("Done: 20 frames") and " seed " in first[-1], first
+    assert second and second[-1].startswith("Done:") and second[-1] != first[-1]   # -1 drew another seed
