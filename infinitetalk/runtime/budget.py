@@ -93,8 +93,8 @@ class DiTWeights:
     block_bytes: tuple[int, ...]
     other_bytes: int
     largest_fp8_linear: int = 0   # elements of the largest fp8 Linear weight dequantised per call
-    fp8_matmul: bool = False      # some fp8 Linears multiply in e4m3 (`_scaled_mm`): no weight copy, a workspace
     largest_gguf_linear: int = 0  # elements of the largest GGUF-packed Linear weight (dequantised per call)
+    fp8_matmul: bool = False      # some fp8 Linears multiply in e4m3 (`_scaled_mm`): no weight copy, a workspace
 
     @property
     def total_bytes(self) -> int:
