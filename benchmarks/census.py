@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from infinitetalk.models.dit import DiTConfig, InfiniteTalkDiT  # noqa: E402
-from infinitetalk.models.layers import Linear, fp8_matmul_workspace_bytes  # noqa: E402
+from infinitetalk.models.layers import Linear  # noqa: E402
 from infinitetalk.models.vae import CausalState, VAEConfig, WanVAE  # noqa: E402
 from infinitetalk.ops import attention as attention_ops, fused  # noqa: E402
 from infinitetalk.pipeline.request import PRESETS  # noqa: E402
@@ -375,11 +375,10 @@ def run(resolution: str, smoke: bool) -> dict:
     for weights in ("bf16", "fp8 dequantised", "fp8 _scaled_mm"):
         census, peak = trace_dit(cfg, latent, weights)
         traces[weights] = census
-        largest_fp8 = 0 if weights == "bf16" else cfg.ffn_dim * cfg.dim
-        plan_w = DiTWeights(cfg.dim, cfg.ffn_dim, cfg.text_len, (0,) * cfg.num_layers, 0, largest_fp8)
+        plan_w = DiTWeights(cfg.dim, cfg.ffn_dim, cfg.text_len, (0,) * cfg.num_layers, 0,
+                            largest_fp8_linear=cfg.ffn_dim * cfg.dim if weights == "fp8 dequantised" else 0,
+                            fp8_matmul=weights == "fp8 _scaled_mm")
         plan = dit_activation_bytes(plan_w, tokens, 1, 2)
-        if weights == "fp8 _scaled_mm":
-            plan += fp8_matmul_workspace_bytes(tokens, cfg.ffn_dim)
         for mode in ("eager", "fused", "compiled"):
             for attention in ATTENTION_RATE:
                 call = dit_call_seconds(census, cfg.num_layers, mode, attention)
@@ -395,6 +394,7 @@ def run(resolution: str, smoke: bool) -> dict:
         return next(r for r in rows if (r["weights"], r["execution"], r["attention"]) == (weights, mode, attention))
 
     default = pick("bf16", "fused")
+    vae_plan = vae_decode_bytes(vae_latent[1] * 8, vae_latent[2] * 8, 96)   # one latent frame, untiled
     block_ops = [op for op in census.ops if op.in_block]
     return {
         "modelled": True,
@@ -411,7 +411,11 @@ def run(resolution: str, smoke: bool) -> dict:
         "dit_call_flops": call_flops,
         "vae_window_decode_s": vae_s,
         "vae": {"flops": sum(op.flops for op in vae.ops), "bytes": sum(op.nbytes for op in vae.ops),
-                "peak_bytes": vae_peak, "plan_frame_bytes": vae_decode_bytes(vae_latent[1] * 8, vae_latent[2] * 8, 96)},
+                "peak_bytes": vae_peak, "plan_frame_bytes": vae_plan},
+        "plan_vs_measured": {   # activation peaks: the fake-tensor census against runtime/budget.py's estimate
+            **{f"dit {w}": {"measured_bytes": pick(w, "fused")["activation_peak_bytes"],
+                            "plan_bytes": pick(w, "fused")["plan_activation_bytes"]} for w in traces},
+            "vae decode": {"measured_bytes": vae_peak, "plan_bytes": vae_plan}},
         "rows": rows,
         "block_per_op": _per_op(block_ops, 1)[:20],
         "block_per_line": _per_line(block_ops, 1)[:20],
@@ -448,6 +452,11 @@ def _table(result: dict) -> str:
                      f"{r['activation_peak_bytes'] / 2**30:.1f} / {r['plan_activation_bytes'] / 2**30:.1f} | "
                      f"{r['quality_s_per_video_second']:.0f} | {r['fast_s_per_video_second']:.1f} | "
                      f"{r['turbo_s_per_video_second']:.1f} |")
+    lines += ["", "activation peak, measured (fake tensors) / plan (runtime/budget.py):"]
+    for name, r in result["plan_vs_measured"].items():
+        ratio = r["measured_bytes"] / r["plan_bytes"]
+        lines.append(f"  {name}: {r['measured_bytes'] / 2**30:.2f} / {r['plan_bytes'] / 2**30:.2f} GiB "
+                     f"({ratio:.2f}×{', OVER THE PLAN' if ratio > 1 else ''})")
     lines += ["", "one block, eager, by source line (top 12):"]
     for r in result["block_per_line"][:12]:
         lines.append(f"  {r['eager_s'] * 1e3:8.2f} ms  {r['flops'] / 1e12:8.2f} TFLOP  {r['bytes'] / 1e9:7.2f} GB  "

@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -23,6 +25,9 @@ def test_smoke_json_has_the_headline_keys():
     assert len(configs) == 3 * 3 * len(census.ATTENTION_RATE)
     assert all(r["dit_call_s"] > 0 and r["activation_peak_bytes"] > 0 for r in result["rows"])
     assert result["vae"]["flops"] > 0 and result["dit_call_flops"] > 0
+    compared = result["plan_vs_measured"]
+    assert set(compared) == {"dit bf16", "dit fp8 dequantised", "dit fp8 _scaled_mm", "vae decode"}
+    assert all(r["measured_bytes"] > 0 and r["plan_bytes"] > 0 for r in compared.values())
 
 
 def _op(name, reads, writes, island=None, flops=0):
@@ -42,3 +47,14 @@ def test_fusion_model_counts_only_what_crosses_a_kernel():
     assert fused[1][0] == [1, 2] and fused[1][1].nbytes == 2 * mb   # the 4 MiB float32 temporary never moves
     assert sum(k.nbytes for _, k in eager) - sum(k.nbytes for _, k in fused) == 8 * mb
     assert census.seconds(ops, "fused") < census.seconds(ops, "eager")
+
+
+@pytest.mark.parametrize("latent", [(2, 60, 104), (3, 90, 160), (2, 8, 8)])   # 480p, 720p, a small tile
+def test_vae_decode_plan_covers_the_census_peak(latent):
+    """The plan's VAE decode estimate (runtime/budget.py, calibrated on this census) is not below the
+    fake-tensor peak of decoding a window of that size, and not far above it."""
+    from infinitetalk.runtime.budget import vae_decode_bytes
+
+    _, peak = census.trace_vae(latent)
+    plan = vae_decode_bytes(latent[1] * 8, latent[2] * 8, 96)
+    assert peak <= plan <= 1.15 * peak, (peak, plan)

@@ -82,6 +82,39 @@ def test_every_world_size_gets_a_layout_for_both_presets_of_the_40_head_dit():
             assert groups * size <= world_size and 40 % size == 0 and groups <= guidance.calls_per_step
 
 
+def test_every_rank_plans_for_its_share_of_the_window():
+    """Followers (`place_for`) and rank 0 (`generate` with a LeaderSampler) plan for their guidance group's
+    calls on their token shard (runtime/plan.py `job_on_rank`), not for the whole window."""
+    from types import SimpleNamespace
+
+    from infinitetalk.multigpu.launch import LeaderSampler, place_for
+    from infinitetalk.pipeline import generate as generate_module
+
+    planned = []
+    plan = SimpleNamespace(fits=True, text=lambda: "plan")
+    models = SimpleNamespace(dit=SimpleNamespace(config=SimpleNamespace(num_heads=40)),
+                             prepare=lambda shape: planned.append(shape) or plan)
+    job = WindowJob(noise=torch.zeros(16, 21, 60, 104), cond=None, times=torch.zeros(2), guidance=Guidance(1.0, 2.0),
+                    motion=torch.zeros(16, 1, 60, 104))
+    whole = job_shape(job)
+    assert (whole.calls_per_step, whole.sequence_ranks) == (2, 1)
+    for world_size, calls, split in ((2, 1, 1), (4, 1, 2), (8, 1, 4)):   # 2 guidance groups of P ranks
+        parallel = SimpleNamespace(world_size=world_size, guidance_parallel=True)
+        planned.clear()
+        shape = place_for(models, job, None, parallel)
+        assert planned == [shape] and (shape.calls_per_step, shape.sequence_ranks) == (calls, split)
+        assert shape.tokens == whole.tokens and shape.local_tokens == -(-whole.tokens // split)
+        assert place_for(models, job, shape, parallel) == shape and len(planned) == 1   # same size: no new plan
+
+        world = SimpleNamespace(world_size=world_size, parallel=parallel)
+        req = SimpleNamespace(text_guidance=1.0, audio_guidance=2.0, teacache=0)
+        inputs = SimpleNamespace(size=(480, 832), plan=SimpleNamespace(frame_num=81))
+        generate_module._place_for_job(models, req, inputs, LeaderSampler(world, models))
+        assert planned[-1] == shape   # rank 0 plans what its followers plan
+    generate_module._place_for_job(models, req, inputs, None)
+    assert planned[-1] == whole   # one process: the whole window
+
+
 # -- end to end ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def media(tmp_path_factory) -> dict[str, Path]:

@@ -237,3 +237,40 @@ def test_each_rank_plans_for_its_share(world, calls, want_calls, want_split):
     assert share.local_tokens == -(-whole.tokens // want_split)
     a, b = (decide_placement(_14B, j, None, act_bytes=2) for j in (whole, share))
     assert b.dit_peak <= a.dit_peak and (b.dit_peak < a.dit_peak) == (share != whole)
+
+
+def test_fp8_matmul_plans_its_e4m3_workspace_not_a_dequantised_weight(tiny_models):
+    """With `_scaled_mm` on, no fp8 weight is dequantised: the plan counts the e4m3 copy of the largest
+    call's input (the FFN hidden) instead."""
+    from infinitetalk.loaders import load_dit
+    from infinitetalk.models.layers import Linear, fp8_matmul_workspace_bytes
+    from infinitetalk.pipeline.model_files import resolve_model_paths
+    from infinitetalk.runtime.plan import dit_weights_of
+
+    tokens, fp8 = 33_600, dataclasses.replace(_14B, largest_fp8_linear=5120 * 13824)
+    dequantised = budget.dit_activation_bytes(fp8, tokens, 1, 2)
+    e4m3 = budget.dit_activation_bytes(dataclasses.replace(_14B, fp8_matmul=True), tokens, 1, 2)
+    base = budget.dit_activation_bytes(_14B, tokens, 1, 2)
+    assert e4m3 - base == pytest.approx(fp8_matmul_workspace_bytes(tokens, 13824) * budget.ACTIVATION_SAFETY, abs=2)
+    assert dequantised - base == pytest.approx(2 * 5120 * 13824 * 2 * budget.ACTIVATION_SAFETY, abs=2)
+
+    path = next(tiny_models.rglob("*fp8_e4m3fn_scaled_KJ.safetensors"))
+    model = load_dit(path, resolve_model_paths(tiny_models, "quality", {"dit": path}).patch, dtype=torch.bfloat16)
+    before = dit_weights_of(model)[0]
+    assert before.largest_fp8_linear > 0 and not before.fp8_matmul
+    for m in model.modules():
+        if isinstance(m, Linear):
+            m.fp8_matmul = m.weight.dtype == torch.float8_e4m3fn   # what runtime/kernels.py sets on a GPU
+    after = dit_weights_of(model)[0]
+    assert after.fp8_matmul and after.largest_fp8_linear == 0 and after.block_bytes == before.block_bytes
+
+
+def test_fp8_matmul_header_plan_of_the_14b_swaps_the_weight_copy_for_the_workspace(real_layouts, header_only):
+    from infinitetalk.models.layers import fp8_matmul_workspace_bytes
+    from infinitetalk.pipeline.models import plan_from_files
+
+    plain, fast = (plan_from_files(real_layouts, preset="fast", resolution="480p", fp8_matmul=on) for on in (False, True))
+    dit_plain, dit_fast = plain.placement.dit_peak, fast.placement.dit_peak
+    ffn_rows = plain.job.tokens * plain.job.calls_per_step   # unlimited budget: every guidance call batched
+    assert dit_fast - dit_plain == pytest.approx(
+        (fp8_matmul_workspace_bytes(ffn_rows, 13824) - 2 * 5120 * 13824 * 2) * budget.ACTIVATION_SAFETY, rel=1e-6)

@@ -29,6 +29,7 @@ from ..errors import InputError, WorkerLost
 from ..ops.parallel import guidance_layout, init_parallel
 from ..pipeline.sampler import Guidance, KeepRegion, WindowConditioning, sample_window
 from ..runtime.budget import JobShape
+from ..runtime.plan import job_on_rank
 
 __all__ = ["LaunchEnv", "launch_env", "rank_device", "WindowJob", "World", "LeaderSampler", "follow", "sample_job",
            "job_shape", "place_for", "collective_failure", "join_as_leader", "run_follower", "stop_on_sigterm",
@@ -208,6 +209,11 @@ class LeaderSampler:
     def __init__(self, world: World, models=None):
         self.world, self.models = world, models
 
+    def job_share(self, job: JobShape, num_heads: int | None) -> JobShape:
+        """The share of a window rank 0 computes (its guidance group's calls on its token shard): what its
+        memory plan is for."""
+        return job_on_rank(job, self.world.world_size, self.world.parallel.guidance_parallel, num_heads)
+
     def __call__(self, dit, noise, cond, times, guidance, motion, keep=None, on_step=None) -> torch.Tensor:
         job = WindowJob(noise=noise, cond=cond, times=times, guidance=guidance, motion=motion, keep=keep)
         self._check_world_size(dit, guidance)
@@ -235,16 +241,21 @@ class LeaderSampler:
                              ) from err
 
 
-def job_shape(job: WindowJob):
-    """The memory-planning shape of a window (runtime/budget.py JobShape), read from its latent."""
+def job_shape(job: WindowJob, parallel=None, num_heads: int | None = None) -> JobShape:
+    """The memory-planning shape of a window (runtime/budget.py JobShape), read from its latent: with
+    `parallel` (an ops.parallel.ParallelState) this rank's share of it (runtime/plan.py `job_on_rank`)."""
     _, t, h, w = job.noise.shape
-    return JobShape.for_window(8 * h, 8 * w, 4 * (t - 1) + 1, job.guidance.calls_per_step)
+    whole = JobShape.for_window(8 * h, 8 * w, 4 * (t - 1) + 1, job.guidance.calls_per_step)
+    if parallel is None:
+        return whole
+    return job_on_rank(whole, parallel.world_size, parallel.guidance_parallel, num_heads)
 
 
-def place_for(models, job: WindowJob, shape):
-    """Redo `models`' memory plan (VRAM budget, block streaming) when a window of a new size arrives, as rank 0
-    does in generate; returns the shape now planned for."""
-    new = job_shape(job)
+def place_for(models, job: WindowJob, shape, parallel=None):
+    """Redo `models`' memory plan (VRAM budget, block streaming) for this rank's share of the window
+    (`parallel`: the world's ParallelState) when a window of a new size arrives, as rank 0 does in generate;
+    returns the shape now planned for."""
+    new = job_shape(job, parallel, _heads_of(getattr(models, "dit", None)))
     if new != shape and hasattr(models, "prepare"):
         models.prepare(new)
     return new
@@ -260,7 +271,7 @@ def follow(world: World, models) -> int:
     `models`: a ModelBundle holding only the DiT."""
     count, shape = 0, None
     while (job := world.receive_job()) is not None:
-        shape = place_for(models, job, shape)
+        shape = place_for(models, job, shape, world.parallel)
         sample_job(models.dit, job, world.parallel, batch=guidance_batch(models))
         count += 1
     return count

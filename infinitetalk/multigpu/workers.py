@@ -30,6 +30,8 @@ import torch
 
 from ..errors import InputError, JobCancelled, WorkerLost
 from ..pipeline.models import load_models
+from ..runtime.budget import JobShape
+from ..runtime.plan import job_on_rank
 from .launch import World, WindowJob, guidance_batch, launch_env, place_for, rank_device, sample_job
 
 __all__ = ["WorkerPool", "FRONT_COMPONENTS", "STARTUP_TIMEOUT_S"]
@@ -76,6 +78,11 @@ class WorkerPool:
         self.conns: list[Connection] = []
         self.starts = 0                 # how many times the workers were started (restarts after a death)
         self._lock = threading.Lock()
+
+    def job_share(self, job: JobShape, num_heads: int | None) -> JobShape:
+        """The share of a window each worker computes (each plans its own memory for it; the front holds no
+        DiT and plans nothing)."""
+        return job_on_rank(job, self.size, True, num_heads)
 
     # -- lifecycle ----------------------------------------------------------------------------------
     @property
@@ -277,7 +284,7 @@ def _worker_main() -> int:
             if message[0] == "cancel":   # arrived after the window ended: nothing to stop
                 continue
             job = message[1].to(world.device)
-            shape = place_for(models, job, shape)
+            shape = place_for(models, job, shape, world.parallel)
             plan = getattr(models, "plan", None)
             if world.agree(plan is not None and not plan.fits):   # every worker refuses together
                 _send(conn, ("refused", plan.text() if plan is not None and not plan.fits else ""))

@@ -86,7 +86,7 @@ def generate(request: GenerationRequest, models: ModelBundle, progress: Progress
     prepared = inputs if inputs is not None else prepare_inputs(req)   # every InputError happens here
     try:
         _check_sampler(sampler, req)                       # InputError("teacache") when the sampler lacks it
-        _place_for_job(models, req, prepared)              # InputError("vram") when the job cannot fit
+        _place_for_job(models, req, prepared, sampler)     # InputError("vram") when the job cannot fit
         return _generate(request, req, prepared, models, sampler, progress, cancel, on_window, t_start)
     finally:
         if inputs is None:   # opened here, closed here
@@ -239,17 +239,18 @@ def _check_sampler(sampler: WindowSampler | None, req) -> None:
                                      "sampling yet; use teacache 0 or one process")
 
 
-def _place_for_job(models, req, inputs) -> None:
+def _place_for_job(models, req, inputs, sampler: WindowSampler | None = None) -> None:
     """Decide where the DiT's blocks live for this job's size (runtime/plan.py), log the plan, and refuse a
-    job that cannot fit the VRAM budget with the plan in the error, before any model work."""
-
-
+    job that cannot fit the VRAM budget with the plan in the error, before any model work. With a
+    multi-process `sampler` this process plans for its share of each window (its calls, its token shard)."""
     if getattr(models, "dit", None) is None or not hasattr(models, "prepare"):
         return   # a bundle without the DiT (its workers plan their own memory)
     calls = Guidance(float(req.text_guidance), float(req.audio_guidance)).calls_per_step
     height, width = inputs.size
-    plan = models.prepare(JobShape.for_window(height, width, inputs.plan.frame_num, calls,
-                                              teacache=bool(req.teacache)))
+    job = JobShape.for_window(height, width, inputs.plan.frame_num, calls, teacache=bool(req.teacache))
+    if sampler is not None:
+        job = sampler.job_share(job, getattr(getattr(models.dit, "config", None), "num_heads", None))
+    plan = models.prepare(job)
     logging.getLogger("infinitetalk.runtime").info("%s", plan.text())
     if not plan.fits:
         raise InputError("vram", f"this job does not fit the VRAM budget:\n{plan.text()}")

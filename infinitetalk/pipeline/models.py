@@ -237,8 +237,8 @@ def job_for(preset: str, resolution: str = "480p", frame_num: int = 81, size: tu
 
 def plan_from_files(models_dir: str | Path | None, preset: str = "fast", resolution: str = "480p",
                     vram_gb: float | None = None, overrides: dict | None = None, frame_num: int = 81,
-                    device: str = "cuda", dtype: torch.dtype = torch.bfloat16, batch_guidance: bool = True
-                    ) -> MemoryPlan:
+                    device: str = "cuda", dtype: torch.dtype = torch.bfloat16, batch_guidance: bool = True,
+                    fp8_matmul: bool = False) -> MemoryPlan:
     """The plan of a job from file headers only (`python -m infinitetalk plan`): resolves the files and the
     job here, sizes them in `runtime.plan.plan_for_paths` (which never imports the pipeline)."""
     paths = resolve_model_paths(models_dir, preset, overrides)
@@ -247,5 +247,5 @@ def plan_from_files(models_dir: str | Path | None, preset: str = "fast", resolut
         budget = auto_budget_bytes(torch.cuda.mem_get_info()[0])
     dit = "step-distilled DiT" if paths.distilled else "base DiT" + (" + LoRA" if paths.loras else "")
     return plan_for_paths(paths, job_for(preset, resolution, frame_num), budget, device=device, dtype=dtype,
-                          batch_guidance=batch_guidance,
+                          batch_guidance=batch_guidance, fp8_matmul=fp8_matmul,
                           label=f"preset {preset} ({dit}), {resolution}, {frame_num} frames/window")

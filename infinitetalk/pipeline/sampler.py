@@ -31,6 +31,7 @@ from .schedule import euler_step
 
 if TYPE_CHECKING:
     from ..ops.parallel import ParallelState
+    from ..runtime.budget import JobShape
     from .teacache import TeaCache
 
 DiTCall = Callable[..., torch.Tensor]  # InfiniteTalkDiT.forward(x, t, context, clip_fea, y, audio, masks)
@@ -174,6 +175,10 @@ class WindowSampler(Protocol):
     what it can do rather than being inspected."""
 
     step_skipping: bool   # accepts `teacache=` (TeaCache step skipping)
+
+    def job_share(self, job: JobShape, num_heads: int | None) -> JobShape:
+        """The share of a window this process computes (runtime/plan.py `job_on_rank`): what it plans for."""
+        ...
 
     def __call__(self, dit: DiTCall, noise: torch.Tensor, cond: WindowConditioning, times: torch.Tensor,
                  guidance: Guidance, motion: torch.Tensor, keep: KeepRegion | None = None,

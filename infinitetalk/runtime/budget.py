@@ -12,6 +12,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+from ..models.layers import fp8_matmul_workspace_bytes
+
 __all__ = ["GiB", "AUTO_MARGIN_BYTES", "RUNTIME_RESERVE_BYTES", "PREFETCH_BLOCKS", "JobShape", "DiTWeights",
            "Placement", "dit_activation_bytes", "vae_decode_bytes", "vae_tile_work", "tile_spans",
            "teacache_bytes", "decide_placement", "spread_indices",
@@ -37,7 +39,11 @@ CONTEXT_TOKENS_IMAGE = 257  # CLIP tokens beside the text_len text tokens
 ACTIVATION_SAFETY = 1.15   # fragmentation of the caching allocator
 
 # -- VAE decode ---------------------------------------------------------------------------------------
-VAE_DECODE_LIVE_TENSORS = 10   # full-resolution feature maps alive at once in the last decoder stage
+# Full-resolution (channels × 4 frames × H × W, float32) feature maps alive at once while one latent frame
+# decodes. benchmarks/census.py measures the decode's peak on fake tensors at 11.22 such maps (480p and 720p
+# alike: the last stage's maps, its causal caches and the upsampled input); rounded up to a whole map so
+# the plan stays above it with the allocator's rounding.
+VAE_DECODE_LIVE_TENSORS = 12
 VAE_TEMPORAL_STRIDE = 4        # video frames decoded per latent frame
 VAE_SPATIAL_STRIDE = 8         # output pixels per latent pixel
 VAE_TILE_OVERLAP = 8           # latent pixels shared by neighbouring tiles (blended)
@@ -86,8 +92,9 @@ class DiTWeights:
     text_len: int
     block_bytes: tuple[int, ...]
     other_bytes: int
-    largest_fp8_linear: int = 0   # elements of the largest fp8 Linear weight (dequantised per call)
+    largest_fp8_linear: int = 0   # elements of the largest fp8 Linear weight dequantised per call
     largest_gguf_linear: int = 0  # elements of the largest GGUF-packed Linear weight (dequantised per call)
+    fp8_matmul: bool = False      # some fp8 Linears multiply in e4m3 (`_scaled_mm`): no weight copy, a workspace
 
     @property
     def total_bytes(self) -> int:
@@ -127,7 +134,8 @@ def dit_activation_bytes(w: DiTWeights, tokens: int, batch: int, act_bytes: int)
     """Peak activation bytes of one DiT block call on `batch` stacked guidance branches of `tokens` tokens
     each (a rank's shard in sequence parallelism: the all-to-all exchanges keep the same bytes), the larger
     of the attention and the FFN phase, plus the text/image context and the temporaries of dequantising the
-    largest fp8 or GGUF Linear weight."""
+    largest fp8 or GGUF Linear weight (an fp8 Linear on `_scaled_mm` makes no weight copy: its largest call,
+    the FFN's second Linear, holds an e4m3 copy of its input instead, models/layers.py)."""
     work = 8 if act_bytes >= 4 else 4
     ld = batch * tokens * w.dim
     attn = ld * (ATTN_ACT_WIDTHS * act_bytes + ATTN_WORK_WIDTHS * work)
@@ -135,7 +143,8 @@ def dit_activation_bytes(w: DiTWeights, tokens: int, batch: int, act_bytes: int)
         FFN_HIDDEN_COPIES * batch * tokens * w.ffn_dim * act_bytes
     context = 3 * batch * (w.text_len + CONTEXT_TOKENS_IMAGE) * w.dim * act_bytes
     dequant = max(DEQUANT_COPIES * w.largest_fp8_linear * act_bytes,
-                  w.largest_gguf_linear * (GGUF_DEQUANT_F32_COPIES * 4 + act_bytes))
+                  w.largest_gguf_linear * (GGUF_DEQUANT_F32_COPIES * 4 + act_bytes),
+                  fp8_matmul_workspace_bytes(batch * tokens, w.ffn_dim) if w.fp8_matmul else 0)
     return int((max(attn, ffn) + context + dequant) * ACTIVATION_SAFETY)
 
 

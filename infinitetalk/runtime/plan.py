@@ -229,16 +229,18 @@ def dit_weights_of(dit: nn.Module) -> tuple[DiTWeights, dict[str, int]]:
     """DiTWeights of a loaded DiT (call before streaming is installed: streamed blocks hold placeholders)."""
     packed = {f"{name}.weight": m.out_features * m.in_features for name, m in dit.named_modules()
               if getattr(m, "gguf_type", None) is not None}
+    e4m3 = {f"{name}.weight" for name, m in dit.named_modules() if getattr(m, "fp8_matmul", False)}
 
     def items():
         for group in (dit.named_parameters(), dit.named_buffers()):
             for name, t in group:
                 if t is None:
                     continue
-                fp8 = t.numel() if t.dtype in _FP8 and t.dim() == 2 else 0
+                fp8 = t.numel() if t.dtype in _FP8 and t.dim() == 2 and name not in e4m3 else 0
                 yield name, _dtype_name(t.dtype), t.numel() * t.element_size(), fp8, packed.get(name, 0)
     c = dit.config
-    return _summarise(items(), c.dim, c.ffn_dim, c.text_len)
+    weights, by_dtype = _summarise(items(), c.dim, c.ffn_dim, c.text_len)
+    return replace(weights, fp8_matmul=bool(e4m3)), by_dtype
 
 
 # ---------------------------------------------------------------------------------------------- plan
@@ -299,10 +301,14 @@ def _smallest_budget(weights: DiTWeights, job: JobShape, act_bytes: int, vae_byt
 
 
 def plan_for_paths(paths: Any, job: JobShape, budget: int | None, *, device: str = "cuda",
-                   dtype: torch.dtype = torch.bfloat16, batch_guidance: bool = True, label: str = "") -> MemoryPlan:
+                   dtype: torch.dtype = torch.bfloat16, batch_guidance: bool = True, label: str = "",
+                   fp8_matmul: bool = False) -> MemoryPlan:
     """The plan of `job` from the headers of resolved model files (`paths`: a `pipeline.model_files.ModelPaths`;
-    no weights are read). The pipeline resolves the files and the job (`pipeline.models.plan_from_files`)."""
+    no weights are read). The pipeline resolves the files and the job (`pipeline.models.plan_from_files`).
+    `fp8_matmul`: the fp8 Linears will multiply in e4m3 (runtime/kernels.py), so none is dequantised."""
     dit = _dit_from_files(paths.dit, paths.patch, [p for p, _ in paths.loras], dtype)
+    if fp8_matmul and dit[0].largest_fp8_linear:
+        dit = replace(dit[0], largest_fp8_linear=0, fp8_matmul=True), dit[1]
     others = {
         "vae": _file_bytes(paths.vae, torch.float32),
         "text_encoder": _file_bytes(paths.text_encoder, dtype),
