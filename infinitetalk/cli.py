@@ -272,7 +272,7 @@ def _add_dit_kind(p: argparse.ArgumentParser) -> None:
 
 def _add_runtime_args(p: argparse.ArgumentParser, kernels: bool = True) -> None:
     """The RuntimeOptions flags (docs/runtime.md): budget, kernels, guidance batching."""
-    from .ops.options import ATTENTION_CHOICES, FP8_MATMUL_CHOICES
+    from .ops.options import ATTENTION_CHOICES, FP8_MATMUL_CHOICES, FUSE_CHOICES
 
     p.add_argument("--vram", type=float, default=None, metavar="GB",
                    help="GPU memory the job may use; DiT blocks that do not fit stream from host memory "
@@ -283,7 +283,15 @@ def _add_runtime_args(p: argparse.ArgumentParser, kernels: bool = True) -> None:
         p.add_argument("--fp8-matmul", choices=FP8_MATMUL_CHOICES, default="off",
                        help="fp8 weights through fp8 matmuls: faster, slightly less exact (auto: on GPUs that have "
                             "them; default off)")
+        p.add_argument("--fp8-fast-accum", action="store_true",
+                       help="with --fp8-matmul: the fp8 matmul's fast accumulation (Hopper; faster, less exact)")
+        p.add_argument("--fuse", choices=FUSE_CHOICES, default="auto",
+                       help="the transformer's float32 steps (norms, modulation, RoPE) as compiled kernels (auto: on "
+                            "a CUDA GPU with Triton unless --compile compiles whole blocks)")
         p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    else:
+        p.add_argument("--fp8-matmul", choices=FP8_MATMUL_CHOICES, default="off",
+                       help="plan for fp8 weights through fp8 matmuls (as generate --fp8-matmul; default off)")
     p.add_argument("--no-batch-guidance", action="store_true",
                    help="run a step's guidance calls one by one even when a batch would fit")
 
@@ -304,6 +312,7 @@ def _runtime_from_args(args: argparse.Namespace):
 
     return RuntimeOptions(vram_gb=args.vram, attention=getattr(args, "attention", "auto"),
                           fp8_matmul=getattr(args, "fp8_matmul", "off"), compile=getattr(args, "compile", False),
+                          fp8_fast_accum=getattr(args, "fp8_fast_accum", False), fuse=getattr(args, "fuse", "auto"),
                           batch_guidance=not args.no_batch_guidance)
 
 
@@ -319,8 +328,8 @@ def _plan(args: argparse.Namespace) -> int:
         runtime = _runtime_from_args(args)
         plan = plan_from_files(args.models, preset=args.preset, resolution=args.resolution, vram_gb=runtime.vram_gb,
                                overrides={"loras": [(p, 1.0) for p in args.lora or []], "dit_kind": args.dit_kind},
-                               frame_num=args.frame_num,
-                               batch_guidance=runtime.batch_guidance)
+                               frame_num=args.frame_num, batch_guidance=runtime.batch_guidance,
+                               fp8_matmul=runtime.fp8_matmul != "off")
     except (InputError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -139,6 +139,28 @@ def test_generate_flags_build_one_runtime_options():
     assert defaults.vram_gb is None and defaults.batch_guidance and defaults.budget_bytes is None
     with pytest.raises(InputError, match="vram"):
         _runtime_from_args(build_parser().parse_args(base + ["--vram", "-2"]))
+    tuned = _runtime_from_args(build_parser().parse_args(base + ["--fp8-matmul", "on", "--fp8-fast-accum",
+                                                                 "--fuse", "off"]))
+    assert (tuned.fp8_matmul, tuned.fp8_fast_accum, tuned.fuse) == ("on", True, "off")
+    assert (defaults.fp8_fast_accum, defaults.fuse) == (False, "auto")
+
+
+def test_plan_command_plans_the_fp8_matmul_it_is_told(monkeypatch, tmp_path):
+    """`plan --fp8-matmul on` reaches the header plan (its e4m3 workspace instead of a dequantised weight)."""
+    import infinitetalk.pipeline.models as models
+    from infinitetalk.cli import main
+
+    seen = []
+
+    def fake_plan(*args, **kwargs):
+        seen.append(kwargs["fp8_matmul"])
+        raise InputError("models", "stop here")
+
+    from infinitetalk.errors import InputError
+    monkeypatch.setattr(models, "plan_from_files", fake_plan)
+    for flag, want in (([], False), (["--fp8-matmul", "on"], True), (["--fp8-matmul", "auto"], True)):
+        assert main(["plan", "--models", str(tmp_path), *flag]) == 2
+        assert seen[-1] is want, flag
 
 
 # ------------------------------------------------------------------------------------- VAE tiles
