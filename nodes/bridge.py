@@ -80,6 +80,12 @@ def model_path(folder: str, name: str) -> Path | None:
     return full if full.is_file() else None
 
 
+def metadata_disabled() -> bool:
+    """ComfyUI's --disable-metadata: saved files carry no graph (core's savers honour it too)."""
+    cli = _comfy("comfy.cli_args")
+    return bool(getattr(getattr(cli, "args", None), "disable_metadata", False))
+
+
 def input_dir() -> Path:
     fp = _comfy("folder_paths")
     return Path(fp.get_input_directory()) if fp is not None else _standalone_dir("input")

@@ -103,13 +103,17 @@ class InfiniteTalkVideoCombine:
                 "video": ("INFINITETALK_VIDEO", {"tooltip": "The InfiniteTalk sampler's finished video."}),
                 "images": ("IMAGE", {"tooltip": "Frames to encode; replace the video's frames when both are connected."}),
                 "audio": ("AUDIO", {"tooltip": "Audio to mux; replaces the video's own audio."}),
+                "embed_workflow": ("BOOLEAN", {"default": True, "advanced": True, "tooltip":
+                                   "Store the graph (prompt and workflow) in the file, so dropping it on ComfyUI "
+                                   "opens its workflow (ComfyUI's --disable-metadata turns it off everywhere)."}),
             },
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }
 
     def combine(self, filename_prefix: str, fps: float, crf: int, pix_fmt: str, trim_to_audio: bool,
                 codec: str = "h264", video: InfiniteTalkVideo | None = None, images: Any = None,
-                audio: dict | None = None, prompt: Any = None, extra_pnginfo: Any = None) -> dict:
+                audio: dict | None = None, embed_workflow: bool = True, prompt: Any = None,
+                extra_pnginfo: Any = None) -> dict:
         if video is None and images is None:
             raise InputError("images/video", "connect the sampler's 'video' or an IMAGE batch")
         if pix_fmt not in PIX_FMTS:
@@ -125,16 +129,17 @@ class InfiniteTalkVideoCombine:
         else:
             height, width, fps = video.height, video.width, float(fps)
         encoder, suffix, kind = CODECS[codec]
+        metadata = _metadata(prompt, extra_pnginfo) if embed_workflow and not bridge.metadata_disabled() else {}
         folder, stem, subfolder = bridge.save_path(filename_prefix, width, height)
         path = folder / f"{stem}{suffix}"
         if images is None and audio is None and math.isclose(fps, video.fps) \
                 and _stream_format(video.path) == (STREAM_NAMES.get(codec), pix_fmt):
             from infinitetalk.video.segments import remux
 
-            remux(video.path, path, _metadata(prompt, extra_pnginfo))   # no re-encode, the graph embedded
+            remux(video.path, path, metadata)   # no re-encode, the graph embedded
         else:
             self._encode(path, width, height, fps, crf, stored_pix_fmt(codec, pix_fmt), encoder, trim_to_audio,
-                         video, images, audio, _metadata(prompt, extra_pnginfo))
+                         video, images, audio, metadata)
         item = {"filename": path.name, "subfolder": subfolder, "type": "output", "format": kind}
         return {"ui": {"images": [item], "animated": (True,)}, "result": (str(path),)}
 

@@ -226,6 +226,9 @@ def test_video_combine_streams_an_infinitetalk_video(pkg, tmp_path):
         # ... and the graph travels in it (drag the mp4 back into ComfyUI), as on the re-encoding path
         assert json.loads(b.metadata["prompt"]) == graph["prompt"]
         assert json.loads(b.metadata["workflow"]) == {"nodes": [1]}
+    bare = node.combine("bare", 25, 19, "yuv420p", True, video=video, embed_workflow=False, **graph)["result"][0]
+    with av.open(bare) as b:   # switched off (the hosted API's graphs do): no graph in the file
+        assert "prompt" not in b.metadata and "workflow" not in b.metadata
     short = {"waveform": torch.zeros(1, 2, 8000), "sample_rate": 16000}  # 0.5 s
     n, size, _, aud = _probe(node.combine("it", 25, 19, "yuv420p", True, video=video, audio=short)["result"][0])
     assert n == 13 and size == (48, 32) and aud[1] == pytest.approx(0.52, abs=0.05)

@@ -206,6 +206,9 @@ def test_graph_fill_with_mask_and_unknown_parameter():
     g = build_graph(TEMPLATE, {"image": "a.png", "mask_image": "m.png", "seed": 3}, filename_prefix="p")
     assert g["3"]["inputs"] == {"image": "m.png", "channel": "alpha"} and g["4"]["inputs"]["mask"] == ["3", 0]
     assert g["4"]["inputs"]["seed"] == 3 and TEMPLATE["4"]["inputs"]["seed"] == 0  # template untouched
+    # a hosted output stores no graph (server paths, job ids): the same request makes the same file
+    assert g["5"]["inputs"]["embed_workflow"] is False and "embed_workflow" not in TEMPLATE["5"]["inputs"]
+    assert "embed_workflow" not in build_graph(TEMPLATE, {"image": "a.png"})["5"]["inputs"]   # no job prefix: as is
     with pytest.raises(ApiError) as info:
         build_graph(TEMPLATE, {"video": "v.mp4"})
     assert info.value.code == 500 and "video" in info.value.message

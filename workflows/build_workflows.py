@@ -84,7 +84,7 @@ def model_files() -> dict[str, tuple[str, str, str]]:
 LOADER = {role: spec[0] for role, spec in model_files().items()} | {
     "lora_strength": 1.0, "precision": "auto", "offload": "auto",
     "vram_gb": 0.0, "attention": "sdpa", "fp8_matmul": "off", "compile": False, "gpus": 1, "dit_kind": "auto"}
-SAVE = {"fps": 25.0, "codec": "h264", "crf": 19, "pix_fmt": "yuv420p", "trim_to_audio": True}
+SAVE = {"fps": 25.0, "codec": "h264", "crf": 19, "pix_fmt": "yuv420p", "trim_to_audio": True, "embed_workflow": True}
 
 
 def image_graph() -> dict:

@@ -3,7 +3,9 @@
 Convention (shared with `workflows/api/*_api.json`): a parameter P sets the literal input named P of the
 node titled P (`_meta.title`), or else of the node that has a literal input named P. A parameter left
 out of the job removes its titled node and the links to it (those inputs are optional in the graph).
-Every output node with a `filename_prefix` input gets the job's prefix so its files are found later.
+Every output node with a `filename_prefix` input gets the job's prefix so its files are found later, and
+stores no graph in its files: a hosted output is the customer's video, not the server's workflow (whose input
+paths and job ids it would reveal), and the same request makes the same file.
 """
 from __future__ import annotations
 
@@ -12,6 +14,9 @@ from typing import Any
 
 from .contract import ApiError
 
+
+# Output nodes' switch for storing the graph in their files (core's savers follow --disable-metadata only).
+_GRAPH_SWITCHES = {"InfiniteTalkVideoCombine": "embed_workflow"}
 
 # The input a titled loader node takes its value in, when it has several literal inputs.
 _VALUE_INPUTS = ("image", "audio", "video", "file", "value", "text")
@@ -78,4 +83,6 @@ def build_graph(template: dict, params: dict[str, Any], optional: tuple[str, ...
         for node in graph.values():
             if "filename_prefix" in (node.get("inputs") or {}):
                 node["inputs"]["filename_prefix"] = filename_prefix
+                if node.get("class_type") in _GRAPH_SWITCHES:
+                    node["inputs"][_GRAPH_SWITCHES[node["class_type"]]] = False
     return graph
