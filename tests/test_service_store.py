@@ -318,10 +318,17 @@ def test_one_job_per_dedupe_key_and_account_even_when_racing(make_store):
     first = job(1, account="a", dedupe_key="k")
     assert stores[0].insert(first, dedupe_since="2026-01-01T00:00:00.000Z") == first
     results: list[JobRecord] = []
+    failures: list[BaseException] = []
     lock = threading.Lock()
 
     def submit(i: int) -> None:
-        got = stores[i % 2].insert(job(10 + i, account="b", dedupe_key="k"), dedupe_since="2026-01-01T00:00:00.000Z")
+        try:
+            got = stores[i % 2].insert(job(10 + i, account="b", dedupe_key="k"),
+                                       dedupe_since="2026-01-01T00:00:00.000Z")
+        except BaseException as exc:   # noqa: BLE001 - a racer's error is the failure this test looks for
+            with lock:
+                failures.append(exc)
+            return
         with lock:
             results.append(got)
     threads = [threading.Thread(target=submit, args=(i,)) for i in range(8)]
@@ -329,6 +336,7 @@ def test_one_job_per_dedupe_key_and_account_even_when_racing(make_store):
         t.start()
     for t in threads:
         t.join()
+    assert not failures and len(results) == 8, failures   # every racer gets the one job, none an error
     assert len({r.id for r in results}) == 1 and results[0].id != first.id   # account b: one job, not a's
     again = job(2, account="a", dedupe_key="k")
     assert stores[1].insert(again, dedupe_since="2026-01-01T00:00:00.000Z") == first   # within the window

@@ -158,7 +158,9 @@ class JobStore:
         def connect():
             # TCP keepalives and a user timeout: a database that vanishes from the network (no RST) is noticed in
             # seconds, not after the kernel's retransmission time (a heartbeat must not hang for 15 minutes).
-            return psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
+            # Not autocommit: `engine.begin()` must be one transaction (the advisory lock of `insert` is held
+            # until its commit; with autocommit every statement would commit, and the lock go, on its own).
+            return psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT_S,
                                    options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}", keepalives=1,
                                    keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
                                    tcp_user_timeout=STATEMENT_TIMEOUT_MS + 5000)
