@@ -107,7 +107,7 @@ def _request_from_args(args: argparse.Namespace):
         seed=args.seed, preset=args.preset, steps=args.steps, text_guidance=args.text_guidance,
         audio_guidance=args.audio_guidance, shift=args.shift, color_strength=args.color_strength, crf=args.crf,
         job_dir=Path(args.job_dir) if args.job_dir else None, size_scale=args.size_scale, keep_job=args.keep_job,
-        frame_num=args.frame_num, motion_frames=args.motion_frames, teacache=args.teacache,
+        frame_num=args.frame_num, motion_frames=args.motion_frames, teacache=args.teacache, denoise=args.denoise,
     )
 
 
@@ -243,6 +243,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--teacache", type=float, default=0.0,
                    help="TeaCache step-skipping threshold for the quality preset (0 = off; 0.1 ≈ 2×, 0.2 ≈ 3× faster, "
                         "approximate)")
+    p.add_argument("--denoise", type=float, default=1.0,
+                   help="--video only: how much of each window is made anew (1 = from pure noise, the reference; "
+                        "lower starts from the source frames noised to that level and keeps more of their motion)")
     p.add_argument("--color-strength", type=float, default=1.0, help="colour match to the first frame, 0..1")
     p.add_argument("--size-scale", type=float, default=1.0, help="shrink the output size (previews); 1 = full")
     p.add_argument("--crf", type=int, default=19, help="h264 quality (lower = better, bigger)")

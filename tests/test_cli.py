@@ -218,6 +218,19 @@ def test_window_prompts_repeat_the_last_line():
         join_prompts(["a", "b\nc"])
 
 
+def test_denoise_reaches_the_request_and_a_picture_is_refused_before_model_work(inputs, tmp_path, capsys):
+    from infinitetalk.cli import _request_from_args
+
+    base = ["generate", "--models", str(tmp_path / "absent"), "--left-audio", inputs["left"], "--right-audio",
+            inputs["right"], "--out", str(tmp_path / "x.mp4")]
+    assert _request_from_args(build_parser().parse_args(base + ["--video", "v.mp4", "--denoise", "0.6"])).denoise == 0.6
+    assert _request_from_args(build_parser().parse_args(base + ["--image", inputs["image"]])).denoise == 1.0
+    rc = main(base + ["--image", inputs["image"], "--denoise", "0.5"])   # a picture has no motion to keep
+    err = capsys.readouterr().err
+    assert rc == 2 and "denoise:" in err and "video" in err and "Traceback" not in err
+    assert not (tmp_path / "x.mp4").exists()
+
+
 def test_unwritable_out_and_models_folder_are_input_errors_before_model_work(inputs, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
