@@ -69,6 +69,20 @@ async def _submit_and_finish(client, env, url):
     return rec
 
 
+async def _one_delivered_job(env):
+    """Submit one job with a webhook to a receiver answering 200, finish it, and read its result:
+    (record, the result route's answer, what the receiver got)."""
+    async with Receiver([200]) as hook:
+        client = await _app_client(env["service"])
+        try:
+            rec = await _submit_and_finish(client, env, hook.url)
+            result = await (await client.get(f"/infinitetalk/v1/predictions/{rec.id}/result")).json()
+            await env["sender"].drain()
+        finally:
+            await client.close()
+        return rec, result, hook.received
+
+
 async def _app_client(service) -> TestClient:
     app = web.Application()
     app.add_routes(JobApi(service, keys=lambda: (), is_open=lambda: False).routes())
@@ -80,18 +94,7 @@ async def _app_client(service) -> TestClient:
 def test_delivery_is_wavespeeds_flat_prediction_object_signed_like_wavespeed(tmp_path):
     env = _wired(tmp_path)
 
-    async def main():
-        async with Receiver([200]) as hook:
-            client = await _app_client(env["service"])
-            try:
-                rec = await _submit_and_finish(client, env, hook.url)
-                result = await (await client.get(f"/infinitetalk/v1/predictions/{rec.id}/result")).json()
-                await env["sender"].drain()
-            finally:
-                await client.close()
-            return rec, result, hook.received
-
-    rec, result, received = asyncio.run(main())
+    rec, result, received = asyncio.run(_one_delivered_job(env))
     assert len(received) == 1
     headers, raw = received[0]
     assert _independent_check(headers, raw)
@@ -142,18 +145,7 @@ def test_standard_webhooks_style_verifies_with_the_standardwebhooks_library(tmp_
     environ = {"INFINITETALK_API_WEBHOOK_SECRET": secret, "INFINITETALK_API_WEBHOOK_STYLE": "standard"}
     env = _wired(tmp_path, environ=environ)
 
-    async def main():
-        async with Receiver([200]) as hook:
-            client = await _app_client(env["service"])
-            try:
-                rec = await _submit_and_finish(client, env, hook.url)
-                result = await (await client.get(f"/infinitetalk/v1/predictions/{rec.id}/result")).json()
-                await env["sender"].drain()
-            finally:
-                await client.close()
-            return result, hook.received
-
-    result, received = asyncio.run(main())
+    _, result, received = asyncio.run(_one_delivered_job(env))
     (headers, raw), = received
     assert headers["webhook-signature"].startswith("v1,")
     verifier = standardwebhooks.Webhook(secret)
