@@ -323,6 +323,13 @@ def test_generate_with_forced_streaming_writes_the_same_bytes(preset, request, t
     assert bundle.streamer is not None and bundle.streamer.copies > 0
     assert plain.path.read_bytes() == streamed.path.read_bytes()
 
+    # core's memory manager takes the device (nodes/core_memory.py): everything goes to the host, streaming
+    # included, and the next job places the DiT anew with the same result
+    bundle.release_device()
+    assert bundle.streamer is None and bundle.placement is None
+    again = generate(_request(media, tmp_path / "again.mp4", preset=preset), bundle)
+    assert bundle.streamer is not None and again.path.read_bytes() == plain.path.read_bytes()
+
 
 def test_generate_refuses_a_job_that_cannot_fit(bundle, tmp_path):
     from infinitetalk.pipeline.generate import generate

@@ -122,12 +122,11 @@ class ModelBundle:
         """Move every weight to host memory (another program needs the device); the next `prepare` and
         `restore_device` bring them back. Returns the bytes freed on the device."""
         before = self.device_bytes() if self.device.type != "cpu" else 0
-        if self._streamer is not None:
-            self._streamer.remove(device="cpu")
-            self._streamer = None
+        if self._blocks is not None:   # so the next prepare places the DiT again
+            self._blocks.release()
         for module in self.modules().values():
             module.to("cpu")
-        self.placement = None   # so the next prepare places the DiT again
+        self.placement = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         return before

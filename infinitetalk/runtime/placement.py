@@ -36,6 +36,13 @@ class BlockPlacement:
         self.evict_for = frozenset(name for name, peak in plan.visit_peaks.items()
                                    if budget is not None and peak + resident > budget)
 
+    def release(self) -> None:
+        """Every block back on the host and no streaming: the next `apply` places the DiT anew."""
+        if self.streamer is not None:
+            self.streamer.remove(device="cpu")
+            self.streamer = None
+        self.applied = False
+
     def _place(self, placement: Placement) -> None:
         want = tuple(placement.streamed)
         current = self.streamer.streamed if self.streamer is not None else ()
