@@ -87,7 +87,12 @@ def test_auto_order_by_device(device, cap, fa3, order):
 
 
 def test_auto_falls_back_when_a_kernel_refuses_a_shape(monkeypatch, caplog):
+    tried, oom = [], []
+
     def flash_attn_func(q, k, v):   # like a kernel refusing stride-0 batch K/V
+        tried.append(k.stride(0))
+        if oom:
+            raise torch.OutOfMemoryError("out of memory")
         if k.stride(0) == 0:
             raise RuntimeError("k must have contiguous batch")
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
@@ -103,6 +108,10 @@ def test_auto_falls_back_when_a_kernel_refuses_a_shape(monkeypatch, caplog):
         attention(q, k1, v1, "auto")
     torch.testing.assert_close(out, attention(q, k1, v1, "sdpa"))
     assert sum("fa3 refused" in r.getMessage() for r in caplog.records) == 1   # said once, not per call
+    assert tried.count(0) == 1   # a refused shape is not tried again on every call
+    oom.append(True)
+    with pytest.raises(torch.OutOfMemoryError):   # memory is not a refused shape: no silent fallback
+        attention(q, k, v, "auto")
 
 
 def test_auto_skips_a_backend_that_is_missing_or_does_not_load(monkeypatch):

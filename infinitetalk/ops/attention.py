@@ -112,7 +112,7 @@ def auto_order(device_type: str, capability: tuple[int, int] | None, installed: 
 
 
 _orders: dict[torch.device, tuple[str, ...]] = {}
-_refused: set[tuple[str, str]] = set()
+_refused: set[tuple[str, tuple]] = set()   # (kernel, shape key): shapes a kernel refused
 
 
 def _usable(name: str) -> bool:
@@ -143,17 +143,24 @@ def auto_kernel_name(device: torch.device | str) -> str:
     return next(n for n in _order_for(torch.device(device)) if KERNELS[n].package is None)
 
 
+def _shape_key(q: torch.Tensor, k: torch.Tensor) -> tuple:
+    return q.device, q.dtype, tuple(q.shape), tuple(k.shape), k.stride()
+
+
 def _auto(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     names = _order_for(q.device)
+    shape = _shape_key(q, k)
     for name in names[:-1]:
+        if (name, shape) in _refused:   # refused once: not tried again on every block of every step
+            continue
         try:
             return resolve_attention(name)(q, k, v)
+        except torch.OutOfMemoryError:   # memory, not the shape: no other kernel would change that
+            raise
         except RuntimeError as exc:   # this shape is refused: the next kernel takes the call
-            key = (name, (str(exc).splitlines() or [""])[0][:200])
-            if key not in _refused:
-                _refused.add(key)
-                log.warning("attention auto: %s refused q%s k%s (%s); falling back", name, tuple(q.shape),
-                            tuple(k.shape), key[1])
+            _refused.add((name, shape))
+            log.warning("attention auto: %s refused q%s k%s (%s); falling back", name, tuple(q.shape),
+                        tuple(k.shape), (str(exc).splitlines() or [""])[0][:200])
     return resolve_attention(names[-1])(q, k, v)
 
 
