@@ -42,12 +42,16 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_dit import FULL_14B  # noqa: E402
 
 from infinitetalk.models.dit import DiTConfig, InfiniteTalkDiT  # noqa: E402
 from infinitetalk.models.layers import Linear  # noqa: E402
 from infinitetalk.models.vae import CausalState, VAEConfig, WanVAE  # noqa: E402
 from infinitetalk.ops import attention as attention_ops, fused  # noqa: E402
 from infinitetalk.pipeline.request import PRESETS  # noqa: E402
+from infinitetalk.pipeline.sampler import Guidance  # noqa: E402
 from infinitetalk.pipeline.windows import FRAME_NUM, MOTION_FRAMES  # noqa: E402
 from infinitetalk.runtime.budget import DiTWeights, dit_activation_bytes, vae_decode_bytes  # noqa: E402
 
@@ -62,9 +66,7 @@ AUTO_ATTENTION = "cudnn (SDPA)"   # what attention=auto picks on sm90 (ops.atten
 DEVICE = "cpu"
 MIN_KERNEL_S = 2e-6               # a kernel never takes less (launch and tail)
 FPS = 25
-TURBO_STEPS = 4                   # the 4-step distilled model: one DiT call per step
 
-FULL_14B = dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
 SMOKE = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=64, image_dim=32, intermediate_dim=16,
              output_dim=32, context_tokens=4, audio_layers=2, audio_channels=16)
 LATENTS = {"480p": (21, 80, 80), "720p": (21, 90, 160), "smoke": (3, 8, 8)}
@@ -331,11 +333,9 @@ def dit_call_seconds(census: Census, layers: int, mode: str, attention: str) -> 
 
 
 def calls_per_window() -> dict[str, int]:
-    """DiT calls per window by preset (text guidance 1 = cond + drop-audio; else cond + drop-text + uncond)."""
-    calls = {name: p.steps * (2 if p.text_guidance == 1 else 3) for name, p in PRESETS.items()
-             if name in ("quality", "fast")}
-    calls["turbo"] = TURBO_STEPS
-    return calls
+    """DiT calls per window by preset: steps x the guidance's calls per step (turbo: 4 x 1)."""
+    return {name: p.steps * Guidance(p.text_guidance, p.audio_guidance).calls_per_step
+            for name, p in PRESETS.items()}
 
 
 def _per_line(ops: list[Op], scale: int) -> list[dict]:

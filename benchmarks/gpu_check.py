@@ -12,7 +12,7 @@ deadline skips an optional section that would not finish in time; `e2e` always r
   vae        decode of one 81-frame 480p window (real VAE config)
   e2e        one `fast` window on the default path (6 steps × 2 guidance calls + the VAE decode) → s per
              video-second
-  turbo      one window of 4 steps with guidance scales 1.0 (TURBO HOOK below): DiT calls counted, s per
+  turbo      one `turbo` window (4 steps, guidance 1.0, one DiT call per step): DiT calls counted, s per
              video-second
   attention  s per 480p DiT call with every attention backend this machine has (math skipped at full size:
              it materialises the L×L scores)
@@ -50,8 +50,7 @@ from infinitetalk.checkpoints import build_on_meta, load_module  # noqa: E402
 from infinitetalk.models.dit import DiTConfig, InfiniteTalkDiT  # noqa: E402
 
 GIB = 2**30
-FAST_STEPS, FAST_CALLS = 6, 2          # the `fast` preset: 6 steps, 2 guidance calls per step
-TURBO_STEPS = 4                        # the turbo recipe: 4 steps, one DiT call per step, no guidance
+FAST_CALLS = 2                         # the `fast` preset's guidance calls per step (cond + drop-audio)
 NEW_FRAMES_PER_WINDOW = 72             # 81-frame window, 9 motion frames carried over
 FPS = 25
 COMPILE_MARK = "COMPILE_RESULT "
@@ -303,21 +302,24 @@ def _window(b: Bench, steps: int, text_scale: float, audio_scale: float, batch: 
 
 def section_e2e(b: Bench) -> dict:
     """One `fast` window on the default path (both guidance calls batched, as the plan allows on one GPU)."""
-    steps = 2 if b.smoke else FAST_STEPS
-    return {"path": "default (weights' dtype, RuntimeOptions())", **_window(b, steps, 1.0, 2.0, FAST_CALLS)}
+    from infinitetalk.pipeline.request import PRESETS
+
+    p = PRESETS["fast"]
+    steps = 2 if b.smoke else p.steps
+    return {"path": "default (weights' dtype, RuntimeOptions())",
+            **_window(b, steps, p.text_guidance, p.audio_guidance, FAST_CALLS)}
 
 
 def section_turbo(b: Bench) -> dict:
-    """TURBO HOOK: 4 steps, guidance scales 1.0 — one DiT call per step once the sampler skips guidance at
-    scale 1 (the turbo preset); until then `dit_passes` shows what the sampler really ran."""
+    """The `turbo` preset: 4 steps, guidance scales 1.0, one DiT call per step (`dit_passes` counts what
+    the sampler really ran)."""
     from infinitetalk.pipeline.request import PRESETS
 
-    p = PRESETS.get("turbo")
-    steps, text, audio = (p.steps, p.text_guidance, p.audio_guidance) if p else (TURBO_STEPS, 1.0, 1.0)
-    steps = 2 if b.smoke else steps
-    row = _window(b, steps, text, audio, batch=FAST_CALLS)
+    p = PRESETS["turbo"]
+    steps = 2 if b.smoke else p.steps
+    row = _window(b, steps, p.text_guidance, p.audio_guidance, batch=FAST_CALLS)
     row["one_call_per_step"] = row["dit_passes"] == steps and row["calls_per_step"] == 1
-    row["preset"] = "turbo" if p else "4 steps, guidance 1.0 (no turbo preset yet)"
+    row["preset"] = "turbo"
     return row
 
 

@@ -280,21 +280,18 @@ def _add_runtime_args(p: argparse.ArgumentParser, kernels: bool = True) -> None:
     p.add_argument("--vram", type=float, default=None, metavar="GB",
                    help="GPU memory the job may use; DiT blocks that do not fit stream from host memory "
                         "(default / 0: free memory of the device minus a margin)")
+    p.add_argument("--fp8-matmul", choices=FP8_MATMUL_CHOICES, default="off",
+                   help="fp8 weights through fp8 matmuls: faster, slightly less exact (auto: on GPUs that have "
+                        "them; default off); plan counts their workspace instead of a dequantised weight")
     if kernels:
         p.add_argument("--attention", choices=ATTENTION_CHOICES, default="auto",
                        help="attention kernel (auto: the fastest exact one of the device)")
-        p.add_argument("--fp8-matmul", choices=FP8_MATMUL_CHOICES, default="off",
-                       help="fp8 weights through fp8 matmuls: faster, slightly less exact (auto: on GPUs that have "
-                            "them; default off)")
         p.add_argument("--fp8-fast-accum", action="store_true",
                        help="with --fp8-matmul: the fp8 matmul's fast accumulation (Hopper; faster, less exact)")
         p.add_argument("--fuse", choices=FUSE_CHOICES, default="auto",
                        help="the transformer's float32 steps (norms, modulation, RoPE) as compiled kernels (auto: on "
                             "a CUDA GPU with Triton unless --compile compiles whole blocks)")
         p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
-    else:
-        p.add_argument("--fp8-matmul", choices=FP8_MATMUL_CHOICES, default="off",
-                       help="plan for fp8 weights through fp8 matmuls (as generate --fp8-matmul; default off)")
     p.add_argument("--no-batch-guidance", action="store_true",
                    help="run a step's guidance calls one by one even when a batch would fit")
 
