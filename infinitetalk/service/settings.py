@@ -228,8 +228,8 @@ def _webhooks(secret: str, style: str) -> WebhookSettings | None:
         if len(key) < 16:
             raise RuntimeError(f"{ENV_WEBHOOK_SECRET}: the secret decodes to {len(key)} bytes; expected at least 16 "
                                f"(24 to 64 random bytes, base64, with {ENV_WEBHOOK_STYLE}=standard)")
-    elif len(signing_key(secret)) < 16:
-        raise RuntimeError(f"{ENV_WEBHOOK_SECRET}: the secret is {len(signing_key(secret))} characters (after any "
+    elif (length := len(signing_key(secret))) < 16:
+        raise RuntimeError(f"{ENV_WEBHOOK_SECRET}: the secret is {length} characters (after any "
                            "'whsec_' prefix); expected at least 16 random characters")
     return WebhookSettings(secret=secret, style=style)
 
