@@ -123,3 +123,19 @@ def test_quota_settings():
     for bad in ({ENV_QUOTA_FILES: "-1"}, {ENV_QUOTA_MB: "1.5"}):
         with pytest.raises(RuntimeError, match="INFINITETALK_API_UPLOAD_QUOTA_"):
             read_settings(bad)
+
+
+def test_a_ticket_put_straight_to_the_bucket_counts_against_its_account(tmp_path):
+    """Staged inputs: the PUT goes to the bucket, not this server; its announced size is still held here, so a
+    sweep does not forget it (else an account could upload without limit through presigned tickets)."""
+    settings = InputSettings(input_dir=tmp_path, allow_hosts=("127.0.0.1",))
+    sweeper = uploads.UploadSweeper(settings, uploads.UploadQuota(max_files=1, max_bytes=10_000))
+    uploads.hold_staged_ticket(settings, "a" * 32, "v.mp4", 6_000, owner="acct")
+    sweeper.sweep()
+    assert (sweeper.usage["acct"].files, sweeper.usage["acct"].bytes) == (1, 6_000)
+    with pytest.raises(uploads.ApiError) as refused:
+        sweeper.check("acct", 100)
+    assert refused.value.code == 429
+    with pytest.raises(uploads.ApiError) as missing:   # the file itself is in the bucket: fetched when named
+        uploads.stored_file(settings, "a" * 32, "v.mp4")
+    assert missing.value.code == 404

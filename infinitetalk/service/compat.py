@@ -202,6 +202,7 @@ class Compat:
         if self.service.staging is not None:   # the PUT goes straight to the bucket, presigned (as S3 tickets do)
             upload_id = uuid.uuid4().hex
             put_url = self.service.staging.upload_url(upload_id, name, ctype, int(uploads.TICKET_TTL_S))
+            uploads.hold_staged_ticket(self.service.settings, upload_id, name, size, owner=owner)
         else:
             upload_id, name, token = uploads.create_ticket(self.service.settings, body["filename"], size, owner=owner)
             put_url = f"{uploads.download_url(base, upload_id, name)}?token={token}"

@@ -120,8 +120,8 @@ def _psycopg():
 class JobStore:
     """The job store on `target`: a `postgresql://` (or `postgres://`) URL, else a SQLite file's path.
 
-    PostgreSQL: a small pool (one transaction per call, short timeouts, keepalives; connections checked before use), its
-    schema made or brought up to date on first use, so a server starts while the database is down.
+    PostgreSQL: a small pool (one transaction per call, short timeouts, keepalives; connections checked before
+    use), its schema made or brought up to date on first use, so a server starts while the database is down.
     SQLite: one pooled connection (calls from threads take turns), WAL, every transaction `BEGIN IMMEDIATE`.
     """
 

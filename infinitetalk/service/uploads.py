@@ -50,6 +50,7 @@ CAPS = {"image": SIZE_CAPS["image"], "video": SIZE_CAPS["video"], "audio": SIZE_
 _LOCAL = re.compile(r"(?:/api)?" + re.escape(URL_PATH) + r"/([0-9a-f]{32})/([^/]+)")
 _TICKET = ".ticket.json"
 _OWNER = ".owner"
+_STAGED = ".staged"   # a ticket whose PUT goes to the bucket: its announced size, held here for the quota
 SWEEP_EVERY_S = 60.0
 log = logging.getLogger("infinitetalk.api")
 
@@ -148,6 +149,16 @@ def create_ticket(settings: InputSettings, filename: str, size: object, owner: s
             "name": name, "size": size, "expires": time.time() + TICKET_TTL_S,
             "token_sha256": hashlib.sha256(token.encode()).hexdigest()}))
     return upload_id, name, token
+
+
+def hold_staged_ticket(settings: InputSettings, upload_id: str, name: str, size: int, owner: str = "") -> None:
+    """Count a presigned bucket PUT against `owner` like a local ticket (the sweep recounts from this folder;
+    it expires with the other uploads)."""
+    folder = _folder(settings, upload_id)
+    with disk_full_as_507(f"the input folder's {JOB_INPUTS}/{UPLOADS}/", "file"):
+        folder.mkdir(parents=True, exist_ok=True)
+        _mark_owner(folder, owner)
+        (folder / _STAGED).write_text(json.dumps({"name": name, "size": size}))
 
 
 def take_ticket(settings: InputSettings, upload_id: str, name: str, token: str) -> int:
@@ -256,9 +267,9 @@ class UploadSweeper:
                     continue
                 owner = (folder / _OWNER).read_text() if (folder / _OWNER).is_file() else ""
                 size = sum(p.stat().st_size for p in folder.iterdir() if not p.name.startswith("."))
-                ticket = folder / _TICKET
-                if ticket.is_file():   # an open ticket holds its announced size
-                    size = max(size, int(json.loads(ticket.read_text()).get("size", 0)))
+                for held in (folder / _TICKET, folder / _STAGED):   # an open ticket holds its announced size
+                    if held.is_file():
+                        size = max(size, int(json.loads(held.read_text()).get("size", 0)))
             except (OSError, ValueError):   # removed meanwhile (a job's folder, another server's sweep)
                 continue
             u = usage.setdefault(owner, Usage())
